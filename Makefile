@@ -1,0 +1,45 @@
+# One obvious way to run things. See README.md.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 8000
+export PORT
+
+.PHONY: install run demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: migrate, then web + control worker + gpu worker + beat in the foreground (Ctrl-C stops all)
+run: install
+	$(BIN)/atelier manage migrate --noinput
+	@$(BIN)/atelier manage banner
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start -p $(PORT)
+
+## make demo: a customer's journey through the public API, against a running `make run`
+demo: install
+	$(BIN)/python deploy/demo.py --base-url http://127.0.0.1:$(PORT)
+
+## make test: the whole suite against the PostgreSQL and Redis named by env
+test: install
+	@$(BIN)/python tests/preflight.py
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy platform workers
+	PYTHONPATH=platform:workers $(BIN)/lint-imports
+
+bench: install
+	@$(BIN)/python tests/preflight.py
+	$(BIN)/python bench/api_auth.py
+
+clean:
+	rm -rf $(VENV) .data .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Atelier control plane: tenants, keys, datasets, jobs, models, billing (Django + DRF)."""

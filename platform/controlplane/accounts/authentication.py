@@ -1,0 +1,147 @@
+"""API key authentication for every tenant endpoint.
+
+Keys travel only in `Authorization: Bearer …` (what the OpenAI SDKs send). One
+indexed query by public prefix finds the key with its organization and member;
+the hash compare is constant-time; `last_used_at` is written at most once per
+`API_KEY_LAST_USED_RESOLUTION_SECONDS` per key, never on every request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.request import Request
+
+from . import keys
+from .models import APIKey
+from .scopes import effective
+
+if TYPE_CHECKING:
+    from controlplane.tenancy.models import Membership, Organization
+
+    from .models import User
+
+#: Query parameters that would carry a key in a URL (and so into logs and caches).
+_KEY_PARAMS = frozenset({"api_key", "apikey", "key", "access_token", "token", "auth"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key, its organization, and the member it acts for (if any)."""
+
+    api_key: APIKey
+    organization: Organization
+    membership: Membership | None
+    scopes: frozenset[str]
+    is_authenticated: bool = True
+    is_anonymous: bool = False
+
+    @property
+    def user(self) -> User | None:
+        return self.membership.user if self.membership is not None else None
+
+    @property
+    def role(self) -> str | None:
+        return self.membership.role if self.membership is not None else None
+
+    @property
+    def pk(self) -> str:
+        # Throttles and loggers identify the caller by `user.pk`.
+        return self.api_key.pk
+
+
+def _failed(message: str, code: str = "invalid_api_key") -> exceptions.AuthenticationFailed:
+    return exceptions.AuthenticationFailed(detail=message, code=code)
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    def authenticate(self, request: Request) -> tuple[Principal, APIKey] | None:
+        self._refuse_keys_in_url(request)
+        header = get_authorization_header(request)
+        if not header:
+            return None
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise _failed("Send your API key as 'Authorization: Bearer atl_live_…'.")
+        api_key = self._verify(token)
+        membership = api_key.member
+        principal = Principal(
+            api_key=api_key,
+            organization=api_key.organization,
+            membership=membership,
+            scopes=effective(api_key.scopes, membership.role if membership else None),
+        )
+        structlog.contextvars.bind_contextvars(
+            organization_id=api_key.organization_id, api_key_id=api_key.pk
+        )
+        return principal, api_key
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="atelier"'
+
+    @staticmethod
+    def _refuse_keys_in_url(request: Request) -> None:
+        for name, value in request.query_params.items():
+            if name.lower() in _KEY_PARAMS or value.startswith(keys.KEY_START):
+                raise _failed(
+                    "API keys are not accepted in the URL, where they leak into logs and "
+                    "browser history. Send 'Authorization: Bearer <key>', and rotate a key "
+                    "that was ever put in a URL.",
+                    code="api_key_in_url",
+                )
+
+    @staticmethod
+    def _verify(token: str) -> APIKey:
+        prefix = keys.parse_prefix(token)
+        if prefix is None:
+            raise _failed(
+                "Malformed API key: Atelier keys look like 'atl_live_…' "
+                "(check for a truncated or mistyped key)."
+            )
+        try:
+            api_key = (
+                APIKey.objects.dangerously_unscoped()  # the key is how we learn the tenant
+                .select_related("organization", "member", "member__user")
+                .get(prefix=prefix)
+            )
+        except APIKey.DoesNotExist:
+            api_key = None
+        if api_key is None or not keys.verify(token, api_key.hashed_key):
+            raise _failed("Incorrect API key provided.")
+        now = timezone.now()
+        if api_key.revoked_at is not None:
+            raise _failed("This API key has been revoked.", code="api_key_revoked")
+        if api_key.expires_at is not None and api_key.expires_at <= now:
+            if api_key.rotated_at is not None:
+                raise _failed(
+                    f"This API key was rotated; its grace period ended at "
+                    f"{api_key.expires_at.isoformat()}. Use the new key.",
+                    code="api_key_rotated",
+                )
+            raise _failed(
+                f"This API key expired at {api_key.expires_at.isoformat()}.",
+                code="api_key_expired",
+            )
+        if api_key.member is not None and not api_key.member.user.is_active:
+            raise _failed("The member this API key belongs to is deactivated.")
+        _touch(api_key, now)
+        return api_key
+
+
+def _touch(api_key: APIKey, now: datetime) -> None:
+    resolution = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
+    if api_key.last_used_at is not None and now - api_key.last_used_at < resolution:
+        return
+    # Conditional update: concurrent requests with one key write once per window.
+    stale = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - resolution)
+    APIKey.objects.dangerously_unscoped().filter(stale, pk=api_key.pk).update(last_used_at=now)
+    api_key.last_used_at = now

@@ -1,0 +1,75 @@
+"""Writing the audit log. Call inside the transaction of the change it records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import models
+from django.http import HttpRequest
+
+from controlplane.core.net import client_ip
+from controlplane.tenancy.models import Organization
+
+from .models import ActorType, AuditLog
+
+
+@dataclass(frozen=True)
+class Actor:
+    type: str
+    id: str = ""
+    email: str = ""
+    api_key_id: str = ""
+    ip_address: str | None = None
+    user_agent: str = ""
+    request_id: str = ""
+
+    @classmethod
+    def from_request(cls, request: HttpRequest) -> Actor:
+        """Whoever made `request`: a key's member, a service key, or a staff user (admin)."""
+        from controlplane.accounts.authentication import Principal
+
+        context = {
+            "ip_address": client_ip(request),
+            "user_agent": request.headers.get("user-agent", "")[:400],
+            "request_id": getattr(request, "request_id", ""),
+        }
+        principal = getattr(request, "user", None)
+        if isinstance(principal, Principal):
+            user = principal.user
+            if user is not None:
+                return cls(
+                    type=ActorType.USER, id=user.pk, email=user.email,
+                    api_key_id=principal.api_key.pk, **context,
+                )
+            return cls(type=ActorType.API_KEY, id=principal.api_key.pk,
+                       api_key_id=principal.api_key.pk, **context)
+        if principal is not None and getattr(principal, "is_staff", False):
+            return cls(type=ActorType.STAFF, id=principal.pk, email=principal.email, **context)
+        return cls(type=ActorType.SYSTEM, **context)
+
+
+def audit_record(
+    *,
+    organization: Organization | str,
+    actor: Actor,
+    action: str,
+    target: models.Model | None = None,
+    target_type: str = "",
+    details: dict[str, Any] | None = None,
+) -> AuditLog:
+    org_id = organization if isinstance(organization, str) else organization.pk
+    return AuditLog.objects.create(
+        organization_id=org_id,
+        action=action,
+        actor_type=actor.type,
+        actor_id=actor.id,
+        actor_email=actor.email,
+        api_key_id=actor.api_key_id,
+        target_type=target_type or (target._meta.model_name if target is not None else ""),
+        target_id=str(target.pk) if target is not None else "",
+        details=details or {},
+        ip_address=actor.ip_address,
+        user_agent=actor.user_agent,
+        request_id=actor.request_id,
+    )

@@ -1,0 +1,52 @@
+"""Public ids: `<prefix>_<26 chars>`, time-ordered like a ULID.
+
+48 bits of milliseconds then 80 random bits, in Crockford base32, lower-case.
+Sorting ids sorts by creation time, which makes cursor pagination on `id` match
+`created_at` order without a second column.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        value, rem = divmod(value, 32)
+        chars.append(_ALPHABET[rem])
+    return "".join(reversed(chars))
+
+
+def new_id(prefix: str) -> str:
+    millis = time.time_ns() // 1_000_000
+    value = (millis << 80) | secrets.randbits(80)
+    return f"{prefix}_{_encode(value, 26)}"
+
+
+# Migrations serialise defaults by import path, so each prefix has a named function.
+def new_org_id() -> str:
+    return new_id("org")
+
+
+def new_user_id() -> str:
+    return new_id("user")
+
+
+def new_member_id() -> str:
+    return new_id("mem")
+
+
+def new_key_id() -> str:
+    return new_id("key")
+
+
+def new_invite_id() -> str:
+    return new_id("invite")
+
+
+def new_audit_id() -> str:
+    return new_id("audit")

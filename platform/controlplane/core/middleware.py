@@ -1,0 +1,42 @@
+"""Request id on every log line and response; one structured log line per request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import structlog
+from django.http import HttpRequest, HttpResponse
+
+from .requestid import HEADER, request_id_from
+
+log = structlog.get_logger("controlplane.request")
+
+
+class RequestIdMiddleware:
+    """Binds `request_id` to structlog's context for the request and echoes it back.
+
+    Sync-only on purpose: Django runs sync middleware chains on one thread per
+    request under ASGI, so the contextvars bound here reach the view's log lines.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        request_id = request_id_from(request.headers.get(HEADER))
+        request.request_id = request_id  # type: ignore[attr-defined]
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        response = self.get_response(request)
+        response[HEADER] = request_id
+        log.info(
+            "http.request",
+            method=request.method,
+            path=request.path,
+            status=response.status_code,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        structlog.contextvars.clear_contextvars()
+        return response

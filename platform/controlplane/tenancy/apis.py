@@ -1,0 +1,162 @@
+"""The organization, its members (`/v1/organization/members`) and invitations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from controlplane.audit.services import Actor
+from controlplane.core.pagination import list_response, paginate
+from controlplane.core.serializers import StrictInputSerializer, validated
+
+from . import services
+from .apis_base import OrganizationApi
+from .models import Invitation, Membership
+from .roles import Role
+from .serializers import invitation_out, member_out, organization_out
+
+KINDS = ["customer", "data_partner"]
+
+
+class OrganizationDetailApi(OrganizationApi):
+    scopes = {"read": "organization.read", "write": "organization.write"}
+
+    class InputSerializer(StrictInputSerializer):
+        name = serializers.CharField(max_length=200, required=False)
+        kinds = serializers.ListField(child=serializers.ChoiceField(choices=KINDS),
+                                      required=False, min_length=1)
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        return Response(organization_out(self.organization))
+
+    @extend_schema(request=InputSerializer, responses={200: dict})
+    def patch(self, request: Request) -> Response:
+        data = validated(self.InputSerializer, request.data)
+        organization = services.organization_update(
+            organization=self.organization, name=data.get("name"), kinds=data.get("kinds"),
+            actor=Actor.from_request(request),
+        )
+        return Response(organization_out(organization))
+
+
+class MemberListInviteApi(OrganizationApi):
+    """GET lists members; POST invites someone by email (they accept with the emailed token)."""
+
+    scopes = {"read": "organization.read", "write": "organization.write"}
+
+    class InputSerializer(StrictInputSerializer):
+        email = serializers.EmailField(max_length=254)
+        role = serializers.ChoiceField(choices=Role.choices, default=Role.DEVELOPER)
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        rows, has_more = paginate(
+            Membership.objects.for_organization(self.organization).select_related("user"), request
+        )
+        return list_response(rows, has_more, member_out)
+
+    @extend_schema(request=InputSerializer, responses={201: dict})
+    def post(self, request: Request) -> Response:
+        data = validated(self.InputSerializer, request.data)
+        new = services.invitation_create(
+            organization=self.organization, email=data["email"], role=data["role"],
+            actor_role=self.principal.role,
+            invited_by_id=self.principal.user.pk if self.principal.user else None,
+            actor=Actor.from_request(request),
+        )
+        return Response(invitation_out(new.invitation), status=201)
+
+
+class MemberDetailApi(OrganizationApi):
+    scopes = {"read": "organization.read", "write": "organization.write"}
+
+    class InputSerializer(StrictInputSerializer):
+        role = serializers.ChoiceField(choices=Role.choices)
+
+    def _member(self, member_id: str) -> Membership:
+        return self.get_owned(Membership, member_id, label="member")
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request, member_id: str) -> Response:
+        return Response(member_out(self._member(member_id)))
+
+    @extend_schema(request=InputSerializer, responses={200: dict})
+    def patch(self, request: Request, member_id: str) -> Response:
+        member = self._member(member_id)
+        data = validated(self.InputSerializer, request.data)
+        member = services.membership_change_role(
+            member=member, role=data["role"], actor_role=self.principal.role,
+            actor=Actor.from_request(request),
+        )
+        return Response(member_out(member))
+
+    @extend_schema(responses={200: dict})
+    def delete(self, request: Request, member_id: str) -> Response:
+        member = self._member(member_id)
+        services.membership_remove(member=member, actor_role=self.principal.role,
+                                   actor=Actor.from_request(request))
+        return Response({"object": "organization.member.deleted", "id": member_id,
+                         "deleted": True})
+
+
+class InviteListApi(OrganizationApi):
+    scopes = {"read": "organization.read"}
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        rows, has_more = paginate(Invitation.objects.for_organization(self.organization), request)
+        return list_response(rows, has_more, invitation_out)
+
+
+class InviteDetailApi(OrganizationApi):
+    scopes = {"read": "organization.read", "write": "organization.write"}
+
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request, invite_id: str) -> Response:
+        return Response(invitation_out(self.get_owned(Invitation, invite_id, label="invitation")))
+
+    @extend_schema(responses={200: dict})
+    def delete(self, request: Request, invite_id: str) -> Response:
+        invitation = self.get_owned(Invitation, invite_id, label="invitation")
+        services.invitation_revoke(invitation=invitation, actor=Actor.from_request(request))
+        return Response({"object": "organization.invite.deleted", "id": invite_id,
+                         "deleted": True})
+
+
+class InvitationAcceptApi(APIView):
+    """Accept an invitation with its emailed token; returns a first API key for the new member."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "invite_accept"
+
+    class InputSerializer(StrictInputSerializer):
+        token = serializers.CharField(max_length=200)
+        password = serializers.CharField(max_length=256, trim_whitespace=False)
+
+    @extend_schema(request=InputSerializer, responses={201: dict}, auth=[])
+    def post(self, request: Request) -> Response:
+        from controlplane.accounts.apis import api_key_out
+
+        data = validated(self.InputSerializer, request.data)
+        membership, issued = services.invitation_accept(
+            token=data["token"], password=data["password"], actor=Actor.from_request(request)
+        )
+        return Response(
+            {
+                "object": "organization.member",
+                "member": member_out(membership),
+                "organization": organization_out(membership.organization),
+                "api_key": api_key_out(issued.api_key, value=issued.value),
+            },
+            status=201,
+        )

@@ -1,0 +1,71 @@
+"""The one base class every tenant endpoint derives from.
+
+It authenticates the key, checks the scope the method needs, and hands the view
+`self.organization`. Objects are fetched only through `get_owned()`, which
+scopes by that organization: a foreign id is a 404, indistinguishable from an id
+that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from controlplane.accounts.authentication import Principal
+from controlplane.core.errors import MissingScope, NotFound
+from controlplane.tenancy.models import Organization
+from controlplane.tenancy.scoping import OrganizationOwned
+
+M = TypeVar("M", bound=OrganizationOwned)
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class HasRequiredScope(BasePermission):
+    def has_permission(self, request: Request, view: Any) -> bool:
+        needed = view.required_scope(request.method or "GET")
+        principal: Principal = request.user  # type: ignore[assignment]
+        if needed is not None and needed not in principal.scopes:
+            role = f" (your role: {principal.role})" if principal.role else ""
+            raise MissingScope(
+                f"This API key lacks the '{needed}' scope needed for "
+                f"{request.method} {request.path}{role}. Use a key with that scope.",
+                code="missing_scope",
+            )
+        return True
+
+
+class OrganizationApi(APIView):
+    """Base of every endpoint that acts within the caller's organization.
+
+    Subclasses name the scope a method needs in `scopes` (e.g.
+    `{"read": "organization.read", "write": "organization.write"}`); `read`
+    covers GET/HEAD/OPTIONS and `write` every other method.
+    """
+
+    permission_classes = [IsAuthenticated, HasRequiredScope]
+    scopes: ClassVar[dict[str, str | None]] = {}
+
+    def required_scope(self, method: str) -> str | None:
+        kind = "read" if method in _SAFE_METHODS else "write"
+        if kind not in self.scopes:
+            raise AssertionError(f"{type(self).__name__} names no '{kind}' scope")
+        return self.scopes[kind]
+
+    @property
+    def principal(self) -> Principal:
+        return self.request.user  # type: ignore[return-value]
+
+    @property
+    def organization(self) -> Organization:
+        return self.principal.organization
+
+    def get_owned(self, model: type[M], pk: str, *, label: str | None = None) -> M:
+        try:
+            return model.objects.for_organization(self.organization).get(pk=pk)
+        except (model.DoesNotExist, ValueError):
+            name = label or model._meta.verbose_name
+            raise NotFound(f"No {name} with id '{pk}' found.", param="id") from None

@@ -1,0 +1,44 @@
+from django.contrib import admin
+from django.urls import path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from controlplane.accounts import apis as accounts
+from controlplane.audit import apis as audit
+from controlplane.core import apis as core
+from controlplane.core import health
+from controlplane.tenancy import apis as tenancy
+
+handler400 = "controlplane.core.errors.handler400"
+handler403 = "controlplane.core.errors.handler403"
+handler404 = "controlplane.core.errors.handler404"
+handler500 = "controlplane.core.errors.handler500"
+
+v1 = [
+    path("v1/status", core.StatusApi.as_view(), name="status"),
+    path("v1/schema", SpectacularAPIView.as_view(), name="schema"),
+    path("v1/signup", accounts.SignupApi.as_view(), name="signup"),
+    path("v1/me", accounts.MeApi.as_view(), name="me"),
+    path("v1/invitations/accept", tenancy.InvitationAcceptApi.as_view(), name="invitation-accept"),
+    path("v1/organization", tenancy.OrganizationDetailApi.as_view(), name="organization"),
+    path("v1/organization/members", tenancy.MemberListInviteApi.as_view(), name="members"),
+    path("v1/organization/members/<str:member_id>", tenancy.MemberDetailApi.as_view(),
+         name="member-detail"),
+    path("v1/organization/invites", tenancy.InviteListApi.as_view(), name="invites"),
+    path("v1/organization/invites/<str:invite_id>", tenancy.InviteDetailApi.as_view(),
+         name="invite-detail"),
+    path("v1/organization/api_keys", accounts.ApiKeyListCreateApi.as_view(), name="api-keys"),
+    path("v1/organization/api_keys/<str:key_id>", accounts.ApiKeyDetailApi.as_view(),
+         name="api-key-detail"),
+    path("v1/organization/api_keys/<str:key_id>/rotate", accounts.ApiKeyRotateApi.as_view(),
+         name="api-key-rotate"),
+    path("v1/organization/audit_logs", audit.AuditLogListApi.as_view(), name="audit-logs"),
+    re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
+]
+
+urlpatterns = [
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("admin/", admin.site.urls),
+    *v1,
+]

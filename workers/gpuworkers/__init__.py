@@ -1,0 +1,1 @@
+"""Stateless GPU executors. Never imports Django, the control plane or Stripe."""

@@ -1,0 +1,43 @@
+"""Celery app of the GPU workers, configured from the environment (no Django).
+
+Start with `atelier worker gpu`. Models are loaded inside tasks, never at import,
+so a worker starts fast and a host without a GPU can still import this module.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from typing import Any
+
+from celery import Celery
+
+from jobcontracts import queues
+from jobcontracts.broker import celery_config
+
+app = Celery("gpuworkers")
+app.conf.update(celery_config())
+app.conf.task_routes = {"gpuworkers.*": {"queue": queues.GPU_TRAINING}}
+
+
+@app.task(name=queues.GPU_PING, soft_time_limit=10, time_limit=20)
+def ping() -> dict[str, Any]:
+    """Report which host and accelerator answered; used by health checks and tests."""
+    return {
+        "ok": True,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "python": platform.python_version(),
+        "accelerator": _accelerator(),
+    }
+
+
+def _accelerator() -> str:
+    try:
+        import torch  # heavy: only imported when asked
+    except ImportError:
+        return "none (torch not installed)"
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"

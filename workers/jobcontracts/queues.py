@@ -1,0 +1,18 @@
+"""Queue and task names: the only coupling between the control plane and the workers."""
+
+from __future__ import annotations
+
+from typing import Final
+
+CONTROL: Final = "control"
+GPU_TRAINING: Final = "gpu.training"
+GPU_COMPRESSION: Final = "gpu.compression"
+GPU_INFERENCE: Final = "gpu.inference"
+
+#: Queues a general-purpose `gpu` worker consumes (`atelier worker gpu`).
+GPU_QUEUES: Final = (GPU_TRAINING, GPU_COMPRESSION, GPU_INFERENCE)
+
+# Task names. Workers register tasks under these names; the control plane
+# sends them with `send_task(name, ...)` and never imports worker code.
+GPU_PING: Final = "gpuworkers.ping"
+CONTROL_PING: Final = "controlplane.ping"
