@@ -235,6 +235,10 @@ def api_key_rotate(
     if locked.expires_at is None or locked.expires_at > grace_end:
         locked.expires_at = grace_end
     locked.save(update_fields=["rotated_at", "rotated_to", "expires_at"])
+    audit_record(organization=locked.organization_id, actor=actor, action="api_key.created",
+                 target=issued.api_key,
+                 details={"name": locked.name, "scopes": locked.scopes,
+                          "rotated_from": locked.pk})
     audit_record(organization=locked.organization_id, actor=actor, action="api_key.rotated",
                  target=locked,
                  details={"new_key_id": issued.api_key.pk, "grace_period_seconds": grace,

@@ -49,6 +49,15 @@ class Actor:
         return cls(type=ActorType.SYSTEM, **context)
 
 
+_TARGET_TYPES = {
+    "Organization": "organization",
+    "Membership": "member",
+    "Invitation": "invite",
+    "APIKey": "api_key",
+    "User": "user",
+}
+
+
 def audit_record(
     *,
     organization: Organization | str,
@@ -66,7 +75,9 @@ def audit_record(
         actor_id=actor.id,
         actor_email=actor.email,
         api_key_id=actor.api_key_id,
-        target_type=target_type or (target._meta.model_name if target is not None else ""),
+        target_type=target_type or _TARGET_TYPES.get(type(target).__name__, "")
+        if target is not None
+        else target_type,
         target_id=str(target.pk) if target is not None else "",
         details=details or {},
         ip_address=actor.ip_address,

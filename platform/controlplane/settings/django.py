@@ -1,5 +1,7 @@
 """Django core: apps, middleware, templates, auth, i18n and static files."""
 
+from pathlib import Path
+
 from .env import DATA_DIR, env
 
 SECRET_KEY = env.str("SECRET_KEY", default="django-insecure-local-development-only")
@@ -72,7 +74,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = env.path("STATIC_ROOT", default=str(DATA_DIR / "static"))
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(DATA_DIR / "static")))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")

@@ -1,9 +1,11 @@
 """Object storage: local files by default, S3 (django-storages) when a bucket is set."""
 
+from pathlib import Path
+
 from .env import DATA_DIR, env
 
 AWS_STORAGE_BUCKET_NAME = env.str("AWS_STORAGE_BUCKET_NAME", default="")
-MEDIA_ROOT = env.path("MEDIA_ROOT", default=str(DATA_DIR / "media"))
+MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(DATA_DIR / "media")))
 MEDIA_URL = "media/"
 
 if AWS_STORAGE_BUCKET_NAME:

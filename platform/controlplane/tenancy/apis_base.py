@@ -29,10 +29,14 @@ class HasRequiredScope(BasePermission):
         needed = view.required_scope(request.method or "GET")
         principal: Principal = request.user  # type: ignore[assignment]
         if needed is not None and needed not in principal.scopes:
-            role = f" (your role: {principal.role})" if principal.role else ""
+            bound = (
+                f" A key can do no more than its member's role ('{principal.role}') allows."
+                if principal.role
+                else ""
+            )
             raise MissingScope(
                 f"This API key lacks the '{needed}' scope needed for "
-                f"{request.method} {request.path}{role}. Use a key with that scope.",
+                f"{request.method} {request.path}.{bound} Use a key that has that scope.",
                 code="missing_scope",
             )
         return True

@@ -88,7 +88,7 @@ def invitation_create(
     except IntegrityError:
         raise Conflict(f"{email} already has a pending invitation; revoke it to send a new one.",
                        param="email", code="invitation_pending") from None
-    audit_record(organization=organization, actor=actor, action="member.invited",
+    audit_record(organization=organization, actor=actor, action="invite.created",
                  target=invitation, details={"email": email, "role": role})
     transaction.on_commit(lambda: send_mail(
         subject=f"You are invited to {organization.name} on Atelier",
@@ -109,7 +109,7 @@ def invitation_revoke(*, invitation: Invitation, actor: Actor) -> Invitation:
         raise Conflict(f"This invitation is already {invitation.status}.", code="invitation_closed")
     invitation.status = InvitationStatus.REVOKED
     invitation.save(update_fields=["status"])
-    audit_record(organization=invitation.organization_id, actor=actor, action="invitation.revoked",
+    audit_record(organization=invitation.organization_id, actor=actor, action="invite.revoked",
                  target=invitation, details={"email": invitation.email})
     return invitation
 

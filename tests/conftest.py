@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+from django.core.cache import cache
+
+from tests.support.people import Person, join, sign_up
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    # Throttle counters live in the (real) Redis cache: start every test clean.
+    cache.clear()
+
+
+@pytest.fixture
+def alice(db: None) -> Person:
+    """Owner of Acme."""
+    return sign_up("alice@acme.test", "Acme")
+
+
+@pytest.fixture
+def bob(alice: Person) -> Person:
+    """Alice's teammate, a developer in Acme."""
+    return join(alice.organization, "bob@acme.test", "developer")
+
+
+@pytest.fixture
+def charlie(db: None) -> Person:
+    """An outsider: owner of another organization."""
+    return sign_up("charlie@globex.test", "Globex")

@@ -1,0 +1,373 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from controlplane.accounts import keys
+from controlplane.accounts.models import APIKey
+from tests.support.people import Person, client_with
+
+pytestmark = pytest.mark.django_db
+
+
+def create_key(person: Person, **body: object) -> dict[str, object]:
+    response = person.client.post("/v1/organization/api_keys", {"name": "ci", **body},
+                                  format="json")
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+# --- format -------------------------------------------------------------------------------
+
+
+def test_key_has_prefix_and_a_checksum_secret_scanners_can_verify() -> None:
+    new = keys.generate()
+
+    assert new.key.startswith("atl_live_")
+    assert keys.parse_prefix(new.key) == new.prefix
+    body, check = new.key[:-6], new.key[-6:]
+    assert keys.checksum(body) == check
+    # One changed character anywhere breaks the checksum.
+    flipped = new.key[:20] + ("A" if new.key[20] != "A" else "B") + new.key[21:]
+    assert keys.parse_prefix(flipped) is None
+
+
+def test_verification_uses_a_fast_hash_not_a_password_hasher() -> None:
+    new = keys.generate()
+
+    assert new.hashed.startswith("sha512$$")
+    assert keys.verify(new.key, new.hashed)
+    assert not keys.verify(keys.generate().key, new.hashed)
+
+
+# --- create / list / retrieve -------------------------------------------------------------
+
+
+def test_owner_creates_lists_and_retrieves_keys(alice: Person) -> None:
+    created = create_key(alice, scopes=["inference", "models.read"])
+
+    assert created["scopes"] == ["inference", "models.read"]
+    assert created["member_id"] == alice.membership.pk
+    assert str(created["value"]).startswith("atl_live_")
+    listed = alice.client.get("/v1/organization/api_keys").json()
+    assert listed["object"] == "list"
+    assert {k["id"] for k in listed["data"]} >= {created["id"]}
+    assert all("value" not in k for k in listed["data"])
+    one = alice.client.get(f"/v1/organization/api_keys/{created['id']}").json()
+    assert one["redacted_value"].startswith("atl_live_") and "…" in one["redacted_value"]
+
+
+def test_list_is_cursor_paginated(alice: Person) -> None:
+    for i in range(4):
+        create_key(alice, name=f"k{i}")
+    first = alice.client.get("/v1/organization/api_keys?limit=2").json()
+    second = alice.client.get(f"/v1/organization/api_keys?limit=2&after={first['last_id']}").json()
+    rest = alice.client.get(f"/v1/organization/api_keys?limit=2&after={second['last_id']}").json()
+
+    ids = [k["id"] for page in (first, second, rest) for k in page["data"]]
+    assert len(ids) == 5 and len(set(ids)) == 5  # 4 + the sign-up key
+    assert first["has_more"] and second["has_more"] and not rest["has_more"]
+
+
+@pytest.mark.parametrize("limit", ["0", "101", "ten"])
+def test_bad_limit_is_400(alice: Person, limit: str) -> None:
+    response = alice.client.get(f"/v1/organization/api_keys?limit={limit}")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "limit"
+
+
+def test_unknown_scope_is_400(alice: Person) -> None:
+    response = alice.client.post("/v1/organization/api_keys",
+                                 {"name": "x", "scopes": ["root"]}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_scope"
+
+
+def test_a_key_cannot_mint_a_stronger_key(alice: Person) -> None:
+    admin_only = create_key(alice, scopes=["admin"])
+
+    response = client_with(str(admin_only["value"])).post(
+        "/v1/organization/api_keys", {"name": "x", "scopes": ["all"]}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "scope_escalation"
+
+
+def test_developer_key_is_bounded_by_the_role(bob: Person) -> None:
+    me = bob.client.get("/v1/me").json()
+
+    assert "organization.write" not in me["scopes"]
+    assert "inference" in me["scopes"]
+    response = bob.client.post("/v1/organization/api_keys", {"name": "x"}, format="json")
+    assert response.status_code == 403
+    assert "organization.write" in response.json()["error"]["message"]
+
+
+def test_service_account_key_has_no_member_and_survives_member_changes(alice: Person) -> None:
+    created = create_key(alice, service_account=True, scopes=["inference"])
+
+    assert created["member_id"] is None
+    assert created["owner"] == {"type": "service_account", "id": None}
+    me = client_with(str(created["value"])).get("/v1/me").json()
+    assert me["role"] is None and me["scopes"] == ["inference"]
+
+
+def test_owner_can_create_a_key_for_a_teammate(alice: Person, bob: Person) -> None:
+    created = create_key(alice, member_id=bob.membership.pk, scopes=["all"])
+
+    me = client_with(str(created["value"])).get("/v1/me").json()
+    assert me["member_id"] == bob.membership.pk
+    assert "organization.write" not in me["scopes"]  # bob's role caps the key
+
+
+def test_expiry_in_the_past_is_400(alice: Person) -> None:
+    past = (timezone.now() - timedelta(minutes=1)).isoformat()
+    response = alice.client.post("/v1/organization/api_keys",
+                                 {"name": "x", "expires_at": past}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "expires_at"
+
+
+def test_rename_a_key(alice: Person) -> None:
+    created = create_key(alice)
+    response = alice.client.patch(f"/v1/organization/api_keys/{created['id']}",
+                                  {"name": "renamed"}, format="json")
+    assert response.status_code == 200
+    assert response.json()["name"] == "renamed"
+
+
+def test_renaming_cannot_touch_scopes(alice: Person) -> None:
+    created = create_key(alice, scopes=["inference"])
+    response = alice.client.patch(f"/v1/organization/api_keys/{created['id']}",
+                                  {"name": "x", "scopes": ["all"]}, format="json")
+    assert response.status_code == 400
+    assert APIKey.objects.for_organization(alice.organization).get(pk=created["id"]).scopes == [
+        "inference"
+    ]
+
+
+# --- authentication failures: 401 ----------------------------------------------------------
+
+
+def _error(response: object) -> dict[str, object]:
+    return response.json()["error"]  # type: ignore[attr-defined, no-any-return]
+
+
+def test_missing_key_is_401_with_a_bearer_challenge(db: None) -> None:
+    response = client_with(None).get("/v1/me")
+
+    assert response.status_code == 401
+    assert _error(response)["code"] == "missing_api_key"
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Token atl_live_x", "Bearer not-a-key",
+     "Bearer atl_live_AAAAAAAA_" + "a" * 46],
+)
+def test_malformed_authorization_is_401(alice: Person, header: str) -> None:
+    from rest_framework.test import APIClient
+
+    response = APIClient().get("/v1/me", HTTP_AUTHORIZATION=header)
+    assert response.status_code == 401
+    assert _error(response)["type"] == "invalid_request_error"
+
+
+def test_unknown_but_well_formed_key_is_401(db: None) -> None:
+    response = client_with(keys.generate().key).get("/v1/me")
+    assert response.status_code == 401
+    assert _error(response)["message"] == "Incorrect API key provided."
+
+
+def test_a_key_with_the_right_prefix_but_wrong_secret_is_401(alice: Person) -> None:
+    prefix = keys.parse_prefix(alice.key)
+    body = f"atl_live_{prefix}_" + "Z" * 40
+    forged = body + keys.checksum(body)
+
+    response = client_with(forged).get("/v1/me")
+
+    assert response.status_code == 401
+    assert _error(response)["message"] == "Incorrect API key provided."
+
+
+def test_revoked_key_is_401(alice: Person) -> None:
+    created = create_key(alice)
+    value = str(created["value"])
+    assert client_with(value).get("/v1/me").status_code == 200
+
+    deleted = alice.client.delete(f"/v1/organization/api_keys/{created['id']}")
+
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    response = client_with(value).get("/v1/me")
+    assert response.status_code == 401
+    assert _error(response)["code"] == "api_key_revoked"
+    # Revoking twice is harmless.
+    assert alice.client.delete(f"/v1/organization/api_keys/{created['id']}").status_code == 200
+
+
+def test_expired_key_is_401(alice: Person) -> None:
+    created = create_key(alice, expires_at=(timezone.now() + timedelta(hours=1)).isoformat())
+    APIKey.objects.for_organization(alice.organization).filter(pk=created["id"]).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+    response = client_with(str(created["value"])).get("/v1/me")
+
+    assert response.status_code == 401
+    assert _error(response)["code"] == "api_key_expired"
+
+
+@pytest.mark.parametrize("param", ["api_key", "key", "access_token", "token"])
+def test_keys_in_query_strings_are_refused_even_with_a_valid_header(
+    alice: Person, param: str
+) -> None:
+    response = alice.client.get(f"/v1/me?{param}={alice.key}")
+
+    assert response.status_code == 401
+    assert _error(response)["code"] == "api_key_in_url"
+
+
+def test_a_key_pasted_into_any_query_parameter_is_refused(alice: Person) -> None:
+    response = client_with(None).get(f"/v1/me?q={alice.key}")
+    assert response.status_code == 401
+    assert _error(response)["code"] == "api_key_in_url"
+
+
+def test_key_of_a_deactivated_user_is_401(alice: Person, bob: Person) -> None:
+    bob.user.is_active = False
+    bob.user.save()
+
+    assert bob.client.get("/v1/me").status_code == 401
+
+
+# --- rotation -------------------------------------------------------------------------------
+
+
+def test_rotation_issues_a_new_key_and_the_old_one_works_for_the_grace_period(
+    alice: Person,
+) -> None:
+    created = create_key(alice, scopes=["inference"])
+    old = str(created["value"])
+
+    response = alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
+                                 {"grace_period_seconds": 3600}, format="json")
+
+    assert response.status_code == 201
+    new = response.json()
+    assert new["value"] != old and new["scopes"] == ["inference"]
+    assert client_with(new["value"]).get("/v1/me").status_code == 200
+    assert client_with(old).get("/v1/me").status_code == 200
+    old_row = alice.client.get(f"/v1/organization/api_keys/{created['id']}").json()
+    assert old_row["status"] == "rotating" and old_row["rotated_to"] == new["id"]
+    assert 3590 <= old_row["expires_at"] - old_row["rotated_at"] <= 3600
+
+
+def test_rotated_key_stops_after_its_grace_period(alice: Person) -> None:
+    created = create_key(alice)
+    old = str(created["value"])
+    alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
+                      {"grace_period_seconds": 60}, format="json")
+    APIKey.objects.for_organization(alice.organization).filter(pk=created["id"]).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+    response = client_with(old).get("/v1/me")
+
+    assert response.status_code == 401
+    assert _error(response)["code"] == "api_key_rotated"
+    assert alice.client.get("/v1/organization/api_keys?status=expired").json()["data"][0][
+        "id"
+    ] == created["id"]
+
+
+def test_rotation_with_zero_grace_ends_the_old_key_now(alice: Person) -> None:
+    created = create_key(alice)
+    alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
+                      {"grace_period_seconds": 0}, format="json")
+    assert client_with(str(created["value"])).get("/v1/me").status_code == 401
+
+
+def test_default_grace_period_is_a_day(alice: Person, settings: object) -> None:
+    created = create_key(alice)
+    new = alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate").json()
+    old_row = alice.client.get(f"/v1/organization/api_keys/{created['id']}").json()
+    assert old_row["expires_at"] - old_row["rotated_at"] == 24 * 3600
+    assert new["id"] != created["id"]
+
+
+@pytest.mark.parametrize("grace", [-1, 8 * 24 * 3600, "soon"])
+def test_bad_grace_period_is_400(alice: Person, grace: object) -> None:
+    created = create_key(alice)
+    response = alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
+                                 {"grace_period_seconds": grace}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "grace_period_seconds"
+
+
+def test_a_key_is_rotated_once_and_revoked_keys_not_at_all(alice: Person) -> None:
+    created = create_key(alice)
+    url = f"/v1/organization/api_keys/{created['id']}/rotate"
+    assert alice.client.post(url).status_code == 201
+    assert alice.client.post(url).json()["error"]["code"] == "key_already_rotated"
+    other = create_key(alice)
+    alice.client.delete(f"/v1/organization/api_keys/{other['id']}")
+    response = alice.client.post(f"/v1/organization/api_keys/{other['id']}/rotate")
+    assert response.status_code == 409
+
+
+# --- last_used_at without a write per request ----------------------------------------------
+
+
+def test_last_used_at_is_recorded_without_a_write_per_request(
+    alice: Person, django_assert_num_queries: object
+) -> None:
+    client = alice.client
+    client.get("/v1/me")  # first use: one write
+    row = APIKey.objects.for_organization(alice.organization).get(member=alice.membership)
+    assert row.last_used_at is not None
+
+    with django_assert_num_queries(1):  # type: ignore[operator]
+        client.get("/v1/me")  # the key lookup only: no UPDATE
+    first = row.last_used_at
+    row.refresh_from_db()
+    assert row.last_used_at == first
+
+
+def test_last_used_at_moves_once_the_resolution_has_passed(alice: Person) -> None:
+    alice.client.get("/v1/me")
+    qs = APIKey.objects.for_organization(alice.organization).filter(member=alice.membership)
+    qs.update(last_used_at=timezone.now() - timedelta(minutes=5))
+
+    alice.client.get("/v1/me")
+
+    assert timezone.now() - qs.get().last_used_at < timedelta(seconds=10)
+
+
+# --- scopes ---------------------------------------------------------------------------------
+
+
+def test_inference_only_key_calling_a_management_endpoint_is_403_naming_the_scope(
+    alice: Person,
+) -> None:
+    inference = create_key(alice, scopes=["inference"])
+
+    response = client_with(str(inference["value"])).get("/v1/organization/api_keys")
+
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert error["type"] == "permission_error"
+    assert error["code"] == "missing_scope"
+    assert "'organization.read'" in error["message"]
+
+
+def test_read_only_key_can_read_but_not_write(alice: Person) -> None:
+    reader = client_with(str(create_key(alice, scopes=["read_only"])["value"]))
+
+    assert reader.get("/v1/organization/api_keys").status_code == 200
+    response = reader.post("/v1/organization/api_keys", {"name": "x"}, format="json")
+    assert response.status_code == 403
+    assert "'organization.write'" in response.json()["error"]["message"]

@@ -1,0 +1,73 @@
+"""Tenants never see each other: a foreign id is a 404, exactly like a missing one."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from tests.support.cross_tenant import BODY_REFERENCES, ENDPOINTS, Endpoint
+from tests.support.people import Person
+
+pytestmark = pytest.mark.django_db
+
+CASES = [(e, m) for e in ENDPOINTS for m in e.methods]
+
+
+def _call(person: Person, method: str, path: str, body: dict[str, object]) -> object:
+    return getattr(person.client, method.lower())(path, body or None, format="json")
+
+
+@pytest.mark.parametrize(("endpoint", "method"), CASES,
+                         ids=[f"{m} {e.path}" for e, m in CASES])
+def test_outsider_gets_404_for_a_foreign_id(
+    alice: Person, charlie: Person, endpoint: Endpoint, method: str
+) -> None:
+    foreign_id = endpoint.make(charlie)
+    before = charlie.client.get(endpoint.path.format(id=foreign_id).removesuffix("/rotate"))
+
+    response = _call(alice, method, endpoint.path.format(id=foreign_id), endpoint.body)
+    missing = _call(alice, method, endpoint.path.format(id=foreign_id[:-4] + "zzzz"),
+                    endpoint.body)
+
+    assert response.status_code == 404, response.content
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    # Indistinguishable from an id that does not exist (only the echoed id differs).
+    assert missing.status_code == 404
+    assert response.json()["error"]["code"] == missing.json()["error"]["code"]
+    after = charlie.client.get(endpoint.path.format(id=foreign_id).removesuffix("/rotate"))
+    assert after.json() == before.json()  # nothing changed in the victim's organization
+
+
+@pytest.mark.parametrize("reference", BODY_REFERENCES, ids=lambda r: f"{r.method} {r.path}")
+def test_outsider_gets_404_for_a_foreign_id_in_a_body(
+    alice: Person, charlie: Person, reference: object
+) -> None:
+    response = _call(alice, reference.method, reference.path,  # type: ignore[attr-defined]
+                     reference.body(charlie))  # type: ignore[attr-defined]
+    assert response.status_code == 404, response.content
+
+
+def test_foreign_ids_in_list_filters_find_nothing(alice: Person, charlie: Person) -> None:
+    body = alice.client.get(f"/v1/organization/audit_logs?actor_id={charlie.user.pk}").json()
+    assert body["data"] == []
+
+
+def _id_bearing_routes() -> set[str]:
+    found: set[str] = set()
+
+    def walk(patterns: list[URLPattern | URLResolver], prefix: str) -> None:
+        for p in patterns:
+            route = prefix + str(p.pattern)
+            if isinstance(p, URLResolver):
+                walk(p.url_patterns, route)
+            elif "<" in route and route.startswith("v1/"):
+                found.add("/" + re.sub(r"<[^>]+>", "{id}", route))
+
+    walk(get_resolver().url_patterns, "")
+    return found
+
+
+def test_every_id_bearing_endpoint_is_in_the_cross_tenant_registry() -> None:
+    assert _id_bearing_routes() == {e.path for e in ENDPOINTS}

@@ -1,0 +1,1 @@
+"""Shared test helpers: people, clients and the cross-tenant registry."""

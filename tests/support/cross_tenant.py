@@ -1,0 +1,71 @@
+"""The cross-tenant registry: every id-bearing endpoint, and how to make its object.
+
+Later issues add their endpoints here; tests/controlplane/test_cross_tenant.py
+checks that an outsider gets 404 for each one, and that no id-bearing URL in the
+URLconf is missing from this list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane.accounts import services as account_services
+from controlplane.tenancy import services as tenancy_services
+
+from .people import SYSTEM, Person
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A URL with one `{id}` placeholder; `make` creates the object in a person's org."""
+
+    path: str
+    make: Callable[[Person], str]
+    methods: tuple[str, ...]
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BodyReference:
+    """A request that names another object by id in its body."""
+
+    method: str
+    path: str
+    body: Callable[[Person], dict[str, Any]]
+
+
+def make_api_key(person: Person) -> str:
+    issued = account_services._issue(
+        organization=person.organization, name="victim", scopes=["all"],
+        member=person.membership, created_by=person.user,
+    )
+    return issued.api_key.pk
+
+
+def make_invite(person: Person) -> str:
+    new = tenancy_services.invitation_create(
+        organization=person.organization, email="invitee@victim.test", role="viewer",
+        actor_role="owner", invited_by_id=person.user.pk, actor=SYSTEM,
+    )
+    return new.invitation.pk
+
+
+def member_of(person: Person) -> str:
+    return person.membership.pk
+
+
+ENDPOINTS: list[Endpoint] = [
+    Endpoint("/v1/organization/api_keys/{id}", make_api_key, ("GET", "PATCH", "DELETE"),
+             {"name": "stolen"}),
+    Endpoint("/v1/organization/api_keys/{id}/rotate", make_api_key, ("POST",)),
+    Endpoint("/v1/organization/members/{id}", member_of, ("GET", "PATCH", "DELETE"),
+             {"role": "viewer"}),
+    Endpoint("/v1/organization/invites/{id}", make_invite, ("GET", "DELETE")),
+]
+
+BODY_REFERENCES: list[BodyReference] = [
+    BodyReference("POST", "/v1/organization/api_keys",
+                  lambda victim: {"name": "x", "member_id": victim.membership.pk}),
+]
