@@ -1,4 +1,4 @@
-"""`make test` runs this first: fail at once, with the fix, if PostgreSQL or Redis is unreachable."""
+"""Run first by `make test`: fail at once, saying how to fix it, if PostgreSQL or Redis is down."""
 
 from __future__ import annotations
 
@@ -58,8 +58,10 @@ def main() -> int:
     }
     for name, error in failures.items():
         target = DATABASE_URL if name == "PostgreSQL" else REDIS_URL
-        print(f"make test: {name} is unreachable at {target}\n  {error}\n  {HOW_TO[name]}",
-              file=sys.stderr)
+        print(
+            f"make test: {name} is unreachable at {target}\n  {error}\n  {HOW_TO[name]}",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

@@ -25,39 +25,62 @@ USAGE = __doc__ or ""
 
 
 def _exec(argv: list[str]) -> None:
+    # `python -m uvicorn|celery` with this interpreter: works whether or not the
+    # virtual environment's bin/ is on PATH.
     sys.stdout.flush()
-    os.execvp(argv[0], argv)
+    os.execv(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606 - fixed argv, no shell
 
 
 def web_argv() -> list[str]:
     return [
         "uvicorn",
         "controlplane.asgi:application",
-        "--host", os.environ.get("HOST", "127.0.0.1"),
-        "--port", os.environ.get("PORT", "8000"),
-        "--workers", os.environ.get("WEB_CONCURRENCY", "1"),
+        "--host",
+        os.environ.get("HOST", "127.0.0.1"),
+        "--port",
+        os.environ.get("PORT", "8000"),
+        "--workers",
+        os.environ.get("WEB_CONCURRENCY", "1"),
         "--no-access-log",  # our middleware logs each request as JSON, with its request id
         "--proxy-headers",
-        "--forwarded-allow-ips", os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
-        "--timeout-graceful-shutdown", "20",
+        "--forwarded-allow-ips",
+        os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        "--timeout-graceful-shutdown",
+        "20",
     ]
 
 
 def worker_argv(kind: str) -> list[str]:
     if kind == "control":
         return [
-            "celery", "-A", "controlplane.celery", "worker",
-            "-Q", queues.CONTROL, "-n", "control@%h",
-            "--concurrency", os.environ.get("CONTROL_CONCURRENCY", "2"),
-            "--loglevel", os.environ.get("LOG_LEVEL", "INFO"),
+            "celery",
+            "-A",
+            "controlplane.celery",
+            "worker",
+            "-Q",
+            queues.CONTROL,
+            "-n",
+            "control@%h",
+            "--concurrency",
+            os.environ.get("CONTROL_CONCURRENCY", "2"),
+            "--loglevel",
+            os.environ.get("LOG_LEVEL", "INFO"),
         ]
     if kind == "gpu":
         # One process per GPU: a host with N GPUs runs N child processes.
         return [
-            "celery", "-A", "gpuworkers.celery", "worker",
-            "-Q", ",".join(queues.GPU_QUEUES), "-n", "gpu@%h",
-            "--concurrency", os.environ.get("GPU_WORKER_CONCURRENCY", "1"),
-            "--loglevel", os.environ.get("LOG_LEVEL", "INFO"),
+            "celery",
+            "-A",
+            "gpuworkers.celery",
+            "worker",
+            "-Q",
+            ",".join(queues.GPU_QUEUES),
+            "-n",
+            "gpu@%h",
+            "--concurrency",
+            os.environ.get("GPU_WORKER_CONCURRENCY", "1"),
+            "--loglevel",
+            os.environ.get("LOG_LEVEL", "INFO"),
         ]
     raise SystemExit(f"unknown worker kind {kind!r}: use 'control' or 'gpu'")
 
@@ -65,8 +88,16 @@ def worker_argv(kind: str) -> list[str]:
 def beat_argv() -> list[str]:
     schedule = data_dir() / "celerybeat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
-    return ["celery", "-A", "controlplane.celery", "beat", "-s", str(schedule),
-            "--loglevel", os.environ.get("LOG_LEVEL", "INFO")]
+    return [
+        "celery",
+        "-A",
+        "controlplane.celery",
+        "beat",
+        "-s",
+        str(schedule),
+        "--loglevel",
+        os.environ.get("LOG_LEVEL", "INFO"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

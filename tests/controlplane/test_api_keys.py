@@ -13,8 +13,9 @@ pytestmark = pytest.mark.django_db
 
 
 def create_key(person: Person, **body: object) -> dict[str, object]:
-    response = person.client.post("/v1/organization/api_keys", {"name": "ci", **body},
-                                  format="json")
+    response = person.client.post(
+        "/v1/organization/api_keys", {"name": "ci", **body}, format="json"
+    )
     assert response.status_code == 201, response.content
     return response.json()
 
@@ -56,7 +57,8 @@ def test_owner_creates_lists_and_retrieves_keys(alice: Person) -> None:
     assert {k["id"] for k in listed["data"]} >= {created["id"]}
     assert all("value" not in k for k in listed["data"])
     one = alice.client.get(f"/v1/organization/api_keys/{created['id']}").json()
-    assert one["redacted_value"].startswith("atl_live_") and "…" in one["redacted_value"]
+    assert one["redacted_value"].startswith("atl_live_")
+    assert "…" in one["redacted_value"]
 
 
 def test_list_is_cursor_paginated(alice: Person) -> None:
@@ -67,8 +69,11 @@ def test_list_is_cursor_paginated(alice: Person) -> None:
     rest = alice.client.get(f"/v1/organization/api_keys?limit=2&after={second['last_id']}").json()
 
     ids = [k["id"] for page in (first, second, rest) for k in page["data"]]
-    assert len(ids) == 5 and len(set(ids)) == 5  # 4 + the sign-up key
-    assert first["has_more"] and second["has_more"] and not rest["has_more"]
+    assert len(ids) == 5
+    assert len(set(ids)) == 5
+    assert first["has_more"]
+    assert second["has_more"]
+    assert not rest["has_more"]
 
 
 @pytest.mark.parametrize("limit", ["0", "101", "ten"])
@@ -79,8 +84,9 @@ def test_bad_limit_is_400(alice: Person, limit: str) -> None:
 
 
 def test_unknown_scope_is_400(alice: Person) -> None:
-    response = alice.client.post("/v1/organization/api_keys",
-                                 {"name": "x", "scopes": ["root"]}, format="json")
+    response = alice.client.post(
+        "/v1/organization/api_keys", {"name": "x", "scopes": ["root"]}, format="json"
+    )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_scope"
 
@@ -112,7 +118,8 @@ def test_service_account_key_has_no_member_and_survives_member_changes(alice: Pe
     assert created["member_id"] is None
     assert created["owner"] == {"type": "service_account", "id": None}
     me = client_with(str(created["value"])).get("/v1/me").json()
-    assert me["role"] is None and me["scopes"] == ["inference"]
+    assert me["role"] is None
+    assert me["scopes"] == ["inference"]
 
 
 def test_owner_can_create_a_key_for_a_teammate(alice: Person, bob: Person) -> None:
@@ -125,24 +132,29 @@ def test_owner_can_create_a_key_for_a_teammate(alice: Person, bob: Person) -> No
 
 def test_expiry_in_the_past_is_400(alice: Person) -> None:
     past = (timezone.now() - timedelta(minutes=1)).isoformat()
-    response = alice.client.post("/v1/organization/api_keys",
-                                 {"name": "x", "expires_at": past}, format="json")
+    response = alice.client.post(
+        "/v1/organization/api_keys", {"name": "x", "expires_at": past}, format="json"
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "expires_at"
 
 
 def test_rename_a_key(alice: Person) -> None:
     created = create_key(alice)
-    response = alice.client.patch(f"/v1/organization/api_keys/{created['id']}",
-                                  {"name": "renamed"}, format="json")
+    response = alice.client.patch(
+        f"/v1/organization/api_keys/{created['id']}", {"name": "renamed"}, format="json"
+    )
     assert response.status_code == 200
     assert response.json()["name"] == "renamed"
 
 
 def test_renaming_cannot_touch_scopes(alice: Person) -> None:
     created = create_key(alice, scopes=["inference"])
-    response = alice.client.patch(f"/v1/organization/api_keys/{created['id']}",
-                                  {"name": "x", "scopes": ["all"]}, format="json")
+    response = alice.client.patch(
+        f"/v1/organization/api_keys/{created['id']}",
+        {"name": "x", "scopes": ["all"]},
+        format="json",
+    )
     assert response.status_code == 400
     assert APIKey.objects.for_organization(alice.organization).get(pk=created["id"]).scopes == [
         "inference"
@@ -166,8 +178,14 @@ def test_missing_key_is_401_with_a_bearer_challenge(db: None) -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Token atl_live_x", "Bearer not-a-key",
-     "Bearer atl_live_AAAAAAAA_" + "a" * 46],
+    [
+        "Bearer",
+        "Bearer ",
+        "Basic dXNlcjpwYXNz",
+        "Token atl_live_x",
+        "Bearer not-a-key",
+        "Bearer atl_live_AAAAAAAA_" + "a" * 46,
+    ],
 )
 def test_malformed_authorization_is_401(alice: Person, header: str) -> None:
     from rest_framework.test import APIClient
@@ -201,7 +219,8 @@ def test_revoked_key_is_401(alice: Person) -> None:
 
     deleted = alice.client.delete(f"/v1/organization/api_keys/{created['id']}")
 
-    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert deleted.status_code == 200
+    assert deleted.json()["deleted"] is True
     response = client_with(value).get("/v1/me")
     assert response.status_code == 401
     assert _error(response)["code"] == "api_key_revoked"
@@ -253,24 +272,32 @@ def test_rotation_issues_a_new_key_and_the_old_one_works_for_the_grace_period(
     created = create_key(alice, scopes=["inference"])
     old = str(created["value"])
 
-    response = alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
-                                 {"grace_period_seconds": 3600}, format="json")
+    response = alice.client.post(
+        f"/v1/organization/api_keys/{created['id']}/rotate",
+        {"grace_period_seconds": 3600},
+        format="json",
+    )
 
     assert response.status_code == 201
     new = response.json()
-    assert new["value"] != old and new["scopes"] == ["inference"]
+    assert new["value"] != old
+    assert new["scopes"] == ["inference"]
     assert client_with(new["value"]).get("/v1/me").status_code == 200
     assert client_with(old).get("/v1/me").status_code == 200
     old_row = alice.client.get(f"/v1/organization/api_keys/{created['id']}").json()
-    assert old_row["status"] == "rotating" and old_row["rotated_to"] == new["id"]
+    assert old_row["status"] == "rotating"
+    assert old_row["rotated_to"] == new["id"]
     assert 3590 <= old_row["expires_at"] - old_row["rotated_at"] <= 3600
 
 
 def test_rotated_key_stops_after_its_grace_period(alice: Person) -> None:
     created = create_key(alice)
     old = str(created["value"])
-    alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
-                      {"grace_period_seconds": 60}, format="json")
+    alice.client.post(
+        f"/v1/organization/api_keys/{created['id']}/rotate",
+        {"grace_period_seconds": 60},
+        format="json",
+    )
     APIKey.objects.for_organization(alice.organization).filter(pk=created["id"]).update(
         expires_at=timezone.now() - timedelta(seconds=1)
     )
@@ -279,15 +306,19 @@ def test_rotated_key_stops_after_its_grace_period(alice: Person) -> None:
 
     assert response.status_code == 401
     assert _error(response)["code"] == "api_key_rotated"
-    assert alice.client.get("/v1/organization/api_keys?status=expired").json()["data"][0][
-        "id"
-    ] == created["id"]
+    assert (
+        alice.client.get("/v1/organization/api_keys?status=expired").json()["data"][0]["id"]
+        == created["id"]
+    )
 
 
 def test_rotation_with_zero_grace_ends_the_old_key_now(alice: Person) -> None:
     created = create_key(alice)
-    alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
-                      {"grace_period_seconds": 0}, format="json")
+    alice.client.post(
+        f"/v1/organization/api_keys/{created['id']}/rotate",
+        {"grace_period_seconds": 0},
+        format="json",
+    )
     assert client_with(str(created["value"])).get("/v1/me").status_code == 401
 
 
@@ -302,8 +333,11 @@ def test_default_grace_period_is_a_day(alice: Person, settings: object) -> None:
 @pytest.mark.parametrize("grace", [-1, 8 * 24 * 3600, "soon"])
 def test_bad_grace_period_is_400(alice: Person, grace: object) -> None:
     created = create_key(alice)
-    response = alice.client.post(f"/v1/organization/api_keys/{created['id']}/rotate",
-                                 {"grace_period_seconds": grace}, format="json")
+    response = alice.client.post(
+        f"/v1/organization/api_keys/{created['id']}/rotate",
+        {"grace_period_seconds": grace},
+        format="json",
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "grace_period_seconds"
 

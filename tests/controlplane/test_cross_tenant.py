@@ -19,8 +19,7 @@ def _call(person: Person, method: str, path: str, body: dict[str, object]) -> ob
     return getattr(person.client, method.lower())(path, body or None, format="json")
 
 
-@pytest.mark.parametrize(("endpoint", "method"), CASES,
-                         ids=[f"{m} {e.path}" for e, m in CASES])
+@pytest.mark.parametrize(("endpoint", "method"), CASES, ids=[f"{m} {e.path}" for e, m in CASES])
 def test_outsider_gets_404_for_a_foreign_id(
     alice: Person, charlie: Person, endpoint: Endpoint, method: str
 ) -> None:
@@ -28,8 +27,7 @@ def test_outsider_gets_404_for_a_foreign_id(
     before = charlie.client.get(endpoint.path.format(id=foreign_id).removesuffix("/rotate"))
 
     response = _call(alice, method, endpoint.path.format(id=foreign_id), endpoint.body)
-    missing = _call(alice, method, endpoint.path.format(id=foreign_id[:-4] + "zzzz"),
-                    endpoint.body)
+    missing = _call(alice, method, endpoint.path.format(id=foreign_id[:-4] + "zzzz"), endpoint.body)
 
     assert response.status_code == 404, response.content
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -44,8 +42,12 @@ def test_outsider_gets_404_for_a_foreign_id(
 def test_outsider_gets_404_for_a_foreign_id_in_a_body(
     alice: Person, charlie: Person, reference: object
 ) -> None:
-    response = _call(alice, reference.method, reference.path,  # type: ignore[attr-defined]
-                     reference.body(charlie))  # type: ignore[attr-defined]
+    response = _call(
+        alice,
+        reference.method,
+        reference.path,  # type: ignore[attr-defined]
+        reference.body(charlie),
+    )  # type: ignore[attr-defined]
     assert response.status_code == 404, response.content
 
 

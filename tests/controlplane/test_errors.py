@@ -39,22 +39,25 @@ def test_wrong_method_is_a_json_405(alice: Person) -> None:
 
 
 def test_malformed_json_is_400(alice: Person) -> None:
-    response = alice.client.post("/v1/organization/api_keys", data="{not json",
-                                 content_type="application/json")
+    response = alice.client.post(
+        "/v1/organization/api_keys", data="{not json", content_type="application/json"
+    )
     error = assert_openai_error(response, 400)
     assert error["code"] == "invalid_json"
 
 
 @pytest.mark.parametrize("body", ["[]", '"a string"', "42", "null"])
 def test_a_body_that_is_not_an_object_is_400(alice: Person, body: str) -> None:
-    response = alice.client.post("/v1/organization/api_keys", data=body,
-                                 content_type="application/json")
+    response = alice.client.post(
+        "/v1/organization/api_keys", data=body, content_type="application/json"
+    )
     assert_openai_error(response, 400)
 
 
 def test_unsupported_media_type_is_415(alice: Person) -> None:
-    response = alice.client.post("/v1/organization/api_keys", data="name=x",
-                                 content_type="application/x-www-form-urlencoded")
+    response = alice.client.post(
+        "/v1/organization/api_keys", data="name=x", content_type="application/x-www-form-urlencoded"
+    )
     assert_openai_error(response, 415)
 
 
@@ -100,7 +103,8 @@ def test_schema_and_docs_are_served_without_a_cdn(db: None) -> None:
     assert docs.status_code == 200
     html = docs.content.decode()
     assert "swagger-ui" in html
-    assert "cdn" not in html.lower() and "https://" not in html
+    assert "cdn" not in html.lower()
+    assert "https://" not in html
 
 
 # --- body limits: through the real ASGI application ---------------------------------------
@@ -115,8 +119,9 @@ def anyio_backend() -> str:
 def asgi_client(transactional_db: None) -> httpx.AsyncClient:
     from controlplane.asgi import application
 
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=application),
-                             base_url="http://testserver")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=application), base_url="http://testserver"
+    )
 
 
 @pytest.mark.anyio
@@ -126,8 +131,9 @@ async def test_oversized_declared_body_is_413_before_it_is_read(
     from django.conf import settings
 
     payload = b"{" + b" " * settings.MAX_REQUEST_BODY_BYTES + b"}"
-    response = await asgi_client.post("/v1/signup", content=payload,
-                                      headers={"content-type": "application/json"})
+    response = await asgi_client.post(
+        "/v1/signup", content=payload, headers={"content-type": "application/json"}
+    )
 
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
@@ -146,8 +152,9 @@ async def test_oversized_chunked_body_is_413(asgi_client: httpx.AsyncClient) -> 
         for _ in range(chunks):
             yield chunk
 
-    response = await asgi_client.post("/v1/signup", content=stream(),
-                                      headers={"content-type": "application/json"})
+    response = await asgi_client.post(
+        "/v1/signup", content=stream(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 
@@ -155,7 +162,10 @@ async def test_oversized_chunked_body_is_413(asgi_client: httpx.AsyncClient) -> 
 async def test_a_body_under_the_limit_goes_through(asgi_client: httpx.AsyncClient) -> None:
     response = await asgi_client.post(
         "/v1/signup",
-        json={"email": "asgi@x.test", "password": "a long and unusual passphrase",
-              "organization_name": "Asgi"},
+        json={
+            "email": "asgi@x.test",
+            "password": "a long and unusual passphrase",
+            "organization_name": "Asgi",
+        },
     )
     assert response.status_code == 201

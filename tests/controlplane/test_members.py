@@ -13,14 +13,16 @@ pytestmark = pytest.mark.django_db(transaction=False)
 
 
 def invite(person: Person, email: str, role: str = "developer") -> dict[str, object]:
-    response = person.client.post("/v1/organization/members", {"email": email, "role": role},
-                                  format="json")
+    response = person.client.post(
+        "/v1/organization/members", {"email": email, "role": role}, format="json"
+    )
     assert response.status_code == 201, response.content
     return response.json()
 
 
-def emailed_token(django_capture_on_commit_callbacks: object, person: Person, email: str,
-                  role: str = "developer") -> str:
+def emailed_token(
+    django_capture_on_commit_callbacks: object, person: Person, email: str, role: str = "developer"
+) -> str:
     with django_capture_on_commit_callbacks(execute=True):  # type: ignore[operator]
         invite(person, email, role)
     message = mail.outbox[-1]
@@ -31,8 +33,9 @@ def emailed_token(django_capture_on_commit_callbacks: object, person: Person, em
 
 
 def accept(token: str, password: str = PASSWORD) -> object:
-    return APIClient().post("/v1/invitations/accept", {"token": token, "password": password},
-                            format="json")
+    return APIClient().post(
+        "/v1/invitations/accept", {"token": token, "password": password}, format="json"
+    )
 
 
 def test_owner_invites_and_the_invitee_joins_with_a_working_key(
@@ -44,10 +47,12 @@ def test_owner_invites_and_the_invitee_joins_with_a_working_key(
 
     assert response.status_code == 201, response.content
     body = response.json()
-    assert body["member"]["role"] == "viewer" and body["member"]["email"] == "erin@acme.test"
+    assert body["member"]["role"] == "viewer"
+    assert body["member"]["email"] == "erin@acme.test"
     me = client_with(body["api_key"]["value"]).get("/v1/me").json()
     assert me["organization"]["id"] == alice.organization.pk
-    assert "organization.write" not in me["scopes"] and "models.read" in me["scopes"]
+    assert "organization.write" not in me["scopes"]
+    assert "models.read" in me["scopes"]
     emails = [m["email"] for m in alice.client.get("/v1/organization/members").json()["data"]]
     assert "erin@acme.test" in emails
     assert alice.client.get("/v1/organization/invites").json()["data"][0]["status"] == "accepted"
@@ -78,9 +83,9 @@ def test_existing_user_must_prove_their_password_to_accept(
 
     assert wrong.status_code == 401
     assert right.status_code == 201
-    assert Membership.objects.for_organization(alice.organization).filter(
-        user=charlie.user
-    ).exists()
+    assert (
+        Membership.objects.for_organization(alice.organization).filter(user=charlie.user).exists()
+    )
 
 
 def test_revoked_invitation_cannot_be_accepted(
@@ -100,38 +105,49 @@ def test_garbage_token_is_404(db: None) -> None:
 
 def test_inviting_a_member_or_a_pending_email_is_409(alice: Person, bob: Person) -> None:
     invite(alice, "ivy@acme.test")
-    assert alice.client.post("/v1/organization/members", {"email": "IVY@acme.test"},
-                             format="json").status_code == 409
-    assert alice.client.post("/v1/organization/members", {"email": bob.user.email},
-                             format="json").status_code == 409
+    assert (
+        alice.client.post(
+            "/v1/organization/members", {"email": "IVY@acme.test"}, format="json"
+        ).status_code
+        == 409
+    )
+    assert (
+        alice.client.post(
+            "/v1/organization/members", {"email": bob.user.email}, format="json"
+        ).status_code
+        == 409
+    )
 
 
 def test_developer_cannot_invite(bob: Person) -> None:
-    response = bob.client.post("/v1/organization/members", {"email": "x@acme.test"},
-                               format="json")
+    response = bob.client.post("/v1/organization/members", {"email": "x@acme.test"}, format="json")
     assert response.status_code == 403
 
 
 def test_admin_cannot_create_owners(alice: Person) -> None:
     admin = join(alice.organization, "adam@acme.test", "admin")
-    response = admin.client.post("/v1/organization/members",
-                                 {"email": "o@acme.test", "role": "owner"}, format="json")
+    response = admin.client.post(
+        "/v1/organization/members", {"email": "o@acme.test", "role": "owner"}, format="json"
+    )
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "insufficient_role"
 
 
 def test_owner_changes_roles(alice: Person, bob: Person) -> None:
-    response = alice.client.patch(f"/v1/organization/members/{bob.membership.pk}",
-                                  {"role": "billing"}, format="json")
+    response = alice.client.patch(
+        f"/v1/organization/members/{bob.membership.pk}", {"role": "billing"}, format="json"
+    )
 
-    assert response.status_code == 200 and response.json()["role"] == "billing"
+    assert response.status_code == 200
+    assert response.json()["role"] == "billing"
     assert "billing.read" in bob.client.get("/v1/me").json()["scopes"]
 
 
 def test_admin_cannot_demote_an_owner(alice: Person) -> None:
     admin = join(alice.organization, "adam@acme.test", "admin")
-    response = admin.client.patch(f"/v1/organization/members/{alice.membership.pk}",
-                                  {"role": "viewer"}, format="json")
+    response = admin.client.patch(
+        f"/v1/organization/members/{alice.membership.pk}", {"role": "viewer"}, format="json"
+    )
     assert response.status_code == 403
     alice.membership.refresh_from_db()
     assert alice.membership.role == "owner"
@@ -143,13 +159,16 @@ def test_last_owner_cannot_be_demoted_or_removed(alice: Person) -> None:
     demote = alice.client.patch(url, {"role": "admin"}, format="json")
     remove = alice.client.delete(url)
 
-    assert demote.status_code == 409 and demote.json()["error"]["code"] == "last_owner"
-    assert remove.status_code == 409 and remove.json()["error"]["code"] == "last_owner"
+    assert demote.status_code == 409
+    assert demote.json()["error"]["code"] == "last_owner"
+    assert remove.status_code == 409
+    assert remove.json()["error"]["code"] == "last_owner"
 
 
 def test_an_owner_can_leave_once_there_is_another(alice: Person, bob: Person) -> None:
-    alice.client.patch(f"/v1/organization/members/{bob.membership.pk}", {"role": "owner"},
-                       format="json")
+    alice.client.patch(
+        f"/v1/organization/members/{bob.membership.pk}", {"role": "owner"}, format="json"
+    )
 
     response = alice.client.delete(f"/v1/organization/members/{alice.membership.pk}")
 
@@ -171,16 +190,19 @@ def test_removed_member_loses_access_at_once(alice: Person, bob: Person) -> None
 
 @pytest.mark.parametrize("body", [{"role": "emperor"}, {"role": ""}, {}, {"role": ["owner"]}])
 def test_bad_role_is_400(alice: Person, bob: Person, body: dict[str, object]) -> None:
-    response = alice.client.patch(f"/v1/organization/members/{bob.membership.pk}", body,
-                                  format="json")
+    response = alice.client.patch(
+        f"/v1/organization/members/{bob.membership.pk}", body, format="json"
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "role"
 
 
 def test_organization_can_be_renamed_and_become_a_data_partner(alice: Person) -> None:
-    response = alice.client.patch("/v1/organization",
-                                  {"name": "Acme Labs", "kinds": ["customer", "data_partner"]},
-                                  format="json")
+    response = alice.client.patch(
+        "/v1/organization",
+        {"name": "Acme Labs", "kinds": ["customer", "data_partner"]},
+        format="json",
+    )
     assert response.status_code == 200
     assert response.json()["kinds"] == ["customer", "data_partner"]
     assert alice.client.get("/v1/organization").json()["name"] == "Acme Labs"

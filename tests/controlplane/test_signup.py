@@ -10,8 +10,11 @@ from tests.support.people import Person, client_with
 
 pytestmark = pytest.mark.django_db
 
-GOOD = {"email": "dana@initech.test", "password": "a long and unusual passphrase",
-        "organization_name": "Initech"}
+GOOD = {
+    "email": "dana@initech.test",
+    "password": "a long and unusual passphrase",
+    "organization_name": "Initech",
+}
 
 
 def signup(body: object, **extra: str) -> object:
@@ -27,7 +30,8 @@ def test_signup_creates_user_owned_organization_and_a_working_key() -> None:
     assert body["organization"]["kinds"] == ["customer"]
     assert body["role"] == "owner"
     value = body["api_key"]["value"]
-    assert value.startswith("atl_live_") and keys.parse_prefix(value) is not None
+    assert value.startswith("atl_live_")
+    assert keys.parse_prefix(value) is not None
     me = client_with(value).get("/v1/me")
     assert me.status_code == 200
     assert me.json()["organization"]["id"] == body["organization"]["id"]
@@ -141,8 +145,6 @@ def test_spoofed_forwarded_for_does_not_reset_the_throttle() -> None:
 
 
 def test_signup_writes_the_audit_log(alice: Person) -> None:
-    actions = set(
-        alice.organization.auditlogs.values_list("action", flat=True)
-    )
+    actions = set(alice.organization.auditlogs.values_list("action", flat=True))
     assert {"organization.created", "api_key.created"} <= actions
     assert Membership.objects.for_organization(alice.organization).get().role == "owner"

@@ -38,16 +38,23 @@ class BodyReference:
 
 def make_api_key(person: Person) -> str:
     issued = account_services._issue(
-        organization=person.organization, name="victim", scopes=["all"],
-        member=person.membership, created_by=person.user,
+        organization=person.organization,
+        name="victim",
+        scopes=["all"],
+        member=person.membership,
+        created_by=person.user,
     )
     return issued.api_key.pk
 
 
 def make_invite(person: Person) -> str:
     new = tenancy_services.invitation_create(
-        organization=person.organization, email="invitee@victim.test", role="viewer",
-        actor_role="owner", invited_by_id=person.user.pk, actor=SYSTEM,
+        organization=person.organization,
+        email="invitee@victim.test",
+        role="viewer",
+        actor_role="owner",
+        invited_by_id=person.user.pk,
+        actor=SYSTEM,
     )
     return new.invitation.pk
 
@@ -57,15 +64,23 @@ def member_of(person: Person) -> str:
 
 
 ENDPOINTS: list[Endpoint] = [
-    Endpoint("/v1/organization/api_keys/{id}", make_api_key, ("GET", "PATCH", "DELETE"),
-             {"name": "stolen"}),
+    Endpoint(
+        "/v1/organization/api_keys/{id}",
+        make_api_key,
+        ("GET", "PATCH", "DELETE"),
+        {"name": "stolen"},
+    ),
     Endpoint("/v1/organization/api_keys/{id}/rotate", make_api_key, ("POST",)),
-    Endpoint("/v1/organization/members/{id}", member_of, ("GET", "PATCH", "DELETE"),
-             {"role": "viewer"}),
+    Endpoint(
+        "/v1/organization/members/{id}", member_of, ("GET", "PATCH", "DELETE"), {"role": "viewer"}
+    ),
     Endpoint("/v1/organization/invites/{id}", make_invite, ("GET", "DELETE")),
 ]
 
 BODY_REFERENCES: list[BodyReference] = [
-    BodyReference("POST", "/v1/organization/api_keys",
-                  lambda victim: {"name": "x", "member_id": victim.membership.pk}),
+    BodyReference(
+        "POST",
+        "/v1/organization/api_keys",
+        lambda victim: {"name": "x", "member_id": victim.membership.pk},
+    ),
 ]

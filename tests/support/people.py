@@ -36,8 +36,11 @@ def client_with(key: str | None) -> APIClient:
 
 def sign_up(email: str, organization_name: str, kinds: list[str] | None = None) -> Person:
     result = account_services.user_signup(
-        email=email, password=PASSWORD, organization_name=organization_name,
-        kinds=kinds or ["customer"], actor=SYSTEM,
+        email=email,
+        password=PASSWORD,
+        organization_name=organization_name,
+        kinds=kinds or ["customer"],
+        actor=SYSTEM,
     )
     return Person(result.user, result.organization, result.membership, result.issued.value)
 

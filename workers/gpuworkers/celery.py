@@ -16,7 +16,8 @@ from celery import Celery
 from jobcontracts import queues
 from jobcontracts.broker import celery_config
 
-app = Celery("gpuworkers")
+# No fixups: Celery would otherwise import Django whenever DJANGO_SETTINGS_MODULE is set.
+app = Celery("gpuworkers", fixups=[])
 app.conf.update(celery_config())
 app.conf.task_routes = {"gpuworkers.*": {"queue": queues.GPU_TRAINING}}
 

@@ -42,13 +42,15 @@ def celery_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         config["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
         return config
     folder = data_dir(env) / "broker"
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     config["broker_url"] = "filesystem://"
     config["broker_transport_options"] = {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
+        # Broadcast/control exchanges; kombu's default is ./control in the working directory.
+        "control_folder": str(folder / "control"),
         "store_processed": False,
     }
     results = data_dir(env) / "results"

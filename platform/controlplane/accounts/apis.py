@@ -39,8 +39,10 @@ def api_key_out(api_key: APIKey, *, value: str | None = None) -> dict[str, Any]:
         "scopes": api_key.scopes,
         "status": api_key.status,
         "member_id": api_key.member_id,
-        "owner": {"type": "user" if api_key.member_id else "service_account",
-                  "id": api_key.member_id},
+        "owner": {
+            "type": "user" if api_key.member_id else "service_account",
+            "id": api_key.member_id,
+        },
         "created_at": unix(api_key.created_at),
         "expires_at": unix(api_key.expires_at),
         "last_used_at": unix(api_key.last_used_at),
@@ -62,12 +64,17 @@ class SignupApi(APIView):
     throttle_scope = "signup"
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "SignupRequest"
+
         email = serializers.EmailField(max_length=254)
         password = serializers.CharField(max_length=256, trim_whitespace=False)
         organization_name = serializers.CharField(max_length=200)
         kinds = serializers.ListField(
-            child=serializers.ChoiceField(choices=KINDS), required=False,
-            default=["customer"], min_length=1,
+            child=serializers.ChoiceField(choices=KINDS),
+            required=False,
+            default=["customer"],
+            min_length=1,
         )
 
     @extend_schema(request=InputSerializer, responses={201: dict}, auth=[])
@@ -118,16 +125,21 @@ class ApiKeyListCreateApi(OrganizationApi):
     scopes = {"read": "organization.read", "write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "ApiKeyListCreateRequest"
+
         name = serializers.CharField(max_length=100)
         scopes = serializers.ListField(
-            child=serializers.CharField(max_length=64), required=False, default=["all"],
+            child=serializers.CharField(max_length=64),
+            required=False,
+            default=["all"],
             max_length=32,
         )
         expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
         member_id = serializers.CharField(max_length=40, required=False, allow_null=True)
         service_account = serializers.BooleanField(required=False, default=False)
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(responses={200: dict}, operation_id="list_api_keys")
     def get(self, request: Request) -> Response:
         queryset = APIKey.objects.for_organization(self.organization)
         if "status" in request.query_params:
@@ -152,16 +164,19 @@ class ApiKeyListCreateApi(OrganizationApi):
     def _member_for_new_key(self, data: dict[str, Any]) -> Membership | None:
         if data["service_account"]:
             if data.get("member_id"):
-                raise ApiError("Give either 'service_account' or 'member_id', not both.",
-                               param="member_id")
+                raise ApiError(
+                    "Give either 'service_account' or 'member_id', not both.", param="member_id"
+                )
             self._require_manager("create service-account keys")
             return None
         member_id = data.get("member_id")
         own = self.principal.membership
         if not member_id:
             if own is None:
-                raise ApiError("This service key has no member: give 'member_id' or "
-                               "'service_account': true.", param="member_id")
+                raise ApiError(
+                    "This service key has no member: give 'member_id' or 'service_account': true.",
+                    param="member_id",
+                )
             return own
         if own is None or member_id != own.pk:
             self._require_manager("create keys for other members")
@@ -170,14 +185,18 @@ class ApiKeyListCreateApi(OrganizationApi):
     def _require_manager(self, what: str) -> None:
         role = self.principal.role
         if role is not None and role not in MANAGERS:
-            raise ApiError(f"Only owners and admins can {what}.", status_code=403,
-                           code="insufficient_role")
+            raise ApiError(
+                f"Only owners and admins can {what}.", status_code=403, code="insufficient_role"
+            )
 
 
 class ApiKeyDetailApi(OrganizationApi):
     scopes = {"read": "organization.read", "write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "ApiKeyDetailRequest"
+
         name = serializers.CharField(max_length=100)
 
     @extend_schema(responses={200: dict})
@@ -188,22 +207,27 @@ class ApiKeyDetailApi(OrganizationApi):
     def patch(self, request: Request, key_id: str) -> Response:
         api_key = self.get_owned(APIKey, key_id, label="API key")
         data = validated(self.InputSerializer, request.data)
-        api_key = services.api_key_rename(api_key=api_key, name=data["name"],
-                                          actor=Actor.from_request(request))
+        api_key = services.api_key_rename(
+            api_key=api_key, name=data["name"], actor=Actor.from_request(request)
+        )
         return Response(api_key_out(api_key))
 
     @extend_schema(responses={200: dict})
     def delete(self, request: Request, key_id: str) -> Response:
         api_key = self.get_owned(APIKey, key_id, label="API key")
         services.api_key_revoke(api_key=api_key, actor=Actor.from_request(request))
-        return Response({"object": "organization.api_key.deleted", "id": api_key.pk,
-                         "deleted": True})
+        return Response(
+            {"object": "organization.api_key.deleted", "id": api_key.pk, "deleted": True}
+        )
 
 
 class ApiKeyRotateApi(OrganizationApi):
     scopes = {"write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "ApiKeyRotateRequest"
+
         grace_period_seconds = serializers.IntegerField(required=False, min_value=0)
 
     @extend_schema(
@@ -216,9 +240,13 @@ class ApiKeyRotateApi(OrganizationApi):
         grace = data.get("grace_period_seconds")
         maximum = settings.API_KEY_ROTATION_MAX_GRACE_SECONDS
         if grace is not None and grace > maximum:
-            raise ApiError(f"'grace_period_seconds' can be at most {maximum}.",
-                           param="grace_period_seconds")
-        issued = services.api_key_rotate(api_key=api_key, grace_period_seconds=grace,
-                                         principal=self.principal,
-                                         actor=Actor.from_request(request))
+            raise ApiError(
+                f"'grace_period_seconds' can be at most {maximum}.", param="grace_period_seconds"
+            )
+        issued = services.api_key_rotate(
+            api_key=api_key,
+            grace_period_seconds=grace,
+            principal=self.principal,
+            actor=Actor.from_request(request),
+        )
         return Response(api_key_out(issued.api_key, value=issued.value), status=201)

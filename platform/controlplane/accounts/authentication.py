@@ -91,7 +91,7 @@ class ApiKeyAuthentication(BaseAuthentication):
     @staticmethod
     def _refuse_keys_in_url(request: Request) -> None:
         for name, value in request.query_params.items():
-            if name.lower() in _KEY_PARAMS or value.startswith(keys.KEY_START):
+            if name.lower() in _KEY_PARAMS or str(value).startswith(keys.KEY_START):
                 raise _failed(
                     "API keys are not accepted in the URL, where they leak into logs and "
                     "browser history. Send 'Authorization: Bearer <key>', and rotate a key "

@@ -73,7 +73,7 @@ def parse_prefix(key: str) -> str | None:
     match = _PATTERN.match(key)
     if match is None:
         return None
-    body = key[: -CHECKSUM_LENGTH]
+    body = key[:-CHECKSUM_LENGTH]
     if not secrets.compare_digest(checksum(body), match["checksum"]):
         return None
     return match["prefix"]

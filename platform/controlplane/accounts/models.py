@@ -9,7 +9,7 @@ keys as `prefix.secret`. We keep the library's hashing and constant-time compare
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager
 from django.contrib.auth.models import PermissionsMixin
@@ -52,7 +52,7 @@ class User(AbstractBaseUser, PermissionsMixin):
 
     USERNAME_FIELD = "email"
     EMAIL_FIELD = "email"
-    REQUIRED_FIELDS: list[str] = []
+    REQUIRED_FIELDS: ClassVar[list[str]] = []
 
     class Meta:
         constraints = [models.UniqueConstraint(Lower("email"), name="user_email_ci_unique")]
@@ -88,7 +88,7 @@ class APIKey(OrganizationOwned):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
-    objects: OrganizationScopedManager[APIKey] = OrganizationScopedManager()
+    objects = OrganizationScopedManager["APIKey"]()
 
     class Meta(OrganizationOwned.Meta):
         verbose_name = "API key"

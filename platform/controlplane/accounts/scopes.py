@@ -31,8 +31,16 @@ for _r in RESOURCES:
 GRANTABLE = frozenset(CONCRETE | ALIASES.keys())
 
 _BUILDING = frozenset(
-    {"models.read", "models.write", "files.read", "files.write", "fine_tuning.read",
-     "fine_tuning.write", "inference", "organization.read"}
+    {
+        "models.read",
+        "models.write",
+        "files.read",
+        "files.write",
+        "fine_tuning.read",
+        "fine_tuning.write",
+        "inference",
+        "organization.read",
+    }
 )
 
 #: The most a member of each role can do, whatever their key says.
@@ -41,9 +49,7 @@ ROLE_CEILING: dict[str, frozenset[str]] = {
     Role.ADMIN: CONCRETE,
     Role.DEVELOPER: _BUILDING,
     Role.BILLING: frozenset({"billing.read", "billing.write", "models.read", "organization.read"}),
-    Role.VIEWER: frozenset(
-        {"models.read", "files.read", "fine_tuning.read", "organization.read"}
-    ),
+    Role.VIEWER: frozenset({"models.read", "files.read", "fine_tuning.read", "organization.read"}),
 }
 
 

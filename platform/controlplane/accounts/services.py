@@ -58,7 +58,8 @@ def scopes_validate(*, scopes: list[str], granter: frozenset[str] | None) -> lis
     unknown = sorted(set(scopes) - GRANTABLE)
     if unknown:
         raise ApiError(
-            f"Unknown scope(s): {', '.join(unknown)}. Valid scopes: {', '.join(sorted(GRANTABLE))}.",
+            f"Unknown scope(s): {', '.join(unknown)}. "
+            f"Valid scopes: {', '.join(sorted(GRANTABLE))}.",
             param="scopes",
             code="invalid_scope",
         )
@@ -133,10 +134,20 @@ def user_signup(
         created_by=user,
     )
     actor = replace(actor, type="user", id=user.pk, email=user.email)
-    audit_record(organization=organization, actor=actor, action="organization.created",
-                 target=organization, details={"name": organization.name, "kinds": kinds})
-    audit_record(organization=organization, actor=actor, action="api_key.created",
-                 target=issued.api_key, details={"name": issued.api_key.name, "scopes": ["all"]})
+    audit_record(
+        organization=organization,
+        actor=actor,
+        action="organization.created",
+        target=organization,
+        details={"name": organization.name, "kinds": kinds},
+    )
+    audit_record(
+        organization=organization,
+        actor=actor,
+        action="api_key.created",
+        target=issued.api_key,
+        details={"name": issued.api_key.name, "scopes": ["all"]},
+    )
     return SignupResult(user=user, organization=organization, membership=membership, issued=issued)
 
 
@@ -162,10 +173,16 @@ def api_key_create(
         expires_at=expires_at,
     )
     audit_record(
-        organization=principal.organization, actor=actor, action="api_key.created",
+        organization=principal.organization,
+        actor=actor,
+        action="api_key.created",
         target=issued.api_key,
-        details={"name": name, "scopes": scopes, "member_id": member.pk if member else None,
-                 "expires_at": expires_at.isoformat() if expires_at else None},
+        details={
+            "name": name,
+            "scopes": scopes,
+            "member_id": member.pk if member else None,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
     )
     return issued
 
@@ -175,22 +192,34 @@ def api_key_rename(*, api_key: APIKey, name: str, actor: Actor) -> APIKey:
     old = api_key.name
     api_key.name = name
     api_key.save(update_fields=["name"])
-    audit_record(organization=api_key.organization_id, actor=actor, action="api_key.updated",
-                 target=api_key, details={"name": {"from": old, "to": name}})
+    audit_record(
+        organization=api_key.organization_id,
+        actor=actor,
+        action="api_key.updated",
+        target=api_key,
+        details={"name": {"from": old, "to": name}},
+    )
     return api_key
 
 
 @transaction.atomic
 def api_key_revoke(*, api_key: APIKey, actor: Actor) -> APIKey:
     """Revoke at once. Idempotent: revoking a revoked key changes nothing."""
-    locked = APIKey.objects.for_organization(api_key.organization_id).select_for_update().get(
-        pk=api_key.pk
+    locked = (
+        APIKey.objects.for_organization(api_key.organization_id)
+        .select_for_update()
+        .get(pk=api_key.pk)
     )
     if locked.revoked_at is None:
         locked.revoked_at = timezone.now()
         locked.save(update_fields=["revoked_at"])
-        audit_record(organization=locked.organization_id, actor=actor, action="api_key.revoked",
-                     target=locked, details={"name": locked.name})
+        audit_record(
+            organization=locked.organization_id,
+            actor=actor,
+            action="api_key.revoked",
+            target=locked,
+            details={"name": locked.name},
+        )
     return locked
 
 
@@ -209,8 +238,10 @@ def api_key_rotate(
         if grace_period_seconds is None
         else grace_period_seconds
     )
-    locked = APIKey.objects.for_organization(api_key.organization_id).select_for_update().get(
-        pk=api_key.pk
+    locked = (
+        APIKey.objects.for_organization(api_key.organization_id)
+        .select_for_update()
+        .get(pk=api_key.pk)
     )
     if locked.revoked_at is not None:
         raise Conflict("A revoked key cannot be rotated; create a new key.", code="key_revoked")
@@ -235,14 +266,24 @@ def api_key_rotate(
     if locked.expires_at is None or locked.expires_at > grace_end:
         locked.expires_at = grace_end
     locked.save(update_fields=["rotated_at", "rotated_to", "expires_at"])
-    audit_record(organization=locked.organization_id, actor=actor, action="api_key.created",
-                 target=issued.api_key,
-                 details={"name": locked.name, "scopes": locked.scopes,
-                          "rotated_from": locked.pk})
-    audit_record(organization=locked.organization_id, actor=actor, action="api_key.rotated",
-                 target=locked,
-                 details={"new_key_id": issued.api_key.pk, "grace_period_seconds": grace,
-                          "old_key_expires_at": locked.expires_at.isoformat()})
+    audit_record(
+        organization=locked.organization_id,
+        actor=actor,
+        action="api_key.created",
+        target=issued.api_key,
+        details={"name": locked.name, "scopes": locked.scopes, "rotated_from": locked.pk},
+    )
+    audit_record(
+        organization=locked.organization_id,
+        actor=actor,
+        action="api_key.rotated",
+        target=locked,
+        details={
+            "new_key_id": issued.api_key.pk,
+            "grace_period_seconds": grace,
+            "old_key_expires_at": locked.expires_at.isoformat(),
+        },
+    )
     return issued
 
 
@@ -256,7 +297,11 @@ def member_first_key(*, membership: Membership, actor: Actor) -> IssuedKey:
         member=membership,
         created_by=membership.user,
     )
-    audit_record(organization=membership.organization, actor=actor, action="api_key.created",
-                 target=issued.api_key, details={"name": issued.api_key.name, "scopes": ["all"],
-                                                 "member_id": membership.pk})
+    audit_record(
+        organization=membership.organization,
+        actor=actor,
+        action="api_key.created",
+        target=issued.api_key,
+        details={"name": issued.api_key.name, "scopes": ["all"], "member_id": membership.pk},
+    )
     return issued

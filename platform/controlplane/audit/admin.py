@@ -12,7 +12,7 @@ from .models import AuditLog
 from .services import Actor, audit_record
 
 
-class AuditedAdmin(admin.ModelAdmin):
+class AuditedAdmin(admin.ModelAdmin[Any]):
     """Staff changes that affect access are written to the organization's audit log."""
 
     audit_target_type = ""
@@ -20,8 +20,9 @@ class AuditedAdmin(admin.ModelAdmin):
     def _org_id(self, obj: models.Model) -> str:
         return str(obj.pk if self.audit_target_type == "organization" else obj.organization_id)  # type: ignore[attr-defined]
 
-    def _record(self, request: HttpRequest, obj: models.Model, verb: str,
-                details: dict[str, Any]) -> None:
+    def _record(
+        self, request: HttpRequest, obj: models.Model, verb: str, details: dict[str, Any]
+    ) -> None:
         audit_record(
             organization=self._org_id(obj),
             actor=Actor.from_request(request),
@@ -31,7 +32,9 @@ class AuditedAdmin(admin.ModelAdmin):
         )
 
     @transaction.atomic
-    def save_model(self, request: HttpRequest, obj: Any, form: ModelForm, change: bool) -> None:
+    def save_model(
+        self, request: HttpRequest, obj: Any, form: ModelForm[Any], change: bool
+    ) -> None:
         super().save_model(request, obj, form, change)
         changed = {name: str(form.cleaned_data.get(name)) for name in form.changed_data}
         self._record(request, obj, "changed" if change else "created", changed)
@@ -49,12 +52,26 @@ class AuditedAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditLog)
-class AuditLogAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "organization", "action", "actor_type", "actor_email",
-                    "target_type", "target_id", "ip_address")
+class AuditLogAdmin(admin.ModelAdmin[AuditLog]):
+    list_display = (
+        "created_at",
+        "organization",
+        "action",
+        "actor_type",
+        "actor_email",
+        "target_type",
+        "target_id",
+        "ip_address",
+    )
     list_filter = ("action", "actor_type", "target_type")
-    search_fields = ("organization__name", "organization__id", "actor_email", "actor_id",
-                     "target_id", "request_id")
+    search_fields = (
+        "organization__name",
+        "organization__id",
+        "actor_email",
+        "actor_id",
+        "target_id",
+        "request_id",
+    )
     date_hierarchy = "created_at"
     list_select_related = ("organization",)
 

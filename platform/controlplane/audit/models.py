@@ -30,10 +30,11 @@ class AuditLog(OrganizationOwned):
     request_id = models.CharField(max_length=128, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
-    objects: OrganizationScopedManager[AuditLog] = OrganizationScopedManager()
+    objects = OrganizationScopedManager["AuditLog"]()
 
     class Meta(OrganizationOwned.Meta):
         indexes = [models.Index(fields=["organization", "-id"], name="audit_org_id")]
 
     def __str__(self) -> str:
-        return f"{self.action} by {self.actor_email or self.actor_id} ({self.created_at:%Y-%m-%d %H:%M})"
+        who = self.actor_email or self.actor_id or self.actor_type
+        return f"{self.action} by {who} ({self.created_at:%Y-%m-%d %H:%M})"

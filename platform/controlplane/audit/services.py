@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.db import models
@@ -29,24 +29,24 @@ class Actor:
         """Whoever made `request`: a key's member, a service key, or a staff user (admin)."""
         from controlplane.accounts.authentication import Principal
 
-        context = {
-            "ip_address": client_ip(request),
-            "user_agent": request.headers.get("user-agent", "")[:400],
-            "request_id": getattr(request, "request_id", ""),
-        }
+        seen = cls(
+            type=ActorType.SYSTEM,
+            ip_address=client_ip(request),
+            user_agent=request.headers.get("user-agent", "")[:400],
+            request_id=str(getattr(request, "request_id", "")),
+        )
         principal = getattr(request, "user", None)
         if isinstance(principal, Principal):
+            key_id = principal.api_key.pk
             user = principal.user
             if user is not None:
-                return cls(
-                    type=ActorType.USER, id=user.pk, email=user.email,
-                    api_key_id=principal.api_key.pk, **context,
+                return replace(
+                    seen, type=ActorType.USER, id=user.pk, email=user.email, api_key_id=key_id
                 )
-            return cls(type=ActorType.API_KEY, id=principal.api_key.pk,
-                       api_key_id=principal.api_key.pk, **context)
+            return replace(seen, type=ActorType.API_KEY, id=key_id, api_key_id=key_id)
         if principal is not None and getattr(principal, "is_staff", False):
-            return cls(type=ActorType.STAFF, id=principal.pk, email=principal.email, **context)
-        return cls(type=ActorType.SYSTEM, **context)
+            return replace(seen, type=ActorType.STAFF, id=principal.pk, email=principal.email)
+        return seen
 
 
 _TARGET_TYPES = {

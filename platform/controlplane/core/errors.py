@@ -50,7 +50,7 @@ def error_body(
 class ApiError(exceptions.APIException):
     """An error a view raises on purpose, with an OpenAI-style code and param."""
 
-    status_code = status.HTTP_400_BAD_REQUEST
+    status_code: int = status.HTTP_400_BAD_REQUEST
     default_code = "invalid_request"
 
     def __init__(
@@ -117,9 +117,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
     elif isinstance(exc, RequestDataTooBig):
-        return Response(
-            error_body(str(exc), status_code=413, code="request_too_large"), status=413
-        )
+        return Response(error_body(str(exc), status_code=413, code="request_too_large"), status=413)
 
     if not isinstance(exc, exceptions.APIException):
         log.exception("api.unhandled_exception", exc_type=type(exc).__name__)
@@ -155,8 +153,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
                 str(exc.default_code),
             )
         )
-    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-        headers["Retry-After"] = str(max(1, round(exc.wait)))
+    wait = getattr(exc, "wait", None)
+    if isinstance(exc, exceptions.Throttled) and wait is not None:
+        headers["Retry-After"] = str(max(1, round(wait)))
     auth_header = getattr(exc, "auth_header", None)
     if auth_header:
         headers["WWW-Authenticate"] = auth_header

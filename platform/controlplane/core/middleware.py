@@ -13,6 +13,26 @@ from .requestid import HEADER, request_id_from
 log = structlog.get_logger("controlplane.request")
 
 
+class HealthProbeMiddleware:
+    """Answers /healthz and /readyz before host validation and HTTPS redirects.
+
+    Load balancers and Kubernetes probe pods by IP, with a Host header that is
+    not (and should not be) in ALLOWED_HOSTS; the probes reveal nothing secret.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        from . import health
+
+        if request.path_info == "/healthz":
+            return health.healthz(request)
+        if request.path_info == "/readyz":
+            return health.readyz(request)
+        return self.get_response(request)
+
+
 class RequestIdMiddleware:
     """Binds `request_id` to structlog's context for the request and echoes it back.
 

@@ -8,7 +8,7 @@ from typing import Any
 from rest_framework import serializers
 
 
-class StrictInputSerializer(serializers.Serializer):
+class StrictInputSerializer(serializers.Serializer[Any]):
     """Refuses fields it does not declare.
 
     An unknown field is a 400 naming it, so a client that tries to set
@@ -37,7 +37,7 @@ def unix(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
 
-def validated(serializer_class: type[serializers.Serializer], data: Any) -> dict[str, Any]:
+def validated(serializer_class: type[serializers.Serializer[Any]], data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise serializers.ValidationError(
             {"non_field_errors": ["The request body must be a JSON object."]}

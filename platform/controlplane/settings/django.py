@@ -2,7 +2,12 @@
 
 from pathlib import Path
 
+import django_stubs_ext
+
 from .env import DATA_DIR, env
+
+# Lets the code write `admin.ModelAdmin[Model]` and other generics at run time.
+django_stubs_ext.monkeypatch()
 
 SECRET_KEY = env.str("SECRET_KEY", default="django-insecure-local-development-only")
 DEBUG = env.bool("DEBUG", default=False)
@@ -28,6 +33,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "controlplane.core.middleware.RequestIdMiddleware",
+    "controlplane.core.middleware.HealthProbeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

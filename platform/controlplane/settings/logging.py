@@ -1,5 +1,7 @@
 """Structured JSON logs (structlog); Django's and Celery's own loggers go through it too."""
 
+from typing import Any
+
 import structlog
 
 from .env import env
@@ -7,7 +9,7 @@ from .env import env
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOG_FORMAT = env.str("LOG_FORMAT", default="json")  # json | console
 
-_shared_processors = [
+_shared_processors: list[Any] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,

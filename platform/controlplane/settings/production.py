@@ -13,7 +13,7 @@ def _required(name: str) -> str:
     value = env.str(name, default="")
     if not value:
         raise ImproperlyConfigured(f"{name} must be set in production (or {name}_FILE).")
-    return value
+    return str(value)
 
 
 DEBUG = False

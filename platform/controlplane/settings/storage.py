@@ -1,6 +1,7 @@
 """Object storage: local files by default, S3 (django-storages) when a bucket is set."""
 
 from pathlib import Path
+from typing import Any
 
 from .env import DATA_DIR, env
 
@@ -13,14 +14,14 @@ if AWS_STORAGE_BUCKET_NAME:
     AWS_S3_REGION_NAME = env.str("AWS_S3_REGION_NAME", default="") or None
     AWS_DEFAULT_ACL = None
     AWS_QUERYSTRING_AUTH = True
-    _default_storage = {"BACKEND": "storages.backends.s3.S3Storage"}
+    _default_storage: dict[str, Any] = {"BACKEND": "storages.backends.s3.S3Storage"}
 else:
     _default_storage = {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
         "OPTIONS": {"location": str(MEDIA_ROOT)},
     }
 
-STORAGES = {
+STORAGES: dict[str, dict[str, Any]] = {
     "default": _default_storage,
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }

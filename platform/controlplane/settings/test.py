@@ -5,11 +5,11 @@ import os
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/atelier")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 
-from .base import *  # noqa: E402, F403
-from .env import DATA_DIR  # noqa: E402
+from .base import *  # noqa: F403
+from .env import DATA_DIR
 
 DEBUG = False
-SECRET_KEY = "test-secret-key-not-for-production"  # noqa: S105
+SECRET_KEY = "test-secret-key-not-for-production"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast tests only
 CACHES["default"]["KEY_PREFIX"] = f"atelier-test-{os.getpid()}"  # noqa: F405
 STORAGES["staticfiles"] = {  # noqa: F405

@@ -7,7 +7,7 @@ from controlplane.audit.admin import AuditedAdmin
 from .models import Invitation, Membership, Organization
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(admin.TabularInline[Membership, Organization]):
     model = Membership
     extra = 0
     fields = ("user", "role", "created_at")

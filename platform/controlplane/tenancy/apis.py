@@ -29,9 +29,13 @@ class OrganizationDetailApi(OrganizationApi):
     scopes = {"read": "organization.read", "write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "OrganizationDetailRequest"
+
         name = serializers.CharField(max_length=200, required=False)
-        kinds = serializers.ListField(child=serializers.ChoiceField(choices=KINDS),
-                                      required=False, min_length=1)
+        kinds = serializers.ListField(
+            child=serializers.ChoiceField(choices=KINDS), required=False, min_length=1
+        )
 
     @extend_schema(responses={200: dict})
     def get(self, request: Request) -> Response:
@@ -41,7 +45,9 @@ class OrganizationDetailApi(OrganizationApi):
     def patch(self, request: Request) -> Response:
         data = validated(self.InputSerializer, request.data)
         organization = services.organization_update(
-            organization=self.organization, name=data.get("name"), kinds=data.get("kinds"),
+            organization=self.organization,
+            name=data.get("name"),
+            kinds=data.get("kinds"),
             actor=Actor.from_request(request),
         )
         return Response(organization_out(organization))
@@ -53,10 +59,13 @@ class MemberListInviteApi(OrganizationApi):
     scopes = {"read": "organization.read", "write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "MemberListInviteRequest"
+
         email = serializers.EmailField(max_length=254)
         role = serializers.ChoiceField(choices=Role.choices, default=Role.DEVELOPER)
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(responses={200: dict}, operation_id="list_members")
     def get(self, request: Request) -> Response:
         rows, has_more = paginate(
             Membership.objects.for_organization(self.organization).select_related("user"), request
@@ -67,7 +76,9 @@ class MemberListInviteApi(OrganizationApi):
     def post(self, request: Request) -> Response:
         data = validated(self.InputSerializer, request.data)
         new = services.invitation_create(
-            organization=self.organization, email=data["email"], role=data["role"],
+            organization=self.organization,
+            email=data["email"],
+            role=data["role"],
             actor_role=self.principal.role,
             invited_by_id=self.principal.user.pk if self.principal.user else None,
             actor=Actor.from_request(request),
@@ -79,6 +90,9 @@ class MemberDetailApi(OrganizationApi):
     scopes = {"read": "organization.read", "write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "MemberDetailRequest"
+
         role = serializers.ChoiceField(choices=Role.choices)
 
     def _member(self, member_id: str) -> Membership:
@@ -93,7 +107,9 @@ class MemberDetailApi(OrganizationApi):
         member = self._member(member_id)
         data = validated(self.InputSerializer, request.data)
         member = services.membership_change_role(
-            member=member, role=data["role"], actor_role=self.principal.role,
+            member=member,
+            role=data["role"],
+            actor_role=self.principal.role,
             actor=Actor.from_request(request),
         )
         return Response(member_out(member))
@@ -101,16 +117,16 @@ class MemberDetailApi(OrganizationApi):
     @extend_schema(responses={200: dict})
     def delete(self, request: Request, member_id: str) -> Response:
         member = self._member(member_id)
-        services.membership_remove(member=member, actor_role=self.principal.role,
-                                   actor=Actor.from_request(request))
-        return Response({"object": "organization.member.deleted", "id": member_id,
-                         "deleted": True})
+        services.membership_remove(
+            member=member, actor_role=self.principal.role, actor=Actor.from_request(request)
+        )
+        return Response({"object": "organization.member.deleted", "id": member_id, "deleted": True})
 
 
 class InviteListApi(OrganizationApi):
     scopes = {"read": "organization.read"}
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(responses={200: dict}, operation_id="list_invites")
     def get(self, request: Request) -> Response:
         rows, has_more = paginate(Invitation.objects.for_organization(self.organization), request)
         return list_response(rows, has_more, invitation_out)
@@ -127,8 +143,7 @@ class InviteDetailApi(OrganizationApi):
     def delete(self, request: Request, invite_id: str) -> Response:
         invitation = self.get_owned(Invitation, invite_id, label="invitation")
         services.invitation_revoke(invitation=invitation, actor=Actor.from_request(request))
-        return Response({"object": "organization.invite.deleted", "id": invite_id,
-                         "deleted": True})
+        return Response({"object": "organization.invite.deleted", "id": invite_id, "deleted": True})
 
 
 class InvitationAcceptApi(APIView):
@@ -140,6 +155,9 @@ class InvitationAcceptApi(APIView):
     throttle_scope = "invite_accept"
 
     class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "InvitationAcceptRequest"
+
         token = serializers.CharField(max_length=200)
         password = serializers.CharField(max_length=256, trim_whitespace=False)
 

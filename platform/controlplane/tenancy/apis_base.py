@@ -8,7 +8,7 @@ that does not exist.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
@@ -69,7 +69,7 @@ class OrganizationApi(APIView):
 
     def get_owned(self, model: type[M], pk: str, *, label: str | None = None) -> M:
         try:
-            return model.objects.for_organization(self.organization).get(pk=pk)
+            return cast(M, model.objects.for_organization(self.organization).get(pk=pk))
         except (model.DoesNotExist, ValueError):
             name = label or model._meta.verbose_name
             raise NotFound(f"No {name} with id '{pk}' found.", param="id") from None

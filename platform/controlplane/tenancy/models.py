@@ -47,7 +47,7 @@ class Membership(OrganizationOwned):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    objects: OrganizationScopedManager[Membership] = OrganizationScopedManager()
+    objects = OrganizationScopedManager["Membership"]()
 
     class Meta(OrganizationOwned.Meta):
         constraints = [
@@ -81,7 +81,7 @@ class Invitation(OrganizationOwned):
     accepted_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
-    objects: OrganizationScopedManager[Invitation] = OrganizationScopedManager()
+    objects = OrganizationScopedManager["Invitation"]()
 
     class Meta(OrganizationOwned.Meta):
         constraints = [

@@ -52,8 +52,13 @@ def organization_update(
         organization.is_data_partner = "data_partner" in kinds
     if changes:
         organization.save()
-        audit_record(organization=organization, actor=actor, action="organization.updated",
-                     target=organization, details=changes)
+        audit_record(
+            organization=organization,
+            actor=actor,
+            action="organization.updated",
+            target=organization,
+            details=changes,
+        )
     return organization
 
 
@@ -65,15 +70,23 @@ class NewInvitation:
 
 @transaction.atomic
 def invitation_create(
-    *, organization: Organization, email: str, role: str, actor_role: str | None,
-    invited_by_id: str | None, actor: Actor,
+    *,
+    organization: Organization,
+    email: str,
+    role: str,
+    actor_role: str | None,
+    invited_by_id: str | None,
+    actor: Actor,
 ) -> NewInvitation:
     """Invite someone by email; the token goes only to that address."""
     _require_can_manage(actor_role, role)
     email = email.strip().lower()
     if organization.memberships.filter(user__email__iexact=email).exists():
-        raise Conflict(f"{email} is already a member of this organization.",
-                       param="email", code="already_member")
+        raise Conflict(
+            f"{email} is already a member of this organization.",
+            param="email",
+            code="already_member",
+        )
     token = "inv_" + secrets.token_urlsafe(32)
     try:
         with transaction.atomic():
@@ -86,20 +99,30 @@ def invitation_create(
                 expires_at=timezone.now() + timedelta(seconds=settings.INVITATION_TTL_SECONDS),
             )
     except IntegrityError:
-        raise Conflict(f"{email} already has a pending invitation; revoke it to send a new one.",
-                       param="email", code="invitation_pending") from None
-    audit_record(organization=organization, actor=actor, action="invite.created",
-                 target=invitation, details={"email": email, "role": role})
-    transaction.on_commit(lambda: send_mail(
-        subject=f"You are invited to {organization.name} on Atelier",
-        message=(
-            f"You have been invited to join {organization.name} as {role}.\n"
-            f"Accept with POST /v1/invitations/accept and this token:\n\n{token}\n\n"
-            f"It expires at {invitation.expires_at.isoformat()}."
-        ),
-        from_email=None,
-        recipient_list=[email],
-    ))
+        raise Conflict(
+            f"{email} already has a pending invitation; revoke it to send a new one.",
+            param="email",
+            code="invitation_pending",
+        ) from None
+    audit_record(
+        organization=organization,
+        actor=actor,
+        action="invite.created",
+        target=invitation,
+        details={"email": email, "role": role},
+    )
+    transaction.on_commit(
+        lambda: send_mail(
+            subject=f"You are invited to {organization.name} on Atelier",
+            message=(
+                f"You have been invited to join {organization.name} as {role}.\n"
+                f"Accept with POST /v1/invitations/accept and this token:\n\n{token}\n\n"
+                f"It expires at {invitation.expires_at.isoformat()}."
+            ),
+            from_email=None,
+            recipient_list=[email],
+        )
+    )
     return NewInvitation(invitation=invitation, token=token)
 
 
@@ -109,8 +132,13 @@ def invitation_revoke(*, invitation: Invitation, actor: Actor) -> Invitation:
         raise Conflict(f"This invitation is already {invitation.status}.", code="invitation_closed")
     invitation.status = InvitationStatus.REVOKED
     invitation.save(update_fields=["status"])
-    audit_record(organization=invitation.organization_id, actor=actor, action="invite.revoked",
-                 target=invitation, details={"email": invitation.email})
+    audit_record(
+        organization=invitation.organization_id,
+        actor=actor,
+        action="invite.revoked",
+        target=invitation,
+        details={"email": invitation.email},
+    )
     return invitation
 
 
@@ -123,8 +151,11 @@ def invitation_accept(*, token: str, password: str, actor: Actor) -> tuple[Membe
     from controlplane.accounts.models import User
     from controlplane.accounts.services import member_first_key, password_check
 
-    invalid = NotFound("This invitation token is invalid, expired or already used.",
-                       param="token", code="invalid_invitation")
+    invalid = NotFound(
+        "This invitation token is invalid, expired or already used.",
+        param="token",
+        code="invalid_invitation",
+    )
     try:
         invitation = (
             Invitation.objects.dangerously_unscoped()  # the token is how we find the tenant
@@ -141,20 +172,29 @@ def invitation_accept(*, token: str, password: str, actor: Actor) -> tuple[Membe
         password_check(password=password, email=invitation.email)
         user = User.objects.create_user(email=invitation.email, password=password)
     elif authenticate(username=user.email, password=password) is None:
-        raise ApiError("An account with this email exists: give its password to accept.",
-                       status_code=401, param="password", code="invalid_password")
+        raise ApiError(
+            "An account with this email exists: give its password to accept.",
+            status_code=401,
+            param="password",
+            code="invalid_password",
+        )
     organization = invitation.organization
     if organization.memberships.filter(user=user).exists():
         raise Conflict("You are already a member of this organization.", code="already_member")
-    membership = Membership.objects.create(organization=organization, user=user,
-                                           role=invitation.role)
+    membership = Membership.objects.create(
+        organization=organization, user=user, role=invitation.role
+    )
     invitation.status = InvitationStatus.ACCEPTED
     invitation.accepted_at = timezone.now()
     invitation.save(update_fields=["status", "accepted_at"])
     actor = replace(actor, type="user", id=user.pk, email=user.email)
-    audit_record(organization=organization, actor=actor, action="member.added",
-                 target=membership, details={"email": user.email, "role": membership.role,
-                                             "invitation_id": invitation.pk})
+    audit_record(
+        organization=organization,
+        actor=actor,
+        action="member.added",
+        target=membership,
+        details={"email": user.email, "role": membership.role, "invitation_id": invitation.pk},
+    )
     return membership, member_first_key(membership=membership, actor=actor)
 
 
@@ -183,8 +223,10 @@ def membership_change_role(
     _require_can_manage(actor_role, member.role)
     _require_can_manage(actor_role, role)
     owners = _lock_owners(member.organization_id)
-    member = Membership.objects.for_organization(member.organization_id).select_for_update().get(
-        pk=member.pk
+    member = (
+        Membership.objects.for_organization(member.organization_id)
+        .select_for_update()
+        .get(pk=member.pk)
     )
     if role == member.role:
         return member
@@ -193,8 +235,13 @@ def membership_change_role(
     old = member.role
     member.role = role
     member.save(update_fields=["role", "updated_at"])
-    audit_record(organization=member.organization_id, actor=actor, action="member.role_changed",
-                 target=member, details={"user_id": member.user_id, "from": old, "to": role})
+    audit_record(
+        organization=member.organization_id,
+        actor=actor,
+        action="member.role_changed",
+        target=member,
+        details={"user_id": member.user_id, "from": old, "to": role},
+    )
     return member
 
 
@@ -205,8 +252,11 @@ def membership_remove(*, member: Membership, actor_role: str | None, actor: Acto
     owners = _lock_owners(member.organization_id)
     _refuse_last_owner(member, owners, "remove")
     key_ids = list(member.api_keys.values_list("pk", flat=True))
-    audit_record(organization=member.organization_id, actor=actor, action="member.removed",
-                 target=member,
-                 details={"user_id": member.user_id, "role": member.role,
-                          "deleted_api_key_ids": key_ids})
+    audit_record(
+        organization=member.organization_id,
+        actor=actor,
+        action="member.removed",
+        target=member,
+        details={"user_id": member.user_id, "role": member.role, "deleted_api_key_ids": key_ids},
+    )
     member.delete()

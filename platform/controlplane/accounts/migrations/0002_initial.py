@@ -6,36 +6,54 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('accounts', '0001_initial'),
-        ('tenancy', '0001_initial'),
+        ("accounts", "0001_initial"),
+        ("tenancy", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='apikey',
-            name='member',
-            field=models.ForeignKey(blank=True, help_text='The member this key acts for; empty for a service key.', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='api_keys', to='tenancy.membership'),
+            model_name="apikey",
+            name="member",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="The member this key acts for; empty for a service key.",
+                null=True,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="api_keys",
+                to="tenancy.membership",
+            ),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='organization',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='%(class)ss', to='tenancy.organization'),
+            model_name="apikey",
+            name="organization",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="%(class)ss",
+                to="tenancy.organization",
+            ),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='rotated_to',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='accounts.apikey'),
+            model_name="apikey",
+            name="rotated_to",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="accounts.apikey",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='user',
-            constraint=models.UniqueConstraint(django.db.models.functions.text.Lower('email'), name='user_email_ci_unique'),
+            model_name="user",
+            constraint=models.UniqueConstraint(
+                django.db.models.functions.text.Lower("email"), name="user_email_ci_unique"
+            ),
         ),
         migrations.AddIndex(
-            model_name='apikey',
-            index=models.Index(fields=['organization', '-id'], name='apikey_org_id'),
+            model_name="apikey",
+            index=models.Index(fields=["organization", "-id"], name="apikey_org_id"),
         ),
     ]

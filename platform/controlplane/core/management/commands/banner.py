@@ -14,9 +14,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         host = os.environ.get("HOST", "127.0.0.1")
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{os.environ.get('PORT', '8000')}"  # noqa: S104
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - listening everywhere; show loopback
+            host = "127.0.0.1"
+        url = f"http://{host}:{os.environ.get('PORT', '8000')}"
         db = settings.DATABASES["default"]
-        database = db["NAME"] if db["ENGINE"].endswith("sqlite3") else f"{db['ENGINE']} {db['HOST']}"
+        database = (
+            db["NAME"] if db["ENGINE"].endswith("sqlite3") else f"{db['ENGINE']} {db['HOST']}"
+        )
         self.stdout.write(
             f"""
   Atelier is starting on {url}
