@@ -71,20 +71,7 @@ class APIKeyAdmin(AuditedAdmin):
         "rotated_at",
         "rotated_to",
     )
-    readonly_fields = (
-        "id",
-        "organization",
-        "member",
-        "redacted_value",
-        "scopes",
-        "status",
-        "created_by",
-        "created_at",
-        "last_used_at",
-        "revoked_at",
-        "rotated_at",
-        "rotated_to",
-    )
+    readonly_fields = tuple(f for f in fields if f not in {"name", "expires_at"})
     actions = ["revoke_keys"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -205,11 +205,7 @@ def api_key_rename(*, api_key: APIKey, name: str, actor: Actor) -> APIKey:
 @transaction.atomic
 def api_key_revoke(*, api_key: APIKey, actor: Actor) -> APIKey:
     """Revoke at once. Idempotent: revoking a revoked key changes nothing."""
-    locked = (
-        APIKey.objects.for_organization(api_key.organization_id)
-        .select_for_update()
-        .get(pk=api_key.pk)
-    )
+    locked = APIKey.objects.locked(api_key)
     if locked.revoked_at is None:
         locked.revoked_at = timezone.now()
         locked.save(update_fields=["revoked_at"])
@@ -238,11 +234,7 @@ def api_key_rotate(
         if grace_period_seconds is None
         else grace_period_seconds
     )
-    locked = (
-        APIKey.objects.for_organization(api_key.organization_id)
-        .select_for_update()
-        .get(pk=api_key.pk)
-    )
+    locked = APIKey.objects.locked(api_key)
     if locked.revoked_at is not None:
         raise Conflict("A revoked key cannot be rotated; create a new key.", code="key_revoked")
     if locked.rotated_at is not None:

@@ -37,6 +37,11 @@ class OrganizationScopedManager(models.Manager[M], Generic[M]):
             raise UnscopedQueryError(f"{self.model.__name__}: organization is empty.")
         return super().get_queryset().filter(organization=organization)
 
+    def locked(self, obj: M) -> M:
+        """`obj` re-read under SELECT … FOR UPDATE, within its own organization."""
+        org_id = obj.organization_id  # type: ignore[attr-defined]
+        return self.for_organization(org_id).select_for_update().get(pk=obj.pk)
+
     def dangerously_unscoped(self) -> models.QuerySet[M]:
         return super().get_queryset()
 

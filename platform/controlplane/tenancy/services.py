@@ -223,11 +223,7 @@ def membership_change_role(
     _require_can_manage(actor_role, member.role)
     _require_can_manage(actor_role, role)
     owners = _lock_owners(member.organization_id)
-    member = (
-        Membership.objects.for_organization(member.organization_id)
-        .select_for_update()
-        .get(pk=member.pk)
-    )
+    member = Membership.objects.locked(member)
     if role == member.role:
         return member
     if role != Role.OWNER:
