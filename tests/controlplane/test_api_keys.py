@@ -353,32 +353,101 @@ def test_a_key_is_rotated_once_and_revoked_keys_not_at_all(alice: Person) -> Non
     assert response.status_code == 409
 
 
-# --- last_used_at without a write per request ----------------------------------------------
+# --- last_used_at without a write per request; the key cache -------------------------------
 
 
-def test_last_used_at_is_recorded_without_a_write_per_request(
-    alice: Person, django_assert_num_queries: object
-) -> None:
+def test_last_used_at_is_recorded_without_a_write_per_request(alice: Person) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
     client = alice.client
     client.get("/v1/me")  # first use: one write
     row = APIKey.objects.for_organization(alice.organization).get(member=alice.membership)
     assert row.last_used_at is not None
 
-    with django_assert_num_queries(1):  # type: ignore[operator]
-        client.get("/v1/me")  # the key lookup only: no UPDATE
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(5):
+            assert client.get("/v1/me").status_code == 200
+    assert not [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
     first = row.last_used_at
     row.refresh_from_db()
     assert row.last_used_at == first
 
 
+def test_without_the_cache_a_request_costs_one_query(
+    alice: Person, settings: object, django_assert_num_queries: object
+) -> None:
+    settings.API_KEY_CACHE_SECONDS = 0  # type: ignore[attr-defined]
+    alice.client.get("/v1/me")
+
+    with django_assert_num_queries(1):  # type: ignore[operator]
+        alice.client.get("/v1/me")  # the key lookup only: no UPDATE
+
+
+def test_cached_keys_are_served_without_the_database(alice: Person) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from controlplane.accounts.keycache import key_cache
+
+    deadline = timezone.now() + timedelta(seconds=10)
+    while not key_cache.enabled and timezone.now() < deadline:  # listener subscribing
+        alice.client.get("/v1/me")
+    alice.client.get("/v1/me")
+
+    with CaptureQueriesContext(connection) as queries:
+        assert alice.client.get("/v1/me").status_code == 200
+    assert queries.captured_queries == []
+
+
 def test_last_used_at_moves_once_the_resolution_has_passed(alice: Person) -> None:
+    from controlplane.accounts.keycache import key_cache
+
     alice.client.get("/v1/me")
     qs = APIKey.objects.for_organization(alice.organization).filter(member=alice.membership)
     qs.update(last_used_at=timezone.now() - timedelta(minutes=5))
+    key_cache.clear()  # update() skips signals: stand in for the cache's TTL running out
 
     alice.client.get("/v1/me")
 
     assert timezone.now() - qs.get().last_used_at < timedelta(seconds=10)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["revoke", "remove_member", "demote", "deactivate_user", "rotate_now"],
+)
+def test_access_changes_take_effect_on_the_next_request_despite_the_cache(
+    alice: Person, bob: Person, change: str
+) -> None:
+    key = create_key(alice, member_id=bob.membership.pk, scopes=["all"])
+    client = client_with(str(key["value"]))
+    for _ in range(3):
+        assert "files.write" in client.get("/v1/me").json()["scopes"]
+
+    if change == "revoke":
+        alice.client.delete(f"/v1/organization/api_keys/{key['id']}")
+    elif change == "remove_member":
+        alice.client.delete(f"/v1/organization/members/{bob.membership.pk}")
+    elif change == "demote":
+        alice.client.patch(
+            f"/v1/organization/members/{bob.membership.pk}", {"role": "viewer"}, format="json"
+        )
+    elif change == "deactivate_user":
+        bob.user.is_active = False
+        bob.user.save()
+    elif change == "rotate_now":
+        alice.client.post(
+            f"/v1/organization/api_keys/{key['id']}/rotate",
+            {"grace_period_seconds": 0},
+            format="json",
+        )
+
+    response = client.get("/v1/me")
+    if change == "demote":
+        assert "files.write" not in response.json()["scopes"]
+    else:
+        assert response.status_code == 401
 
 
 # --- scopes ---------------------------------------------------------------------------------

@@ -121,3 +121,30 @@ def test_healthz_and_readyz_on_the_real_server(server: Server, people: object) -
 
 def test_server_log_has_no_tracebacks(server: Server, tmp_path: Path) -> None:
     assert "Traceback" not in server.log.read_text()
+
+
+def test_revocation_reaches_the_server_process_at_once(
+    server: Server, people: tuple[Person, Person]
+) -> None:
+    import time
+
+    from controlplane.accounts.models import APIKey
+    from controlplane.accounts.services import api_key_revoke
+    from tests.support.people import SYSTEM
+
+    alice, _ = people
+    headers = {"authorization": f"Bearer {alice.key}"}
+    # Warm the server's key cache (its invalidation listener subscribes on first use).
+    for _ in range(10):
+        assert httpx.get(server.url + "/v1/me", headers=headers).status_code == 200
+        time.sleep(0.05)
+
+    api_key_revoke(
+        api_key=APIKey.objects.for_organization(alice.organization).get(), actor=SYSTEM
+    )  # in this process: the server learns it over Redis
+    started = time.monotonic()
+    status = 200
+    while status == 200 and time.monotonic() - started < 5:
+        status = httpx.get(server.url + "/v1/me", headers=headers).status_code
+
+    assert status == 401

@@ -21,6 +21,7 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.request import Request
 
 from . import keys
+from .keycache import key_cache
 from .models import APIKey
 from .scopes import effective
 
@@ -107,14 +108,18 @@ class ApiKeyAuthentication(BaseAuthentication):
                 "Malformed API key: Atelier keys look like 'atl_live_…' "
                 "(check for a truncated or mistyped key)."
             )
-        try:
-            api_key = (
-                APIKey.objects.dangerously_unscoped()  # the key is how we learn the tenant
-                .select_related("organization", "member", "member__user")
-                .get(prefix=prefix)
-            )
-        except APIKey.DoesNotExist:
-            api_key = None
+        cache_token = key_cache.token()
+        api_key = key_cache.get(prefix)
+        cached = api_key is not None
+        if api_key is None:
+            try:
+                api_key = (
+                    APIKey.objects.dangerously_unscoped()  # the key is how we learn the tenant
+                    .select_related("organization", "member", "member__user")
+                    .get(prefix=prefix)
+                )
+            except APIKey.DoesNotExist:
+                api_key = None
         if api_key is None or not keys.verify(token, api_key.hashed_key):
             raise _failed("Incorrect API key provided.")
         now = timezone.now()
@@ -133,15 +138,18 @@ class ApiKeyAuthentication(BaseAuthentication):
             )
         if api_key.member is not None and not api_key.member.user.is_active:
             raise _failed("The member this API key belongs to is deactivated.")
-        _touch(api_key, now)
+        if _touch(api_key, now) or not cached:
+            key_cache.put(api_key, cache_token)
         return api_key
 
 
-def _touch(api_key: APIKey, now: datetime) -> None:
+def _touch(api_key: APIKey, now: datetime) -> bool:
+    """Record the use if the last recorded one is older than the resolution; True if written."""
     resolution = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
     if api_key.last_used_at is not None and now - api_key.last_used_at < resolution:
-        return
+        return False
     # Conditional update: concurrent requests with one key write once per window.
     stale = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - resolution)
     APIKey.objects.dangerously_unscoped().filter(stale, pk=api_key.pk).update(last_used_at=now)
     api_key.last_used_at = now
+    return True

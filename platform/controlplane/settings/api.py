@@ -45,5 +45,9 @@ API_KEY_ROTATION_MAX_GRACE_SECONDS = env.int(
 )
 #: `last_used_at` is written at most this often per key (no write per request).
 API_KEY_LAST_USED_RESOLUTION_SECONDS = env.int("API_KEY_LAST_USED_RESOLUTION_SECONDS", default=60)
+#: How long a web process may reuse a resolved API key (0: look it up on every
+#: request). Changes to keys, members, organizations and users invalidate it at
+#: once across processes (accounts/keycache.py); this bounds only what bypasses them.
+API_KEY_CACHE_SECONDS = env.int("API_KEY_CACHE_SECONDS", default=60)
 #: How long an invitation to an organization can be accepted.
 INVITATION_TTL_SECONDS = env.int("INVITATION_TTL_SECONDS", default=7 * 24 * 3600)

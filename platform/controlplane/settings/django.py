@@ -42,6 +42,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "controlplane.core.middleware.SyncChainMiddleware",  # keep last
 ]
 
 ROOT_URLCONF = "controlplane.urls"

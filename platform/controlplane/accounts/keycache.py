@@ -1,0 +1,172 @@
+"""An in-process cache of resolved API keys, invalidated at once on every access change.
+
+Looking a key up costs a database round trip and four model rows on every
+request; measured, that alone took authenticated requests to 0.6x the rate of
+unauthenticated ones (bench/README.md). So each web process keeps the keys it
+has resolved, by public prefix, for at most API_KEY_CACHE_SECONDS, and drops
+them the moment anything that decides access changes:
+
+- a save or delete of an APIKey, Membership, Organization or User (Django
+  signals, so the admin, services and shells are all covered) drops that
+  organization's entries in this process at once and again after commit, and
+  publishes the organization id on Redis to every other process;
+- each process listens on that channel in a daemon thread. While the listener is
+  not connected the cache is bypassed (every request goes to the database), so a
+  lost connection can make requests slower, never stale.
+
+Writes that skip signals (`QuerySet.update()`) are not seen until the TTL ends;
+the code uses them only for `last_used_at`. Expiry is checked on every request
+from the cached row, so an expired key stops working on time.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import redis
+import structlog
+from django.conf import settings
+from django.db import transaction
+
+if TYPE_CHECKING:
+    from .models import APIKey
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "atelier:auth:invalidate"
+
+
+class KeyCache:
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, str, bytes]] = {}
+        self._lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._listening = threading.Event()
+        self._publisher: redis.Redis | None = None
+        self._pid = os.getpid()
+        #: Bumped on every drop: a lookup that raced with an invalidation is not cached.
+        self._generation = 0
+
+    # --- reads --------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        if settings.API_KEY_CACHE_SECONDS <= 0:
+            return False
+        if not settings.REDIS_URL:
+            return True  # one process, local invalidation only (make run's embedded mode)
+        self._ensure_listener()
+        return self._listening.is_set()
+
+    def get(self, prefix: str) -> APIKey | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            entry = self._entries.get(prefix)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        # A fresh copy per request: views may change the objects they are handed.
+        api_key: APIKey = pickle.loads(entry[2])  # noqa: S301 - bytes this process pickled
+        return api_key
+
+    def token(self) -> int:
+        """Take before reading the database; hand to put() with what was read."""
+        return self._generation
+
+    def put(self, api_key: APIKey, token: int) -> None:
+        if not self.enabled:
+            return
+        expires = time.monotonic() + settings.API_KEY_CACHE_SECONDS
+        blob = pickle.dumps(api_key)
+        with self._lock:
+            if token == self._generation:  # else an invalidation came in since the read
+                self._entries[api_key.prefix] = (expires, api_key.organization_id, blob)
+
+    # --- invalidation -------------------------------------------------------------------
+
+    def drop(self, organization_ids: Iterable[str]) -> None:
+        ids = set(organization_ids)
+        with self._lock:
+            self._generation += 1
+            for prefix in [p for p, e in self._entries.items() if e[1] in ids]:
+                del self._entries[prefix]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+
+    def invalidate(self, organization_ids: Iterable[str]) -> None:
+        """Forget the organizations' keys here now, and everywhere once the change commits."""
+        ids = sorted({i for i in organization_ids if i})
+        if not ids:
+            return
+        self.drop(ids)
+
+        def after_commit() -> None:
+            self.drop(ids)
+            self._publish(ids)
+
+        transaction.on_commit(after_commit)
+
+    def _publish(self, ids: list[str]) -> None:
+        if not settings.REDIS_URL:
+            return
+        try:
+            if self._publisher is None:
+                self._publisher = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
+            self._publisher.publish(CHANNEL, ",".join(ids))
+        except redis.RedisError as exc:
+            # Other processes then keep stale entries until their TTL: say so loudly.
+            log.error("auth.invalidation_publish_failed", error=str(exc), organizations=ids)
+
+    # --- the listener -------------------------------------------------------------------
+
+    def _ensure_listener(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's listener does not exist here
+            self.__init__()  # type: ignore[misc]
+        if self._listener is not None and self._listener.is_alive():
+            return
+        with self._lock:
+            if self._listener is not None and self._listener.is_alive():
+                return
+            self._listener = threading.Thread(
+                target=self._listen, name="auth-invalidation", daemon=True
+            )
+            self._listener.start()
+
+    def _listen(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                client = redis.Redis.from_url(
+                    settings.REDIS_URL, socket_timeout=5, health_check_interval=10
+                )
+                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.subscribe(CHANNEL)
+                # Anything published before we subscribed is unknown: start empty.
+                self.clear()
+                self._listening.set()
+                backoff = 0.5
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message["type"] == "message":
+                        self.drop(_decode(message["data"]).split(","))
+            except Exception as exc:  # any failure: bypass the cache until resubscribed
+                self._listening.clear()
+                self.clear()
+                log.warning("auth.invalidation_listener_down", error=str(exc))
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+def _decode(data: Any) -> str:
+    return data.decode() if isinstance(data, bytes) else str(data)
+
+
+key_cache = KeyCache()
