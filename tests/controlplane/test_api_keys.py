@@ -474,3 +474,12 @@ def test_read_only_key_can_read_but_not_write(alice: Person) -> None:
     response = reader.post("/v1/organization/api_keys", {"name": "x"}, format="json")
     assert response.status_code == 403
     assert "'organization.write'" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field", ["organization", "organization_id", "prefix", "hashed_key"])
+def test_mass_assignment_on_key_creation_is_refused(alice: Person, field: str) -> None:
+    response = alice.client.post(
+        "/v1/organization/api_keys", {"name": "x", field: "org_other"}, format="json"
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field

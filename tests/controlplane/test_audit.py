@@ -180,3 +180,25 @@ def test_audit_entries_cannot_be_edited_in_the_admin(staff: Client, alice: Perso
     assert response.status_code == 403
     entry.refresh_from_db()
     assert entry.action != "forged"
+
+
+def test_staff_log_in_through_the_admin_login_form(db: None) -> None:
+    User.objects.create_superuser(email="ops@atelier.test", password="staff pass 12345")
+    client = Client()
+
+    wrong = client.post("/admin/login/", {"username": "ops@atelier.test", "password": "nope"})
+    right = client.post(
+        "/admin/login/?next=/admin/",
+        {"username": "ops@atelier.test", "password": "staff pass 12345"},
+    )
+
+    assert wrong.status_code == 200  # the form again, with an error
+    assert right.status_code == 302
+    assert right["Location"] == "/admin/"
+    assert client.get("/admin/").status_code == 200
+
+
+def test_customers_cannot_use_the_admin(alice: Person) -> None:
+    client = Client()
+    client.post("/admin/login/", {"username": "alice@acme.test", "password": "x"})
+    assert client.get("/admin/").status_code == 302  # back to the login page
