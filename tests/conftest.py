@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+
 import pytest
+from django.conf import settings
 from django.core.cache import cache
 
 from tests.support.people import Person, join, sign_up
@@ -10,6 +14,14 @@ from tests.support.people import Person, join, sign_up
 def _fresh_cache() -> None:
     # Throttle counters live in the (real) Redis cache: start every test clean.
     cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _clean_media() -> Iterator[None]:
+    # Stored objects live on the local filesystem in tests: each test starts empty.
+    shutil.rmtree(settings.MEDIA_ROOT, ignore_errors=True)
+    yield
+    shutil.rmtree(settings.MEDIA_ROOT, ignore_errors=True)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from controlplane.accounts import apis as accounts
 from controlplane.audit import apis as audit
 from controlplane.core import apis as core
 from controlplane.core import health
+from controlplane.datasets import apis as datasets
 from controlplane.tenancy import apis as tenancy
 
 handler400 = "controlplane.core.errors.handler400"
@@ -44,6 +45,22 @@ v1 = [
         name="api-key-rotate",
     ),
     path("v1/organization/audit_logs", audit.AuditLogListApi.as_view(), name="audit-logs"),
+    path("v1/files", datasets.FileListCreateApi.as_view(), name="files"),
+    path("v1/files/<str:file_id>", datasets.FileDetailApi.as_view(), name="file-detail"),
+    path("v1/files/<str:file_id>/content", datasets.FileContentApi.as_view(), name="file-content"),
+    path("v1/uploads", datasets.UploadCreateApi.as_view(), name="uploads"),
+    path("v1/uploads/<str:upload_id>", datasets.UploadDetailApi.as_view(), name="upload-detail"),
+    path("v1/uploads/<str:upload_id>/parts", datasets.UploadPartApi.as_view(), name="upload-parts"),
+    path(
+        "v1/uploads/<str:upload_id>/complete",
+        datasets.UploadCompleteApi.as_view(),
+        name="upload-complete",
+    ),
+    path(
+        "v1/uploads/<str:upload_id>/cancel",
+        datasets.UploadCancelApi.as_view(),
+        name="upload-cancel",
+    ),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]
 

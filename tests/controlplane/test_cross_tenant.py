@@ -24,7 +24,7 @@ def test_outsider_gets_404_for_a_foreign_id(
     alice: Person, charlie: Person, endpoint: Endpoint, method: str
 ) -> None:
     foreign_id = endpoint.make(charlie)
-    before = charlie.client.get(endpoint.path.format(id=foreign_id).removesuffix("/rotate"))
+    before = charlie.client.get(endpoint.state_path.format(id=foreign_id))
 
     response = _call(alice, method, endpoint.path.format(id=foreign_id), endpoint.body)
     missing = _call(alice, method, endpoint.path.format(id=foreign_id[:-4] + "zzzz"), endpoint.body)
@@ -34,7 +34,7 @@ def test_outsider_gets_404_for_a_foreign_id(
     # Indistinguishable from an id that does not exist (only the echoed id differs).
     assert missing.status_code == 404
     assert response.json()["error"]["code"] == missing.json()["error"]["code"]
-    after = charlie.client.get(endpoint.path.format(id=foreign_id).removesuffix("/rotate"))
+    after = charlie.client.get(endpoint.state_path.format(id=foreign_id))
     assert after.json() == before.json()  # nothing changed in the victim's organization
 
 

@@ -26,6 +26,11 @@ class Endpoint:
     methods: tuple[str, ...]
     body: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def state_path(self) -> str:
+        """Where the owner reads the object, to check an outsider changed nothing."""
+        return self.path.split("{id}")[0] + "{id}"
+
 
 @dataclass(frozen=True)
 class BodyReference:
@@ -59,6 +64,37 @@ def make_invite(person: Person) -> str:
     return new.invitation.pk
 
 
+def make_file(person: Person) -> str:
+    import io
+
+    from controlplane.datasets import services as dataset_services
+
+    file = dataset_services.file_create(
+        organization=person.organization,
+        user_id=person.user.pk,
+        source=io.BytesIO(b"private rows"),
+        size=12,
+        filename="secret.txt",
+        purpose="user_data",
+    )
+    return file.pk
+
+
+def make_upload(person: Person) -> str:
+    from controlplane.datasets import services as dataset_services
+
+    upload = dataset_services.upload_create(
+        organization=person.organization,
+        user_id=person.user.pk,
+        filename="big.jsonl",
+        purpose="fine-tune",
+        nbytes=10,
+        mime_type="",
+        sha256="",
+    )
+    return upload.pk
+
+
 def member_of(person: Person) -> str:
     return person.membership.pk
 
@@ -75,6 +111,12 @@ ENDPOINTS: list[Endpoint] = [
         "/v1/organization/members/{id}", member_of, ("GET", "PATCH", "DELETE"), {"role": "viewer"}
     ),
     Endpoint("/v1/organization/invites/{id}", make_invite, ("GET", "DELETE")),
+    Endpoint("/v1/files/{id}", make_file, ("GET", "DELETE")),
+    Endpoint("/v1/files/{id}/content", make_file, ("GET",)),
+    Endpoint("/v1/uploads/{id}", make_upload, ("GET",)),
+    Endpoint("/v1/uploads/{id}/parts", make_upload, ("POST",)),
+    Endpoint("/v1/uploads/{id}/complete", make_upload, ("POST",), {"part_ids": ["part_x"]}),
+    Endpoint("/v1/uploads/{id}/cancel", make_upload, ("POST",)),
 ]
 
 BODY_REFERENCES: list[BodyReference] = [

@@ -50,3 +50,16 @@ def new_invite_id() -> str:
 
 def new_audit_id() -> str:
     return new_id("audit")
+
+
+def new_file_id() -> str:
+    # OpenAI's files are `file-…`: the official SDKs and tools match on it.
+    return new_id("file").replace("file_", "file-", 1)
+
+
+def new_upload_id() -> str:
+    return new_id("upload")
+
+
+def new_part_id() -> str:
+    return new_id("part")

@@ -51,3 +51,28 @@ API_KEY_LAST_USED_RESOLUTION_SECONDS = env.int("API_KEY_LAST_USED_RESOLUTION_SEC
 API_KEY_CACHE_SECONDS = env.int("API_KEY_CACHE_SECONDS", default=60)
 #: How long an invitation to an organization can be accepted.
 INVITATION_TTL_SECONDS = env.int("INVITATION_TTL_SECONDS", default=7 * 24 * 3600)
+
+# --- files and uploads -----------------------------------------------------------------------
+#: Largest file accepted by POST /v1/files (larger ones use /v1/uploads), as OpenAI's 512 MB.
+FILE_UPLOAD_MAX_BYTES = env.int("FILE_UPLOAD_MAX_BYTES", default=512 * 1024 * 1024)
+#: Largest file assembled from an upload's parts.
+UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=8 * 1024 * 1024 * 1024)
+#: Largest single part of an upload.
+UPLOAD_PART_MAX_BYTES = env.int("UPLOAD_PART_MAX_BYTES", default=64 * 1024 * 1024)
+#: How long an upload may stay pending before it expires.
+UPLOAD_TTL_SECONDS = env.int("UPLOAD_TTL_SECONDS", default=3600)
+#: Stored bytes (files + pending uploads) one organization may hold.
+ORG_STORAGE_QUOTA_BYTES = env.int("ORG_STORAGE_QUOTA_BYTES", default=100 * 1024 * 1024 * 1024)
+#: Longest line validation reads before calling it an error (constant memory per row).
+VALIDATION_MAX_LINE_BYTES = env.int("VALIDATION_MAX_LINE_BYTES", default=8 * 1024 * 1024)
+#: Line errors kept in a file's report (all are counted).
+VALIDATION_MAX_ERRORS = env.int("VALIDATION_MAX_ERRORS", default=100)
+
+_MULTIPART_OVERHEAD = 1024 * 1024
+#: The ASGI body limit per path prefix (everything else: MAX_REQUEST_BODY_BYTES).
+REQUEST_BODY_LIMITS_BY_PREFIX = {
+    "/v1/files": FILE_UPLOAD_MAX_BYTES + _MULTIPART_OVERHEAD,
+    "/v1/uploads/": UPLOAD_PART_MAX_BYTES + _MULTIPART_OVERHEAD,
+}
+# Uploaded files stream to a temporary file above this size, never into memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024

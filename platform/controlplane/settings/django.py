@@ -29,6 +29,7 @@ INSTALLED_APPS = [
     "controlplane.accounts",
     "controlplane.tenancy",
     "controlplane.audit",
+    "controlplane.datasets",
 ]
 
 MIDDLEWARE = [

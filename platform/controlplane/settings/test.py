@@ -22,3 +22,8 @@ STORAGES["default"] = {  # noqa: F405
 }
 WHITENOISE_USE_FINDERS = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# Tasks queued with .delay() run inline once their transaction commits (tests run
+# the on-commit callbacks with django_capture_on_commit_callbacks); tests of real
+# workers send by task name, which always goes through the broker.
+CELERY_TASK_ALWAYS_EAGER = True
+CELERY_TASK_EAGER_PROPAGATES = True

@@ -1,0 +1,103 @@
+"""Files (OpenAI-compatible) and resumable uploads, stored in object storage.
+
+Object names are generated here (`files/<org>/<file id>`), never taken from the
+client's filename, which is kept only as metadata.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+from controlplane.core.ids import new_file_id, new_part_id, new_upload_id
+from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+
+PURPOSES = ("fine-tune", "batch", "distillation", "evals", "user_data")
+
+
+class FileStatus(models.TextChoices):
+    UPLOADED = "uploaded"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    ERROR = "error"
+
+
+class File(OrganizationOwned):
+    id = models.CharField(primary_key=True, max_length=40, default=new_file_id, editable=False)
+    filename = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=32, choices=[(p, p) for p in PURPOSES])
+    bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    storage_name = models.CharField(max_length=300, editable=False)
+    status = models.CharField(
+        max_length=16, choices=FileStatus.choices, default=FileStatus.UPLOADED
+    )
+    status_details = models.TextField(blank=True)
+    #: Streaming validation result: format, rows, first errors, error count, distributions.
+    validation = models.JSONField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        "accounts.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = OrganizationScopedManager["File"]()
+
+    class Meta(OrganizationOwned.Meta):
+        indexes = [models.Index(fields=["organization", "-id"], name="file_org_id")]
+
+    def __str__(self) -> str:
+        return f"{self.filename} ({self.id})"
+
+
+class UploadStatus(models.TextChoices):
+    PENDING = "pending"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class Upload(OrganizationOwned):
+    """A large file sent in parts; assembled and checksum-verified on completion."""
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_upload_id, editable=False)
+    filename = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=32, choices=[(p, p) for p in PURPOSES])
+    bytes = models.BigIntegerField(help_text="The total size the client declared.")
+    mime_type = models.CharField(max_length=100, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True, help_text="Expected, if declared.")
+    status = models.CharField(
+        max_length=16, choices=UploadStatus.choices, default=UploadStatus.PENDING
+    )
+    file = models.OneToOneField(
+        File, null=True, blank=True, on_delete=models.SET_NULL, related_name="upload"
+    )
+    created_by = models.ForeignKey(
+        "accounts.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    objects = OrganizationScopedManager["Upload"]()
+
+    class Meta(OrganizationOwned.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return f"{self.filename} ({self.id}, {self.status})"
+
+
+class UploadPart(OrganizationOwned):
+    id = models.CharField(primary_key=True, max_length=40, default=new_part_id, editable=False)
+    upload = models.ForeignKey(Upload, on_delete=models.CASCADE, related_name="parts")
+    bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    storage_name = models.CharField(max_length=300, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = OrganizationScopedManager["UploadPart"]()
+
+    class Meta(OrganizationOwned.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return f"{self.id} of {self.upload_id}"

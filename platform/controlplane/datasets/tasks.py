@@ -1,0 +1,20 @@
+"""Dataset tasks on the `control` queue: they take ids, call a service, and are safe to rerun."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from jobcontracts import queues
+
+from . import services
+
+
+@shared_task(
+    name="controlplane.datasets.validate_file",
+    queue=queues.CONTROL,
+    acks_late=True,
+    soft_time_limit=3 * 3600,
+    time_limit=3 * 3600 + 60,
+)
+def validate_file(file_id: str, organization_id: str) -> str:
+    return services.file_validate(file_id=file_id, organization_id=organization_id).status
