@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import FileResponse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -93,7 +94,15 @@ class FileListCreateApi(FilesApi):
         rows, has_more = paginate(queryset, request)
         return list_response(rows, has_more, file_out)
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(
+        request={
+            "multipart/form-data": inline_serializer(
+                "FileUploadRequest",
+                {"file": serializers.FileField(), "purpose": serializers.ChoiceField(PURPOSES)},
+            )
+        },
+        responses={200: dict},
+    )
     def post(self, request: Request) -> Response:
         upload = _multipart_file(request, "file")
         purpose = _multipart_text(request, "purpose")
@@ -129,7 +138,17 @@ class FileDetailApi(FilesApi):
         return Response({"id": file.pk, "object": "file", "deleted": True})
 
 
+class _AnyMediaType(JSONRenderer):
+    """Lets clients that ask for bytes (the SDKs send `Accept: application/binary`)
+    through content negotiation; errors are still rendered as JSON."""
+
+    media_type = "*/*"
+    format = "binary"
+
+
 class FileContentApi(FileDetailApi):
+    renderer_classes = [JSONRenderer, _AnyMediaType]
+
     @extend_schema(responses={200: bytes})
     def get(self, request: Request, file_id: str) -> FileResponse:  # type: ignore[override]
         file = self._file(file_id)
@@ -180,7 +199,14 @@ class UploadDetailApi(FilesApi):
 class UploadPartApi(FilesApi):
     parser_classes = [MultiPartParser]
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(
+        request={
+            "multipart/form-data": inline_serializer(
+                "UploadPartRequest", {"data": serializers.FileField()}
+            )
+        },
+        responses={200: dict},
+    )
     def post(self, request: Request, upload_id: str) -> Response:
         upload = self.get_owned(Upload, upload_id, label="upload")
         data = _multipart_file(request, "data")
