@@ -61,6 +61,20 @@ v1 = [
         datasets.UploadCancelApi.as_view(),
         name="upload-cancel",
     ),
+    path("v1/datasets", datasets.DatasetListCreateApi.as_view(), name="datasets"),
+    path(
+        "v1/datasets/<str:dataset_id>", datasets.DatasetDetailApi.as_view(), name="dataset-detail"
+    ),
+    path(
+        "v1/datasets/<str:dataset_id>/versions",
+        datasets.DatasetVersionListCreateApi.as_view(),
+        name="dataset-versions",
+    ),
+    path(
+        "v1/datasets/<str:dataset_id>/versions/<str:version_id>",
+        datasets.DatasetVersionDetailApi.as_view(),
+        name="dataset-version-detail",
+    ),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]
 

@@ -7,7 +7,7 @@ import re
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
 
-from tests.support.cross_tenant import BODY_REFERENCES, ENDPOINTS, Endpoint
+from tests.support.cross_tenant import BODY_REFERENCES, ENDPOINTS, BodyReference, Endpoint
 from tests.support.people import Person
 
 pytestmark = pytest.mark.django_db
@@ -23,31 +23,31 @@ def _call(person: Person, method: str, path: str, body: dict[str, object]) -> ob
 def test_outsider_gets_404_for_a_foreign_id(
     alice: Person, charlie: Person, endpoint: Endpoint, method: str
 ) -> None:
-    foreign_id = endpoint.make(charlie)
-    before = charlie.client.get(endpoint.state_path.format(id=foreign_id))
+    foreign = endpoint.make(charlie)
+    before = charlie.client.get(endpoint.state_url(foreign))
 
-    response = _call(alice, method, endpoint.path.format(id=foreign_id), endpoint.body)
-    missing = _call(alice, method, endpoint.path.format(id=foreign_id[:-4] + "zzzz"), endpoint.body)
+    response = _call(alice, method, endpoint.url(foreign), endpoint.body)
+    ids = (foreign,) if isinstance(foreign, str) else foreign
+    missing = _call(alice, method, endpoint.url(tuple(i[:-4] + "zzzz" for i in ids)), endpoint.body)
 
     assert response.status_code == 404, response.content
     assert response.json()["error"]["type"] == "invalid_request_error"
     # Indistinguishable from an id that does not exist (only the echoed id differs).
     assert missing.status_code == 404
     assert response.json()["error"]["code"] == missing.json()["error"]["code"]
-    after = charlie.client.get(endpoint.state_path.format(id=foreign_id))
+    after = charlie.client.get(endpoint.state_url(foreign))
+    assert after.status_code == 200
     assert after.json() == before.json()  # nothing changed in the victim's organization
 
 
 @pytest.mark.parametrize("reference", BODY_REFERENCES, ids=lambda r: f"{r.method} {r.path}")
 def test_outsider_gets_404_for_a_foreign_id_in_a_body(
-    alice: Person, charlie: Person, reference: object
+    alice: Person, charlie: Person, reference: BodyReference
 ) -> None:
-    response = _call(
-        alice,
-        reference.method,
-        reference.path,  # type: ignore[attr-defined]
-        reference.body(charlie),
-    )  # type: ignore[attr-defined]
+    from tests.support.cross_tenant import make_dataset
+
+    path = reference.path.replace("{own_dataset}", make_dataset(alice))
+    response = _call(alice, reference.method, path, reference.body(charlie))
     assert response.status_code == 404, response.content
 
 

@@ -6,14 +6,24 @@ import pytest
 
 from controlplane.accounts.models import APIKey
 from controlplane.audit.models import AuditLog
-from controlplane.datasets.models import File, Upload, UploadPart
+from controlplane.datasets.models import Dataset, DatasetVersion, File, Upload, UploadPart
 from controlplane.tenancy.models import Invitation, Membership
 from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
 from tests.support.people import Person
 
 pytestmark = pytest.mark.django_db
 
-OWNED = [APIKey, AuditLog, Invitation, Membership, File, Upload, UploadPart]
+OWNED = [
+    APIKey,
+    AuditLog,
+    Invitation,
+    Membership,
+    File,
+    Upload,
+    UploadPart,
+    Dataset,
+    DatasetVersion,
+]
 
 
 @pytest.mark.parametrize("model", OWNED, ids=lambda m: m.__name__)

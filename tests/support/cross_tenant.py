@@ -19,17 +19,23 @@ from .people import SYSTEM, Person
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A URL with one `{id}` placeholder; `make` creates the object in a person's org."""
+    """A URL with `{id}` placeholders; `make` creates the object in a person's org and
+    returns the id (or, for nested URLs, the ids in order)."""
 
     path: str
-    make: Callable[[Person], str]
+    make: Callable[[Person], str | tuple[str, ...]]
     methods: tuple[str, ...]
     body: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def state_path(self) -> str:
+    def url(self, ids: str | tuple[str, ...]) -> str:
+        out = self.path
+        for one in (ids,) if isinstance(ids, str) else ids:
+            out = out.replace("{id}", one, 1)
+        return out
+
+    def state_url(self, ids: str | tuple[str, ...]) -> str:
         """Where the owner reads the object, to check an outsider changed nothing."""
-        return self.path.split("{id}")[0] + "{id}"
+        return self.url(ids).removesuffix(self.path.rsplit("{id}", 1)[1])
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,29 @@ def make_upload(person: Person) -> str:
     return upload.pk
 
 
+def make_dataset(person: Person) -> str:
+    from controlplane.datasets import services as dataset_services
+
+    return dataset_services.dataset_create(
+        organization=person.organization, name="private", description=""
+    ).pk
+
+
+def make_version(person: Person) -> tuple[str, str]:
+    from controlplane.datasets.models import DatasetVersion
+
+    dataset_id = make_dataset(person)
+    version = DatasetVersion.objects.create(
+        organization=person.organization,
+        dataset_id=dataset_id,
+        number=1,
+        format="chat",
+        source_files=[],
+        status="ready",
+    )
+    return dataset_id, version.pk
+
+
 def member_of(person: Person) -> str:
     return person.membership.pk
 
@@ -117,6 +146,9 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/uploads/{id}/parts", make_upload, ("POST",)),
     Endpoint("/v1/uploads/{id}/complete", make_upload, ("POST",), {"part_ids": ["part_x"]}),
     Endpoint("/v1/uploads/{id}/cancel", make_upload, ("POST",)),
+    Endpoint("/v1/datasets/{id}", make_dataset, ("GET",)),
+    Endpoint("/v1/datasets/{id}/versions", make_dataset, ("GET", "POST"), {"file_ids": ["file-x"]}),
+    Endpoint("/v1/datasets/{id}/versions/{id}", make_version, ("GET",)),
 ]
 
 BODY_REFERENCES: list[BodyReference] = [

@@ -63,3 +63,11 @@ def new_upload_id() -> str:
 
 def new_part_id() -> str:
     return new_id("part")
+
+
+def new_dataset_id() -> str:
+    return new_id("ds")
+
+
+def new_dataset_version_id() -> str:
+    return new_id("dsv")

@@ -18,7 +18,7 @@ from controlplane.core.serializers import StrictInputSerializer, unix, validated
 from controlplane.tenancy.apis_base import OrganizationApi
 
 from . import services, storage
-from .models import PURPOSES, File, Upload, UploadPart
+from .models import PURPOSES, Dataset, DatasetVersion, File, Upload, UploadPart
 
 
 def file_out(file: File) -> dict[str, Any]:
@@ -244,3 +244,103 @@ class UploadCancelApi(FilesApi):
     def post(self, request: Request, upload_id: str) -> Response:
         upload = self.get_owned(Upload, upload_id, label="upload")
         return Response(upload_out(services.upload_cancel(upload=upload)))
+
+
+# --- datasets and versions (`/v1/datasets`) ---------------------------------------------------
+
+
+def dataset_out(dataset: Dataset) -> dict[str, Any]:
+    latest = dataset.versions.order_by("-number").first()
+    return {
+        "id": dataset.pk,
+        "object": "dataset",
+        "name": dataset.name,
+        "description": dataset.description,
+        "created_at": unix(dataset.created_at),
+        "latest_version": version_out(latest) if latest else None,
+    }
+
+
+def version_out(version: DatasetVersion) -> dict[str, Any]:
+    return {
+        "id": version.pk,
+        "object": "dataset.version",
+        "dataset_id": version.dataset_id,
+        "number": version.number,
+        "status": version.status,
+        "status_details": version.status_details or None,
+        "format": version.format,
+        "source_files": version.source_files,
+        "recipe": version.recipe,
+        "bytes": version.bytes,
+        "rows": version.rows,
+        "sha256": version.sha256 or None,
+        "report": version.report,
+        "created_at": unix(version.created_at),
+    }
+
+
+class DatasetListCreateApi(FilesApi):
+    class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "DatasetCreateRequest"
+
+        name = serializers.CharField(max_length=200)
+        description = serializers.CharField(
+            max_length=5000, required=False, default="", allow_blank=True
+        )
+
+    @extend_schema(responses={200: dict}, operation_id="list_datasets")
+    def get(self, request: Request) -> Response:
+        rows, has_more = paginate(Dataset.objects.for_organization(self.organization), request)
+        return list_response(rows, has_more, dataset_out)
+
+    @extend_schema(request=InputSerializer, responses={201: dict})
+    def post(self, request: Request) -> Response:
+        data = validated(self.InputSerializer, request.data)
+        dataset = services.dataset_create(
+            organization=self.organization, name=data["name"], description=data["description"]
+        )
+        return Response(dataset_out(dataset), status=201)
+
+
+class DatasetDetailApi(FilesApi):
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request, dataset_id: str) -> Response:
+        return Response(dataset_out(self.get_owned(Dataset, dataset_id, label="dataset")))
+
+
+class DatasetVersionListCreateApi(FilesApi):
+    class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "DatasetVersionCreateRequest"
+
+        file_ids = serializers.ListField(
+            child=serializers.CharField(max_length=40), min_length=1, max_length=100
+        )
+        recipe = serializers.DictField(required=False, default=dict)
+
+    @extend_schema(responses={200: dict}, operation_id="list_dataset_versions")
+    def get(self, request: Request, dataset_id: str) -> Response:
+        dataset = self.get_owned(Dataset, dataset_id, label="dataset")
+        rows, has_more = paginate(dataset.versions.all(), request)
+        return list_response(rows, has_more, version_out)
+
+    @extend_schema(request=InputSerializer, responses={201: dict})
+    def post(self, request: Request, dataset_id: str) -> Response:
+        dataset = self.get_owned(Dataset, dataset_id, label="dataset")
+        data = validated(self.InputSerializer, request.data)
+        version = services.version_create(
+            dataset=dataset, file_ids=data["file_ids"], recipe=data["recipe"]
+        )
+        return Response(version_out(version), status=201)
+
+
+class DatasetVersionDetailApi(FilesApi):
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request, dataset_id: str, version_id: str) -> Response:
+        dataset = self.get_owned(Dataset, dataset_id, label="dataset")
+        version = dataset.versions.filter(pk=version_id).first()
+        if version is None:
+            self.get_owned(DatasetVersion, "", label="dataset version")  # the usual 404
+        return Response(version_out(version))  # type: ignore[arg-type]

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from django.db import models
 
-from controlplane.core.ids import new_file_id, new_part_id, new_upload_id
+from controlplane.core.ids import (
+    new_dataset_id,
+    new_dataset_version_id,
+    new_file_id,
+    new_part_id,
+    new_upload_id,
+)
 from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
 
 PURPOSES = ("fine-tune", "batch", "distillation", "evals", "user_data")
@@ -101,3 +107,63 @@ class UploadPart(OrganizationOwned):
 
     def __str__(self) -> str:
         return f"{self.id} of {self.upload_id}"
+
+
+class Dataset(OrganizationOwned):
+    """A named series of immutable versions; fine-tuning jobs reference a version."""
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_dataset_id, editable=False)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = OrganizationScopedManager["Dataset"]()
+
+    class Meta(OrganizationOwned.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"
+
+
+class VersionStatus(models.TextChoices):
+    PROCESSING = "processing"
+    READY = "ready"
+    ERROR = "error"
+
+
+class DatasetVersion(OrganizationOwned):
+    """Source files + a preprocessing recipe → one stored, content-hashed object.
+
+    Never changed once ready: a different recipe or different files make a new
+    version. `sha256` is the hash of the produced content.
+    """
+
+    id = models.CharField(
+        primary_key=True, max_length=40, default=new_dataset_version_id, editable=False
+    )
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    source_files = models.JSONField(default=list, help_text="Ids of the files it was built from.")
+    recipe = models.JSONField(default=dict)
+    format = models.CharField(max_length=32, blank=True)
+    status = models.CharField(
+        max_length=16, choices=VersionStatus.choices, default=VersionStatus.PROCESSING
+    )
+    status_details = models.TextField(blank=True)
+    storage_name = models.CharField(max_length=300, blank=True, editable=False)
+    bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    rows = models.BigIntegerField(default=0)
+    report = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = OrganizationScopedManager["DatasetVersion"]()
+
+    class Meta(OrganizationOwned.Meta):
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "number"], name="one_number_per_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.dataset_id} v{self.number} ({self.status})"

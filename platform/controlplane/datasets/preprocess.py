@@ -21,9 +21,10 @@ was replaced in the rows written, so it matches the placeholders in the new
 version.
 
 Memory: exact de-duplication keeps a 16-byte BLAKE2b digest per distinct row in
-a set, about 75 bytes per row in CPython (10 million rows: ~750 MB).
+a set, about 90 bytes per row in CPython (10 million rows: ~0.9 GB).
 Near-duplicate detection keeps one 64-bit key per LSH band per kept row (5 bands
-at the default 0.9 threshold), about 300 bytes per row. Everything else streams.
+at the default 0.9 threshold), about 350 bytes per row (1 million rows:
+~350 MB; datasketch's MinHashLSH needs ~2 KB). Everything else streams.
 """
 
 from __future__ import annotations
@@ -78,10 +79,14 @@ class Recipe:
     """Which cleaning steps to run. Defaults: normalise, drop empty, exact dedupe."""
 
     normalize: bool = True
+    #: Drop rows a needed field of which is empty after cleaning (chat: no
+    #: assistant turn with content or tool calls left; CSV: every cell empty).
     drop_empty: bool = True
+    #: Drop rows whose text fields total more characters than this, after cleaning.
     max_chars: int | None = None
     dedupe_exact: bool = True
     dedupe_near: bool = False
+    #: Estimated Jaccard similarity of word 3-shingles above which a row is a near-duplicate.
     near_threshold: float = 0.9
     scrub_pii: bool = False
 
@@ -361,8 +366,8 @@ def minhash_signatures(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
     Bit for bit what `datasketch.MinHash(num_perm=NUM_PERM, seed=1,
     scheme="affine32")` gives when updated with `shingle_hashes`, but the
-    whole batch is one numpy pass: datasketch's per-row Python loop is ~10x
-    slower. Also returns a mask of the texts that had any shingle.
+    whole batch is one numpy pass instead of a MinHash object and its numpy
+    calls per row. Also returns a mask of the texts that had any shingle.
     """
     hashes, counts = shingle_hashes(texts)
     has_shingles = counts > 0
@@ -388,20 +393,25 @@ class NearDuplicates:
     """MinHash LSH over the rows seen so far: keeps the first, flags later look-alikes.
 
     The banding is datasketch's MinHashLSH's (same band count and width for the
-    threshold), but each band is stored as one 64-bit hash in a set instead of
-    MinHashLSH's per-key byte strings: a third of the memory and no Python work
-    per band beyond a set lookup. As in MinHashLSH, a shared band is the
-    verdict; no second check against stored signatures (that would need 512
-    bytes per row).
+    threshold), but each band is stored as one 64-bit hash in a set rather than
+    as MinHashLSH's byte strings plus its key table (~350 bytes per row instead
+    of ~2 KB), and a whole batch is hashed at once. As in MinHashLSH, a shared
+    band is the verdict; there is no second check against stored signatures
+    (that would need 512 more bytes per row).
     """
 
     def __init__(self, threshold: float) -> None:
         self.bands, self.rows_per_band = lsh_bands(threshold)
-        # One set for all bands: the band's index is mixed into its key, and a
-        # row is then one isdisjoint() and one update(), both in C.
+        # One set for all bands (each band hashes with its own multipliers), so
+        # a row is one isdisjoint() and one update(), both in C.
         self._seen: set[int] = set()
-        self._salt = np.arange(1, self.rows_per_band + 1, dtype=np.uint64) * _MIX_2
-        self._band_ids = np.arange(self.bands, dtype=np.uint64) * _MIX_3
+        # Two independent multilinear hashes per band, keeping the high 32 bits
+        # of each: strongly universal (Lemire and Kaser, 2016), so two
+        # different bands share a 64-bit key with probability 2**-64.
+        generator = np.random.default_rng(_MINHASH_SEED)
+        shape = (2, self.bands, self.rows_per_band)
+        self._multipliers = generator.integers(0, 2**64, size=shape, dtype=np.uint64)
+        self._offsets = generator.integers(0, 2**64, size=(2, self.bands), dtype=np.uint64)
 
     def _band_keys(self, signatures: np.ndarray) -> list[list[int]]:
         width = self.bands * self.rows_per_band
@@ -410,8 +420,11 @@ class NearDuplicates:
             .astype(np.uint64)
             .reshape(len(signatures), self.bands, self.rows_per_band)
         )
-        folded = (banded * self._salt).sum(axis=2, dtype=np.uint64)
-        return _fmix64(folded + self._band_ids).tolist()  # type: ignore[no-any-return]
+        high, low = (
+            ((banded * multipliers).sum(axis=2, dtype=np.uint64) + offsets) >> np.uint64(32)
+            for multipliers, offsets in zip(self._multipliers, self._offsets, strict=True)
+        )
+        return ((high << np.uint64(32)) | low).tolist()  # type: ignore[no-any-return]
 
     def filter(self, texts: list[str]) -> list[bool]:
         """For each text in order: True to keep it, False if it nearly repeats an earlier one.
@@ -644,7 +657,7 @@ class _Output:
             self._size = 0
 
 
-def _rows(src: BinaryIO, fmt: _Format, max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
+def _rows(src: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes]]:
     for line_no, line in iter_lines(src, max_line_bytes=max_line_bytes):
         if line is None:
             raise PreprocessError(line_no, f"line longer than {max_line_bytes} bytes")
@@ -721,7 +734,7 @@ def preprocess_stream(
                 report.removed["near_duplicate"] += 1
         pending.clear()
 
-    lines = _rows(src, adapter, max_line_bytes)
+    lines = _rows(src, max_line_bytes)
     if isinstance(adapter, _Csv):
         # The header is copied as is; the rows are checked against its width.
         for line_no, line in lines:

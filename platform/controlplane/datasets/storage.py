@@ -51,9 +51,12 @@ class ObjectTooLarge(Exception):
 class ConcatReader(io.RawIOBase):
     """One stream over several stored objects, opened one at a time."""
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], *, line_separated: bool = False) -> None:
         self._names: Iterator[str] = iter(names)
         self._current: IO[bytes] | None = None
+        # Line-oriented sources: make sure one object's last line never runs into the next.
+        self._line_separated = line_separated
+        self._last = b"\n"
         # OpenAI's uploads API verifies an md5 on completion; we verify sha256 too.
         self.md5 = hashlib.md5(usedforsecurity=False)
 
@@ -71,9 +74,15 @@ class ConcatReader(io.RawIOBase):
             if data:
                 buffer[: len(data)] = data
                 self.md5.update(data)
+                self._last = data[-1:]
                 return len(data)
             self._current.close()
             self._current = None
+            if self._line_separated and self._last != b"\n":
+                self._last = b"\n"
+                buffer[:1] = b"\n"
+                self.md5.update(b"\n")
+                return 1
 
     def close(self) -> None:
         if self._current is not None:

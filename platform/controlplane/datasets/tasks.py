@@ -18,3 +18,14 @@ from . import services
 )
 def validate_file(file_id: str, organization_id: str) -> str:
     return services.file_validate(file_id=file_id, organization_id=organization_id).status
+
+
+@shared_task(
+    name="controlplane.datasets.build_version",
+    queue=queues.CONTROL,
+    acks_late=True,
+    soft_time_limit=6 * 3600,
+    time_limit=6 * 3600 + 60,
+)
+def build_version(version_id: str, organization_id: str) -> str:
+    return services.version_build(version_id=version_id, organization_id=organization_id).status

@@ -130,6 +130,11 @@ class LengthStats:
         self._next = position + gap + 1
 
     @property
+    def sampled(self) -> int:
+        """How many lengths the percentiles are computed from (at most the sample size)."""
+        return len(self._sample)
+
+    @property
     def mean(self) -> float:
         return self._total / self.count if self.count else 0.0
 
@@ -440,14 +445,18 @@ def _chat_check(
                 else:
                     break
             else:
-                if assistant and type(obj["messages"]) is list:
-                    n_system += system
+                # Getting here means `messages` was a list: iterating a string or
+                # an object yields strings, and indexing those raised TypeError.
+                if assistant:
                     n_user += user
                     n_assistant += assistant
-                    n_tool += tool
+                    if system:
+                        n_system += system
+                    if tool:
+                        n_tool += tool
                     return total
         except (KeyError, TypeError):
-            # A missing key, or something that is not a dict or a list.
+            # A missing key, or something that is not an object where one belongs.
             pass
         return _chat_row(obj, slow_roles)
 
