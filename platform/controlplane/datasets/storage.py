@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import io
 from collections.abc import Iterable, Iterator
-from typing import IO
+from typing import IO, BinaryIO, cast
 
 from django.core.files import File as DjangoFile
 from django.core.files.storage import default_storage
@@ -104,8 +104,8 @@ def save_stream(
     return stored, reader.size, reader.sha256.hexdigest()
 
 
-def open_object(name: str) -> IO[bytes]:
-    return default_storage.open(name, "rb")
+def open_object(name: str) -> BinaryIO:
+    return cast(BinaryIO, default_storage.open(name, "rb"))
 
 
 def delete_quietly(name: str) -> None:
