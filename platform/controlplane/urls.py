@@ -7,6 +7,7 @@ from controlplane.audit import apis as audit
 from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
+from controlplane.datasets import catalog_apis as catalog
 from controlplane.tenancy import apis as tenancy
 
 handler400 = "controlplane.core.errors.handler400"
@@ -74,6 +75,34 @@ v1 = [
         "v1/datasets/<str:dataset_id>/versions/<str:version_id>",
         datasets.DatasetVersionDetailApi.as_view(),
         name="dataset-version-detail",
+    ),
+    path("v1/catalog", catalog.CatalogListPublishApi.as_view(), name="catalog"),
+    path("v1/catalog/usage", catalog.CatalogUsageApi.as_view(), name="catalog-usage"),
+    path(
+        "v1/catalog/access_requests",
+        catalog.AccessRequestListApi.as_view(),
+        name="catalog-access-requests",
+    ),
+    path(
+        "v1/catalog/access_requests/<str:grant_id>",
+        catalog.AccessRequestDetailApi.as_view(),
+        name="catalog-access-request-detail",
+    ),
+    path(
+        "v1/catalog/access_requests/<str:grant_id>/approve",
+        catalog.AccessDecideApi.as_view(decision="approve"),
+        name="catalog-access-approve",
+    ),
+    path(
+        "v1/catalog/access_requests/<str:grant_id>/decline",
+        catalog.AccessDecideApi.as_view(decision="decline"),
+        name="catalog-access-decline",
+    ),
+    path("v1/catalog/<str:listing_id>", catalog.CatalogDetailApi.as_view(), name="catalog-detail"),
+    path(
+        "v1/catalog/<str:listing_id>/access_requests",
+        catalog.CatalogAccessRequestApi.as_view(),
+        name="catalog-access-request",
     ),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]

@@ -6,7 +6,16 @@ import pytest
 
 from controlplane.accounts.models import APIKey
 from controlplane.audit.models import AuditLog
-from controlplane.datasets.models import Dataset, DatasetVersion, File, Upload, UploadPart
+from controlplane.datasets.models import (
+    AccessGrant,
+    Dataset,
+    DatasetVersion,
+    File,
+    Listing,
+    PartnerUsage,
+    Upload,
+    UploadPart,
+)
 from controlplane.tenancy.models import Invitation, Membership
 from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
 from tests.support.people import Person
@@ -23,6 +32,9 @@ OWNED = [
     UploadPart,
     Dataset,
     DatasetVersion,
+    Listing,
+    AccessGrant,
+    PartnerUsage,
 ]
 
 

@@ -40,11 +40,20 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class BodyReference:
-    """A request that names another object by id in its body."""
+    """A request that names another object by id in its body.
+
+    `prepare`, if given, readies the attacker (e.g. creates the object the path
+    names) and returns the values for the path's `{placeholders}`.
+    """
 
     method: str
     path: str
     body: Callable[[Person], dict[str, Any]]
+    prepare: Callable[[Person], dict[str, str]] | None = None
+
+    def url_for(self, attacker: Person) -> str:
+        values = self.prepare(attacker) if self.prepare is not None else {}
+        return self.path.format(**values)
 
 
 def make_api_key(person: Person) -> str:
@@ -124,6 +133,36 @@ def make_version(person: Person) -> tuple[str, str]:
     return dataset_id, version.pk
 
 
+def make_listing(person: Person, *, published: bool = False) -> str:
+    """An unpublished listing: published ones are readable by everyone, by design."""
+    from decimal import Decimal
+
+    from controlplane.datasets.models import DatasetVersion, Listing
+
+    _, version_id = make_version(person)
+    return Listing.objects.create(
+        organization=person.organization,
+        version=DatasetVersion.objects.for_organization(person.organization).get(pk=version_id),
+        title="private",
+        license_terms="none",
+        price_per_1k_tokens=Decimal("1"),
+        published=published,
+    ).pk
+
+
+def make_grant(person: Person) -> str:
+    """A request by a third organization on `person`'s (published) listing."""
+    from controlplane.datasets.models import AccessGrant, Listing
+
+    from .people import sign_up
+
+    listing = Listing.objects.for_organization(person.organization).get(
+        pk=make_listing(person, published=True)
+    )
+    third = sign_up(f"third-{listing.pk}@third.test", "Third")
+    return AccessGrant.objects.create(organization=third.organization, listing=listing).pk
+
+
 def member_of(person: Person) -> str:
     return person.membership.pk
 
@@ -149,12 +188,45 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/datasets/{id}", make_dataset, ("GET",)),
     Endpoint("/v1/datasets/{id}/versions", make_dataset, ("GET", "POST"), {"file_ids": ["file-x"]}),
     Endpoint("/v1/datasets/{id}/versions/{id}", make_version, ("GET",)),
+    Endpoint("/v1/catalog/{id}", make_listing, ("GET", "PATCH"), {"published": True}),
+    Endpoint("/v1/catalog/{id}/access_requests", make_listing, ("POST",)),
+    Endpoint("/v1/catalog/access_requests/{id}", make_grant, ("GET",)),
+    Endpoint("/v1/catalog/access_requests/{id}/approve", make_grant, ("POST",)),
+    Endpoint("/v1/catalog/access_requests/{id}/decline", make_grant, ("POST",)),
 ]
+
+
+def _own_dataset(attacker: Person) -> dict[str, str]:
+    return {"dataset": make_dataset(attacker)}
+
+
+def _as_data_partner(attacker: Person) -> dict[str, str]:
+    attacker.organization.is_data_partner = True
+    attacker.organization.save()
+    return {}
+
 
 BODY_REFERENCES: list[BodyReference] = [
     BodyReference(
         "POST",
         "/v1/organization/api_keys",
         lambda victim: {"name": "x", "member_id": victim.membership.pk},
+    ),
+    BodyReference(
+        "POST",
+        "/v1/datasets/{dataset}/versions",
+        lambda victim: {"file_ids": [make_file(victim)]},
+        prepare=_own_dataset,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/catalog",
+        lambda victim: {
+            "dataset_version_id": make_version(victim)[1],
+            "title": "x",
+            "license_terms": "x",
+            "price_per_1k_tokens": "1",
+        },
+        prepare=_as_data_partner,
     ),
 ]

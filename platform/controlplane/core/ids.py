@@ -71,3 +71,15 @@ def new_dataset_id() -> str:
 
 def new_dataset_version_id() -> str:
     return new_id("dsv")
+
+
+def new_listing_id() -> str:
+    return new_id("lst")
+
+
+def new_access_id() -> str:
+    return new_id("acc")
+
+
+def new_usage_id() -> str:
+    return new_id("use")

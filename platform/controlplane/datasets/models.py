@@ -9,11 +9,14 @@ from __future__ import annotations
 from django.db import models
 
 from controlplane.core.ids import (
+    new_access_id,
     new_dataset_id,
     new_dataset_version_id,
     new_file_id,
+    new_listing_id,
     new_part_id,
     new_upload_id,
+    new_usage_id,
 )
 from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
 
@@ -167,3 +170,89 @@ class DatasetVersion(OrganizationOwned):
 
     def __str__(self) -> str:
         return f"{self.dataset_id} v{self.number} ({self.status})"
+
+
+class Listing(OrganizationOwned):
+    """A data partner's dataset version offered in the catalog.
+
+    Owned by the partner; published listings are readable by every organization
+    (that is the catalog's point), but only their title, terms and sample rows.
+    """
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_listing_id, editable=False)
+    version = models.ForeignKey(DatasetVersion, on_delete=models.PROTECT, related_name="listings")
+    title = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    license_terms = models.TextField()
+    sample_rows = models.JSONField(default=list)
+    price_per_1k_tokens = models.DecimalField(max_digits=12, decimal_places=6)
+    auto_approve = models.BooleanField(default=False)
+    published = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = OrganizationScopedManager["Listing"]()
+
+    class Meta(OrganizationOwned.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return f"{self.title} ({self.id})"
+
+
+class AccessStatus(models.TextChoices):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DECLINED = "declined"
+
+
+class AccessGrant(OrganizationOwned):
+    """A customer's request for a listing, and (once approved) its licence to train on it.
+
+    Owned by the customer; the partner sees the requests on its own listings.
+    """
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_access_id, editable=False)
+    listing = models.ForeignKey(Listing, on_delete=models.CASCADE, related_name="grants")
+    status = models.CharField(
+        max_length=16, choices=AccessStatus.choices, default=AccessStatus.PENDING
+    )
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    objects = OrganizationScopedManager["AccessGrant"]()
+
+    class Meta(OrganizationOwned.Meta):
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "listing"], name="one_grant_per_listing"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id} → {self.listing_id} ({self.status})"
+
+
+class PartnerUsage(OrganizationOwned):
+    """Tokens a customer's job trained on a partner's listing; owned by the partner.
+
+    One row per (job, listing): a job that runs in several attempts records once.
+    """
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_usage_id, editable=False)
+    listing = models.ForeignKey(Listing, on_delete=models.PROTECT, related_name="usage")
+    customer = models.ForeignKey("tenancy.Organization", on_delete=models.PROTECT, related_name="+")
+    job_id = models.CharField(max_length=40)
+    trained_tokens = models.BigIntegerField()
+    price_per_1k_tokens = models.DecimalField(max_digits=12, decimal_places=6)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = OrganizationScopedManager["PartnerUsage"]()
+
+    class Meta(OrganizationOwned.Meta):
+        constraints = [
+            models.UniqueConstraint(fields=["job_id", "listing"], name="one_usage_per_job")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.trained_tokens} tokens of {self.listing_id} by {self.job_id}"
