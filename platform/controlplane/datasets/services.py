@@ -318,6 +318,13 @@ def file_validate(*, file_id: str, organization_id: str) -> File:
             ok, details = True, ""
         else:
             with storage.open_object(file.storage_name) as stream:
+                compressed = _compression(stream.read(4))
+                stream.seek(0)
+                if compressed:
+                    raise _Refused(
+                        f"This is a {compressed} archive. Compressed uploads are not accepted "
+                        "(they can expand without bound): upload the uncompressed file."
+                    )
                 result = validation.validate_stream(
                     stream,
                     filename=file.filename,
@@ -326,6 +333,8 @@ def file_validate(*, file_id: str, organization_id: str) -> File:
                 )
             report, ok = result.to_dict(), result.ok()
             details = "" if ok else _summary(result)
+    except _Refused as exc:
+        report, ok, details = None, False, str(exc)
     except Exception as exc:
         log.exception("datasets.validation_crashed", file_id=file_id)
         report, ok, details = None, False, f"Validation failed: {type(exc).__name__}"
@@ -336,6 +345,23 @@ def file_validate(*, file_id: str, organization_id: str) -> File:
     )
     file.refresh_from_db()
     return file
+
+
+class _Refused(Exception):
+    """A file refused outright, with the reason for the user."""
+
+
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"PK\x03\x04": "zip",
+    b"BZh": "bzip2",
+    b"\xfd7zX": "xz",
+    b"(\xb5/\xfd": "zstd",
+}
+
+
+def _compression(head: bytes) -> str | None:
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def _summary(result: object) -> str:

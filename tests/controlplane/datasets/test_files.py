@@ -267,3 +267,27 @@ def test_unauthenticated_upload_is_401(db: None) -> None:
     from rest_framework.test import APIClient
 
     assert APIClient().post("/v1/files", {}, format="multipart").status_code == 401
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zip"])
+def test_compressed_uploads_are_refused_with_a_clear_reason(
+    alice: Person, django_capture_on_commit_callbacks: Any, kind: str
+) -> None:
+    import gzip
+    import zipfile
+
+    if kind == "gzip":
+        # A small bomb: 1 KB that would expand to 100 MB. It is never expanded.
+        blob = gzip.compress(b"\n" * 100_000_000, compresslevel=9)
+    else:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("train.jsonl", CHAT)
+        blob = buffer.getvalue()
+    with django_capture_on_commit_callbacks(execute=True):
+        body = upload(alice, blob, name="train.jsonl").json()
+
+    file = alice.client.get(f"/v1/files/{body['id']}").json()
+    assert file["status"] == "error"
+    assert kind in file["status_details"]
+    assert "uncompressed" in file["status_details"]
