@@ -11,6 +11,7 @@ need (keys, ids) on the `Demo`.
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import sys
 import time
@@ -217,6 +218,89 @@ def garbage_key(demo: Demo) -> None:
 
 
 # --- running it --------------------------------------------------------------------------
+
+
+TRAINING_ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "You are Acme's support bot."},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+    for question, answer in [
+        ("How do I reset my password?", "Use 'Forgot password' on the sign-in page."),
+        ("Where is my invoice?", "Invoices are under Settings, then Billing."),
+        ("Can I export my data?", "Yes: Settings, then Export, sends you a download link."),
+        ("Email me at pat@example.com", "I have noted your address."),
+    ]
+]
+
+
+def wait_for_file(demo: Demo, file_id: str) -> Any:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        file = demo.sdk.files.retrieve(file_id)
+        if file.status in ("processed", "error"):
+            return file
+        time.sleep(0.5)
+    raise DemoFailure(f"file {file_id} was not validated within 60 s (is the control worker up?)")
+
+
+@step("Upload training data with the SDK (client.files.create), validated on arrival")
+def upload_training_file(demo: Demo) -> None:
+
+    rows = [*TRAINING_ROWS, TRAINING_ROWS[0]]  # one exact duplicate, for the cleaning step
+    content = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    created = demo.sdk.files.create(file=("support.jsonl", content), purpose="fine-tune")
+    say(f"{created.id}: {created.bytes} bytes, status {created.status}")
+    file = wait_for_file(demo, created.id)
+    report = (file.model_extra or {}).get("validation") or {}
+    say(
+        f"status {file.status}: format {report.get('format')}, {report.get('rows')} rows, "
+        f"{report.get('error_count')} errors"
+    )
+    if file.status != "processed":
+        raise DemoFailure(f"validation failed: {file.status_details}")
+    demo.keys["training_file"] = {"id": created.id}
+
+
+@step("A broken file is reported line by line, before any job exists")
+def upload_broken_file(demo: Demo) -> None:
+    content = b'{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n[1]\n'
+    created = demo.sdk.files.create(file=("broken.jsonl", content), purpose="fine-tune")
+    file = wait_for_file(demo, created.id)
+    report = (file.model_extra or {}).get("validation") or {}
+    say(f"status {file.status}: {file.status_details}")
+    for error in report.get("errors", [])[:3]:
+        say(f"  line {error['line']}: {error.get('field') or '-'}: {error['reason']}")
+
+
+@step("A dataset version: cleaned, de-duplicated, PII scrubbed, content-hashed")
+def dataset_version(demo: Demo) -> None:
+    dataset = post(demo.sdk, "/datasets", {"name": "support chats"})
+    version = post(
+        demo.sdk,
+        f"/datasets/{dataset['id']}/versions",
+        {
+            "file_ids": [demo.keys["training_file"]["id"]],
+            "recipe": {"dedupe_exact": True, "dedupe_near": True, "scrub_pii": True},
+        },
+    )
+    deadline = time.monotonic() + 60
+    while version["status"] == "processing" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        version = get(demo.sdk, f"/datasets/{dataset['id']}/versions/{version['id']}")
+    if version["status"] != "ready":
+        raise DemoFailure(f"version {version['id']} is {version['status']}")
+    report = version["report"]
+    removed = {k: v for k, v in report["removed"].items() if v}
+    found = {k: v for k, v in report["pii_found"].items() if v}
+    say(
+        f"{version['id']} v{version['number']}: {report['rows_in']} rows in, "
+        f"{version['rows']} out; removed {removed or 'nothing'}; PII replaced {found or 'none'}"
+    )
+    say(f"sha256 {version['sha256'][:16]}…")
 
 
 def server_is_up(base_url: str) -> bool:
