@@ -21,8 +21,6 @@ from ..models import (
 )
 from .files import filename_check, purpose_check, quota_reserve, schedule_validation, size_check
 
-
-
 # --- uploads ----------------------------------------------------------------------------------
 
 
