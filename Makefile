@@ -40,6 +40,7 @@ lint: install
 bench: install
 	@$(BIN)/python tests/preflight.py
 	$(BIN)/python bench/api_auth.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache
