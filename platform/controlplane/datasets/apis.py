@@ -122,10 +122,7 @@ class FileListCreateApi(FilesApi):
 
 class FileDetailApi(FilesApi):
     def _file(self, file_id: str) -> File:
-        file = self.get_owned(File, file_id, label="file")
-        if file.deleted_at is not None:
-            self.get_owned(File, "", label="file")  # the same 404 as an unknown id
-        return file
+        return self.get_owned(File, file_id, label="file", deleted_at__isnull=True)
 
     @extend_schema(responses={200: dict})
     def get(self, request: Request, file_id: str) -> Response:
@@ -340,7 +337,7 @@ class DatasetVersionDetailApi(FilesApi):
     @extend_schema(responses={200: dict})
     def get(self, request: Request, dataset_id: str, version_id: str) -> Response:
         dataset = self.get_owned(Dataset, dataset_id, label="dataset")
-        version = dataset.versions.filter(pk=version_id).first()
-        if version is None:
-            self.get_owned(DatasetVersion, "", label="dataset version")  # the usual 404
-        return Response(version_out(version))  # type: ignore[arg-type]
+        version = self.get_owned(
+            DatasetVersion, version_id, label="dataset version", dataset=dataset
+        )
+        return Response(version_out(version))

@@ -67,9 +67,14 @@ class OrganizationApi(APIView):
     def organization(self) -> Organization:
         return self.principal.organization
 
-    def get_owned(self, model: type[M], pk: str, *, label: str | None = None) -> M:
+    def get_owned(
+        self, model: type[M], pk: str, *, label: str | None = None, **conditions: Any
+    ) -> M:
+        """The caller's object with this id (and `conditions`), or the one 404 for all misses."""
         try:
-            return cast(M, model.objects.for_organization(self.organization).get(pk=pk))
+            return cast(
+                M, model.objects.for_organization(self.organization).get(pk=pk, **conditions)
+            )
         except (model.DoesNotExist, ValueError):
             name = label or model._meta.verbose_name
             raise NotFound(f"No {name} with id '{pk}' found.", param="id") from None
