@@ -291,3 +291,51 @@ def test_compressed_uploads_are_refused_with_a_clear_reason(
     assert file["status"] == "error"
     assert kind in file["status_details"]
     assert "uncompressed" in file["status_details"]
+
+
+def batch_line(custom_id: str, **override: Any) -> bytes:
+    row = {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        **override,
+    }
+    return json.dumps(row).encode() + b"\n"
+
+
+def test_batch_files_are_checked_as_batch_requests(
+    alice: Person, django_capture_on_commit_callbacks: Any
+) -> None:
+    good = batch_line("a") + batch_line("b")
+    bad = (
+        batch_line("a")
+        + batch_line("a")
+        + batch_line("c", method="GET")
+        + batch_line("d", url="/v1/files")
+        + batch_line("e", body="x")
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        ok = upload(alice, good, name="requests.jsonl", purpose="batch").json()
+        ko = upload(alice, bad, name="requests.jsonl", purpose="batch").json()
+
+    assert alice.client.get(f"/v1/files/{ok['id']}").json()["status"] == "processed"
+    report = alice.client.get(f"/v1/files/{ko['id']}").json()["validation"]
+    assert [(e["line"], e["field"]) for e in report["errors"]] == [
+        (2, "custom_id"),
+        (3, "method"),
+        (4, "url"),
+        (5, "body"),
+    ]
+
+
+def test_eval_files_need_one_json_object_per_line(
+    alice: Person, django_capture_on_commit_callbacks: Any
+) -> None:
+    with django_capture_on_commit_callbacks(execute=True):
+        ok = upload(alice, b'{"item": {"q": 1}}\n{"anything": true}\n', purpose="evals").json()
+        ko = upload(alice, b'{"item": 1}\n[1]\nnot json\n', purpose="evals").json()
+
+    assert alice.client.get(f"/v1/files/{ok['id']}").json()["status"] == "processed"
+    errors = alice.client.get(f"/v1/files/{ko['id']}").json()["validation"]["errors"]
+    assert [e["line"] for e in errors] == [2, 3]

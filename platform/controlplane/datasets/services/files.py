@@ -153,6 +153,7 @@ def file_delete(*, file: File) -> None:
 def file_validate(*, file_id: str, organization_id: str) -> File:
     """Validate a stored file, streaming; idempotent (a finished file is left as it is)."""
     from .. import validation
+    from ..requests_format import validate_requests_stream
 
     with transaction.atomic():
         file = File.objects.for_organization(organization_id).select_for_update().get(pk=file_id)
@@ -173,12 +174,20 @@ def file_validate(*, file_id: str, organization_id: str) -> File:
                         f"This is a {compressed} archive. Compressed uploads are not accepted "
                         "(they can expand without bound): upload the uncompressed file."
                     )
-                result = validation.validate_stream(
-                    stream,
-                    filename=file.filename,
-                    max_errors=settings.VALIDATION_MAX_ERRORS,
-                    max_line_bytes=settings.VALIDATION_MAX_LINE_BYTES,
-                )
+                if file.purpose in ("batch", "evals"):
+                    result = validate_requests_stream(
+                        stream,
+                        kind=file.purpose,
+                        max_errors=settings.VALIDATION_MAX_ERRORS,
+                        max_line_bytes=settings.VALIDATION_MAX_LINE_BYTES,
+                    )
+                else:  # training data: fine-tune, distillation
+                    result = validation.validate_stream(
+                        stream,
+                        filename=file.filename,
+                        max_errors=settings.VALIDATION_MAX_ERRORS,
+                        max_line_bytes=settings.VALIDATION_MAX_LINE_BYTES,
+                    )
             report, ok = result.to_dict(), result.ok()
             details = "" if ok else _summary(result)
     except _Refused as exc:
