@@ -67,13 +67,15 @@ def _stored_bytes(organization: Organization) -> int:
     )
 
 
-def quota_reserve(*, organization: Organization, nbytes: int) -> None:
+def quota_reserve(*, organization: Organization, nbytes: int, lock: bool = True) -> None:
     """Refuse (403) what would take the organization over its storage quota.
 
     Locks the organization's row, so concurrent uploads are checked one at a time;
-    call inside the transaction that records the new bytes.
+    call inside the transaction that records the new bytes. `lock=False` is the
+    cheap early check made before any byte is stored.
     """
-    Organization.objects.select_for_update().filter(pk=organization.pk).first()
+    if lock:
+        Organization.objects.select_for_update().filter(pk=organization.pk).first()
     quota = settings.ORG_STORAGE_QUOTA_BYTES
     used = _stored_bytes(organization)
     if used + nbytes > quota:
@@ -117,6 +119,7 @@ def file_create(
     size_check(size, settings.FILE_UPLOAD_MAX_BYTES, what="File", param="file")
     if size == 0:
         raise ApiError("The file is empty.", param="file", code="empty_file")
+    quota_reserve(organization=organization, nbytes=size, lock=False)  # before storing
     file = File(
         organization=organization, filename=filename, purpose=purpose, created_by_id=user_id
     )
