@@ -322,22 +322,84 @@ def _fmix32(values: np.ndarray) -> np.ndarray:
     return values
 
 
+def _crc32_table() -> np.ndarray:
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0xEDB88320), table >> 1)
+    return table.astype(np.uint32)
+
+
+_CRC32_TABLE: Final = _crc32_table()
+#: Words longer than this (rare: URLs, base64) get zlib.crc32 one by one instead of
+#: one numpy step per byte position.
+_VECTOR_WORD_BYTES: Final = 32
+
+
+def word_crcs(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """zlib.crc32 of each word in `text.lower().encode().split()` of every text, and the counts.
+
+    Equal to mapping zlib.crc32 over the split words, but without a bytes object and a
+    call per word: the batch is encoded once, words are found with numpy, and a
+    table-driven CRC-32 runs over all words at once, one byte position per step
+    (words sorted by length, so each step is a slice of the ones still going).
+    """
+    parts = [text.lower().encode() for text in texts]
+    # Rows are joined with a space, so no word crosses from one row into the next.
+    data = np.frombuffer(b" ".join(parts), dtype=np.uint8)
+    # bytes.split() splits on b" \t\n\x0b\x0c\r" (9-13 and 32) and nothing else.
+    space = data == 32
+    space |= (data - np.uint8(9)) < np.uint8(5)
+    in_word = np.zeros(len(data) + 2, dtype=np.int8)
+    np.logical_not(space, out=in_word[1:-1], casting="unsafe")
+    edges = np.diff(in_word)
+    starts = np.flatnonzero(edges == 1)
+    lengths = np.flatnonzero(edges == -1) - starts
+    spans = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)) + 1
+    row_starts = np.cumsum(spans) - spans
+    counts = np.diff(np.searchsorted(starts, row_starts), append=len(starts)).astype(np.int64)
+    # Sorted by length (a radix sort on 8-bit keys), the words still going at
+    # each byte position are a suffix of the order.
+    order = np.argsort(np.minimum(lengths, 255).astype(np.uint8), kind="stable")
+    sorted_lengths = lengths[order]
+    pointers = starts[order]
+    crcs = np.full(len(starts), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    low_bytes = crcs.view(np.uint8)[:: crcs.itemsize] if np.little_endian else None
+    vector_end = int(np.searchsorted(sorted_lengths, _VECTOR_WORD_BYTES, side="right"))
+    longest = int(sorted_lengths[vector_end - 1]) if vector_end else 0
+    firsts = np.searchsorted(sorted_lengths[:vector_end], np.arange(longest), side="right")
+    table = _CRC32_TABLE
+    for first in firsts.tolist():
+        crc = crcs[first:vector_end]
+        pointer = pointers[first:vector_end]
+        index = data[pointer]
+        if low_bytes is not None:
+            index ^= low_bytes[first:vector_end]
+        else:
+            index ^= (crc & np.uint32(0xFF)).astype(np.uint8)
+        pointer += 1
+        crc >>= np.uint32(8)
+        crc ^= table[index]
+    crcs = ~crcs
+    if vector_end < len(starts):
+        buffer = data.tobytes()
+        for position in range(vector_end, len(starts)):
+            start = int(pointers[position])
+            crcs[position] = zlib.crc32(buffer[start : start + int(sorted_lengths[position])])
+    result = np.empty_like(crcs)
+    result[order] = crcs
+    return result, counts
+
+
 def shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of each text's word 3-shingles, flattened, and the count per text.
 
     Words are lower-cased, split on whitespace; a text of one or two words is
-    one shingle, an empty text has none. CRC-32 of each word runs in C; words
-    are combined into shingles with numpy. Deterministic across processes, so
-    the same input always gives the same output version.
+    one shingle, an empty text has none. Words are hashed with CRC-32 (see
+    `word_crcs`) and combined into shingles with numpy. Deterministic across
+    processes, so the same input always gives the same output version.
     """
-    words: list[bytes] = []
-    sizes: list[int] = []
-    for text in texts:
-        split = text.lower().encode().split()
-        words += split
-        sizes.append(len(split))
-    counts = np.array(sizes, dtype=np.int64)
-    word = np.fromiter(map(zlib.crc32, words), dtype=np.uint64, count=len(words))
+    crcs, counts = word_crcs(texts)
+    word = crcs.astype(np.uint64)
     ends = np.cumsum(counts)
     starts = ends - counts
     row_end = np.repeat(ends, counts)

@@ -428,3 +428,23 @@ def test_lsh_bands_are_the_ones_datasketch_picks(threshold: float) -> None:
     index = MinHashLSH(threshold=threshold, num_perm=preprocess.NUM_PERM)
 
     assert preprocess.lsh_bands(threshold) == (index.b, index.r)
+
+
+def test_word_hashes_are_zlib_crc32_of_the_split_words() -> None:
+    import random
+    import zlib
+
+    generator = random.Random(3)
+    alphabet = "abcXYZ019 \t\n\r\x0b\x0c\x1c\x85\xa0éßİΣ\u03c3ςǅ日本😀\u2003\u200b,.'"
+    texts = [
+        "".join(generator.choice(alphabet) for _ in range(generator.randint(0, 200)))
+        for _ in range(200)
+    ]
+    texts += ["", " ", "x" * 300 + " " + "y" * 40, "word"]
+
+    crcs, counts = preprocess.word_crcs(texts)
+
+    expected = [[zlib.crc32(word) for word in text.lower().encode().split()] for text in texts]
+    assert counts.tolist() == [len(words) for words in expected]
+    assert crcs.tolist() == [crc for words in expected for crc in words]
+    assert preprocess.word_crcs([])[0].tolist() == []
