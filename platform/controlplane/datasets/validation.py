@@ -668,6 +668,28 @@ def _make_check(
     return None
 
 
+def _text_lines(
+    lines: Iterable[tuple[int, bytes | None]],
+    report: ValidationReport,
+    errors: _Errors,
+    too_long: str,
+) -> Iterator[tuple[int, str]]:
+    """Decoded, non-blank lines; too-long and invalid UTF-8 lines become errors."""
+    for line_no, line in lines:
+        if line is None:
+            errors.add(line_no, None, too_long)
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            errors.add(line_no, None, _utf8_problem(line) or "not valid UTF-8")
+            continue
+        if not text or text.isspace():
+            report.blank_lines += 1
+            continue
+        yield line_no, text
+
+
 def _split_csv(text: str) -> list[str]:
     if '"' not in text:
         # Without quotes the excel dialect is exactly a split on commas.
@@ -683,18 +705,7 @@ def _validate_csv(
 ) -> None:
     width = 0
     lengths: list[int] = []
-    for line_no, line in lines:
-        if line is None:
-            errors.add(line_no, None, too_long)
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            errors.add(line_no, None, _utf8_problem(line) or "not valid UTF-8")
-            continue
-        if not text or text.isspace():
-            report.blank_lines += 1
-            continue
+    for line_no, text in _text_lines(lines, report, errors, too_long):
         try:
             cells = _split_csv(text)
         except csv.Error as exc:
@@ -739,18 +750,7 @@ def _validate_text(
     too_long: str,
 ) -> None:
     lengths: list[int] = []
-    for line_no, line in lines:
-        if line is None:
-            errors.add(line_no, None, too_long)
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            errors.add(line_no, None, _utf8_problem(line) or "not valid UTF-8")
-            continue
-        if not text or text.isspace():
-            report.blank_lines += 1
-            continue
+    for _line_no, text in _text_lines(lines, report, errors, too_long):
         lengths.append(len(text))
         if len(lengths) >= _LENGTH_BATCH:
             report.rows += len(lengths)
