@@ -18,15 +18,13 @@ from controlplane.core.errors import ApiError
 from controlplane.core.pagination import list_response, paginate
 from controlplane.core.serializers import StrictInputSerializer, unix, validated
 from controlplane.tenancy.apis_base import OrganizationApi
-from controlplane.tenancy.models import Membership
+from controlplane.tenancy.models import ORGANIZATION_KINDS, Membership
 from controlplane.tenancy.roles import MANAGERS
 from controlplane.tenancy.serializers import organization_out
 
 from . import services
 from .models import APIKey
 from .selectors import api_keys_with_status
-
-KINDS = ["customer", "data_partner"]
 
 
 def api_key_out(api_key: APIKey, *, value: str | None = None) -> dict[str, Any]:
@@ -71,7 +69,7 @@ class SignupApi(APIView):
         password = serializers.CharField(max_length=256, trim_whitespace=False)
         organization_name = serializers.CharField(max_length=200)
         kinds = serializers.ListField(
-            child=serializers.ChoiceField(choices=KINDS),
+            child=serializers.ChoiceField(choices=ORGANIZATION_KINDS),
             required=False,
             default=["customer"],
             min_length=1,

@@ -188,16 +188,16 @@ class CatalogUsageApi(FilesApi):
         listing = request.query_params.get("listing_id")
         if listing:
             queryset = queryset.filter(listing_id=listing)
-        total_tokens = queryset.aggregate(n=Sum("trained_tokens"))["n"] or 0
-        earned = sum(
-            (u.trained_tokens * u.price_per_1k_tokens / 1000 for u in queryset),
-            start=Decimal(0),
-        )
+        totals = queryset.aggregate(tokens=Sum("trained_tokens"), amount=Sum(PartnerUsage.AMOUNT))
         rows, has_more = paginate(queryset, request)
         response = list_response(rows, has_more, usage_out)
-        response.data["total_trained_tokens"] = total_tokens
-        response.data["total_amount"] = str(earned.quantize(Decimal("0.000001")))
+        response.data["total_trained_tokens"] = totals["tokens"] or 0
+        response.data["total_amount"] = _money(totals["amount"] or Decimal(0))
         return response
+
+
+def _money(value: Decimal) -> str:
+    return str(value.quantize(Decimal("0.000001")))
 
 
 def usage_out(usage: PartnerUsage) -> dict[str, Any]:
@@ -209,8 +209,6 @@ def usage_out(usage: PartnerUsage) -> dict[str, Any]:
         "job_id": usage.job_id,
         "trained_tokens": usage.trained_tokens,
         "price_per_1k_tokens": str(usage.price_per_1k_tokens),
-        "amount": str(
-            (usage.trained_tokens * usage.price_per_1k_tokens / 1000).quantize(Decimal("0.000001"))
-        ),
+        "amount": _money(usage.amount),
         "created_at": unix(usage.created_at),
     }

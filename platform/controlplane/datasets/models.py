@@ -6,6 +6,8 @@ client's filename, which is kept only as metadata.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from django.db import models
 
 from controlplane.core.ids import (
@@ -256,3 +258,13 @@ class PartnerUsage(OrganizationOwned):
 
     def __str__(self) -> str:
         return f"{self.trained_tokens} tokens of {self.listing_id} by {self.job_id}"
+
+    #: What the partner earned for this row, as a database expression (for sums).
+    AMOUNT = models.ExpressionWrapper(
+        models.F("trained_tokens") * models.F("price_per_1k_tokens") / 1000,
+        output_field=models.DecimalField(max_digits=30, decimal_places=12),
+    )
+
+    @property
+    def amount(self) -> Decimal:
+        return self.trained_tokens * self.price_per_1k_tokens / 1000

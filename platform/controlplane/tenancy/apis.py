@@ -18,11 +18,9 @@ from controlplane.core.serializers import StrictInputSerializer, validated
 
 from . import services
 from .apis_base import OrganizationApi
-from .models import Invitation, Membership
+from .models import ORGANIZATION_KINDS, Invitation, Membership
 from .roles import Role
 from .serializers import invitation_out, member_out, organization_out
-
-KINDS = ["customer", "data_partner"]
 
 
 class OrganizationDetailApi(OrganizationApi):
@@ -34,7 +32,7 @@ class OrganizationDetailApi(OrganizationApi):
 
         name = serializers.CharField(max_length=200, required=False)
         kinds = serializers.ListField(
-            child=serializers.ChoiceField(choices=KINDS), required=False, min_length=1
+            child=serializers.ChoiceField(choices=ORGANIZATION_KINDS), required=False, min_length=1
         )
 
     @extend_schema(responses={200: dict})

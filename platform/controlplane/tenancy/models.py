@@ -11,6 +11,9 @@ from controlplane.core.ids import new_invite_id, new_member_id, new_org_id
 from .roles import Role
 from .scoping import OrganizationOwned, OrganizationScopedManager
 
+#: What an organization can be: a customer, a data partner, or both.
+ORGANIZATION_KINDS = ("customer", "data_partner")
+
 
 class Organization(models.Model):
     """A tenant. A customer, a data partner, or both."""
