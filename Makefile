@@ -11,7 +11,10 @@ export PORT
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# CPU install path: pin the CPU wheel of torch first, so `.[gpu]` (torch>=2.4) adds nothing
+	# and never pulls a multi-GB CUDA build. A GPU host installs `.[gpu]` with its own index.
+	$(BIN)/python -m pip install -q 'torch==2.13.0'
+	$(BIN)/python -m pip install -q -e '.[dev,gpu]'
 	@touch $(STAMP)
 
 install: $(STAMP)

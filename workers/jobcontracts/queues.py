@@ -16,3 +16,7 @@ GPU_QUEUES: Final = (GPU_TRAINING, GPU_COMPRESSION, GPU_INFERENCE)
 # sends them with `send_task(name, ...)` and never imports worker code.
 GPU_PING: Final = "gpuworkers.ping"
 CONTROL_PING: Final = "controlplane.ping"
+#: Fine-tuning: one attempt of a job (arg: TrainingSpec.to_json()), on GPU_TRAINING.
+TRAIN: Final = "gpuworkers.training.run"
+#: A worker's report about a job attempt (arg: Report.to_json()), on CONTROL.
+CONTROL_JOB_REPORT: Final = "controlplane.jobs.report"

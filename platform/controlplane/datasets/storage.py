@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import IO, BinaryIO, cast
 
 from django.core.files import File as DjangoFile
@@ -102,6 +103,20 @@ def save_stream(
         delete_quietly(name)
         raise
     return stored, reader.size, reader.sha256.hexdigest()
+
+
+def object_uri(name: str) -> str:
+    """The URI a GPU worker reaches a stored object by: `s3://bucket/key` or `file:///path`.
+
+    Workers have no Django: they get URIs in their job spec and resolve them with
+    their own storage credentials (see jobcontracts.training).
+    """
+    bucket = getattr(default_storage, "bucket_name", None)
+    if bucket:
+        location = str(getattr(default_storage, "location", "") or "").strip("/")
+        key = f"{location}/{name}" if location else name
+        return f"s3://{bucket}/{key}"
+    return Path(default_storage.path(name)).as_uri()
 
 
 def open_object(name: str) -> BinaryIO:
