@@ -7,6 +7,7 @@ key includes the builder's source hash: changing the builder rebuilds them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -32,10 +33,9 @@ def tiny_model_dir(family: str) -> Path:
         env=env,
         capture_output=True,
     )
-    try:
+    # Built concurrently by another process: theirs is as good.
+    with contextlib.suppress(OSError):
         tmp.rename(out)
-    except OSError:  # built concurrently by another process: theirs is as good
-        pass
     return out
 
 
