@@ -30,15 +30,16 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 
-_WORDS = tuple(
+_TEXT = (
     "the model learns from data and the customer owns the result a dataset of chat "
     "messages trains an assistant to answer questions about orders invoices refunds "
     "shipping returns accounts passwords billing plans usage tokens latency errors "
     "please thank you hello how can i help today your order has shipped it will arrive "
     "on monday the invoice is attached we are sorry for the delay our team will call "
     "you back the weather is sunny the cat sat on the mat one two three four five six "
-    "seven eight nine ten positive negative neutral good bad great terrible fine".split()
+    "seven eight nine ten positive negative neutral good bad great terrible fine"
 )
+_WORDS = tuple(_TEXT.split(" "))
 
 
 def corpus(lines: int = 4000, seed: int = 0) -> Iterator[str]:
