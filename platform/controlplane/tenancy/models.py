@@ -22,6 +22,8 @@ class Organization(models.Model):
     name = models.CharField(max_length=200)
     is_customer = models.BooleanField(default=True)
     is_data_partner = models.BooleanField(default=False)
+    #: The commercial plan: sets limits such as concurrent fine-tuning jobs (settings.PLANS).
+    plan = models.CharField(max_length=32, default="free")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
