@@ -16,6 +16,7 @@ from controlplane.datasets.models import (
     Upload,
     UploadPart,
 )
+from controlplane.modelregistry.models import CustomerModel
 from controlplane.tenancy.models import Invitation, Membership
 from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
 from tests.support.people import Person
@@ -35,6 +36,7 @@ OWNED = [
     Listing,
     AccessGrant,
     PartnerUsage,
+    CustomerModel,
 ]
 
 

@@ -30,6 +30,7 @@ INSTALLED_APPS = [
     "controlplane.tenancy",
     "controlplane.audit",
     "controlplane.datasets",
+    "controlplane.modelregistry",
 ]
 
 MIDDLEWARE = [

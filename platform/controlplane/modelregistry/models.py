@@ -1,0 +1,103 @@
+"""Base models (the platform's catalogue) and customer models (what fine-tuning produced).
+
+A base model is global: every organization may list it and train on it. A
+customer model belongs to one organization and is named as OpenAI names
+fine-tuned models, `ft:{base}:{org-slug}:{suffix}:{job_id}`, with
+`:ckpt-step-{n}` appended for a checkpoint. Weights are never stored in the
+database: `uri` points at a Hugging Face-format directory in object storage
+(`s3://bucket/key` or `file:///path`), holding safetensors only.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from django.db import models
+
+from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+
+TASKS: Final = ("causal_lm", "classification", "embeddings")
+METHODS: Final = ("supervised", "dpo")
+ADAPTERS: Final = ("lora", "full")
+
+#: Who owns base models in OpenAI's `owned_by`.
+PLATFORM_OWNER: Final = "atelier"
+
+#: A base model's public name: no colons (they separate the parts of customer model
+#: ids) and no slashes (it is a URL path segment).
+BASE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class BaseModel(models.Model):
+    """A model every organization can fine-tune; its id is its public name."""
+
+    id = models.CharField(primary_key=True, max_length=64)
+    family = models.CharField(max_length=32, help_text="gpt2, llama, bert, qwen, mistral, …")
+    tasks = models.JSONField(default=list, help_text=f"Some of {', '.join(TASKS)}.")
+    methods = models.JSONField(default=list, help_text=f"Some of {', '.join(METHODS)}.")
+    adapters = models.JSONField(default=list, help_text=f"Some of {', '.join(ADAPTERS)}.")
+    context_length = models.PositiveIntegerField()
+    uri = models.CharField(
+        max_length=1000, help_text="The Hugging Face-format directory: s3://bucket/key or file:///…"
+    )
+    price_per_1k_training_tokens = models.DecimalField(max_digits=12, decimal_places=6)
+    description = models.TextField(blank=True)
+    is_active = models.BooleanField(
+        default=True, help_text="Inactive models are hidden and cannot be chosen for new jobs."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def owned_by(self) -> str:
+        return PLATFORM_OWNER
+
+
+class ModelKind(models.TextChoices):
+    FINAL = "final"
+    CHECKPOINT = "checkpoint"
+
+
+class ArtifactKind(models.TextChoices):
+    FULL = "full"
+    LORA = "lora"
+
+
+class CustomerModel(OrganizationOwned):
+    """A fine-tuned model (or one of its checkpoints) owned by one organization."""
+
+    id = models.CharField(primary_key=True, max_length=300, editable=False)
+    base = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="customer_models")
+    job_id = models.CharField(max_length=40, db_index=True)
+    suffix = models.CharField(max_length=64, blank=True)
+    kind = models.CharField(max_length=16, choices=ModelKind.choices)
+    step = models.PositiveIntegerField(null=True, blank=True)
+    uri = models.CharField(max_length=1000, help_text="Prefix URI of the artifact directory.")
+    artifact_kind = models.CharField(max_length=8, choices=ArtifactKind.choices)
+    task = models.CharField(max_length=32)
+    labels = models.JSONField(default=list, blank=True)
+    version = models.PositiveIntegerField(
+        default=1, help_text="1 + earlier final models of this organization, base and suffix."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = OrganizationScopedManager["CustomerModel"]()
+
+    class Meta(OrganizationOwned.Meta):
+        indexes = [
+            models.Index(fields=["organization", "base", "suffix", "kind"], name="cmodel_versions")
+        ]
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def owned_by(self) -> str:
+        return str(self.organization_id)
