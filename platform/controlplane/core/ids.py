@@ -83,3 +83,16 @@ def new_access_id() -> str:
 
 def new_usage_id() -> str:
     return new_id("use")
+
+
+def new_job_id() -> str:
+    # OpenAI's fine-tuning jobs are `ftjob-…`, events `ftevent-…`, checkpoints `ftckpt-…`.
+    return new_id("ftjob").replace("ftjob_", "ftjob-", 1)
+
+
+def new_job_event_id() -> str:
+    return new_id("ftevent").replace("ftevent_", "ftevent-", 1)
+
+
+def new_checkpoint_id() -> str:
+    return new_id("ftckpt").replace("ftckpt_", "ftckpt-", 1)

@@ -31,6 +31,7 @@ INSTALLED_APPS = [
     "controlplane.audit",
     "controlplane.datasets",
     "controlplane.modelregistry",
+    "controlplane.jobs",
 ]
 
 MIDDLEWARE = [

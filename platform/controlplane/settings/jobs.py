@@ -27,3 +27,7 @@ JOBS_CHECKPOINT_EVERY_SECONDS = env.float("JOBS_CHECKPOINT_EVERY_SECONDS", defau
 JOBS_REAP_EVERY_SECONDS = env.float("JOBS_REAP_EVERY_SECONDS", default=5.0)
 #: Largest training file, in rows × epochs, a job may ask for (guards against typos like 1e9 epochs).
 JOBS_MAX_EPOCHS = env.int("JOBS_MAX_EPOCHS", default=50)
+
+CELERY_BEAT_SCHEDULE = {
+    "jobs-reap": {"task": "controlplane.jobs.reap", "schedule": JOBS_REAP_EVERY_SECONDS},
+}

@@ -1,0 +1,256 @@
+"""Sending jobs to GPU workers: fair scheduling, specs, control signals, the lease reaper.
+
+Fair queueing: a job is sent to the broker only while its organization has fewer
+than its plan's `concurrent_fine_tuning_jobs` in flight; the rest wait here,
+in the database, oldest first. So the broker queue never holds more than a
+plan's worth of one tenant's jobs, and a tenant who submits 50 jobs delays
+another tenant's single job by at most their concurrency limit, not by 50.
+
+Recovery: a GPU worker acks its task on receipt (a long job is never redelivered
+by the broker). The control plane instead holds a lease on each running attempt,
+renewed by every report; when it runs out, the reaper re-dispatches the job as a
+new attempt that resumes from the last checkpoint. The attempt number in the
+storage signal fences the old worker should it still be alive.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from controlplane.datasets.storage import delete_quietly, object_uri
+from controlplane.tenancy.models import Organization
+from jobcontracts import queues
+from jobcontracts.training import (
+    BaseModelRef,
+    DataRef,
+    Hyperparameters,
+    LoraConfig,
+    Signal,
+    TrainingSpec,
+)
+
+from .events import event_add, job_fail
+from .models import EventLevel, FineTuningJob, JobStatus
+
+log = structlog.get_logger(__name__)
+
+#: Sequences are cut to the base model's context, and never longer than this.
+MAX_SEQ_LEN = 2048
+IN_FLIGHT = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
+
+
+def concurrency_limit(organization: Organization) -> int:
+    plan = settings.PLANS.get(organization.plan) or settings.PLANS["free"]
+    return int(plan["concurrent_fine_tuning_jobs"])
+
+
+def job_prefix(job: FineTuningJob) -> str:
+    return f"jobs/{job.organization_id}/{job.pk}"
+
+
+def _signal_name(job: FineTuningJob) -> str:
+    return f"{job_prefix(job)}/control.json"
+
+
+def write_signal(job: FineTuningJob, action: str) -> None:
+    name = _signal_name(job)
+    delete_quietly(name)
+    default_storage.save(name, ContentFile(Signal(attempt=job.attempt, action=action).to_bytes()))
+
+
+def signal(job: FineTuningJob, action: str) -> None:
+    """Tell the job's worker to pause or cancel, once the current transaction commits."""
+    job.signal_action = action
+    job.save(update_fields=["signal_action", "updated_at"])
+    transaction.on_commit(lambda: write_signal(job, action))
+
+
+def schedule_prepare(job: FineTuningJob) -> None:
+    from .tasks import prepare_job
+
+    job_id = job.pk
+    transaction.on_commit(lambda: prepare_job.delay(job_id))
+
+
+def schedule_dispatch() -> None:
+    transaction.on_commit(dispatch_queued)
+
+
+def build_spec(job: FineTuningJob) -> TrainingSpec:
+    base = job.base_model
+    hp = job.hyperparameters
+    source = job.training_file or job.dataset_version
+    assert source is not None
+    adapter = None
+    if job.adapter is not None:
+        adapter = LoraConfig(
+            r=int(job.adapter.get("r", 8)),
+            alpha=int(job.adapter.get("alpha", 16)),
+            dropout=float(job.adapter.get("dropout", 0.0)),
+            target_modules=tuple(job.adapter.get("target_modules") or ()),
+        )
+    validation = None
+    if job.validation_file is not None:
+        validation = DataRef(uri=object_uri(job.validation_file.storage_name), format=job.data_format)
+    prefix = job_prefix(job)
+    return TrainingSpec(
+        job_id=job.pk,
+        attempt=job.attempt,
+        organization_id=job.organization_id,
+        task=job.task,
+        method=job.method,
+        base_model=BaseModelRef(
+            name=base.pk, uri=base.uri, family=base.family, context_length=base.context_length
+        ),
+        training_data=DataRef(uri=object_uri(source.storage_name), format=job.data_format),
+        validation_data=validation,
+        hyperparameters=Hyperparameters(
+            n_epochs=int(hp["n_epochs"]),
+            batch_size=int(hp["batch_size"]),
+            learning_rate=float(hp["learning_rate"]),
+            max_seq_len=min(base.context_length, MAX_SEQ_LEN),
+            seed=int(job.seed),
+            beta=float(hp.get("beta") or 0.1),
+        ),
+        output_uri=object_uri(prefix),
+        control_uri=object_uri(_signal_name(job)),
+        adapter=adapter,
+        labels=tuple(job.labels),
+        resume_from=job.last_checkpoint_uri or None,
+        gpus=job.gpus,
+        checkpoint_every_steps=settings.JOBS_CHECKPOINT_EVERY_STEPS,
+        checkpoint_every_seconds=settings.JOBS_CHECKPOINT_EVERY_SECONDS,
+        heartbeat_seconds=settings.JOBS_HEARTBEAT_SECONDS,
+    )
+
+
+def _send(job: FineTuningJob, spec: dict[str, Any]) -> None:
+    from controlplane.celery import app
+
+    write_signal(job, "run")
+    app.send_task(queues.TRAIN, args=[spec], queue=queues.GPU_TRAINING)
+    log.info("jobs.dispatched", job_id=job.pk, attempt=job.attempt)
+
+
+def _dispatch(job: FineTuningJob) -> None:
+    job.attempt += 1
+    job.dispatched_at = timezone.now()
+    job.lease_expires_at = None
+    job.signal_action = "run"
+    job.save()
+    spec = build_spec(job).to_json()
+    resume = f", resuming from step {job.last_checkpoint_step}" if job.last_checkpoint_uri else ""
+    event_add(job, f"Attempt {job.attempt} sent to a GPU worker{resume}")
+    transaction.on_commit(lambda: _send(job, spec))
+
+
+def dispatch_queued() -> list[str]:
+    """Send queued jobs to the broker as far as each organization's plan allows."""
+    jobs = FineTuningJob.objects.dangerously_unscoped()
+    dispatched: list[str] = []
+    with transaction.atomic():
+        waiting = set(
+            jobs.filter(status=JobStatus.QUEUED, dispatched_at__isnull=True).values_list(
+                "organization_id", flat=True
+            )
+        )
+        if not waiting:
+            return dispatched
+        # Locking the organizations serialises dispatchers per tenant, so two control
+        # processes can never both see a free slot and exceed the plan's limit.
+        orgs = list(Organization.objects.select_for_update().filter(pk__in=waiting).order_by("pk"))
+        busy = dict(
+            jobs.filter(
+                organization_id__in=waiting, dispatched_at__isnull=False, status__in=IN_FLIGHT
+            )
+            .values("organization_id")
+            .annotate(n=Count("id"))
+            .values_list("organization_id", "n")
+        )
+        for org in orgs:
+            free = concurrency_limit(org) - busy.get(org.pk, 0)
+            if free <= 0:
+                continue
+            for job in (
+                FineTuningJob.objects.for_organization(org)
+                .filter(status=JobStatus.QUEUED, dispatched_at__isnull=True)
+                .select_related("base_model", "training_file", "validation_file", "dataset_version")
+                .order_by("queued_at", "pk")[:free]
+            ):
+                _dispatch(job)
+                dispatched.append(job.pk)
+    return dispatched
+
+
+def renew_lease(job: FineTuningJob) -> None:
+    job.lease_expires_at = timezone.now() + timedelta(seconds=settings.JOBS_LEASE_SECONDS)
+
+
+def lose_attempt(job: FineTuningJob, reason: str) -> None:
+    """The attempt in flight is gone (dead worker, lost message, unexpected error): retry
+    it from the last checkpoint, or fail the job once it has lost too many."""
+    job.lost_attempts += 1
+    job.lease_expires_at = None
+    job.dispatched_at = None
+    limit = settings.JOBS_MAX_ATTEMPTS
+    if job.lost_attempts >= limit:
+        job_fail(
+            job,
+            code="worker_lost",
+            message=f"{reason}. The job was retried {limit} times from its last checkpoint "
+            "and did not complete; nothing more will be retried or billed. Contact support "
+            "with this job id if it keeps happening.",
+        )
+        transaction.on_commit(lambda: write_signal(job, "cancel"))
+        return
+    job.status = JobStatus.QUEUED
+    job.save()
+    where = f"step {job.last_checkpoint_step}" if job.last_checkpoint_uri else "the start"
+    event_add(
+        job,
+        f"{reason}; retrying from {where} (attempt {job.lost_attempts + 1} of {limit})",
+        level=EventLevel.WARN,
+    )
+    log.warning("jobs.attempt_lost", job_id=job.pk, attempt=job.attempt, reason=reason)
+
+
+def reap() -> dict[str, int]:
+    """Re-queue jobs whose worker went silent, then dispatch what can run. Run by beat."""
+    now = timezone.now()
+    jobs = FineTuningJob.objects.dangerously_unscoped()
+    lost = unpicked = 0
+    with transaction.atomic():
+        for job in jobs.select_for_update(skip_locked=True).filter(
+            dispatched_at__isnull=False, lease_expires_at__lt=now, status__in=IN_FLIGHT
+        ):
+            if job.status == JobStatus.PAUSED:
+                # Died while pausing: it stays paused, resumable from its last checkpoint.
+                job.dispatched_at = job.lease_expires_at = None
+                job.save()
+                event_add(job, "The worker stopped while pausing", level=EventLevel.WARN)
+                continue
+            lose_attempt(
+                job,
+                f"The GPU worker stopped reporting (no heartbeat for "
+                f"{settings.JOBS_LEASE_SECONDS:g}s) during attempt {job.attempt}",
+            )
+            lost += 1
+        pickup_deadline = now - timedelta(seconds=settings.JOBS_PICKUP_TIMEOUT_SECONDS)
+        for job in jobs.select_for_update(skip_locked=True).filter(
+            status=JobStatus.QUEUED,
+            dispatched_at__lt=pickup_deadline,
+            lease_expires_at__isnull=True,
+        ):
+            lose_attempt(job, f"No GPU worker started attempt {job.attempt} in time")
+            unpicked += 1
+    dispatched = dispatch_queued()
+    return {"lost": lost, "unpicked": unpicked, "dispatched": len(dispatched)}

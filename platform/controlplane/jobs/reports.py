@@ -1,0 +1,207 @@
+"""Applying GPU workers' reports to jobs: idempotent, fenced by attempt, order-tolerant.
+
+Each report is identified by `(job_id, attempt, seq)`. Reports that leave a
+trace are stored as a JobEvent under that key (unique), so a report delivered
+twice changes nothing the second time. Reports of an attempt that is no longer
+the job's current one (a worker presumed dead that was not) are ignored.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from controlplane.datasets import catalog
+from controlplane.modelregistry.services import customer_model_register
+from jobcontracts import training as contract
+
+from . import dispatch
+from .events import event_add, job_fail
+from .models import FineTuningJob, JobCheckpoint, JobEvent, JobStatus
+
+log = structlog.get_logger(__name__)
+
+
+def _message(report: contract.Report, job: FineTuningJob) -> tuple[str, str, str, Any]:
+    """(level, type, message, data) of the event a report leaves."""
+    d = report.data
+    kind = report.kind
+    if kind == contract.STARTED:
+        resumed = d.get("resumed_from_step") or 0
+        where = f", resuming from step {resumed}" if resumed else ""
+        return (
+            "info",
+            "message",
+            f"Training started on {d.get('device', 'a worker')} "
+            f"(attempt {report.attempt}, {d.get('total_steps')} steps{where})",
+            d,
+        )
+    if kind == contract.PROGRESS:
+        loss = d.get("train_loss")
+        text = f"Step {d.get('step')}/{d.get('total_steps')}"
+        if loss is not None:
+            text += f": training loss={float(loss):.4f}"
+        return "info", "metrics", text, d
+    if kind == contract.METRICS:
+        parts = [f"{k}={float(v):.4f}" for k, v in d.items() if k.startswith("valid_")]
+        return "info", "metrics", f"Step {d.get('step')}: " + ", ".join(parts), d
+    if kind == contract.CHECKPOINT:
+        return "info", "message", f"Checkpoint created at step {d.get('step')}", d
+    if kind == contract.SUCCEEDED:
+        return "info", "message", "The job has successfully completed", d
+    if kind == contract.PAUSED:
+        return "info", "message", f"Paused at step {d.get('step')}; resume to continue", d
+    if kind == contract.CANCELLED:
+        return "info", "message", f"Training stopped at step {d.get('step')} (cancelled)", d
+    if kind == contract.FAILED:
+        return "error", "message", str(d.get("message") or "Training failed"), d
+    return "info", "message", kind, d
+
+
+def _checkpoint(job: FineTuningJob, step: int, uri: str, metrics: dict[str, Any]) -> None:
+    model = customer_model_register(
+        organization=job.organization,
+        base=job.base_model,
+        job_id=job.pk,
+        suffix=job.suffix,
+        kind="checkpoint",
+        step=step,
+        uri=uri,
+        artifact_kind="full" if job.adapter is None else "lora",
+        task=job.task,
+        labels=job.labels,
+    )
+    JobCheckpoint.objects.get_or_create(
+        organization_id=job.organization_id,
+        job=job,
+        step_number=step,
+        defaults={"metrics": metrics, "uri": uri, "fine_tuned_model_checkpoint": model.pk},
+    )
+    if step >= job.last_checkpoint_step:
+        job.last_checkpoint_step = step
+        job.last_checkpoint_uri = uri
+
+
+def _succeeded(job: FineTuningJob, d: dict[str, Any]) -> None:
+    model = customer_model_register(
+        organization=job.organization,
+        base=job.base_model,
+        job_id=job.pk,
+        suffix=job.suffix,
+        kind="final",
+        step=int(d.get("step") or job.current_step),
+        uri=str(d["artifact_uri"]),
+        artifact_kind=str(d.get("artifact_kind") or ("full" if job.adapter is None else "lora")),
+        task=job.task,
+        labels=job.labels,
+    )
+    job.fine_tuned_model = model.pk
+    job.status = JobStatus.SUCCEEDED
+    job.finished_at = timezone.now()
+    job.lease_expires_at = None
+    job.current_step = int(d.get("step") or job.current_step)
+    if job.trained_tokens is None:
+        # Recorded once: this is what billing charges, and partners are credited for.
+        job.trained_tokens = int(d.get("trained_tokens") or 0)
+        if job.dataset_version is not None:
+            catalog.usage_record(
+                customer=job.organization,
+                version=job.dataset_version,
+                job_id=job.pk,
+                trained_tokens=job.trained_tokens,
+            )
+
+
+def report_apply(payload: dict[str, Any]) -> str:
+    """Apply one worker report. Returns what happened (for logs and tests)."""
+    report = contract.Report.from_json(payload)
+    with transaction.atomic():
+        job = (
+            FineTuningJob.objects.dangerously_unscoped()
+            .select_for_update(of=("self",))
+            .select_related("organization", "base_model", "dataset_version")
+            .filter(pk=report.job_id)
+            .first()
+        )
+        if job is None:
+            log.warning("jobs.report_for_unknown_job", job_id=report.job_id)
+            return "unknown_job"
+        if report.attempt != job.attempt:
+            log.info("jobs.stale_report", job_id=job.pk, attempt=report.attempt, kind=report.kind)
+            return "stale"
+        if report.kind == contract.HEARTBEAT:
+            if job.dispatched_at is not None and not job.is_terminal:
+                dispatch.renew_lease(job)
+                job.save(update_fields=["lease_expires_at", "updated_at"])
+            return "heartbeat"
+        level, type_, message, data = _message(report, job)
+        try:
+            with transaction.atomic():
+                event = JobEvent.objects.create(
+                    organization_id=job.organization_id,
+                    job=job,
+                    level=level,
+                    type=type_,
+                    message=message,
+                    data=data,
+                    attempt=report.attempt,
+                    seq=report.seq,
+                )
+        except IntegrityError:
+            return "duplicate"
+        _apply(job, report)
+        job.save()
+        log.info("jobs.report_applied", job_id=job.pk, kind=report.kind, event_id=event.pk)
+        if report.kind in contract.FINAL_KINDS:
+            dispatch.schedule_dispatch()
+    return "applied"
+
+
+def _apply(job: FineTuningJob, report: contract.Report) -> None:
+    d = report.data
+    kind = report.kind
+    if job.is_terminal:
+        return  # e.g. the last steps of a job cancelled meanwhile: recorded, not applied
+    if kind not in contract.FINAL_KINDS and job.dispatched_at is not None:
+        dispatch.renew_lease(job)
+    if kind == contract.STARTED:
+        if job.status == JobStatus.QUEUED:
+            job.status = JobStatus.RUNNING
+        job.started_at = job.started_at or timezone.now()
+        job.total_steps = int(d.get("total_steps") or 0) or job.total_steps
+    elif kind == contract.PROGRESS:
+        job.current_step = max(job.current_step, int(d.get("step") or 0))
+        if job.first_step_at is None and job.current_step >= 1:
+            job.first_step_at = datetime.fromtimestamp(report.at, tz=UTC)
+    elif kind == contract.CHECKPOINT:
+        _checkpoint(job, int(d["step"]), str(d["uri"]), dict(d.get("metrics") or {}))
+    elif kind == contract.SUCCEEDED:
+        _succeeded(job, d)
+    elif kind == contract.PAUSED:
+        if d.get("checkpoint_uri"):
+            _checkpoint(job, int(d["step"]), str(d["checkpoint_uri"]), {})
+        job.dispatched_at = None
+        job.lease_expires_at = None
+        job.current_step = int(d.get("step") or job.current_step)
+        if job.status != JobStatus.PAUSED:
+            job.status = JobStatus.PAUSED  # a pause the worker chose (e.g. host draining)
+    elif kind == contract.CANCELLED:
+        job.status = JobStatus.CANCELLED
+        job.finished_at = timezone.now()
+        job.lease_expires_at = None
+    elif kind == contract.FAILED:
+        if d.get("retryable"):
+            dispatch.lose_attempt(job, f"Attempt {job.attempt} failed: {d.get('message')}")
+        else:
+            job_fail(
+                job,
+                code=str(d.get("code") or "training_failed"),
+                message=str(d.get("message") or "Training failed."),
+                param=d.get("param"),
+            )
+
+

@@ -1,0 +1,311 @@
+"""Fine-tuning jobs: create, prepare (token count and price), cancel, pause, resume.
+
+Dispatch to GPU workers, fair scheduling and the lease reaper live in
+dispatch.py; applying worker reports in reports.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import structlog
+from django.db import transaction
+from django.utils import timezone
+
+from controlplane.core.errors import ApiError, Conflict, NotFound
+from controlplane.datasets import catalog
+from controlplane.datasets.models import DatasetVersion, File, FileStatus, VersionStatus
+from controlplane.datasets.validation import OTHER_LABEL
+from controlplane.modelregistry.models import BaseModel
+from controlplane.modelregistry.selectors import model_for_organization
+from controlplane.tenancy.models import Organization
+
+from . import dispatch, params
+from .events import event_add
+from .models import FineTuningJob, JobStatus
+
+log = structlog.get_logger(__name__)
+
+
+def _base_model(organization: Organization, model_id: str) -> BaseModel:
+    model = model_for_organization(organization=organization, model_id=model_id)
+    if not isinstance(model, BaseModel):
+        raise ApiError(
+            f"'{model_id}' is a fine-tuned model; fine-tune from its base model "
+            f"'{model.base_id}' instead (continued training is not supported yet).",
+            param="model",
+            code="model_not_supported",
+        )
+    return model
+
+
+def _file(organization: Organization, file_id: str, param: str) -> File:
+    file = (
+        File.objects.for_organization(organization)
+        .filter(pk=file_id, deleted_at__isnull=True)
+        .first()
+    )
+    if file is None:
+        raise NotFound(f"No file with id '{file_id}' found.", param=param)
+    if file.purpose != "fine-tune":
+        raise ApiError(
+            f"File '{file_id}' was uploaded with purpose '{file.purpose}'; upload it with "
+            "purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    if file.status != FileStatus.PROCESSED:
+        detail = (
+            "is still being validated: wait until its status is 'processed'"
+            if file.status in (FileStatus.UPLOADED, FileStatus.PROCESSING)
+            else f"failed validation ({file.status_details or 'see its validation report'})"
+        )
+        raise ApiError(f"File '{file_id}' {detail}.", param=param, code="invalid_file_status")
+    return file
+
+
+def _data_summary(source: File | DatasetVersion) -> tuple[str, int, list[str]]:
+    """(format, rows, labels) of a validated file or a built version."""
+    if isinstance(source, File):
+        report = source.validation or {}
+        labels = sorted((report.get("label_counts") or {}).keys())
+        return str(report.get("format") or ""), int(report.get("rows") or 0), labels
+    report = source.report or {}
+    validation = report.get("validation") or report
+    labels = sorted((validation.get("label_counts") or {}).keys())
+    return source.format, source.rows, labels
+
+
+def _check_capabilities(
+    base: BaseModel, *, task: str, method: str, adapter: str, data_format: str, param: str
+) -> None:
+    if task not in base.tasks:
+        raise ApiError(
+            f"Base model '{base.pk}' does not support task '{task}' "
+            f"(it supports: {', '.join(base.tasks)}).",
+            param="task",
+            code="unsupported_task",
+        )
+    if method not in base.methods:
+        raise ApiError(
+            f"Base model '{base.pk}' does not support method '{method}' "
+            f"(it supports: {', '.join(base.methods)}).",
+            param="method",
+            code="unsupported_method",
+        )
+    if adapter not in base.adapters:
+        raise ApiError(
+            f"Base model '{base.pk}' cannot be fine-tuned with adapter '{adapter}' "
+            f"(it supports: {', '.join(base.adapters)}).",
+            param="adapter",
+            code="unsupported_adapter",
+        )
+    allowed = params.FORMATS_FOR.get((task, method))
+    if allowed is None:
+        raise ApiError(
+            f"Method '{method}' is not available for task '{task}'.",
+            param="method",
+            code="unsupported_method",
+        )
+    if data_format not in allowed:
+        raise ApiError(
+            f"A {task} job with method '{method}' trains on {' or '.join(allowed)} data; "
+            f"this dataset is '{data_format}'.",
+            param=param,
+            code="invalid_training_file",
+        )
+
+
+@transaction.atomic
+def job_create(
+    *, organization: Organization, user_id: str | None, data: dict[str, Any]
+) -> FineTuningJob:
+    """Check everything a user can get wrong now, then create the job in
+    `validating_files`; counting tokens and pricing happen in a control task."""
+    base = _base_model(organization, data["model"])
+    source: File | DatasetVersion
+    training_file = None
+    version = None
+    if "training_file" in data:
+        training_file = source = _file(organization, data["training_file"], "training_file")
+        source_param = "training_file"
+    else:
+        version = source = catalog.usable_version(
+            organization=organization, version_id=data["dataset"]
+        )
+        source_param = "dataset"
+        if version.status != VersionStatus.READY:
+            raise ApiError(
+                f"Dataset version '{version.pk}' is {version.status}; wait until it is ready.",
+                param="dataset",
+                code="invalid_dataset_status",
+            )
+    data_format, rows, labels = _data_summary(source)
+    if rows < 1:
+        raise ApiError("The training data has no rows.", param=source_param, code="empty_file")
+
+    validation_file = None
+    if data.get("validation_file"):
+        validation_file = _file(organization, data["validation_file"], "validation_file")
+        if _data_summary(validation_file)[0] != data_format:
+            raise ApiError(
+                "The validation file must have the same format as the training data "
+                f"('{data_format}').",
+                param="validation_file",
+                code="invalid_validation_file",
+            )
+
+    method, requested = params.requested_hyperparameters(data)
+    task = data["task"]
+    adapter_in = data.get("adapter") or {"type": "lora"}
+    adapter_kind = adapter_in["type"]
+    _check_capabilities(
+        base,
+        task=task,
+        method=method,
+        adapter=adapter_kind,
+        data_format=data_format,
+        param=source_param,
+    )
+    if task == "classification":
+        if OTHER_LABEL in labels or len(labels) < 2:
+            raise ApiError(
+                "A classification job needs between 2 and 1000 distinct labels; this data has "
+                f"{'more than 1000' if OTHER_LABEL in labels else len(labels)}.",
+                param=source_param,
+                code="invalid_training_file",
+            )
+    else:
+        labels = []
+    resolved = params.resolve(requested, rows=rows, adapter=adapter_kind)
+
+    job = FineTuningJob.objects.create(
+        organization=organization,
+        base_model=base,
+        training_file=training_file,
+        validation_file=validation_file,
+        dataset_version=version,
+        data_format=data_format,
+        suffix=data.get("suffix") or "",
+        seed=data["seed"] if data.get("seed") is not None else secrets.randbelow(2**31),
+        metadata=data.get("metadata") or {},
+        task=task,
+        method=method,
+        hyperparameters={**resolved.openai_shape(), "learning_rate": resolved.learning_rate},
+        requested_hyperparameters=requested,
+        adapter=None if adapter_kind == "full" else {k: v for k, v in adapter_in.items()},
+        labels=labels,
+        gpus=data["gpus"],
+        created_by_id=user_id,
+    )
+    event_add(job, f"Created fine-tuning job: {job.pk}")
+    log.info("jobs.created", job_id=job.pk, organization_id=organization.pk, model=base.pk)
+    dispatch.schedule_prepare(job)
+    return job
+
+
+def job_prepare(*, job_id: str) -> FineTuningJob:
+    """Count the training tokens with the base model's tokenizer, price the job, queue it.
+    Safe to run twice: only a job still `validating_files` is touched."""
+    from controlplane.modelregistry.tokens import count_dataset_tokens, training_price
+
+    job = FineTuningJob.objects.dangerously_unscoped().select_related("base_model").get(pk=job_id)
+    if job.status != JobStatus.VALIDATING_FILES:
+        return job
+    storage_name = (
+        job.training_file.storage_name if job.training_file else job.dataset_version.storage_name  # type: ignore[union-attr]
+    )
+    max_len = min(job.base_model.context_length, dispatch.MAX_SEQ_LEN)
+    stats = count_dataset_tokens(
+        base=job.base_model, storage_name=storage_name, format=job.data_format, max_seq_len=max_len
+    )
+    with transaction.atomic():
+        job = FineTuningJob.objects.locked(job)
+        if job.status != JobStatus.VALIDATING_FILES:
+            return job
+        epochs = int(job.hyperparameters["n_epochs"])
+        job.estimated_tokens = stats.total_tokens
+        job.estimated_price = training_price(
+            base=job.base_model, tokens=stats.total_tokens, n_epochs=epochs
+        )
+        job.status = JobStatus.QUEUED
+        job.queued_at = timezone.now()
+        job.save()
+        event_add(
+            job,
+            f"Files validated: {stats.rows} rows, {stats.total_tokens} training tokens per epoch; "
+            f"estimated price for {epochs} epochs: {job.estimated_price}",
+            data={
+                "rows": stats.rows,
+                "tokens_per_epoch": stats.total_tokens,
+                "n_epochs": epochs,
+                "estimated_price": str(job.estimated_price),
+            },
+        )
+        event_add(job, "Fine-tuning job queued")
+        dispatch.schedule_dispatch()
+    return job
+
+
+@transaction.atomic
+def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
+    job = FineTuningJob.objects.locked(job)
+    if job.is_terminal:
+        raise Conflict(
+            f"Job '{job.pk}' has already {job.status}; only an unfinished job can be cancelled.",
+            code="job_not_cancellable",
+        )
+    in_flight = job.dispatched_at is not None
+    job.status = JobStatus.CANCELLED
+    job.finished_at = timezone.now()
+    job.lease_expires_at = None
+    job.save()
+    event_add(job, "Fine-tuning job cancelled by request")
+    if in_flight:
+        dispatch.signal(job, "cancel")
+    dispatch.schedule_dispatch()
+    return job
+
+
+@transaction.atomic
+def job_pause(*, job: FineTuningJob) -> FineTuningJob:
+    """Pause at the next step boundary; the worker checkpoints so resume loses nothing."""
+    job = FineTuningJob.objects.locked(job)
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise Conflict(
+            f"Job '{job.pk}' is {job.status}; only a queued or running job can be paused.",
+            code="job_not_pausable",
+        )
+    in_flight = job.dispatched_at is not None
+    job.status = JobStatus.PAUSED
+    # In flight, `dispatched_at` stays set until the worker reports its pause checkpoint
+    # (or its lease runs out): the job keeps its concurrency slot until then.
+    job.save()
+    event_add(job, "Fine-tuning job pausing" if in_flight else "Fine-tuning job paused")
+    if in_flight:
+        dispatch.signal(job, "pause")
+    dispatch.schedule_dispatch()
+    return job
+
+
+@transaction.atomic
+def job_resume(*, job: FineTuningJob) -> FineTuningJob:
+    job = FineTuningJob.objects.locked(job)
+    if job.status != JobStatus.PAUSED:
+        raise Conflict(
+            f"Job '{job.pk}' is {job.status}; only a paused job can be resumed.",
+            code="job_not_paused",
+        )
+    if job.dispatched_at is not None:
+        raise Conflict(
+            f"Job '{job.pk}' is still pausing: its worker is writing a checkpoint. "
+            "Retry in a few seconds.",
+            code="job_pausing",
+        )
+    job.status = JobStatus.QUEUED
+    job.save()
+    where = f" from step {job.last_checkpoint_step}" if job.last_checkpoint_uri else ""
+    event_add(job, f"Fine-tuning job resumed{where}")
+    dispatch.schedule_dispatch()
+    return job
