@@ -8,6 +8,7 @@ from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
 from controlplane.datasets import catalog_apis as catalog
+from controlplane.modelregistry import apis as models
 from controlplane.tenancy import apis as tenancy
 
 handler400 = "controlplane.core.errors.handler400"
@@ -104,6 +105,10 @@ v1 = [
         catalog.CatalogAccessRequestApi.as_view(),
         name="catalog-access-request",
     ),
+    path("v1/models", models.ModelListApi.as_view(), name="models"),
+    # Model ids hold colons (`ft:base:org:suffix:job`): <path:> takes any id, and an
+    # impossible one is the same 404 `model_not_found` as an unknown one.
+    path("v1/models/<path:model_id>", models.ModelDetailApi.as_view(), name="model-detail"),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]
 

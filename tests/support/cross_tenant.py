@@ -163,6 +163,12 @@ def make_grant(person: Person) -> str:
     return AccessGrant.objects.create(organization=third.organization, listing=listing).pk
 
 
+def make_customer_model(person: Person) -> str:
+    from .registry import customer_model
+
+    return customer_model(person, suffix="secret").pk
+
+
 def member_of(person: Person) -> str:
     return person.membership.pk
 
@@ -193,6 +199,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/catalog/access_requests/{id}", make_grant, ("GET",)),
     Endpoint("/v1/catalog/access_requests/{id}/approve", make_grant, ("POST",)),
     Endpoint("/v1/catalog/access_requests/{id}/decline", make_grant, ("POST",)),
+    Endpoint("/v1/models/{id}", make_customer_model, ("GET", "DELETE")),
 ]
 
 
