@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make run: migrate, then web + control worker + gpu worker + beat in the foreground (Ctrl-C stops all)
+## make run: migrate, install the demo base models, then web + control worker + gpu worker + beat in the foreground (Ctrl-C stops all)
 run: install
 	$(BIN)/atelier manage migrate --noinput
+	$(BIN)/atelier manage install_demo_models
 	@$(BIN)/atelier manage banner
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start -p $(PORT)
 

@@ -89,14 +89,14 @@ def inspect_model_dir(path: Path) -> ModelDir:
             f"Atelier accepts safetensors only. {_CONVERT_HINT} Then remove the pickle files."
         )
     visible = tuple(p for p in everything if not any(part.startswith(".") for part in p.parts))
-    names = {p.as_posix() for p in visible}
+    present = {p.as_posix() for p in visible}
     if not any(p.suffix == ".safetensors" for p in visible):
         raise ModelDirError(f"{path} has no *.safetensors weights. {_CONVERT_HINT}")
-    if "config.json" not in names:
+    if "config.json" not in present:
         raise ModelDirError(
             f"{path} has no config.json: save the model with `save_pretrained` so it has one."
         )
-    if "tokenizer.json" not in names:
+    if "tokenizer.json" not in present:
         raise ModelDirError(
             f"{path} has no tokenizer.json (a fast tokenizer): save one with "
             "`AutoTokenizer.from_pretrained(path).save_pretrained(path)`."
