@@ -1,16 +1,17 @@
-"""The official `openai` SDK, in-process: no network, and inside the test's database transaction."""
+"""The official `openai` SDK pointed at the platform, in-process (no network)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
 
 
-@contextlib.contextmanager
-def in_process_openai(key: str) -> Iterator[openai.OpenAI]:
+@contextmanager
+def in_process_sdk(api_key: str) -> Iterator[openai.OpenAI]:
+    """WSGI transport into Django: same database transaction as the test."""
     from django.core import signals
     from django.core.wsgi import get_wsgi_application
     from django.db import close_old_connections
@@ -23,9 +24,8 @@ def in_process_openai(key: str) -> Iterator[openai.OpenAI]:
     )
     try:
         yield openai.OpenAI(
-            api_key=key, base_url="http://testserver/v1", http_client=http, max_retries=0
+            api_key=api_key, base_url="http://testserver/v1", http_client=http, max_retries=0
         )
     finally:
-        http.close()
         signals.request_started.connect(close_old_connections)
         signals.request_finished.connect(close_old_connections)

@@ -10,12 +10,12 @@ from controlplane.modelregistry import services
 from controlplane.modelregistry.models import BaseModel
 from tests.support.models import tiny_model_dir
 from tests.support.people import Person
-from tests.support.sdk import in_process_openai
+from tests.support.sdk import in_process_sdk
 
 
 @pytest.fixture
 def sdk(alice: Person) -> Iterator[openai.OpenAI]:
-    with in_process_openai(alice.key) as client:
+    with in_process_sdk(alice.key) as client:
         yield client
 
 
