@@ -17,7 +17,8 @@ from jobcontracts import queues
 from jobcontracts.broker import celery_config
 
 # No fixups: Celery would otherwise import Django whenever DJANGO_SETTINGS_MODULE is set.
-app = Celery("gpuworkers", fixups=[])
+# `include`: the worker imports the task modules at start (they import no torch).
+app = Celery("gpuworkers", fixups=[], include=["gpuworkers.training.task"])
 app.conf.update(celery_config())
 app.conf.task_routes = {"gpuworkers.*": {"queue": queues.GPU_TRAINING}}
 

@@ -116,7 +116,7 @@ def build(
 
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=train_tokenizer(vocab_size),
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
@@ -127,7 +127,7 @@ def build(
     )
     fast.chat_template = CHAT_TEMPLATE
     config = _config(family, len(fast), hidden=hidden, layers=layers, context=context)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     model.save_pretrained(out, safe_serialization=True)
     fast.save_pretrained(out)
     (out / "atelier.json").write_text(

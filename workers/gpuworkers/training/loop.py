@@ -1,0 +1,285 @@
+"""The training loop's state and steps: optimizer, batches, evaluation, checkpoints.
+
+Step `n` (1-based) trains on the rows `BatchOrder.rows(n)`, split across ranks;
+before it, the global RNG is seeded from (seed, n), so dropout and the data a step
+sees are the same whether the run was resumed or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpuworkers import storage
+from gpuworkers.training import checkpoint, modeling, objectives
+from gpuworkers.training.control import Heartbeat, ReportSender
+from gpuworkers.training.data import BatchOrder, TokenizedSet
+from gpuworkers.training.distributed import World
+from gpuworkers.training.errors import TrainingError
+from jobcontracts.training import CHECKPOINT, METRICS, PROGRESS, STARTED, SUCCEEDED, TrainingSpec
+
+MAX_GRAD_NORM = 1.0
+PROGRESS_EVERY_SECONDS = 1.0
+
+
+class Trainer:
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        loaded: modeling.Loaded,
+        train: TokenizedSet,
+        valid: TokenizedSet | None,
+        world: World,
+        workdir: Path,
+        heartbeat: Heartbeat,
+        sender: ReportSender,
+    ) -> None:
+        self.spec, self.loaded, self.train, self.valid = spec, loaded, train, valid
+        self.world, self.workdir, self.heartbeat, self.sender = world, workdir, heartbeat, sender
+        hp = spec.hyperparameters
+        self.order = BatchOrder(len(train), hp.batch_size, hp.seed)
+        self.total_steps = self.order.per_epoch * hp.n_epochs
+        self.step = 0
+        self.resumed_from = 0
+        self.trained_tokens = 0
+        self.metrics: dict[str, float] = {}
+        self.pad_id = int(loaded.tokenizer.pad_token_id)
+        trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+        self.params = trainable
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay
+        )
+        warmup = int(hp.warmup_ratio * self.total_steps)
+        total = self.total_steps
+
+        def schedule(done: int) -> float:  # linear warmup, then linear decay
+            if done < warmup:
+                return (done + 1) / (warmup + 1)
+            return max(0.0, (total - done) / max(1, total - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.model = world.wrap(loaded.model)
+        self.bf16 = world.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self._last_checkpoint: tuple[int, str] | None = None
+        self._checkpoint_clock = time.monotonic()
+        self._progress_clock = 0.0
+        self._clock = 0.0
+        self._tokens_at_start = 0
+
+    # --- state -------------------------------------------------------------------------
+
+    def resume(self, directory: Path) -> None:
+        state = checkpoint.read_state(directory)
+        if state.get("total_steps") not in (None, self.total_steps):
+            raise TrainingError(
+                "checkpoint_mismatch",
+                f"the checkpoint was made for {state['total_steps']} steps, this job has "
+                f"{self.total_steps}: resume with the same data and hyperparameters",
+            )
+        checkpoint.load_optimizer(
+            directory / checkpoint.OPTIMIZER_FILE, self.optimizer, self.scheduler
+        )
+        self.step = self.resumed_from = int(state["step"])
+        self.trained_tokens = int(state.get("trained_tokens", 0))
+        self.metrics = {k: float(v) for k, v in dict(state.get("metrics") or {}).items()}
+
+    def _state(self) -> dict[str, Any]:
+        hp = self.spec.hyperparameters
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.order.epoch(max(self.step, 1)) + 1,
+            "trained_tokens": self.trained_tokens,
+            "metrics": self.metrics,
+            "seed": hp.seed,
+            "rng": "data order: randperm(seed*1000003+epoch); step n: manual_seed(seed*1000003+n)",
+            "world_size": self.world.size,
+            "job_id": self.spec.job_id,
+            "attempt": self.spec.attempt,
+            "base_model": self.spec.base_model.name,
+            "artifact_kind": self.loaded.kind,
+        }
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def started(self) -> None:
+        self.heartbeat.phase = "training"
+        self.sender.send(
+            STARTED,
+            {
+                "total_steps": self.total_steps,
+                "resumed_from_step": self.resumed_from,
+                "device": str(self.world.device.type),
+                "world_size": self.world.size,
+            },
+        )
+        self._clock = time.monotonic()
+        self._tokens_at_start = self.trained_tokens
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _my_batch(self, rows: list[int]) -> tuple[dict[str, torch.Tensor], float]:
+        mine = rows[self.world.rank :: self.world.size]
+        # A rank with no rows (the last, short batch) still runs a step so DDP's
+        # gradient sync lines up; its contribution is multiplied by zero.
+        weight = 1.0 if mine else 0.0
+        batch = self.train.collate(mine or rows[:1], self.pad_id)
+        return {k: v.to(self.world.device) for k, v in batch.items()}, weight
+
+    def train_step(self) -> None:
+        step = self.step + 1
+        hp = self.spec.hyperparameters
+        torch.manual_seed(hp.seed * 1_000_003 + step)
+        lr = float(self.scheduler.get_last_lr()[0])
+        batch, weight = self._my_batch(self.order.rows(step))
+        with self._autocast():
+            sums = objectives.compute(
+                self.train.kind, self.model, batch, reference=self.loaded.reference, beta=hp.beta
+            )
+        loss_sum, count, tokens = self.world.sum(
+            [float(sums.loss.detach()) * weight, sums.count * weight, sums.tokens * weight]
+        )
+        # Mean over the whole (global) batch; DDP averages gradients over ranks.
+        torch.autograd.backward(sums.loss * weight * self.world.size / max(count, 1.0))
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        train_loss = loss_sum / max(count, 1.0)
+        if not math.isfinite(train_loss):
+            raise TrainingError(
+                "training_diverged",
+                f"the loss became {train_loss} at step {step}: lower learning_rate",
+            )
+        self.step = step
+        self.trained_tokens += int(tokens)
+        self.metrics["train_loss"] = train_loss
+        self._progress(step, train_loss, lr)
+        self._after_step(step)
+
+    def _progress(self, step: int, train_loss: float, lr: float) -> None:
+        now = time.monotonic()
+        first, last = step == self.resumed_from + 1, step == self.total_steps
+        if not (first or last or now - self._progress_clock >= PROGRESS_EVERY_SECONDS):
+            return
+        self._progress_clock = now
+        elapsed = max(now - self._clock, 1e-9)
+        done = step - self.resumed_from
+        tokens_now = self.trained_tokens - self._tokens_at_start
+        self.sender.send(
+            PROGRESS,
+            {
+                "step": step,
+                "total_steps": self.total_steps,
+                "epoch": self.order.epoch(step) + 1,
+                "train_loss": train_loss,
+                "learning_rate": lr,
+                "tokens_per_second": tokens_now / elapsed,
+                "eta_seconds": (self.total_steps - step) * elapsed / done,
+                "trained_tokens": self.trained_tokens,
+            },
+        )
+
+    def _after_step(self, step: int) -> None:
+        spec = self.spec
+        if self.valid is not None:
+            every = spec.eval_every_steps
+            due = step % every == 0 if every > 0 else step % self.order.per_epoch == 0
+            if due or step == self.total_steps:
+                self.evaluate(step)
+        if step < self.total_steps:
+            by_steps = spec.checkpoint_every_steps > 0 and step % spec.checkpoint_every_steps == 0
+            elapsed = time.monotonic() - self._checkpoint_clock
+            by_time = 0 < spec.checkpoint_every_seconds <= elapsed and self.world.is_main
+            if by_steps or by_time:
+                self.checkpoint()
+
+    def evaluate(self, step: int) -> None:
+        assert self.valid is not None
+        self.heartbeat.phase = "evaluating"
+        model = modeling.unwrap(self.model)
+        model.eval()
+        totals = [0.0, 0.0, 0.0]
+        rows = list(range(self.world.rank, len(self.valid), self.world.size))
+        size = self.spec.hyperparameters.batch_size
+        with torch.no_grad():
+            for start in range(0, len(rows), size):
+                batch = self.valid.collate(rows[start : start + size], self.pad_id)
+                batch = {k: v.to(self.world.device) for k, v in batch.items()}
+                with self._autocast():
+                    sums = objectives.compute(
+                        self.valid.kind,
+                        model,
+                        batch,
+                        reference=self.loaded.reference,
+                        beta=self.spec.hyperparameters.beta,
+                    )
+                totals[0] += float(sums.loss)
+                totals[1] += sums.count
+                totals[2] += sums.correct
+        model.train()
+        loss, count, correct = self.world.sum(totals)
+        found = objectives.metrics(self.valid.kind, loss=loss, count=count, correct=correct)
+        self.metrics.update(found)
+        self.heartbeat.phase = "training"
+        self.sender.send(METRICS, {"step": step, **found})
+
+    def checkpoint(self) -> str:
+        """Write (rank 0) and report a checkpoint of the current step; returns its URI."""
+        if self._last_checkpoint is not None and self._last_checkpoint[0] == self.step:
+            return self._last_checkpoint[1]
+        uri = storage.join(self.spec.output_uri, "checkpoints", checkpoint.name(self.step))
+        if self.world.is_main:
+            self.heartbeat.phase = "checkpointing"
+            local = self.workdir / checkpoint.name(self.step)
+            modeling.save_weights(
+                self.model, self.loaded.tokenizer, local, base_name=self.spec.base_model.name
+            )
+            checkpoint.save_optimizer(
+                local / checkpoint.OPTIMIZER_FILE, self.optimizer, self.scheduler
+            )
+            checkpoint.write_state(local, self._state())
+            storage.upload_dir(local, uri, last=(checkpoint.STATE_FILE,))
+            shutil.rmtree(local, ignore_errors=True)
+            self.heartbeat.phase = "training"
+            self.sender.send(CHECKPOINT, {"step": self.step, "uri": uri, "metrics": self.metrics})
+        self._last_checkpoint = (self.step, uri)
+        self._checkpoint_clock = time.monotonic()
+        return uri
+
+    def finish(self) -> str:
+        """Write the final artifact (rank 0), report `succeeded`; returns its URI."""
+        uri = storage.join(self.spec.output_uri, "final")
+        if not self.world.is_main:
+            return uri
+        self.heartbeat.phase = "uploading"
+        local = self.workdir / "final"
+        model = modeling.unwrap(self.model)
+        modeling.save_weights(
+            model, self.loaded.tokenizer, local, base_name=self.spec.base_model.name
+        )
+        modeling.write_manifest(
+            local, spec=self.spec, kind=self.loaded.kind, family=self.loaded.family
+        )
+        names = storage.upload_dir(local, uri, last=("atelier.json",))
+        self.sender.send(
+            SUCCEEDED,
+            {
+                "step": self.step,
+                "trained_tokens": self.trained_tokens,
+                "artifact_uri": uri,
+                "artifact_files": names,
+                "artifact_kind": self.loaded.kind,
+                "metrics": self.metrics,
+            },
+        )
+        return uri

@@ -1,0 +1,106 @@
+"""Losses as sums over a batch (the caller divides by the global count, so a batch
+split across ranks gets exactly the gradient of the whole batch on one device).
+
+- causal LM: cross-entropy of each learned token given the tokens before it;
+- classification: cross-entropy of each row's label;
+- DPO (Rafailov et al. 2023), per pair: -logsigmoid(beta * ((logp(chosen) - logp(rejected))
+  - (ref_logp(chosen) - ref_logp(rejected)))), log-probabilities summed over the response
+  tokens; the reference is the frozen base model (under LoRA: the same model, adapter off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gpuworkers.training.data import IGNORE
+
+
+@dataclass
+class Sums:
+    loss: torch.Tensor  # summed over units, differentiable
+    count: float  # units: learned tokens (causal LM) or rows (classification, DPO pairs)
+    correct: float  # argmax hits (tokens, rows) or pairs the policy prefers correctly
+    tokens: int  # non-padding tokens in the batch
+
+
+def compute(
+    kind: str, model: Any, batch: dict[str, torch.Tensor], *, reference: Any, beta: float
+) -> Sums:
+    tokens = int(batch["attention_mask"].sum())
+    if kind == "classification":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = float((logits.argmax(-1) == labels).sum())
+        return Sums(loss, float(labels.numel()), correct, tokens)
+    if kind == "preference":
+        return _dpo(model, batch, reference=reference, beta=beta, tokens=tokens)
+    logits = _logits(model, batch)[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    learned = labels != IGNORE
+    correct = float(((logits.argmax(-1) == labels) & learned).sum())
+    return Sums(loss, float(learned.sum()), correct, tokens)
+
+
+def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    logits: torch.Tensor = out.logits
+    return logits
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of log p(token | prefix) over each sequence's learned tokens."""
+    logits = _logits(model, batch)[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    learned = labels != IGNORE
+    index = labels.clamp(min=0).unsqueeze(-1)
+    token_logps = logits.gather(-1, index).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logps * learned).sum(-1)
+
+
+def _dpo(
+    model: Any, batch: dict[str, torch.Tensor], *, reference: Any, beta: float, tokens: int
+) -> Sums:
+    with torch.no_grad():
+        if reference is not None:
+            ref = sequence_logps(reference, batch)
+        else:
+            ref = sequence_logps_without_adapter(model, batch)
+    policy = sequence_logps(model, batch)
+    pairs = policy.size(0) // 2
+    margin = (policy[:pairs] - policy[pairs:]) - (ref[:pairs] - ref[pairs:])
+    logits = beta * margin
+    loss = -F.logsigmoid(logits).sum()
+    return Sums(loss, float(pairs), float((logits > 0).sum()), tokens)
+
+
+def sequence_logps_without_adapter(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    context = (
+        base.disable_adapter() if hasattr(base, "disable_adapter") else contextlib.nullcontext()
+    )
+    with context:
+        return sequence_logps(base, batch)
+
+
+def metrics(kind: str, *, loss: float, count: float, correct: float) -> dict[str, float]:
+    """Validation metrics from global sums (names as in the report contract)."""
+    count = max(count, 1.0)
+    if kind == "classification":
+        return {"valid_loss": loss / count, "valid_accuracy": correct / count}
+    if kind == "preference":
+        return {"valid_loss": loss / count, "valid_reward_accuracy": correct / count}
+    return {"valid_loss": loss / count, "valid_mean_token_accuracy": correct / count}
