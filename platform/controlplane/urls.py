@@ -50,6 +50,7 @@ v1 = [
     path("v1/files", datasets.FileListCreateApi.as_view(), name="files"),
     path("v1/files/<str:file_id>", datasets.FileDetailApi.as_view(), name="file-detail"),
     path("v1/files/<str:file_id>/content", datasets.FileContentApi.as_view(), name="file-content"),
+    path("v1/files/<str:file_id>/validate", models.FileValidateApi.as_view(), name="file-validate"),
     path("v1/uploads", datasets.UploadCreateApi.as_view(), name="uploads"),
     path("v1/uploads/<str:upload_id>", datasets.UploadDetailApi.as_view(), name="upload-detail"),
     path("v1/uploads/<str:upload_id>/parts", datasets.UploadPartApi.as_view(), name="upload-parts"),

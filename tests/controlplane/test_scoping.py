@@ -16,7 +16,7 @@ from controlplane.datasets.models import (
     Upload,
     UploadPart,
 )
-from controlplane.modelregistry.models import CustomerModel
+from controlplane.modelregistry.models import CustomerModel, FileEstimate
 from controlplane.tenancy.models import Invitation, Membership
 from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
 from tests.support.people import Person
@@ -37,6 +37,7 @@ OWNED = [
     AccessGrant,
     PartnerUsage,
     CustomerModel,
+    FileEstimate,
 ]
 
 

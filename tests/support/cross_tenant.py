@@ -169,6 +169,24 @@ def make_customer_model(person: Person) -> str:
     return customer_model(person, suffix="secret").pk
 
 
+def make_processed_file(person: Person) -> str:
+    """A training file that passed validation, and a base model to report on it for."""
+    from controlplane.datasets.models import File
+
+    from .registry import base_model
+
+    base_model()
+    file_id = make_file(person)
+    File.objects.for_organization(person.organization).filter(pk=file_id).update(
+        purpose="fine-tune", status="processed", validation={"format": "text", "rows": 1}
+    )
+    return file_id
+
+
+def _own_processed_file(attacker: Person) -> dict[str, str]:
+    return {"file": make_processed_file(attacker)}
+
+
 def member_of(person: Person) -> str:
     return person.membership.pk
 
@@ -187,6 +205,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/organization/invites/{id}", make_invite, ("GET", "DELETE")),
     Endpoint("/v1/files/{id}", make_file, ("GET", "DELETE")),
     Endpoint("/v1/files/{id}/content", make_file, ("GET",)),
+    Endpoint("/v1/files/{id}/validate", make_processed_file, ("POST",), {"model": "test-base"}),
     Endpoint("/v1/uploads/{id}", make_upload, ("GET",)),
     Endpoint("/v1/uploads/{id}/parts", make_upload, ("POST",)),
     Endpoint("/v1/uploads/{id}/complete", make_upload, ("POST",), {"part_ids": ["part_x"]}),
@@ -214,6 +233,12 @@ def _as_data_partner(attacker: Person) -> dict[str, str]:
 
 
 BODY_REFERENCES: list[BodyReference] = [
+    BodyReference(
+        "POST",
+        "/v1/files/{file}/validate",
+        lambda victim: {"model": make_customer_model(victim)},
+        prepare=_own_processed_file,
+    ),
     BodyReference(
         "POST",
         "/v1/organization/api_keys",

@@ -15,6 +15,7 @@ from typing import Final
 
 from django.db import models
 
+from controlplane.core.ids import new_id
 from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
 
 TASKS: Final = ("causal_lm", "classification", "embeddings")
@@ -101,3 +102,56 @@ class CustomerModel(OrganizationOwned):
     @property
     def owned_by(self) -> str:
         return str(self.organization_id)
+
+
+def new_estimate_id() -> str:
+    return new_id("fest")
+
+
+class EstimateStatus(models.TextChoices):
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class FileEstimate(OrganizationOwned):
+    """A file's pre-job report for one base model and sequence limit (`/v1/files/{id}/validate`).
+
+    Token counts depend on the model's tokenizer and the sequence limit, not on
+    the number of epochs (the price is the trained tokens times the epochs), so
+    one row serves every `n_epochs`. Files and base models never change, so a
+    completed row never goes stale.
+    """
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_estimate_id, editable=False)
+    file = models.ForeignKey("datasets.File", on_delete=models.CASCADE, related_name="+")
+    base = models.ForeignKey(BaseModel, on_delete=models.CASCADE, related_name="+")
+    max_seq_len = models.PositiveIntegerField(null=True, blank=True)
+    status = models.CharField(
+        max_length=16, choices=EstimateStatus.choices, default=EstimateStatus.IN_PROGRESS
+    )
+    #: Token statistics (`tokens.TokenStats.to_dict()`) and duplicate counts.
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    #: When the current computation was started or sent to the `control` queue.
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = OrganizationScopedManager["FileEstimate"]()
+
+    class Meta(OrganizationOwned.Meta):
+        constraints = [
+            # Two partial constraints rather than nulls_distinct=False: SQLite has no such option.
+            models.UniqueConstraint(
+                fields=["file", "base", "max_seq_len"], name="one_estimate_per_limit"
+            ),
+            models.UniqueConstraint(
+                fields=["file", "base"],
+                condition=models.Q(max_seq_len__isnull=True),
+                name="one_estimate_per_model",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.file_id} on {self.base_id} ({self.status})"
