@@ -8,6 +8,7 @@ from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
 from controlplane.datasets import catalog_apis as catalog
+from controlplane.jobs import apis as jobs
 from controlplane.modelregistry import apis as models
 from controlplane.tenancy import apis as tenancy
 
@@ -110,6 +111,30 @@ v1 = [
     # Model ids hold colons (`ft:base:org:suffix:job`): <path:> takes any id, and an
     # impossible one is the same 404 `model_not_found` as an unknown one.
     path("v1/models/<path:model_id>", models.ModelDetailApi.as_view(), name="model-detail"),
+    path("v1/fine_tuning/jobs", jobs.JobListCreateApi.as_view(), name="fine-tuning-jobs"),
+    path(
+        "v1/fine_tuning/jobs/<str:job_id>",
+        jobs.JobDetailApi.as_view(),
+        name="fine-tuning-job-detail",
+    ),
+    *(
+        path(
+            f"v1/fine_tuning/jobs/<str:job_id>/{action}",
+            jobs.JobActionApi.as_view(action=action),
+            name=f"fine-tuning-job-{action}",
+        )
+        for action in ("cancel", "pause", "resume")
+    ),
+    path(
+        "v1/fine_tuning/jobs/<str:job_id>/events",
+        jobs.JobEventListApi.as_view(),
+        name="fine-tuning-job-events",
+    ),
+    path(
+        "v1/fine_tuning/jobs/<str:job_id>/checkpoints",
+        jobs.JobCheckpointListApi.as_view(),
+        name="fine-tuning-job-checkpoints",
+    ),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]
 

@@ -16,6 +16,7 @@ from controlplane.datasets.models import (
     Upload,
     UploadPart,
 )
+from controlplane.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from controlplane.modelregistry.models import CustomerModel, FileEstimate
 from controlplane.tenancy.models import Invitation, Membership
 from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
@@ -38,6 +39,9 @@ OWNED = [
     PartnerUsage,
     CustomerModel,
     FileEstimate,
+    FineTuningJob,
+    JobEvent,
+    JobCheckpoint,
 ]
 
 

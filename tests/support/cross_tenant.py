@@ -169,6 +169,21 @@ def make_customer_model(person: Person) -> str:
     return customer_model(person, suffix="secret").pk
 
 
+def make_job(person: Person) -> str:
+    from controlplane.jobs.models import FineTuningJob
+
+    from .jobs import register_tiny_llama
+
+    return FineTuningJob.objects.create(
+        organization=person.organization,
+        base_model=register_tiny_llama(real=False),
+        data_format="chat",
+        seed=1,
+        hyperparameters={"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0},
+        status="running",
+    ).pk
+
+
 def make_processed_file(person: Person) -> str:
     """A training file that passed validation, and a base model to report on it for."""
     from controlplane.datasets.models import File
@@ -219,6 +234,12 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/catalog/access_requests/{id}/approve", make_grant, ("POST",)),
     Endpoint("/v1/catalog/access_requests/{id}/decline", make_grant, ("POST",)),
     Endpoint("/v1/models/{id}", make_customer_model, ("GET", "DELETE")),
+    Endpoint("/v1/fine_tuning/jobs/{id}", make_job, ("GET",)),
+    Endpoint("/v1/fine_tuning/jobs/{id}/cancel", make_job, ("POST",)),
+    Endpoint("/v1/fine_tuning/jobs/{id}/pause", make_job, ("POST",)),
+    Endpoint("/v1/fine_tuning/jobs/{id}/resume", make_job, ("POST",)),
+    Endpoint("/v1/fine_tuning/jobs/{id}/events", make_job, ("GET",)),
+    Endpoint("/v1/fine_tuning/jobs/{id}/checkpoints", make_job, ("GET",)),
 ]
 
 
@@ -232,12 +253,44 @@ def _as_data_partner(attacker: Person) -> dict[str, str]:
     return {}
 
 
+def _with_base_model(attacker: Person) -> dict[str, str]:
+    from .jobs import register_tiny_llama
+
+    register_tiny_llama(real=False)  # so a 404 can only come from the foreign id
+    return {}
+
+
+def _victim_validated_file(victim: Person) -> str:
+    from controlplane.datasets.models import File
+
+    file_id = make_file(victim)
+    File.objects.for_organization(victim.organization).filter(pk=file_id).update(
+        purpose="fine-tune", status="processed", validation={"format": "chat", "rows": 3}
+    )
+    return file_id
+
+
 BODY_REFERENCES: list[BodyReference] = [
     BodyReference(
         "POST",
         "/v1/files/{file}/validate",
         lambda victim: {"model": make_customer_model(victim)},
         prepare=_own_processed_file,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/fine_tuning/jobs",
+        lambda victim: {
+            "model": "atelier-tiny-llama",
+            "training_file": _victim_validated_file(victim),
+        },
+        prepare=_with_base_model,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/fine_tuning/jobs",
+        lambda victim: {"model": "atelier-tiny-llama", "dataset": make_version(victim)[1]},
+        prepare=_with_base_model,
     ),
     BodyReference(
         "POST",

@@ -75,11 +75,15 @@ def _checkpoint(job: FineTuningJob, step: int, uri: str, metrics: dict[str, Any]
         task=job.task,
         labels=job.labels,
     )
-    JobCheckpoint.objects.get_or_create(
-        organization_id=job.organization_id,
+    JobCheckpoint.objects.for_organization(job.organization_id).get_or_create(
         job=job,
         step_number=step,
-        defaults={"metrics": metrics, "uri": uri, "fine_tuned_model_checkpoint": model.pk},
+        defaults={
+            "organization_id": job.organization_id,
+            "metrics": metrics,
+            "uri": uri,
+            "fine_tuned_model_checkpoint": model.pk,
+        },
     )
     if step >= job.last_checkpoint_step:
         job.last_checkpoint_step = step
