@@ -86,6 +86,7 @@ def _wait_http(server: Server, timeout: float = 30) -> None:
 @contextmanager
 def worker(kind: str, tmp: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """`atelier worker <kind>` (a real Celery worker) until the block ends."""
+    tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / f"{kind}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
