@@ -100,7 +100,9 @@ def build_spec(job: FineTuningJob) -> TrainingSpec:
         )
     validation = None
     if job.validation_file is not None:
-        validation = DataRef(uri=object_uri(job.validation_file.storage_name), format=job.data_format)
+        validation = DataRef(
+            uri=object_uri(job.validation_file.storage_name), format=job.data_format
+        )
     prefix = job_prefix(job)
     return TrainingSpec(
         job_id=job.pk,

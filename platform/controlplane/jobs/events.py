@@ -38,5 +38,3 @@ def job_fail(job: FineTuningJob, *, code: str, message: str, param: str | None =
     job.save()
     event_add(job, message, level=EventLevel.ERROR)
     log.warning("jobs.failed", job_id=job.pk, code=code)
-
-

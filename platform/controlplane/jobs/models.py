@@ -122,9 +122,7 @@ class JobEvent(OrganizationOwned):
     """What happened to a job, in OpenAI's event shape. Events made from a worker report
     carry its `(attempt, seq)`: the unique constraint makes applying a report idempotent."""
 
-    id = models.CharField(
-        primary_key=True, max_length=40, default=new_job_event_id, editable=False
-    )
+    id = models.CharField(primary_key=True, max_length=40, default=new_job_event_id, editable=False)
     job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="events")
     level = models.CharField(max_length=8, choices=EventLevel.choices, default=EventLevel.INFO)
     type = models.CharField(max_length=16, default="message")  # message | metrics
@@ -138,9 +136,7 @@ class JobEvent(OrganizationOwned):
 
     class Meta(OrganizationOwned.Meta):
         constraints = [
-            models.UniqueConstraint(
-                fields=["job", "attempt", "seq"], name="one_event_per_report"
-            )
+            models.UniqueConstraint(fields=["job", "attempt", "seq"], name="one_event_per_report")
         ]
         indexes = [models.Index(fields=["job", "-id"])]
 

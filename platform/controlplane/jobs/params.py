@@ -39,7 +39,7 @@ METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
 
 
 class AutoOr(serializers.Field):  # type: ignore[type-arg]
-    """"auto" or a number in range (as OpenAI: `n_epochs: "auto" | int`)."""
+    """ "auto" or a number in range (as OpenAI: `n_epochs: "auto" | int`)."""
 
     def __init__(self, kind: type, low: float, high: float, **kwargs: Any) -> None:
         self.kind, self.low, self.high = kind, low, high
@@ -193,9 +193,7 @@ def resolve(requested: dict[str, Any], *, rows: int, adapter: str) -> Resolved:
         elif rows * n_epochs > MAX_TARGET_EXAMPLES:
             n_epochs = max(1, MAX_TARGET_EXAMPLES // max(rows, 1))
     if n_epochs > settings.JOBS_MAX_EPOCHS:
-        raise ApiError(
-            f"n_epochs may be at most {settings.JOBS_MAX_EPOCHS}.", param="n_epochs"
-        )
+        raise ApiError(f"n_epochs may be at most {settings.JOBS_MAX_EPOCHS}.", param="n_epochs")
     batch_size = requested["batch_size"]
     if batch_size == AUTO:
         batch_size = max(1, min(MAX_BATCH_SIZE, round(rows * 0.002)))

@@ -20,7 +20,7 @@ from controlplane.modelregistry.services import customer_model_register
 from jobcontracts import training as contract
 
 from . import dispatch
-from .events import event_add, job_fail
+from .events import job_fail
 from .models import FineTuningJob, JobCheckpoint, JobEvent, JobStatus
 
 log = structlog.get_logger(__name__)
@@ -207,5 +207,3 @@ def _apply(job: FineTuningJob, report: contract.Report) -> None:
                 message=str(d.get("message") or "Training failed."),
                 param=d.get("param"),
             )
-
-

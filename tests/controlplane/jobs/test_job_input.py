@@ -177,9 +177,7 @@ def test_oversized_bodies_are_413(alice: Person, chat_file: str) -> None:
     assert "error" in response.json()
 
 
-def test_unauthenticated_and_read_only_callers_are_refused(
-    alice: Person, chat_file: str
-) -> None:
+def test_unauthenticated_and_read_only_callers_are_refused(alice: Person, chat_file: str) -> None:
     assert client_with(None).get("/v1/fine_tuning/jobs").status_code == 401
     viewer = join(alice.organization, "vic@acme.test", "viewer")
     response = viewer.client.post(

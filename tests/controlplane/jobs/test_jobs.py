@@ -101,9 +101,15 @@ def run_to_success(job_id: str, attempt: int = 1, steps: int = 4) -> Worker:
     worker.report(contract.STARTED, total_steps=steps, resumed_from_step=0, device="cpu")
     for step in range(1, steps + 1):
         worker.report(
-            contract.PROGRESS, step=step, total_steps=steps, train_loss=2.0 / step, trained_tokens=step * 10
+            contract.PROGRESS,
+            step=step,
+            total_steps=steps,
+            train_loss=2.0 / step,
+            trained_tokens=step * 10,
         )
-    worker.report(contract.CHECKPOINT, step=2, uri="file:///ckpt/step-2", metrics={"train_loss": 1.0})
+    worker.report(
+        contract.CHECKPOINT, step=2, uri="file:///ckpt/step-2", metrics={"train_loss": 1.0}
+    )
     worker.report(
         contract.SUCCEEDED,
         step=steps,
@@ -119,7 +125,11 @@ def test_reports_move_the_job_to_succeeded_with_a_model_and_checkpoints(
     alice: Person, chat_file: str, django_capture_on_commit_callbacks: Any
 ) -> None:
     job_id = create_job(
-        alice, django_capture_on_commit_callbacks, model=TINY_LLAMA, training_file=chat_file, suffix="s1"
+        alice,
+        django_capture_on_commit_callbacks,
+        model=TINY_LLAMA,
+        training_file=chat_file,
+        suffix="s1",
     ).json()["id"]
     with django_capture_on_commit_callbacks(execute=True):
         run_to_success(job_id)
@@ -138,7 +148,8 @@ def test_reports_move_the_job_to_succeeded_with_a_model_and_checkpoints(
     assert job["fine_tuned_model"] in models
     assert checkpoint["fine_tuned_model_checkpoint"] in models
     metrics = [
-        e for e in alice.client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+        e
+        for e in alice.client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
         if e["type"] == "metrics"
     ]
     assert len(metrics) == 4
@@ -173,7 +184,10 @@ def test_trained_tokens_are_recorded_once_even_if_a_late_attempt_succeeds_again(
         late.seq = 100
         late.report(contract.SUCCEEDED, step=4, trained_tokens=999, artifact_uri="file:///other")
         stale = Worker(job_id, 0)
-        assert stale.report(contract.SUCCEEDED, step=4, trained_tokens=999, artifact_uri="x") == "stale"
+        assert (
+            stale.report(contract.SUCCEEDED, step=4, trained_tokens=999, artifact_uri="x")
+            == "stale"
+        )
 
     job = job_of(alice, job_id)
     assert job["trained_tokens"] == 40
@@ -241,7 +255,9 @@ def test_a_user_data_error_fails_at_once_and_an_unexpected_one_is_retried(
         alice, django_capture_on_commit_callbacks, model=TINY_LLAMA, training_file=chat_file
     ).json()["id"]
     with django_capture_on_commit_callbacks(execute=True):
-        Worker(retried, 1).report(contract.FAILED, code="internal", message="CUDA error", retryable=True)
+        Worker(retried, 1).report(
+            contract.FAILED, code="internal", message="CUDA error", retryable=True
+        )
     assert job_of(alice, retried)["attempt"] == 2
 
     failed = create_job(
@@ -249,7 +265,10 @@ def test_a_user_data_error_fails_at_once_and_an_unexpected_one_is_retried(
     ).json()["id"]
     FineTuningJob.objects.dangerously_unscoped().filter(pk=failed).update(attempt=1)
     Worker(failed, 1).report(
-        contract.FAILED, code="invalid_training_file", message="Row 3 has no tokens.", retryable=False
+        contract.FAILED,
+        code="invalid_training_file",
+        message="Row 3 has no tokens.",
+        retryable=False,
     )
     job = job_of(alice, failed)
     assert job["status"] == "failed"

@@ -7,6 +7,7 @@ The reaper is called here the way beat calls it (every few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -52,7 +53,9 @@ def upload(person: Person, rows: int) -> str:
 
     f = io.BytesIO(chat_rows(rows))
     f.name = "train.jsonl"
-    response = person.client.post("/v1/files", {"file": f, "purpose": "fine-tune"}, format="multipart")
+    response = person.client.post(
+        "/v1/files", {"file": f, "purpose": "fine-tune"}, format="multipart"
+    )
     assert response.status_code == 200, response.content
     return str(response.json()["id"])
 
@@ -108,10 +111,8 @@ def kill_tree(pid: int) -> None:
         children.extend(int(c) for c in text)
     os.kill(pid, signal.SIGKILL)
     for child in children:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def events(person: Person, job_id: str) -> list[dict[str, Any]]:
@@ -134,9 +135,7 @@ def test_a_killed_worker_is_noticed_and_the_job_resumes_from_its_checkpoint(
             lambda: job(victim).attempt == 2, "the lease to expire", timeout=60, reap=True
         )
         with worker("gpu", tmp_path / "gpu2", **ENV):
-            wait_for(
-                lambda: job(victim).status == JobStatus.SUCCEEDED, "the retry", reap=True
-            )
+            wait_for(lambda: job(victim).status == JobStatus.SUCCEEDED, "the retry", reap=True)
 
     done, ref = job(victim), job(reference)
     assert lost_after < float(LEASE) + 10
@@ -170,8 +169,10 @@ def test_pause_resume_and_cancel_reach_a_real_worker_within_seconds(
 
         assert alice.client.post(f"{url}/cancel").json()["status"] == "cancelled"
         cancelled_in = wait_for(
-            lambda: any("cancelled" in e["message"] and e["message"].startswith("Training")
-                        for e in events(alice, job_id)),
+            lambda: any(
+                "cancelled" in e["message"] and e["message"].startswith("Training")
+                for e in events(alice, job_id)
+            ),
             "the worker to stop",
         )
 
