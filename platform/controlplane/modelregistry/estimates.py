@@ -82,7 +82,8 @@ def file_estimate_request(
     sent to the `control` queue after commit (the returned row is then
     `in_progress`). A failed computation is returned as such, and retried by a
     request made FILE_ESTIMATE_RETRY_SECONDS after it failed; one in progress for
-    longer than FILE_ESTIMATE_STALE_SECONDS (a worker died) is started again.
+    longer than FILE_ESTIMATE_STALE_SECONDS (a worker died; 5 minutes for a file
+    counted in the request) is started again.
     """
     file_estimate_check(file)
     now = timezone.now()
@@ -101,7 +102,7 @@ def file_estimate_request(
                     )
             except IntegrityError:  # made by a concurrent request: use theirs
                 return estimate.get()
-        elif not _due(found, now):
+        elif not _due(found, now, sync=file.bytes <= settings.FILE_ESTIMATE_SYNC_MAX_BYTES):
             return found
         else:
             found.status = EstimateStatus.IN_PROGRESS
@@ -118,13 +119,19 @@ def file_estimate_request(
     return found
 
 
-def _due(estimate: FileEstimate, now: datetime) -> bool:
+#: A small file's count runs in a request, which never lasts this long: a row left
+#: in progress for longer belongs to a web process that died mid-request.
+_SYNC_STALE_SECONDS: Final = 300
+
+
+def _due(estimate: FileEstimate, now: datetime, *, sync: bool) -> bool:
     """Whether a kept estimate should be computed again."""
     if estimate.status == EstimateStatus.FAILED:
         retry = timedelta(seconds=settings.FILE_ESTIMATE_RETRY_SECONDS)
         return estimate.finished_at is None or estimate.finished_at <= now - retry
     if estimate.status == EstimateStatus.IN_PROGRESS:
-        return estimate.started_at <= now - timedelta(seconds=settings.FILE_ESTIMATE_STALE_SECONDS)
+        stale = _SYNC_STALE_SECONDS if sync else settings.FILE_ESTIMATE_STALE_SECONDS
+        return estimate.started_at <= now - timedelta(seconds=stale)
     return False
 
 
@@ -137,6 +144,8 @@ def file_estimate_compute(*, estimate_id: str, organization_id: str) -> FileEsti
     file, base = estimate.file, estimate.base
     started = timezone.now()
     try:
+        if file.deleted_at is not None:
+            raise ApiError("The file was deleted.", code="file_deleted")
         format = file_estimate_check(file)
         stats = tokens.count_dataset_tokens(
             base=base,

@@ -431,3 +431,37 @@ def test_reading_a_file_is_enough_to_price_a_job(
     assert refused.status_code == 403
     assert "files.read" in refused.json()["error"]["message"]
     assert APIClient().post(path, body, format="json").status_code == 401
+
+
+def test_a_small_files_count_left_by_a_dead_web_process_is_redone(
+    alice: Person, llama: BaseModel, chat_file: dict[str, Any]
+) -> None:
+    file = File.objects.for_organization(alice.organization).get()
+    FileEstimate.objects.create(
+        organization=alice.organization,
+        file=file,
+        base=llama,
+        started_at=timezone.now() - timedelta(minutes=1),
+    )
+    assert report(alice, chat_file["id"], model="atelier-tiny-llama").status_code == 202
+
+    FileEstimate.objects.for_organization(alice.organization).update(
+        started_at=timezone.now() - timedelta(minutes=6)
+    )
+    assert report(alice, chat_file["id"], model="atelier-tiny-llama").status_code == 200
+
+
+def test_a_file_deleted_before_its_count_ran_fails_the_estimate(
+    alice: Person, llama: BaseModel, chat_file: dict[str, Any]
+) -> None:
+    file = File.objects.for_organization(alice.organization).get()
+    estimate = FileEstimate.objects.create(
+        organization=alice.organization, file=file, base=llama, started_at=timezone.now()
+    )
+    alice.client.delete(f"/v1/files/{file.pk}")
+
+    done = estimates.file_estimate_compute(
+        estimate_id=estimate.pk, organization_id=alice.organization.pk
+    )
+
+    assert (done.status, done.error) == ("failed", "The file was deleted.")
