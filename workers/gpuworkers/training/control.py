@@ -131,21 +131,24 @@ class SignalPoller:
         self._every = spec.control_poll_seconds
         self._reader = reader
         self._next = 0.0
+        self._last = RUN
 
     def poll(self, *, force: bool = False) -> str:
-        """RUN, PAUSE or CANCEL; raises StaleAttempt when another attempt owns the job."""
+        """RUN, PAUSE or CANCEL; raises StaleAttempt when another attempt owns the job.
+
+        Between reads it answers what it read last: a signal holds until it changes.
+        """
         now = time.monotonic()
         if not force and now < self._next:
-            return RUN
+            return self._last
         self._next = now + self._every
         try:
             signal = self._reader()
         except Exception:
             # A storage hiccup must not fail a long job; the lease covers a lost worker.
             log.warning("training.signal_unreadable", exc_info=True)
-            return RUN
-        if signal is None:
-            return RUN
-        if signal.attempt != self._attempt:
+            return self._last
+        if signal is not None and signal.attempt != self._attempt:
             raise StaleAttempt(f"signal is for attempt {signal.attempt}")
-        return signal.action
+        self._last = RUN if signal is None else signal.action
+        return self._last

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gpuworkers import storage
-from gpuworkers.training import data, modeling
+from gpuworkers.training import data, formats, modeling
 from gpuworkers.training.control import (
     Heartbeat,
     Outcome,
@@ -122,7 +122,7 @@ def _check(spec: TrainingSpec) -> None:
         problems.append("learning_rate must be a positive number")
     if problems:
         raise TrainingError("invalid_hyperparameters", "; ".join(problems))
-    data.check_format(spec.training_data.format, task=spec.task, method=spec.method)
+    formats.check_format(spec.training_data.format, task=spec.task, method=spec.method)
     if (
         spec.validation_data is not None
         and spec.validation_data.format != spec.training_data.format

@@ -53,7 +53,11 @@ class Trainer:
         trainable = [p for p in loaded.model.parameters() if p.requires_grad]
         self.params = trainable
         self.optimizer = torch.optim.AdamW(
-            trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay
+            trainable,
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            # One kernel for all parameters (CPU and CUDA): ~10x the per-tensor loop on CPU.
+            fused=world.device.type in ("cpu", "cuda"),
         )
         warmup = int(hp.warmup_ratio * self.total_steps)
         total = self.total_steps

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,14 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from gpuworkers import storage
 from gpuworkers.training.errors import TrainingError
 from jobcontracts.training import TrainingSpec
+
+# Progress bars for loading and writing shards are noise in a worker's log.
+transformers_logging.disable_progress_bar()
 
 #: LoRA targets when the spec names none: the family's attention projections.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -53,19 +58,26 @@ def local_dir(uri: str, *, what: str, cache: bool) -> Path:
             raise TrainingError(f"{what}_unavailable", f"{what.replace('_', ' ')} not found: {uri}")
         return path
     root = Path(os.environ.get("GPU_WORKER_CACHE_DIR") or Path(tempfile.gettempdir()) / "atelier")
-    if cache:  # base models are immutable: keep them between jobs
-        target = root / "models" / hashlib.sha256(uri.encode()).hexdigest()[:24]
-        if (target / ".complete").exists():
-            return target
-    else:
-        target = Path(tempfile.mkdtemp(prefix="ckpt-", dir=_mkdir(root / "checkpoints")))
+    # Base models are immutable: keep them between jobs, keyed by URI. Checkpoints
+    # are downloaded for one attempt and removed after it.
+    final = root / "models" / hashlib.sha256(uri.encode()).hexdigest()[:24] if cache else None
+    if final is not None and (final / ".complete").exists():
+        return final
+    target = Path(tempfile.mkdtemp(prefix="download-", dir=_mkdir(root / "downloads")))
     try:
         storage.download_dir(uri, target)
     except FileNotFoundError:
+        shutil.rmtree(target, ignore_errors=True)
         raise TrainingError(f"{what}_unavailable", f"nothing found at {uri}") from None
-    if cache:
-        (target / ".complete").touch()
-    return target
+    if final is None:
+        return target
+    (target / ".complete").touch()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        target.rename(final)
+    except OSError:  # another worker on this host finished the same download first
+        shutil.rmtree(target, ignore_errors=True)
+    return final
 
 
 def _mkdir(path: Path) -> Path:
