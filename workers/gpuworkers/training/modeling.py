@@ -25,7 +25,7 @@ from gpuworkers.training.errors import TrainingError
 from jobcontracts.training import TrainingSpec
 
 # Progress bars for loading and writing shards are noise in a worker's log.
-transformers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 #: LoRA targets when the spec names none: the family's attention projections.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
