@@ -303,6 +303,50 @@ def dataset_version(demo: Demo) -> None:
     say(f"sha256 {version['sha256'][:16]}…")
 
 
+@step("Models: the base models every organization may fine-tune (client.models.list)")
+def list_models(demo: Demo) -> None:
+    for model in demo.sdk.models.list():
+        extra = model.model_extra or {}
+        say(
+            f"{model.id:<24} {extra.get('family', ''):<6} context {extra.get('context_length')}, "
+            f"${extra.get('price_per_1k_training_tokens')} per 1k training tokens"
+        )
+        demo.keys.setdefault("models", {})[model.id] = extra
+
+
+@step("Fine-tune the tiny Llama on the uploaded file (client.fine_tuning.jobs.create)")
+def fine_tune(demo: Demo) -> None:
+    job = demo.sdk.fine_tuning.jobs.create(
+        model="atelier-tiny-llama",
+        training_file=demo.keys["training_file"]["id"],
+        suffix="support",
+        seed=42,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
+        extra_body={"adapter": {"type": "lora", "r": 8, "alpha": 16}},
+    )
+    say(f"{job.id}: {job.status}")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        job = demo.sdk.fine_tuning.jobs.retrieve(job.id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    estimate = (job.model_extra or {}).get("estimate") or {}
+    say(
+        f"estimated before it ran: {estimate.get('total_training_tokens')} tokens, "
+        f"${estimate.get('price')}"
+    )
+    for event in reversed(list(demo.sdk.fine_tuning.jobs.list_events(job.id, limit=8))):
+        say(f"  {event.level:<5} {event.message}")
+    if job.status != "succeeded":
+        raise DemoFailure(f"job {job.id} is {job.status}: {job.error}")
+    say(f"{job.fine_tuned_model}: {job.trained_tokens} tokens trained")
+    checkpoints = demo.sdk.fine_tuning.jobs.checkpoints.list(job.id).data
+    say(f"{len(checkpoints)} checkpoint(s), each callable as a model")
+    if job.fine_tuned_model not in {m.id for m in demo.sdk.models.list()}:
+        raise DemoFailure("the fine-tuned model is not in /v1/models")
+
+
 def server_is_up(base_url: str) -> bool:
     try:
         return httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200

@@ -8,16 +8,17 @@ version id instead of a file), `adapter` (LoRA or full), `task`, `gpus`.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from controlplane.core.errors import ApiError
 from controlplane.core.serializers import StrictInputSerializer
+from controlplane.modelregistry.tokens import auto_epochs
 
 AUTO = "auto"
 TASKS = ("causal_lm", "classification")
@@ -31,13 +32,11 @@ FORMATS_FOR = {
 #: Learning rate at multiplier 1.0: adapters learn well at a much higher rate than full weights.
 BASE_LEARNING_RATE = {"lora": 2e-4, "full": 5e-5}
 MAX_BATCH_SIZE = 256
-#: OpenAI's heuristic for auto epochs: aim for this many examples seen in total.
-MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 100, 25_000
-MAX_AUTO_EPOCHS = 25
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
 
 
+@extend_schema_field({"oneOf": [{"type": "number"}, {"type": "string", "enum": ["auto"]}]})
 class AutoOr(serializers.Field):  # type: ignore[type-arg]
     """ "auto" or a number in range (as OpenAI: `n_epochs: "auto" | int`)."""
 
@@ -187,11 +186,7 @@ def resolve(requested: dict[str, Any], *, rows: int, adapter: str) -> Resolved:
     """Replace "auto" using the dataset's size (OpenAI's heuristics, documented in the README)."""
     n_epochs = requested["n_epochs"]
     if n_epochs == AUTO:
-        n_epochs = 3
-        if rows * n_epochs < MIN_TARGET_EXAMPLES:
-            n_epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / max(rows, 1)))
-        elif rows * n_epochs > MAX_TARGET_EXAMPLES:
-            n_epochs = max(1, MAX_TARGET_EXAMPLES // max(rows, 1))
+        n_epochs = auto_epochs(rows)
     if n_epochs > settings.JOBS_MAX_EPOCHS:
         raise ApiError(f"n_epochs may be at most {settings.JOBS_MAX_EPOCHS}.", param="n_epochs")
     batch_size = requested["batch_size"]

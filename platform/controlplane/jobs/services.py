@@ -225,20 +225,21 @@ def job_prepare(*, job_id: str) -> FineTuningJob:
         if job.status != JobStatus.VALIDATING_FILES:
             return job
         epochs = int(job.hyperparameters["n_epochs"])
-        job.estimated_tokens = stats.total_tokens
+        # What training sees: each sequence cut to the job's max_seq_len.
+        job.estimated_tokens = stats.trained_tokens
         job.estimated_price = training_price(
-            base=job.base_model, tokens=stats.total_tokens, n_epochs=epochs
+            base=job.base_model, tokens=stats.trained_tokens, n_epochs=epochs
         )
         job.status = JobStatus.QUEUED
         job.queued_at = timezone.now()
         job.save()
         event_add(
             job,
-            f"Files validated: {stats.rows} rows, {stats.total_tokens} training tokens per epoch; "
-            f"estimated price for {epochs} epochs: {job.estimated_price}",
+            f"Files validated: {stats.rows} rows, {stats.trained_tokens} training tokens "
+            f"per epoch; estimated price for {epochs} epochs: {job.estimated_price}",
             data={
                 "rows": stats.rows,
-                "tokens_per_epoch": stats.total_tokens,
+                "tokens_per_epoch": stats.trained_tokens,
                 "n_epochs": epochs,
                 "estimated_price": str(job.estimated_price),
             },

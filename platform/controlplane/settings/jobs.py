@@ -25,7 +25,7 @@ JOBS_CHECKPOINT_EVERY_STEPS = env.int("JOBS_CHECKPOINT_EVERY_STEPS", default=50)
 JOBS_CHECKPOINT_EVERY_SECONDS = env.float("JOBS_CHECKPOINT_EVERY_SECONDS", default=600.0)
 #: How often the reaper looks for expired leases and dispatches queued jobs (celery beat).
 JOBS_REAP_EVERY_SECONDS = env.float("JOBS_REAP_EVERY_SECONDS", default=5.0)
-#: Largest training file, in rows × epochs, a job may ask for (guards against typos like 1e9 epochs).
+#: Most epochs a job may ask for (guards against typos such as 1000).
 JOBS_MAX_EPOCHS = env.int("JOBS_MAX_EPOCHS", default=50)
 
 CELERY_BEAT_SCHEDULE = {
