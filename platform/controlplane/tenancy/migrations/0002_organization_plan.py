@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tenancy', '0001_initial'),
+        ("tenancy", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='organization',
-            name='plan',
-            field=models.CharField(default='free', max_length=32),
+            model_name="organization",
+            name="plan",
+            field=models.CharField(default="free", max_length=32),
         ),
     ]
