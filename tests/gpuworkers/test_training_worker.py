@@ -128,3 +128,56 @@ def test_worker_reports_an_invalid_spec_instead_of_crashing(
     assert reports[0].seq == 0
     assert reports[0].data["code"] == "invalid_spec"
     assert reports[0].data["retryable"] is False
+
+
+def test_a_busy_worker_leaves_the_next_job_queued_and_cancel_frees_it(
+    training_worker: Path, client: Celery, tmp_path: Path
+) -> None:
+    import redis
+
+    from gpuworkers import storage
+    from jobcontracts.training import Signal
+
+    long_id, next_id = (f"ftjob-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    long_job = make_spec(
+        tmp_path / "long",
+        job_id=long_id,
+        repeat=100,
+        n_epochs=50,
+        batch_size=1,
+        control_poll_seconds=0.2,
+    )
+    next_job = make_spec(tmp_path / "next", job_id=next_id, n_epochs=1)
+    broker = redis.Redis.from_url(os.environ["REDIS_URL"])
+    queued_before = broker.llen(queues.GPU_TRAINING)
+
+    client.send_task(queues.TRAIN, args=[long_job.to_json()], queue=queues.GPU_TRAINING)
+    try:
+        _wait_for(client, long_id, "progress")
+        client.send_task(queues.TRAIN, args=[next_job.to_json()], queue=queues.GPU_TRAINING)
+        time.sleep(1.5)
+        # Still in Redis, free for any idle GPU worker: not reserved by the busy one.
+        assert broker.llen(queues.GPU_TRAINING) == queued_before + 1
+    finally:
+        cancelled_at = time.time()
+        storage.write_bytes(long_job.control_uri, Signal(1, "cancel").to_bytes())
+    long_reports = _reports(client, long_id, timeout=60)
+    assert long_reports[-1].kind == "cancelled"
+    assert long_reports[-1].at - cancelled_at < 2.0  # within a few steps of the signal
+    assert _reports(client, next_id, timeout=60)[-1].kind == "succeeded"
+
+
+def _wait_for(client: Celery, job_id: str, kind: str, timeout: float = 60) -> None:
+    queue = Queue(queues.CONTROL, Exchange(queues.CONTROL), routing_key=queues.CONTROL)
+    deadline = time.monotonic() + timeout
+    with client.connection_for_read() as connection, connection.SimpleQueue(queue) as control:
+        while time.monotonic() < deadline:
+            try:
+                message = control.get(timeout=1)
+            except control.Empty:
+                continue
+            message.ack()
+            report = Report.from_json(message.decode()[0][0])
+            if report.job_id == job_id and report.kind == kind:
+                return
+    raise AssertionError(f"no {kind} report for {job_id}")

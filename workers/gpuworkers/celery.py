@@ -21,6 +21,11 @@ from jobcontracts.broker import celery_config
 app = Celery("gpuworkers", fixups=[], include=["gpuworkers.training.task"])
 app.conf.update(celery_config())
 app.conf.task_routes = {"gpuworkers.*": {"queue": queues.GPU_TRAINING}}
+# A GPU worker takes a job only when a pool process is free. Training tasks are
+# acknowledged on receipt, so without this a busy worker would reserve the next
+# job and hold it for hours while another GPU host sits idle (Redis broker only;
+# other transports keep the prefetch of 1 that `worker_prefetch_multiplier` gives).
+app.conf.worker_disable_prefetch = True
 
 
 @app.task(name=queues.GPU_PING, soft_time_limit=10, time_limit=20)
