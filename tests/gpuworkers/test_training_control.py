@@ -327,3 +327,46 @@ def test_an_unreadable_signal_does_not_stop_the_job(tmp_path: Path) -> None:
     outcome = run_training(spec, reports, signal_reader=broken_reader)
 
     assert outcome.status == "succeeded"
+
+
+def test_pause_before_the_first_step_checkpoints_step_0_and_resumes_from_it(
+    tmp_path: Path,
+) -> None:
+    straight = make_spec(tmp_path / "straight", n_epochs=2)
+    whole = run_training(straight, Reports(), signal_reader=lambda: None)
+    spec = make_spec(tmp_path / "paused", n_epochs=2)
+    reports = Reports()
+
+    paused = run_training(spec, reports, signal_reader=lambda: Signal(1, "pause"))
+
+    assert paused.status == "paused"
+    assert reports.kinds() == ["started", "checkpoint", "paused"]
+    assert reports.one("paused").data["step"] == 0
+    step_0 = spec.output_uri + "/checkpoints/step-00000000"
+    assert paused.checkpoint_uri == step_0
+
+    # Attempt 2 is paused again before it trains: it points at the same checkpoint
+    # and writes nothing over it.
+    second_spec = dataclasses.replace(spec, attempt=2, resume_from=step_0)
+    second = Reports()
+    again = run_training(second_spec, second, signal_reader=lambda: Signal(2, "pause"))
+    assert again.checkpoint_uri == step_0
+    assert second.kinds() == ["started", "paused"]
+
+    third_spec = dataclasses.replace(spec, attempt=3, resume_from=step_0)
+    done = run_training(third_spec, Reports(), signal_reader=lambda: None)
+    assert done.status == "succeeded"
+    assert done.trained_tokens == whole.trained_tokens
+    expected, got = _weights(straight), _weights(third_spec)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_checkpoints_by_elapsed_time(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, n_epochs=2, checkpoint_every_seconds=1e-6)
+    reports = Reports()
+
+    run_training(spec, reports, signal_reader=lambda: None)
+
+    # Every step but the last (which writes the final artifact) is a checkpoint.
+    assert [c.data["step"] for c in reports.of("checkpoint")] == [1, 2, 3]

@@ -90,6 +90,8 @@ class Trainer:
             directory / checkpoint.OPTIMIZER_FILE, self.optimizer, self.scheduler
         )
         self.step = self.resumed_from = int(state["step"])
+        if self.spec.resume_from:  # pausing again before a step: that checkpoint still holds
+            self._last_checkpoint = (self.step, self.spec.resume_from)
         self.trained_tokens = int(state.get("trained_tokens", 0))
         self.metrics = {k: float(v) for k, v in dict(state.get("metrics") or {}).items()}
 
