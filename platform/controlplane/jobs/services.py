@@ -131,9 +131,16 @@ def job_create(
         training_file = source = _file(organization, data["training_file"], "training_file")
         source_param = "training_file"
     else:
-        version = source = catalog.usable_version(
-            organization=organization, version_id=data["dataset"]
-        )
+        try:
+            version = source = catalog.usable_version(
+                organization=organization, version_id=data["dataset"]
+            )
+        except NotFound:
+            raise NotFound(
+                f"No dataset version with id '{data['dataset']}' found (a partner's version "
+                "needs an approved access request).",
+                param="dataset",
+            ) from None
         source_param = "dataset"
         if version.status != VersionStatus.READY:
             raise ApiError(
