@@ -12,8 +12,8 @@ Steps, each switched by a `Recipe` option, in this order for every row:
    (mod-97-checked), US social security numbers and IPv4 addresses become
    typed placeholders such as `[EMAIL]`;
 3. drop empty rows, then rows longer than `max_chars` characters;
-4. drop exact duplicates, then near-duplicates (MinHash + LSH); the first
-   occurrence is kept.
+4. drop exact duplicates, then near-duplicates (MinHash + LSH over word
+   3-shingles, see `neardup`); the first occurrence is kept.
 
 Scrubbing comes before de-duplication so that the output holds no two equal
 rows even when they differed only in an email address. `pii_found` counts what
@@ -24,7 +24,8 @@ Memory: exact de-duplication keeps a 16-byte BLAKE2b digest per distinct row in
 a set, about 90 bytes per row in CPython (10 million rows: ~0.9 GB).
 Near-duplicate detection keeps one 64-bit key per LSH band per kept row (5 bands
 at the default 0.9 threshold), about 350 bytes per row (1 million rows:
-~350 MB; datasketch's MinHashLSH needs ~2 KB). Everything else streams.
+~350 MB; datasketch's MinHashLSH needs ~2 KB). Everything else streams; rows
+wait for their near-duplicate verdict in batches of ~512 K characters.
 """
 
 from __future__ import annotations
@@ -34,30 +35,23 @@ import hashlib
 import io
 import re
 import unicodedata
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
 from typing import Any, BinaryIO, Final
 
-import numpy as np
 import orjson
-from datasketch import MinHash, MinHashLSH
 
+from .neardup import BATCH_CHARS, NearDuplicates
 from .validation import DEFAULT_MAX_LINE_BYTES, FORMATS, iter_lines
 
 REMOVAL_REASONS: Final = ("empty", "too_long", "exact_duplicate", "near_duplicate")
 PII_KINDS: Final = ("email", "phone", "card", "iban", "ssn", "ip_address")
 
-#: MinHash permutations. 128 keeps the Jaccard estimate's standard error near
-#: 0.03 at the thresholds people use (0.8-0.95); 64 doubles it.
-NUM_PERM: Final = 128
-_MINHASH_SEED: Final = 1
-#: Rows hashed together in one numpy pass. 32 keeps the (perm x shingle) matrix of
-#: long rows near the L2 cache: +19% rows/s on ~300-word chat rows against 128, with
-#: the same rows removed (bench/ingest.py).
-_NEAR_BATCH: Final = 32
+#: Rows waiting for a near-duplicate verdict go to `NearDuplicates.filter` once their
+#: texts hold `neardup.BATCH_CHARS` characters (one numpy pass: ~320 chat rows of
+#: ~1.6 KB) or once there are this many of them (short rows).
+_NEAR_BATCH_ROWS: Final = 4096
 _WRITE_BUFFER_BYTES: Final = 1024 * 1024
 # Shared, never written to: what a row without PII carries.
 _NO_PII: Final[Counter[str]] = Counter()
@@ -289,224 +283,6 @@ def _phone(match: re.Match[str], counts: Counter[str]) -> str:
         counts["phone"] += 1
         return "[PHONE]"
     return match.group(0)
-
-
-# --- near-duplicates ------------------------------------------------------------------------
-
-_MASK32: Final = np.uint64(0xFFFFFFFF)
-_MIX_1: Final = np.uint64(0x9E3779B97F4A7C15)
-_MIX_2: Final = np.uint64(0xC2B2AE3D27D4EB4F)
-_MIX_3: Final = np.uint64(0x165667B19E3779F9)
-_FMIX64: Final = (np.uint64(33), np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
-_FMIX32: Final = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35))
-
-
-def _fmix64(values: np.ndarray) -> np.ndarray:
-    shift, first, second = _FMIX64
-    values = values ^ (values >> shift)
-    values *= first
-    values ^= values >> shift
-    values *= second
-    values ^= values >> shift
-    return values
-
-
-def _fmix32(values: np.ndarray) -> np.ndarray:
-    # datasketch's premix for its "affine32" scheme, copied so results match it bit for bit.
-    s1, m1, s2, m2 = _FMIX32
-    values = values ^ (values >> s1)
-    values *= m1
-    values ^= values >> s2
-    values *= m2
-    values ^= values >> s1
-    return values
-
-
-def _crc32_table() -> np.ndarray:
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(0xEDB88320), table >> 1)
-    return table.astype(np.uint32)
-
-
-_CRC32_TABLE: Final = _crc32_table()
-#: Words longer than this (rare: URLs, base64) get zlib.crc32 one by one instead of
-#: one numpy step per byte position.
-_VECTOR_WORD_BYTES: Final = 32
-
-
-def word_crcs(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """zlib.crc32 of each word in `text.lower().encode().split()` of every text, and the counts.
-
-    Equal to mapping zlib.crc32 over the split words, but without a bytes object and a
-    call per word: the batch is encoded once, words are found with numpy, and a
-    table-driven CRC-32 runs over all words at once, one byte position per step
-    (words sorted by length, so each step is a slice of the ones still going).
-    """
-    parts = [text.lower().encode() for text in texts]
-    # Rows are joined with a space, so no word crosses from one row into the next.
-    data = np.frombuffer(b" ".join(parts), dtype=np.uint8)
-    # bytes.split() splits on b" \t\n\x0b\x0c\r" (9-13 and 32) and nothing else.
-    space = data == 32
-    space |= (data - np.uint8(9)) < np.uint8(5)
-    in_word = np.zeros(len(data) + 2, dtype=np.int8)
-    np.logical_not(space, out=in_word[1:-1], casting="unsafe")
-    edges = np.diff(in_word)
-    starts = np.flatnonzero(edges == 1)
-    lengths = np.flatnonzero(edges == -1) - starts
-    spans = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)) + 1
-    row_starts = np.cumsum(spans) - spans
-    counts = np.diff(np.searchsorted(starts, row_starts), append=len(starts)).astype(np.int64)
-    # Sorted by length (a radix sort on 8-bit keys), the words still going at
-    # each byte position are a suffix of the order.
-    order = np.argsort(np.minimum(lengths, 255).astype(np.uint8), kind="stable")
-    sorted_lengths = lengths[order]
-    pointers = starts[order]
-    crcs = np.full(len(starts), np.uint32(0xFFFFFFFF), dtype=np.uint32)
-    low_bytes = crcs.view(np.uint8)[:: crcs.itemsize] if np.little_endian else None
-    vector_end = int(np.searchsorted(sorted_lengths, _VECTOR_WORD_BYTES, side="right"))
-    longest = int(sorted_lengths[vector_end - 1]) if vector_end else 0
-    firsts = np.searchsorted(sorted_lengths[:vector_end], np.arange(longest), side="right")
-    table = _CRC32_TABLE
-    for first in firsts.tolist():
-        crc = crcs[first:vector_end]
-        pointer = pointers[first:vector_end]
-        index = data[pointer]
-        if low_bytes is not None:
-            index ^= low_bytes[first:vector_end]
-        else:
-            index ^= (crc & np.uint32(0xFF)).astype(np.uint8)
-        pointer += 1
-        crc >>= np.uint32(8)
-        crc ^= table[index]
-    crcs = ~crcs
-    if vector_end < len(starts):
-        buffer = data.tobytes()
-        for position in range(vector_end, len(starts)):
-            start = int(pointers[position])
-            crcs[position] = zlib.crc32(buffer[start : start + int(sorted_lengths[position])])
-    result = np.empty_like(crcs)
-    result[order] = crcs
-    return result, counts
-
-
-def shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """32-bit hashes of each text's word 3-shingles, flattened, and the count per text.
-
-    Words are lower-cased, split on whitespace; a text of one or two words is
-    one shingle, an empty text has none. Words are hashed with CRC-32 (see
-    `word_crcs`) and combined into shingles with numpy. Deterministic across
-    processes, so the same input always gives the same output version.
-    """
-    crcs, counts = word_crcs(texts)
-    word = crcs.astype(np.uint64)
-    ends = np.cumsum(counts)
-    starts = ends - counts
-    row_end = np.repeat(ends, counts)
-    position = np.arange(len(word))
-    second = np.zeros_like(word)
-    second[:-1] = word[1:]
-    second[position + 1 >= row_end] = 0
-    third = np.zeros_like(word)
-    third[:-2] = word[2:]
-    third[position + 2 >= row_end] = 0
-    combined = _fmix64(word * _MIX_1 + second * _MIX_2 + third * _MIX_3) & _MASK32
-    # A shingle starts at each word that has two more after it, or at the
-    # first word of a short text.
-    keep = position < np.maximum(np.repeat(starts, counts) + 1, row_end - 2)
-    shingles = np.maximum(np.minimum(counts, 1), counts - 2)
-    return combined[keep].astype(np.uint32), shingles
-
-
-@lru_cache(maxsize=1)
-def _permutations() -> tuple[np.ndarray, np.ndarray]:
-    a, b = MinHash(num_perm=NUM_PERM, seed=_MINHASH_SEED, scheme="affine32").permutations
-    return a.astype(np.uint32)[:, None], b.astype(np.uint32)[:, None]
-
-
-def minhash_signatures(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """MinHash signatures (one row per text, NUM_PERM uint32 columns) for a batch.
-
-    Bit for bit what `datasketch.MinHash(num_perm=NUM_PERM, seed=1,
-    scheme="affine32")` gives when updated with `shingle_hashes`, but the
-    whole batch is one numpy pass instead of a MinHash object and its numpy
-    calls per row. Also returns a mask of the texts that had any shingle.
-    """
-    hashes, counts = shingle_hashes(texts)
-    has_shingles = counts > 0
-    signatures = np.full((len(texts), NUM_PERM), np.uint32(0xFFFFFFFF), dtype=np.uint32)
-    if not len(hashes):
-        return signatures, has_shingles
-    a, b = _permutations()
-    permuted = a * _fmix32(hashes)[None, :]  # (NUM_PERM, shingles), wraps mod 2**32
-    permuted += b
-    starts = (np.cumsum(counts) - counts)[has_shingles]
-    signatures[has_shingles] = np.minimum.reduceat(permuted, starts, axis=1).T
-    return signatures, has_shingles
-
-
-@lru_cache(maxsize=16)
-def lsh_bands(threshold: float) -> tuple[int, int]:
-    """(bands, rows per band) datasketch's MinHashLSH picks for `threshold`."""
-    index = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    return index.b, index.r
-
-
-class NearDuplicates:
-    """MinHash LSH over the rows seen so far: keeps the first, flags later look-alikes.
-
-    The banding is datasketch's MinHashLSH's (same band count and width for the
-    threshold), but each band is stored as one 64-bit hash in a set rather than
-    as MinHashLSH's byte strings plus its key table (~350 bytes per row instead
-    of ~2 KB), and a whole batch is hashed at once. As in MinHashLSH, a shared
-    band is the verdict; there is no second check against stored signatures
-    (that would need 512 more bytes per row).
-    """
-
-    def __init__(self, threshold: float) -> None:
-        self.bands, self.rows_per_band = lsh_bands(threshold)
-        # One set for all bands (each band hashes with its own multipliers), so
-        # a row is one isdisjoint() and one update(), both in C.
-        self._seen: set[int] = set()
-        # Two independent multilinear hashes per band, keeping the high 32 bits
-        # of each: strongly universal (Lemire and Kaser, 2016), so two
-        # different bands share a 64-bit key with probability 2**-64.
-        generator = np.random.default_rng(_MINHASH_SEED)
-        shape = (2, self.bands, self.rows_per_band)
-        self._multipliers = generator.integers(0, 2**64, size=shape, dtype=np.uint64)
-        self._offsets = generator.integers(0, 2**64, size=(2, self.bands), dtype=np.uint64)
-
-    def _band_keys(self, signatures: np.ndarray) -> list[list[int]]:
-        width = self.bands * self.rows_per_band
-        banded = (
-            signatures[:, :width]
-            .astype(np.uint64)
-            .reshape(len(signatures), self.bands, self.rows_per_band)
-        )
-        high, low = (
-            ((banded * multipliers).sum(axis=2, dtype=np.uint64) + offsets) >> np.uint64(32)
-            for multipliers, offsets in zip(self._multipliers, self._offsets, strict=True)
-        )
-        return ((high << np.uint64(32)) | low).tolist()  # type: ignore[no-any-return]
-
-    def filter(self, texts: list[str]) -> list[bool]:
-        """For each text in order: True to keep it, False if it nearly repeats an earlier one.
-
-        Texts kept are remembered; texts without words are always kept.
-        """
-        signatures, has_shingles = minhash_signatures(texts)
-        keep: list[bool] = []
-        seen = self._seen
-        band_keys = self._band_keys(signatures)
-        for row_keys, hashed in zip(band_keys, has_shingles.tolist(), strict=True):
-            if not hashed:
-                keep.append(True)
-            elif seen.isdisjoint(row_keys):
-                seen.update(row_keys)
-                keep.append(True)
-            else:
-                keep.append(False)
-        return keep
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -777,25 +553,29 @@ def preprocess_stream(
 
     seen: set[bytes] = set()
     near = NearDuplicates(recipe.near_threshold) if recipe.dedupe_near else None
-    # Rows waiting for a near-duplicate verdict: (row, text to compare, PII found, normalised?).
-    pending: list[tuple[Any, str, Counter[str], bool]] = []
+    # Rows waiting for a near-duplicate verdict: (row as written, text to compare, PII
+    # found, normalised?). Kept serialised: a batch holds ~320 chat rows.
+    pending: list[tuple[bytes, str, Counter[str], bool]] = []
+    pending_chars = 0
 
-    def emit(row: Any, found: Counter[str], changed: bool) -> None:
-        output.write(adapter.dump(row))
+    def emit(line: bytes, found: Counter[str], changed: bool) -> None:
+        output.write(line)
         report.rows_out += 1
         report.rows_normalized += changed
         for kind, count in found.items():
             report.pii_found[kind] += count
 
     def flush_near() -> None:
+        nonlocal pending_chars
         assert near is not None
         verdicts = near.filter([text for _, text, _, _ in pending])
-        for (row, _, found, changed), keep in zip(pending, verdicts, strict=True):
+        for (dumped, _, found, changed), keep in zip(pending, verdicts, strict=True):
             if keep:
-                emit(row, found, changed)
+                emit(dumped, found, changed)
             else:
                 report.removed["near_duplicate"] += 1
         pending.clear()
+        pending_chars = 0
 
     lines = _rows(src, max_line_bytes)
     if isinstance(adapter, _Csv):
@@ -826,10 +606,12 @@ def preprocess_stream(
             seen.add(digest)
         found = Counter(pii) if pii else _NO_PII
         if near is None:
-            emit(row, found, normalized)
+            emit(adapter.dump(row), found, normalized)
             continue
-        pending.append((row, "\n".join(texts), found, normalized))
-        if len(pending) >= _NEAR_BATCH:
+        text = "\n".join(texts)
+        pending.append((adapter.dump(row), text, found, normalized))
+        pending_chars += len(text)
+        if pending_chars >= BATCH_CHARS or len(pending) >= _NEAR_BATCH_ROWS:
             flush_near()
     if pending:
         flush_near()

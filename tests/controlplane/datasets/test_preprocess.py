@@ -9,10 +9,8 @@ import io
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import orjson
 import pytest
-from datasketch import MinHash, MinHashLSH
 
 from controlplane.datasets import preprocess, validation
 from controlplane.datasets.preprocess import PreprocessError, PreprocessReport, Recipe
@@ -297,7 +295,8 @@ def test_near_duplicates_are_removed_keeping_the_first() -> None:
     }
 
 
-def test_near_duplicates_are_found_across_batches() -> None:
+def test_near_duplicates_are_found_across_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preprocess, "_NEAR_BATCH_ROWS", 64)
     words = [f"w{i}" for i in range(9000)]
     rows = [" ".join(words[i * 30 : i * 30 + 30]) for i in range(300)]
     # Rows go to MinHash in batches: the repeats land in a later batch than their originals.
@@ -393,58 +392,3 @@ def test_a_ragged_csv_row_is_refused() -> None:
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown format 'parquet'"):
         run(b"", "parquet", Recipe())
-
-
-# --- MinHash and LSH agree with datasketch -------------------------------------------------------
-
-
-def test_signatures_are_datasketchs_minhash_bit_for_bit() -> None:
-    texts = ["the quick brown fox jumps over the lazy dog", "Hello world", "", "one"]
-
-    signatures, has_shingles = preprocess.minhash_signatures(texts)
-    hashes, counts = preprocess.shingle_hashes(texts)
-
-    assert has_shingles.tolist() == [True, True, False, True]
-    assert counts.tolist() == [7, 1, 0, 1]
-    offset = 0
-    for text_index, count in enumerate(counts.tolist()):
-        expected = MinHash(num_perm=preprocess.NUM_PERM, seed=1, hashfunc=int)
-        expected.update_batch(hashes[offset : offset + count])
-        offset += count
-        assert np.array_equal(signatures[text_index], expected.hashvalues)
-
-
-def test_similar_texts_get_similar_signatures() -> None:
-    a = " ".join(f"word{i}" for i in range(60))
-    b = a.replace("word30", "other")
-    signatures, _ = preprocess.minhash_signatures([a, b, "something else entirely here"])
-
-    assert 0.8 < np.mean(signatures[0] == signatures[1]) < 1.0
-    assert np.mean(signatures[0] == signatures[2]) < 0.1
-
-
-@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9, 0.95])
-def test_lsh_bands_are_the_ones_datasketch_picks(threshold: float) -> None:
-    index = MinHashLSH(threshold=threshold, num_perm=preprocess.NUM_PERM)
-
-    assert preprocess.lsh_bands(threshold) == (index.b, index.r)
-
-
-def test_word_hashes_are_zlib_crc32_of_the_split_words() -> None:
-    import random
-    import zlib
-
-    generator = random.Random(3)
-    alphabet = "abcXYZ019 \t\n\r\x0b\x0c\x1c\x85\xa0éßİΣ\u03c3ςǅ日本😀\u2003\u200b,.'"
-    texts = [
-        "".join(generator.choice(alphabet) for _ in range(generator.randint(0, 200)))
-        for _ in range(200)
-    ]
-    texts += ["", " ", "x" * 300 + " " + "y" * 40, "word"]
-
-    crcs, counts = preprocess.word_crcs(texts)
-
-    expected = [[zlib.crc32(word) for word in text.lower().encode().split()] for text in texts]
-    assert counts.tolist() == [len(words) for words in expected]
-    assert crcs.tolist() == [crc for words in expected for crc in words]
-    assert preprocess.word_crcs([])[0].tolist() == []
