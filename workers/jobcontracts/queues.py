@@ -20,3 +20,7 @@ CONTROL_PING: Final = "controlplane.ping"
 TRAIN: Final = "gpuworkers.training.run"
 #: A worker's report about a job attempt (arg: Report.to_json()), on CONTROL.
 CONTROL_JOB_REPORT: Final = "controlplane.jobs.report"
+#: Inference: one request (arg: InferenceRequest.to_json()), on GPU_INFERENCE.
+INFER: Final = "gpuworkers.inference.run"
+#: Tokens used by one inference request (arg: UsageReport.to_json()), on CONTROL.
+CONTROL_USAGE_REPORT: Final = "controlplane.inference.usage"

@@ -1,0 +1,164 @@
+"""The inference contract: a request the gateway sends an inference worker, and its replies.
+
+The web gateway sends `InferenceRequest.to_json()` as the only argument of task
+`queues.INFER` on queue `gpu.inference`. Replies do not go through the broker
+(too slow for token streaming): the worker publishes `Reply` messages, JSON, on
+the request's reply channel:
+
+- with Redis (`REDIS_URL`): Redis pub/sub channel `reply_channel(request_id)`;
+  the gateway subscribes *before* sending the task, so no message is missed;
+- embedded (no Redis, one host): lines appended to the file
+  `{ATELIER_DATA_DIR}/replies/{request_id}.jsonl`, which the gateway tails.
+
+Cancellation goes the other way: the gateway sets the key (Redis) or creates the
+file (embedded) named by `cancel_key(request_id)`; the worker checks it between
+decoding steps and stops that sequence, reporting the tokens produced so far.
+
+Usage: for every request it ran (completed, cancelled or failed part-way), the
+worker sends exactly one `UsageReport` to the control queue (task
+`queues.CONTROL_USAGE_REPORT`); the control plane stores it under a unique
+`request_id`, so a report delivered twice counts once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+KINDS: Final = ("chat", "completion", "embedding", "classification")
+MODEL_TASKS: Final = ("causal_lm", "classification", "embeddings")
+
+# Reply types, in order: start?, delta*, (done | error).
+START: Final = "start"
+DELTA: Final = "delta"
+DONE: Final = "done"
+ERROR: Final = "error"
+
+# Finish reasons, as OpenAI's.
+STOP: Final = "stop"
+LENGTH: Final = "length"
+CANCELLED: Final = "cancelled"
+
+
+def reply_channel(request_id: str) -> str:
+    return f"atelier:inference:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    return f"atelier:inference:{request_id}:cancel"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    #: The public id the caller used (a base model name or `ft:…`).
+    id: str
+    #: The base model's Hugging Face-format directory (URI), shared by all its adapters.
+    base_name: str
+    base_uri: str
+    family: str
+    task: str  # one of MODEL_TASKS
+    context_length: int
+    #: A LoRA adapter directory applied on top of the base, or None.
+    adapter_uri: str | None = None
+    #: A full fine-tune's own directory (replaces base_uri for loading), or None.
+    weights_uri: str | None = None
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Params:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    #: Embeddings: truncate to this many dimensions (then re-normalise), or None.
+    dimensions: int | None = None
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    request_id: str
+    organization_id: str
+    api_key_id: str | None
+    kind: str  # one of KINDS
+    model: ModelRef
+    params: Params
+    #: chat: [{role, content}]; others: None.
+    messages: tuple[dict[str, str], ...] | None = None
+    #: completion prompts, embedding inputs or texts to classify.
+    inputs: tuple[str, ...] = ()
+    stream: bool = False
+    #: Unix time after which the worker drops the request unanswered (the caller gave up).
+    deadline: float = 0.0
+    sent_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InferenceRequest:
+        data = dict(data)
+        model = dict(data["model"])
+        model["labels"] = tuple(model.get("labels") or ())
+        data["model"] = ModelRef(**model)
+        params = dict(data.get("params") or {})
+        params["stop"] = tuple(params.get("stop") or ())
+        data["params"] = Params(**params)
+        if data.get("messages") is not None:
+            data["messages"] = tuple(dict(m) for m in data["messages"])
+        data["inputs"] = tuple(data.get("inputs") or ())
+        request = cls(**data)
+        if request.kind not in KINDS:
+            raise ValueError(f"unknown inference kind {request.kind!r}")
+        return request
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One message on the reply channel.
+
+    - start: {"queue_ms", "load_ms"} once the request is scheduled on a model.
+    - delta: {"index", "text", "logprobs"?: [{token, logprob, top_logprobs}]}, streaming only.
+    - done: chat/completion {"choices": [{index, text, finish_reason, logprobs?}]};
+      embedding {"embeddings": [[float, …]]}; classification
+      {"classifications": [{label, score, scores: {label: p}}]}; always
+      {"usage": {prompt_tokens, completion_tokens, total_tokens}}.
+    - error: {"status", "code", "message"} (503 cold/overloaded, 400 bad input, 500).
+    """
+
+    type: str
+    request_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Reply:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    request_id: str
+    organization_id: str
+    api_key_id: str | None
+    model: str
+    kind: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: completed | cancelled | failed
+    status: str
+    latency_ms: float
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsageReport:
+        return cls(**data)
