@@ -8,6 +8,7 @@ from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
 from controlplane.datasets import catalog_apis as catalog
+from controlplane.inference import deployment_apis as deployments
 from controlplane.jobs import apis as jobs
 from controlplane.modelregistry import apis as models
 from controlplane.tenancy import apis as tenancy
@@ -48,6 +49,11 @@ v1 = [
         name="api-key-rotate",
     ),
     path("v1/organization/audit_logs", audit.AuditLogListApi.as_view(), name="audit-logs"),
+    path(
+        "v1/organization/inference_usage",
+        deployments.InferenceUsageListApi.as_view(),
+        name="inference-usage",
+    ),
     path("v1/files", datasets.FileListCreateApi.as_view(), name="files"),
     path("v1/files/<str:file_id>", datasets.FileDetailApi.as_view(), name="file-detail"),
     path("v1/files/<str:file_id>/content", datasets.FileContentApi.as_view(), name="file-content"),
@@ -134,6 +140,12 @@ v1 = [
         "v1/fine_tuning/jobs/<str:job_id>/checkpoints",
         jobs.JobCheckpointListApi.as_view(),
         name="fine-tuning-job-checkpoints",
+    ),
+    path("v1/deployments", deployments.DeploymentListCreateApi.as_view(), name="deployments"),
+    path(
+        "v1/deployments/<str:deployment_id>",
+        deployments.DeploymentDetailApi.as_view(),
+        name="deployment-detail",
     ),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]

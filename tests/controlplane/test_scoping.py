@@ -16,6 +16,7 @@ from controlplane.datasets.models import (
     Upload,
     UploadPart,
 )
+from controlplane.inference.models import Deployment, UsageRecord
 from controlplane.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from controlplane.modelregistry.models import CustomerModel, FileEstimate
 from controlplane.tenancy.models import Invitation, Membership
@@ -42,6 +43,8 @@ OWNED = [
     FineTuningJob,
     JobEvent,
     JobCheckpoint,
+    Deployment,
+    UsageRecord,
 ]
 
 

@@ -198,6 +198,19 @@ def make_processed_file(person: Person) -> str:
     return file_id
 
 
+def make_deployment(person: Person) -> str:
+    from controlplane.inference import deployments
+
+    return deployments.deployment_create(
+        organization=person.organization,
+        user_id=person.user.pk,
+        model_id=make_customer_model(person),
+        type="dedicated",
+        min_replicas=1,
+        max_replicas=2,
+    ).pk
+
+
 def _own_processed_file(attacker: Person) -> dict[str, str]:
     return {"file": make_processed_file(attacker)}
 
@@ -240,6 +253,12 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/fine_tuning/jobs/{id}/resume", make_job, ("POST",)),
     Endpoint("/v1/fine_tuning/jobs/{id}/events", make_job, ("GET",)),
     Endpoint("/v1/fine_tuning/jobs/{id}/checkpoints", make_job, ("GET",)),
+    Endpoint(
+        "/v1/deployments/{id}",
+        make_deployment,
+        ("GET", "PATCH", "DELETE"),
+        {"max_replicas": 3},
+    ),
 ]
 
 
@@ -291,6 +310,11 @@ BODY_REFERENCES: list[BodyReference] = [
         "/v1/fine_tuning/jobs",
         lambda victim: {"model": "atelier-tiny-llama", "dataset": make_version(victim)[1]},
         prepare=_with_base_model,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/deployments",
+        lambda victim: {"model": make_customer_model(victim), "type": "serverless"},
     ),
     BodyReference(
         "POST",

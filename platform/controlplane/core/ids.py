@@ -85,6 +85,15 @@ def new_usage_id() -> str:
     return new_id("use")
 
 
+def new_deployment_id() -> str:
+    return new_id("dep")
+
+
+def new_inference_usage_id() -> str:
+    # `use_` is taken by data partners' usage (datasets.PartnerUsage).
+    return new_id("usage")
+
+
 def new_job_id() -> str:
     # OpenAI's fine-tuning jobs are `ftjob-…`, events `ftevent-…`, checkpoints `ftckpt-…`.
     return new_id("ftjob").replace("ftjob_", "ftjob-", 1)

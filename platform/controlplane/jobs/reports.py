@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from controlplane.datasets import catalog
+from controlplane.inference.deployments import deployment_ensure_serverless
 from controlplane.modelregistry.services import customer_model_register
 from jobcontracts import training as contract
 
@@ -104,6 +105,7 @@ def _succeeded(job: FineTuningJob, d: dict[str, Any]) -> None:
         labels=job.labels,
     )
     job.fine_tuned_model = model.pk
+    deployment_ensure_serverless(organization=job.organization_id, model_id=model.pk)
     job.status = JobStatus.SUCCEEDED
     job.finished_at = timezone.now()
     job.lease_expires_at = None

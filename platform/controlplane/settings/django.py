@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "controlplane.datasets",
     "controlplane.modelregistry",
     "controlplane.jobs",
+    "controlplane.inference",
 ]
 
 MIDDLEWARE = [
