@@ -71,9 +71,21 @@ class DeploymentListCreateApi(DeploymentsApi):
         min_replicas = serializers.IntegerField(required=False, min_value=0)
         max_replicas = serializers.IntegerField(required=False, min_value=1)
 
-    @extend_schema(operation_id="list_deployments", responses={200: dict})
+    @extend_schema(
+        operation_id="list_deployments",
+        parameters=[
+            OpenApiParameter("model", str, description="Only this model's deployment."),
+            OpenApiParameter("after", str),
+            OpenApiParameter("limit", int),
+        ],
+        responses={200: dict},
+    )
     def get(self, request: Request) -> Response:
-        rows, has_more = paginate(deployments.deployments_active(self.organization), request)
+        queryset = deployments.deployments_active(self.organization)
+        model = request.query_params.get("model")
+        if model:
+            queryset = queryset.filter(model_id=model)
+        rows, has_more = paginate(queryset, request)
         return list_response(rows, has_more, deployment_out)
 
     @extend_schema(request=InputSerializer, responses={200: dict})

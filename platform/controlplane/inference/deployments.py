@@ -207,6 +207,16 @@ def deployment_delete(*, deployment: Deployment) -> Deployment:
     return deployment
 
 
+def deployments_delete_for_model(*, organization: Organization | str, model_id: str) -> int:
+    """Delete the model's active deployment, if any (when the model itself is deleted, so a
+    dedicated deployment stops holding capacity for a model nobody can call)."""
+    deleted = 0
+    for deployment in deployments_active(organization).filter(model_id=model_id):
+        deployment_delete(deployment=deployment)
+        deleted += 1
+    return deleted
+
+
 def deployment_ensure_serverless(*, organization: Organization | str, model_id: str) -> Deployment:
     """The model's active deployment, or a new serverless one (idempotent).
 

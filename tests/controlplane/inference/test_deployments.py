@@ -106,6 +106,8 @@ def test_deployments_are_listed_newest_first_with_a_cursor(alice: Person) -> Non
     rest = alice.client.get(f"/v1/deployments?limit=2&after={first['last_id']}").json()
     assert [d["id"] for d in rest["data"]] == [ids[0]]
     assert rest["has_more"] is False
+    (only,) = alice.client.get(f"/v1/deployments?model={first['data'][0]['model']}").json()["data"]
+    assert only["id"] == ids[2]
 
 
 def test_a_second_active_deployment_of_a_model_is_409_naming_the_first(
@@ -289,6 +291,51 @@ def test_ensure_serverless_is_idempotent_and_keeps_an_existing_deployment(
     kept = deployments.deployment_ensure_serverless(organization=org, model_id=model)
     assert kept.pk == dedicated
     assert kept.type == "dedicated"
+
+
+def test_deleting_a_model_s_deployments_frees_it(alice: Person, model: str) -> None:
+    deploy(alice, model=model, type="dedicated", min_replicas=2)
+    org = alice.organization
+    assert deployments.deployments_delete_for_model(organization=org, model_id=model) == 1
+    assert active(alice) == []
+    assert deployments.deployments_delete_for_model(organization=org, model_id=model) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_deploys_of_one_model_leave_one_and_409_the_others(alice: Person) -> None:
+    import threading
+
+    from django.db import connection
+
+    from controlplane.core.errors import Conflict
+
+    model_id = customer_model(alice, suffix="race").pk
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def attempt() -> None:
+        try:
+            barrier.wait()
+            deployments.deployment_create(
+                organization=alice.organization,
+                user_id=None,
+                model_id=model_id,
+                type="serverless",
+            )
+            outcomes.append("created")
+        except Conflict:
+            outcomes.append("conflict")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert sorted(outcomes) == ["conflict"] * 3 + ["created"]
+    assert len(active(alice)) == 1
 
 
 # --- auto-deploy when a fine-tuning job succeeds ---------------------------------------------
