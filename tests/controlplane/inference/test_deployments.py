@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,12 +95,11 @@ def test_serverless_defaults_scale_to_zero_and_dedicated_defaults_to_one_replica
 
 
 def test_deployments_are_listed_newest_first_with_a_cursor(alice: Person) -> None:
-    ids = [
-        deploy(alice, model=customer_model(alice, suffix=f"m{i}").pk, type="serverless").json()[
-            "id"
-        ]
-        for i in range(3)
-    ]
+    ids = []
+    for i in range(3):
+        model_id = customer_model(alice, suffix=f"m{i}").pk
+        ids.append(deploy(alice, model=model_id, type="serverless").json()["id"])
+        time.sleep(0.002)  # ids order by the millisecond they were made in
     first = alice.client.get("/v1/deployments?limit=2").json()
     assert [d["id"] for d in first["data"]] == ids[::-1][:2]
     assert first["has_more"] is True
@@ -399,3 +399,37 @@ def test_a_succeeded_job_s_model_is_deployed_serverless_at_once_and_its_checkpoi
     # …until deployed explicitly.
     assert deploy(alice, model=ckpt_model, type="serverless").status_code == 200
     assert deployments.model_is_deployed(organization=alice.organization, model=ckpt)
+
+
+# --- staff ---------------------------------------------------------------------------------
+
+
+def test_staff_find_deployments_and_delete_one_softly_with_an_audit_entry(
+    alice: Person, model: str
+) -> None:
+    from django.test import Client
+    from django.urls import reverse
+
+    from controlplane.accounts.models import User
+    from controlplane.audit.models import AuditLog
+
+    dep = deploy(alice, model=model, type="dedicated", min_replicas=2).json()["id"]
+    staff = Client()
+    staff.force_login(User.objects.create_superuser(email="ops@atelier.test", password="x" * 12))
+
+    listing = staff.get("/admin/inference/deployment/?q=support")
+    detail = staff.get(reverse("admin:inference_deployment_change", args=[dep]))
+    assert listing.status_code == detail.status_code == 200
+    assert dep.encode() in listing.content
+    assert staff.get("/admin/inference/deployment/add/").status_code == 403
+
+    response = staff.post(
+        "/admin/inference/deployment/",
+        {"action": "delete_deployments", "_selected_action": [dep]},
+    )
+    assert response.status_code == 302
+    assert active(alice) == []
+    entry = AuditLog.objects.for_organization(alice.organization).get(
+        action="admin.deployment.deleted"
+    )
+    assert (entry.target_id, entry.details) == (dep, {"model": model})

@@ -138,9 +138,13 @@ def test_concurrent_deliveries_of_one_report_store_it_once(alice: Person) -> Non
 
 
 def _seed(alice: Person) -> None:
-    usage_record(report(alice, "r1", at=AT).to_json())
-    usage_record(report(alice, "r2", at=AT + 60, model="ft:x", api_key_id="key_2").to_json())
-    usage_record(report(alice, "r3", at=AT + 120, kind="embedding", completion_tokens=0).to_json())
+    for one in (
+        report(alice, "r1", at=AT),
+        report(alice, "r2", at=AT + 60, model="ft:x", api_key_id="key_2"),
+        report(alice, "r3", at=AT + 120, kind="embedding", completion_tokens=0),
+    ):
+        assert usage_record(one.to_json()) == "applied"
+        time.sleep(0.002)  # ids order by the millisecond they were made in
 
 
 @pytest.mark.django_db
@@ -253,3 +257,28 @@ def test_a_control_worker_stores_a_report_sent_by_task_name_once(
         time.sleep(0.1)
     (row,) = records(alice)
     assert (row.request_id, row.prompt_tokens, row.completion_tokens) == ("chatcmpl-worker", 12, 30)
+
+
+@pytest.mark.django_db
+def test_staff_read_the_usage_ledger_but_cannot_change_it(alice: Person) -> None:
+    from django.test import Client
+    from django.urls import reverse
+
+    from controlplane.accounts.models import User
+
+    _seed(alice)
+    row = next(r for r in records(alice) if r.request_id == "r1")
+    staff = Client()
+    staff.force_login(User.objects.create_superuser(email="ops@atelier.test", password="x" * 12))
+
+    listing = staff.get("/admin/inference/usagerecord/?q=r1")
+    detail = staff.get(reverse("admin:inference_usagerecord_change", args=[row.pk]))
+    assert listing.status_code == detail.status_code == 200
+    assert b"r1" in listing.content
+    assert staff.get("/admin/inference/usagerecord/add/").status_code == 403
+    changed = staff.post(
+        reverse("admin:inference_usagerecord_change", args=[row.pk]), {"prompt_tokens": "0"}
+    )
+    assert changed.status_code == 403
+    row.refresh_from_db()
+    assert row.prompt_tokens == 12
