@@ -8,6 +8,7 @@ from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
 from controlplane.datasets import catalog_apis as catalog
+from controlplane.inference import apis as inference
 from controlplane.inference import deployment_apis as deployments
 from controlplane.jobs import apis as jobs
 from controlplane.modelregistry import apis as models
@@ -141,6 +142,10 @@ v1 = [
         jobs.JobCheckpointListApi.as_view(),
         name="fine-tuning-job-checkpoints",
     ),
+    path("v1/chat/completions", inference.ChatCompletionsApi.as_view(), name="chat-completions"),
+    path("v1/completions", inference.CompletionsApi.as_view(), name="completions"),
+    path("v1/embeddings", inference.EmbeddingsApi.as_view(), name="embeddings"),
+    path("v1/classifications", inference.ClassificationsApi.as_view(), name="classifications"),
     path("v1/deployments", deployments.DeploymentListCreateApi.as_view(), name="deployments"),
     path(
         "v1/deployments/<str:deployment_id>",

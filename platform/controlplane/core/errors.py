@@ -134,6 +134,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     # OpenAI's SDKs retry 409s (and 429s, 5xx) unless told not to: a deliberate
     # conflict will not resolve itself, so say so instead of tripling the traffic.
     headers: dict[str, str] = {"x-should-retry": "false"} if exc.status_code == 409 else {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:  # 429 and 503: when to come back (the SDKs honour it)
+        headers["Retry-After"] = str(int(retry_after))
     param: str | None = None
     if isinstance(exc, ApiError):
         message, code, param = str(exc.detail), exc.code, exc.param

@@ -151,6 +151,10 @@ def customer_model_delete(*, organization: Organization, model: CustomerModel) -
         return model
     model.deleted_at = timezone.now()
     model.save(update_fields=["deleted_at"])
+    # A deleted model is never served again: free any capacity deployed for it.
+    from controlplane.inference.deployments import deployments_delete_for_model
+
+    deployments_delete_for_model(organization=organization, model_id=model.pk)
     uri = model.uri.rstrip("/")
     shared = (
         models.filter(deleted_at__isnull=True)

@@ -5,6 +5,7 @@ from .cache import *  # noqa: F403
 from .celery import *  # noqa: F403
 from .database import *  # noqa: F403
 from .django import *  # noqa: F403
+from .inference import *  # noqa: F403
 from .jobs import *  # noqa: F403
 from .logging import *  # noqa: F403
 from .security import *  # noqa: F403

@@ -1,0 +1,193 @@
+"""The gateway's side of the reply channel (see jobcontracts.inference).
+
+With Redis, a request subscribes to its own pub/sub channel *before* the task is
+sent, so the first token cannot be missed, and reads replies until `done` or
+`error`. Embedded (`make run` with nothing configured, one host), replies are
+lines the worker appends to a file, which the gateway tails.
+
+Two readers share that logic: a blocking one for plain responses (the web
+process runs sync views in threads) and an asyncio one for server-sent events,
+so a streaming response never holds a thread while it waits for tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aredis
+from django.conf import settings
+
+from jobcontracts.broker import data_dir
+from jobcontracts.inference import Reply, cancel_key, reply_channel
+
+_sync_client: redis.Redis | None = None
+_async_clients: dict[int, aredis.Redis] = {}
+_FILE_POLL_SECONDS = 0.002
+
+
+class ReplyTimeout(Exception):
+    """Nothing arrived in time: `started` says whether a worker had begun the request."""
+
+    def __init__(self, started: bool) -> None:
+        super().__init__("no reply in time")
+        self.started = started
+
+
+def _redis() -> redis.Redis:
+    global _sync_client
+    if _sync_client is None:
+        _sync_client = redis.Redis.from_url(settings.REDIS_URL)
+    return _sync_client
+
+
+def _aredis() -> aredis.Redis:
+    # One client (and pool) per event loop: uvicorn runs one loop per process.
+    loop = id(asyncio.get_running_loop())
+    client = _async_clients.get(loop)
+    if client is None:
+        client = _async_clients[loop] = aredis.Redis.from_url(settings.REDIS_URL)
+    return client
+
+
+def _reply_file(request_id: str) -> Path:
+    return data_dir() / "replies" / f"{request_id}.jsonl"
+
+
+def _decode(raw: bytes) -> Reply:
+    return Reply.from_json(orjson.loads(raw))
+
+
+def cancel(request_id: str) -> None:
+    """Ask the worker to stop generating for this request (the caller went away)."""
+    if settings.REDIS_URL:
+        _redis().set(cancel_key(request_id), b"1", ex=600)
+    else:
+        path = data_dir() / "replies" / cancel_key(request_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+
+class Subscription:
+    """Replies to one request, read with deadlines: `total` for the whole request and
+    `silence` once a worker has started it (a dead worker goes silent)."""
+
+    def __init__(self, request_id: str, *, total: float, silence: float) -> None:
+        self.request_id = request_id
+        self.deadline = time.monotonic() + total
+        self.silence = silence
+        self.started = False
+        self._last = time.monotonic()
+        self._pubsub: Any = None
+        self._file: Any = None
+
+    def _wait_limit(self) -> float:
+        now = time.monotonic()
+        limit = self.deadline - now
+        if self.started:
+            limit = min(limit, self._last + self.silence - now)
+        if limit <= 0:
+            raise ReplyTimeout(self.started)
+        return limit
+
+    def _seen(self, reply: Reply) -> Reply:
+        self._last = time.monotonic()
+        if reply.type != "error":
+            self.started = True
+        return reply
+
+    # --- blocking -------------------------------------------------------------------------
+
+    def open(self) -> Subscription:
+        if settings.REDIS_URL:
+            self._pubsub = _redis().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            self._pubsub.subscribe(reply_channel(self.request_id))
+        else:
+            path = _reply_file(self.request_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+            self._file = path.open("rb")
+        return self
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                self._pubsub.close()
+        if self._file is not None:
+            self._file.close()
+            with contextlib.suppress(OSError):
+                _reply_file(self.request_id).unlink()
+
+    def __enter__(self) -> Subscription:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def replies(self) -> Iterator[Reply]:
+        """Replies until `done` or `error` (inclusive); ReplyTimeout if they stop coming."""
+        while True:
+            reply = self._next()
+            yield reply
+            if reply.type in ("done", "error"):
+                return
+
+    def _next(self) -> Reply:
+        while True:
+            limit = self._wait_limit()
+            if self._pubsub is not None:
+                message = self._pubsub.get_message(timeout=min(limit, 1.0))
+                if message is not None and message["type"] == "message":
+                    return self._seen(_decode(message["data"]))
+            else:
+                line = self._file.readline()
+                if line.endswith(b"\n"):
+                    return self._seen(_decode(line))
+                if line:  # a partial line: the worker is mid-write
+                    self._file.seek(-len(line), 1)
+                time.sleep(_FILE_POLL_SECONDS)
+
+    # --- asyncio ---------------------------------------------------------------------------
+
+    async def aopen(self) -> Subscription:
+        if settings.REDIS_URL:
+            self._pubsub = _aredis().pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(reply_channel(self.request_id))
+        else:
+            self.open()
+        return self
+
+    async def aclose(self) -> None:
+        if self._pubsub is not None and settings.REDIS_URL:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+        if self._file is not None:
+            self.close()
+
+    async def areplies(self) -> AsyncIterator[Reply]:
+        while True:
+            reply = await self._anext()
+            yield reply
+            if reply.type in ("done", "error"):
+                return
+
+    async def _anext(self) -> Reply:
+        while True:
+            limit = self._wait_limit()
+            if settings.REDIS_URL:
+                message = await self._pubsub.get_message(timeout=min(limit, 1.0))
+                if message is not None and message["type"] == "message":
+                    return self._seen(_decode(message["data"]))
+            else:
+                line = self._file.readline()
+                if line.endswith(b"\n"):
+                    return self._seen(_decode(line))
+                if line:
+                    self._file.seek(-len(line), 1)
+                await asyncio.sleep(_FILE_POLL_SECONDS)
