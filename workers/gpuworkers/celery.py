@@ -1,6 +1,7 @@
 """Celery app of the GPU workers, configured from the environment (no Django).
 
-Start with `atelier worker gpu`. Models are loaded inside tasks, never at import,
+Start with `atelier worker gpu` (training, compression) or `atelier worker
+inference` (serving, threads pool). Models are loaded inside tasks, never at import,
 so a worker starts fast and a host without a GPU can still import this module.
 """
 
@@ -18,9 +19,15 @@ from jobcontracts.broker import celery_config
 
 # No fixups: Celery would otherwise import Django whenever DJANGO_SETTINGS_MODULE is set.
 # `include`: the worker imports the task modules at start (they import no torch).
-app = Celery("gpuworkers", fixups=[], include=["gpuworkers.training.task"])
+app = Celery(
+    "gpuworkers", fixups=[], include=["gpuworkers.training.task", "gpuworkers.inference.task"]
+)
 app.conf.update(celery_config())
-app.conf.task_routes = {"gpuworkers.*": {"queue": queues.GPU_TRAINING}}
+# First match wins: inference has its own queue (and its own workers, threads pool).
+app.conf.task_routes = {
+    "gpuworkers.inference.*": {"queue": queues.GPU_INFERENCE},
+    "gpuworkers.*": {"queue": queues.GPU_TRAINING},
+}
 # A GPU worker takes a job only when a pool process is free. Training tasks are
 # acknowledged on receipt, so without this a busy worker would reserve the next
 # job and hold it for hours while another GPU host sits idle (Redis broker only;

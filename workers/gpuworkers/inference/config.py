@@ -1,0 +1,71 @@
+"""The inference engine's settings, read from the environment (no torch here)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Sequences decoded together per model (a request with `n` takes n).
+    max_batch: int = 32
+    #: How long a batch about to start waits for requests known to be arriving.
+    batch_wait_ms: float = 2.0
+    #: Requests waiting (not yet decoding) beyond this are refused: 503 overloaded.
+    max_queue: int = 256
+    #: Prompt tokens (padded) prefilled in one forward.
+    max_prefill_tokens: int = 16384
+    #: Texts encoded in one forward (embeddings, classification).
+    max_encode_batch: int = 64
+    #: Loaded models (weights, adapters) are evicted beyond this; None: 75% of
+    #: the GPU's memory, or 4096 MB on CPU.
+    memory_budget_mb: float | None = None
+    #: LoRA adapters kept loaded per base model.
+    max_adapters: int = 64
+    #: How often the cancel keys of running requests are read.
+    cancel_check_ms: float = 5.0
+    #: "cuda", "cuda:1", "cpu"; None: CUDA when available.
+    device: str | None = None
+    #: "bfloat16", "float16", "float32"; None: bf16 (or fp16) on CUDA, fp32 on CPU.
+    dtype: str | None = None
+    #: Torch CPU threads; None: torch's default.
+    torch_threads: int | None = None
+    #: Local copies of models and adapters that live in object storage.
+    cache_dir: Path = Path(tempfile.gettempdir()) / "atelier" / "inference"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def number(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            return float(raw) if raw else default
+
+        def optional(name: str) -> str | None:
+            return env.get(name, "").strip() or None
+
+        budget = optional("INFERENCE_MEMORY_BUDGET_MB")
+        threads = optional("TORCH_NUM_THREADS")
+        cache = optional("INFERENCE_CACHE_DIR") or optional("GPU_WORKER_CACHE_DIR")
+        return cls(
+            max_batch=max(1, int(number("INFERENCE_MAX_BATCH", cls.max_batch))),
+            batch_wait_ms=max(0.0, number("INFERENCE_BATCH_WAIT_MS", cls.batch_wait_ms)),
+            max_queue=max(1, int(number("INFERENCE_MAX_QUEUE", cls.max_queue))),
+            max_prefill_tokens=max(
+                1, int(number("INFERENCE_MAX_PREFILL_TOKENS", cls.max_prefill_tokens))
+            ),
+            max_encode_batch=max(
+                1, int(number("INFERENCE_MAX_ENCODE_BATCH", cls.max_encode_batch))
+            ),
+            memory_budget_mb=float(budget) if budget else None,
+            max_adapters=max(1, int(number("INFERENCE_MAX_ADAPTERS", cls.max_adapters))),
+            cancel_check_ms=max(0.5, number("INFERENCE_CANCEL_CHECK_MS", cls.cancel_check_ms)),
+            device=optional("INFERENCE_DEVICE"),
+            dtype=optional("INFERENCE_DTYPE"),
+            torch_threads=max(1, int(threads)) if threads else None,
+            cache_dir=Path(cache) / "inference" if cache else cls.cache_dir,
+        )

@@ -1,0 +1,589 @@
+"""The per-process inference engine: one thread owns the models and runs every forward.
+
+Celery task threads call `Engine.submit` (tokenizing on their own thread) and
+wait on the returned `Ticket`. The engine thread loops:
+
+1. take submitted jobs and file them under their model (`Slot`), in LRU order;
+2. advance model loads: copy and size the weights on the loader thread, evict
+   idle least-recently-used models until the new one fits the memory budget,
+   load on the loader thread; LoRA adapters are copied on the loader thread and
+   attached to their already-loaded base here, between forwards;
+3. for each loaded model: encode waiting embedding/classification inputs in one
+   forward, admit waiting generation requests into its `DecodeBatch` (prefill),
+   and run one decode step for all its rows.
+
+Replies and cancellations go through the `Outbox` thread; the engine never
+waits on the network.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpuworkers.inference import models
+from gpuworkers.inference.config import Settings
+from gpuworkers.inference.decode import DecodeBatch, Row
+from gpuworkers.inference.encode import classify, embed, truncate
+from gpuworkers.inference.jobs import (
+    BASE,
+    COMPLETED,
+    DROPPED,
+    FAILED,
+    OVERLOADED,
+    REFUSED,
+    Job,
+    Ticket,
+)
+from gpuworkers.inference.models import ModelError, ModelKey
+from gpuworkers.inference.prepare import Tokenizers, prepare
+from gpuworkers.replies import Outbox, ReplyChannel
+from jobcontracts.inference import DONE, ERROR, START, InferenceRequest
+
+log = logging.getLogger(__name__)
+
+NEW, FETCHING, FETCHED, LOADING, READY, FAILED_LOAD = (
+    "new",
+    "fetching",
+    "fetched",
+    "loading",
+    "ready",
+    "failed",
+)
+
+
+@dataclass
+class AdapterSlot:
+    state: str = NEW
+    future: Future[Path] | None = None
+    error: ModelError | None = None
+
+
+@dataclass
+class Slot:
+    key: ModelKey
+    state: str = NEW
+    future: Future[Any] | None = None
+    folder: Path | None = None
+    estimate: int = 0
+    loaded: models.Loaded | None = None
+    batch: DecodeBatch | None = None
+    pending: deque[Job] = field(default_factory=deque)
+    #: Jobs that started (replied `start`) and have not ended.
+    active: set[Job] = field(default_factory=set)
+    refs: int = 0
+    adapters: dict[str, AdapterSlot] = field(default_factory=dict)
+    adapter_refs: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class Stats:
+    loads: Counter[str] = field(default_factory=Counter)
+    adapter_loads: Counter[str] = field(default_factory=Counter)
+    evictions: list[str] = field(default_factory=list)
+    prefills: int = 0
+    steps: int = 0
+    #: The most rows one model decoded together.
+    peak_rows: int = 0
+
+
+class Engine:
+    def __init__(self, settings: Settings, channel: ReplyChannel, *, start: bool = True) -> None:
+        self.settings = settings
+        self.outbox = Outbox(channel, cancel_check_s=settings.cancel_check_ms / 1000)
+        self.tokenizers = Tokenizers(settings)
+        self.device = models.pick_device(settings)
+        self.dtype = models.pick_dtype(settings, self.device)
+        self.budget = models.memory_budget(settings, self.device)
+        self.stats = Stats()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self._cond = threading.Condition()
+        self._inbox: list[Job] = []
+        self._incoming = 0  # tasks tokenizing right now: known to be arriving
+        self._waiting = 0  # submitted and not started
+        self._closing = False
+        self._slots: OrderedDict[ModelKey, Slot] = OrderedDict()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="inference-loader")
+        self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
+        if start:
+            self.start()
+
+    # -- the task side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.outbox.start()
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def submit(self, request: InferenceRequest) -> Ticket:
+        """Queue a request; never blocks on the models. The ticket resolves when it ends."""
+        ticket = Ticket(request.request_id)
+        if request.deadline and time.time() > request.deadline:
+            ticket.resolve(DROPPED)  # the caller has given up: nothing to answer, nothing to bill
+            return ticket
+        with self._cond:
+            self._incoming += 1
+        try:
+            prepared = prepare(request, self.tokenizers)
+        except ModelError as error:
+            self._error(request.request_id, error)
+            ticket.resolve(REFUSED)
+            return ticket
+        finally:
+            with self._cond:
+                self._incoming -= 1
+        job = Job(request, prepared, ticket)
+        with self._cond:
+            overloaded = self._waiting >= self.settings.max_queue
+            if not overloaded:
+                self._waiting += 1
+                self._inbox.append(job)
+                self._cond.notify()
+        if overloaded:
+            self._error(
+                request.request_id,
+                ModelError(503, "overloaded", "the model is overloaded: retry in a moment"),
+            )
+            ticket.resolve(OVERLOADED)
+        return ticket
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        self.outbox.close()
+
+    def loaded(self) -> list[ModelKey]:
+        """Keys of the models in memory now, least recently used first."""
+        return [key for key, slot in list(self._slots.items()) if slot.loaded is not None]
+
+    def _error(self, request_id: str, error: ModelError) -> None:
+        data = {"status": error.status, "code": error.code, "message": error.message}
+        self.outbox.send(request_id, ERROR, data)
+
+    # -- the engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    if self._closing:
+                        return
+                    jobs, self._inbox = self._inbox, []
+                    incoming = self._incoming
+                try:
+                    worked, wake_in = self._iterate(jobs, incoming)
+                except Exception:  # never let the thread die with requests waiting on it
+                    log.exception("inference.engine_failed")
+                    self._fail_everything()
+                    worked, wake_in = False, 0.01
+                if not worked:
+                    with self._cond:
+                        if not self._inbox and not self._closing:
+                            self._cond.wait(wake_in)
+
+    def _iterate(self, jobs: list[Job], incoming: int) -> tuple[bool, float | None]:
+        for job in jobs:
+            self._register(job)
+        self._advance_loads()
+        worked = False
+        wake_in: float | None = None
+        now = time.time()
+        for slot in list(self._slots.values()):
+            self._expire(slot, now)
+            if slot.state != READY:
+                if slot.pending:
+                    wake_in = 0.05 if wake_in is None else min(wake_in, 0.05)
+                continue
+            try:
+                did, wait = self._serve(slot, incoming)
+            except Exception as error:
+                log.exception("inference.forward_failed", extra={"model": slot.key.uri})
+                self._crash(slot, error)
+                did, wait = True, None
+            worked = worked or did
+            if wait is not None:
+                wake_in = wait if wake_in is None else min(wake_in, wait)
+        return worked, wake_in
+
+    def _register(self, job: Job) -> None:
+        slot = self._slots.get(job.key)
+        if slot is None:
+            slot = self._slots[job.key] = Slot(job.key)
+        self._slots.move_to_end(job.key)
+        slot.refs += 1
+        if job.adapter_uri:
+            slot.adapter_refs[job.adapter_uri] += 1
+            if job.adapter_uri not in slot.adapters:
+                slot.adapters[job.adapter_uri] = AdapterSlot()
+        slot.pending.append(job)
+        self.outbox.watch(job.request_id)
+
+    def _expire(self, slot: Slot, now: float) -> None:
+        """Drop waiting jobs whose caller gave up (deadline, or cancelled before starting)."""
+        if not slot.pending:
+            return
+        cancelled = self.outbox.cancelled
+        gone = [
+            j
+            for j in slot.pending
+            if j.started is None and (j.expired(now) or j.request_id in cancelled)
+        ]
+        for job in gone:
+            slot.pending.remove(job)
+            self._end(slot, job, DROPPED, None, started=False)
+
+    # -- loading ----------------------------------------------------------------------
+
+    def _wake(self, _future: Future[Any]) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _fetch(self, uri: str) -> tuple[Path, int]:
+        folder = self.tokenizers.folder(uri)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return folder, models.estimate_bytes(folder, itemsize)
+
+    def _advance_loads(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.state == NEW:
+                slot.state = FETCHING
+                slot.future = self._loader.submit(self._fetch, slot.key.uri)
+                slot.future.add_done_callback(self._wake)
+            if slot.state == FETCHING and slot.future is not None and slot.future.done():
+                try:
+                    slot.folder, slot.estimate = slot.future.result()
+                    slot.state = FETCHED
+                except Exception as error:
+                    self._load_failed(slot, error)
+                    continue
+            if slot.state == FETCHED:
+                if slot.estimate > self.budget:
+                    message = (
+                        f"the model needs {slot.estimate >> 20} MB; this worker's budget is "
+                        f"{self.budget >> 20} MB (INFERENCE_MEMORY_BUDGET_MB)"
+                    )
+                    self._load_failed(slot, ModelError(503, "insufficient_memory", message))
+                    continue
+                if self._make_room(slot):
+                    assert slot.folder is not None
+                    slot.state = LOADING
+                    slot.future = self._loader.submit(
+                        models.load, slot.key, slot.folder, device=self.device, dtype=self.dtype
+                    )
+                    slot.future.add_done_callback(self._wake)
+            if slot.state == LOADING and slot.future is not None and slot.future.done():
+                try:
+                    loaded: models.Loaded = slot.future.result()
+                except Exception as error:
+                    self._load_failed(slot, error)
+                    continue
+                slot.loaded, slot.state, slot.future = loaded, READY, None
+                slot.batch = DecodeBatch(loaded, self.outbox) if slot.key.kind == "causal" else None
+                self.stats.loads[slot.key.uri] += 1
+                for job in slot.pending:
+                    job.load_ms += loaded.load_ms
+                log.info(
+                    "inference.model_loaded",
+                    extra={"model": slot.key.uri, "ms": round(loaded.load_ms, 1)},
+                )
+            for uri, adapter in slot.adapters.items():
+                if adapter.state == NEW:
+                    adapter.state = FETCHING
+                    adapter.future = self._loader.submit(self.tokenizers.folder, uri)
+                    adapter.future.add_done_callback(self._wake)
+
+    def _used(self) -> int:
+        total = 0
+        for slot in self._slots.values():
+            if slot.loaded is not None:
+                total += slot.loaded.total_bytes
+            elif slot.state == LOADING:
+                total += slot.estimate
+        return total
+
+    def _make_room(self, slot: Slot) -> bool:
+        used = self._used()
+        if used + slot.estimate <= self.budget:
+            return True
+        for other in list(self._slots.values()):  # least recently used first
+            if other is slot or other.state != READY or other.refs > 0 or other.loaded is None:
+                continue
+            used -= other.loaded.total_bytes
+            self._evict(other)
+            if used + slot.estimate <= self.budget:
+                return True
+        return False  # everything else is busy: try again when a request ends
+
+    def _evict(self, slot: Slot) -> None:
+        log.info("inference.model_evicted", extra={"model": slot.key.uri})
+        self.stats.evictions.append(slot.key.uri)
+        del self._slots[slot.key]
+        slot.loaded = None
+        slot.batch = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _load_failed(self, slot: Slot, error: BaseException) -> None:
+        log.warning("inference.model_load_failed", extra={"model": slot.key.uri}, exc_info=error)
+        if not isinstance(error, ModelError):
+            error = ModelError(500, "model_load_failed", f"the model could not be loaded: {error}")
+        slot.state = FAILED_LOAD
+        for job in list(slot.pending):
+            self._error(job.request_id, error)
+            self._end(slot, job, REFUSED, None, started=False)
+        slot.pending.clear()
+        if slot.refs == 0:
+            self._slots.pop(slot.key, None)
+
+    def _adapters_ready(self, slot: Slot) -> None:
+        """Attach fetched adapters to the loaded base; fail the jobs of broken ones."""
+        loaded = slot.loaded
+        assert loaded is not None
+        for uri, adapter in slot.adapters.items():
+            if adapter.state != FETCHING or adapter.future is None or not adapter.future.done():
+                continue
+            started = time.perf_counter()
+            try:
+                models.attach_adapter(loaded, uri, adapter.future.result())
+                adapter.state = READY
+                self.stats.adapter_loads[uri] += 1
+            except Exception as error:
+                if not isinstance(error, ModelError):
+                    error = ModelError(500, "adapter_load_failed", f"the adapter failed: {error}")
+                adapter.state, adapter.error = FAILED_LOAD, error
+            took = (time.perf_counter() - started) * 1000
+            for job in slot.pending:
+                if job.adapter_uri == uri:
+                    job.load_ms += took
+        for uri, adapter in list(slot.adapters.items()):
+            if adapter.state == FAILED_LOAD and adapter.error is not None:
+                for job in [j for j in slot.pending if j.adapter_uri == uri]:
+                    slot.pending.remove(job)
+                    self._error(job.request_id, adapter.error)
+                    self._end(slot, job, REFUSED, None, started=False)
+                if slot.adapter_refs[uri] == 0:
+                    del slot.adapters[uri]
+        self._trim_adapters(slot)
+
+    def _trim_adapters(self, slot: Slot) -> None:
+        loaded = slot.loaded
+        assert loaded is not None
+        excess = len(loaded.adapters) - self.settings.max_adapters
+        for uri in list(loaded.adapters):  # least recently used first
+            if excess <= 0:
+                break
+            if slot.adapter_refs[uri] == 0:
+                models.detach_adapter(loaded, uri)
+                slot.adapters.pop(uri, None)
+                excess -= 1
+
+    # -- serving ----------------------------------------------------------------------
+
+    def _ready(self, slot: Slot, job: Job) -> bool:
+        if job.adapter_uri is None:
+            return True
+        adapter = slot.adapters.get(job.adapter_uri)
+        return adapter is not None and adapter.state == READY
+
+    def _begin(self, slot: Slot, job: Job) -> None:
+        self.outbox.send(job.request_id, START, job.start_data())
+        slot.active.add(job)
+        loaded = slot.loaded
+        if job.adapter_uri and loaded is not None and job.adapter_uri in loaded.adapters:
+            loaded.adapters.move_to_end(job.adapter_uri)
+        with self._cond:
+            self._waiting -= 1
+
+    def _serve(self, slot: Slot, incoming: int) -> tuple[bool, float | None]:
+        if slot.adapters:
+            self._adapters_ready(slot)
+        worked = False
+        wake_in: float | None = None
+        if any(not j.generating for j in slot.pending):
+            worked = self._encode(slot)
+        batch = slot.batch
+        if batch is None:
+            return worked, wake_in
+        settings = self.settings
+        ready = [j for j in slot.pending if j.generating and self._ready(slot, j)]
+        room = settings.max_batch - len(batch)
+        if ready and room > 0 and (batch.joinable or not len(batch)):
+            rows = sum(j.rows_left for j in ready)
+            age = time.monotonic() - min(j.received for j in ready)
+            wait_s = settings.batch_wait_ms / 1000
+            if not len(batch) and incoming > 0 and rows < settings.max_batch and age < wait_s:
+                wake_in = wait_s - age  # more are being tokenized: start them together
+            else:
+                self._admit(slot, batch, ready, room)
+                worked = True
+        if len(batch):
+            self.stats.steps += 1
+            self.stats.peak_rows = max(self.stats.peak_rows, len(batch))
+            self._finished(slot, batch, batch.step())
+            worked = True
+        return worked, wake_in
+
+    def _admit(self, slot: Slot, batch: DecodeBatch, ready: list[Job], room: int) -> None:
+        chosen: list[Job] = []
+        rows = 0
+        width = 0
+        for job in ready:
+            need = job.rows_left
+            longest = max(width, *(len(p) for p in job.prepared.prompts))
+            prompts = sum(len(j.prepared.prompts) for j in chosen) + len(job.prepared.prompts)
+            # The first job of an empty batch always goes, whatever its size.
+            if (chosen or len(batch)) and rows + need > room:
+                break
+            if chosen and longest * prompts > self.settings.max_prefill_tokens:
+                break
+            chosen.append(job)
+            rows += need
+            width = longest
+        for job in chosen:
+            slot.pending.remove(job)
+            self._begin(slot, job)
+        items = [(job, i) for job in chosen for i in range(len(job.prepared.prompts))]
+        self.stats.prefills += 1
+        self._finished(slot, batch, batch.prefill(items))
+
+    def _finished(self, slot: Slot, batch: DecodeBatch, rows: list[Row]) -> None:
+        for row in rows:
+            job = row.job
+            choice: dict[str, Any] = {
+                "index": row.index,
+                "text": batch.final_text(row),
+                "finish_reason": row.finish,
+            }
+            if row.logprobs is not None:
+                choice["logprobs"] = row.logprobs
+            job.choices[row.index] = choice
+            job.completion_tokens += len(row.tokens)
+            job.rows_left -= 1
+            if job.rows_left == 0:
+                status = job.status()
+                data = {"choices": job.choices, "usage": job.usage_data()}
+                self.outbox.send(job.request_id, DONE, data)
+                self._end(slot, job, COMPLETED, job.usage(status), started=True)
+
+    def _encode(self, slot: Slot) -> bool:
+        loaded = slot.loaded
+        assert loaded is not None
+        limit = self.settings.max_encode_batch
+        items: list[tuple[Job, int]] = []
+        for job in [j for j in slot.pending if not j.generating and self._ready(slot, j)]:
+            if len(items) >= limit:
+                break
+            if job.started is None:
+                self._begin(slot, job)
+            count = min(limit - len(items), len(job.prepared.prompts) - job.encode_next)
+            items += [(job, job.encode_next + k) for k in range(count)]
+            job.encode_next += count
+            if job.encode_next == len(job.prepared.prompts):
+                slot.pending.remove(job)
+        if not items:
+            return False
+        order = sorted(
+            range(len(items)), key=lambda k: len(items[k][0].prepared.prompts[items[k][1]])
+        )
+        ids = [items[k][0].prepared.prompts[items[k][1]] for k in order]
+        names = [items[k][0].adapter for k in order]
+        if slot.key.kind == models.CLASSIFIER:
+            result = classify(loaded, ids, names)
+        else:
+            result = embed(loaded, ids, names)
+        for position, k in enumerate(order):
+            job, index = items[k]
+            job.outputs[index] = result[position]
+        for job in {job for job, _ in items}:
+            if job.encode_next == len(job.prepared.prompts) and job not in slot.pending:
+                self._encoded(slot, job)
+        return True
+
+    def _encoded(self, slot: Slot, job: Job) -> None:
+        loaded = slot.loaded
+        assert loaded is not None
+        stacked = torch.stack(job.outputs)
+        usage = job.usage_data()
+        if job.request.kind == "embedding":
+            vectors = truncate(stacked, job.request.params.dimensions)
+            data: dict[str, Any] = {"embeddings": vectors.cpu().tolist(), "usage": usage}
+        else:
+            labels = job.request.model.labels
+            if len(labels) != stacked.shape[-1]:
+                labels = loaded.labels or tuple(str(i) for i in range(stacked.shape[-1]))
+            results = []
+            for probs in stacked.cpu().tolist():
+                best = max(range(len(probs)), key=probs.__getitem__)
+                results.append(
+                    {
+                        "label": labels[best],
+                        "score": probs[best],
+                        "scores": dict(zip(labels, probs, strict=True)),
+                    }
+                )
+            data = {"classifications": results, "usage": usage}
+        self.outbox.send(job.request_id, DONE, data)
+        self._end(slot, job, COMPLETED, job.usage("completed"), started=True)
+
+    # -- endings ----------------------------------------------------------------------
+
+    def _end(self, slot: Slot, job: Job, outcome: str, usage: Any, *, started: bool) -> None:
+        self.outbox.unwatch(job.request_id)
+        slot.active.discard(job)
+        slot.refs -= 1
+        if job.adapter_uri:
+            slot.adapter_refs[job.adapter_uri] -= 1
+        if not started:
+            with self._cond:
+                self._waiting -= 1
+        job.ticket.resolve(outcome, usage)
+
+    def _crash(self, slot: Slot, error: BaseException) -> None:
+        """A forward failed: every request running on this model fails, billed for what
+        it produced; the model stays loaded for the next ones."""
+        if slot.batch is not None:
+            slot.batch.fail_all()
+        oom = isinstance(error, torch.OutOfMemoryError)
+        failure = (
+            ModelError(503, "out_of_memory", "the worker ran out of memory: retry with less")
+            if oom
+            else ModelError(500, "inference_failed", "the model failed on this request")
+        )
+        for job in list(slot.active):
+            if job in slot.pending:  # an encoding job with inputs still to go
+                slot.pending.remove(job)
+            self._error(job.request_id, failure)
+            self._end(slot, job, FAILED, job.usage("failed"), started=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _fail_everything(self) -> None:
+        failure = ModelError(500, "inference_failed", "the inference engine failed")
+        for slot in list(self._slots.values()):
+            if slot.batch is not None:
+                slot.batch.fail_all()
+            for job in list(slot.active):
+                self._error(job.request_id, failure)
+                self._end(slot, job, FAILED, job.usage("failed"), started=True)
+            for job in [j for j in slot.pending if j.started is None]:
+                self._error(job.request_id, failure)
+                self._end(slot, job, REFUSED, None, started=False)
+            slot.pending.clear()
+
+
+__all__ = ["BASE", "Engine", "Settings", "Stats"]

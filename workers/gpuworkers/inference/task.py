@@ -1,0 +1,121 @@
+"""The Celery task `gpuworkers.inference.run`: one request, served by this process's engine.
+
+Run under the threads pool (`atelier worker inference`): each task thread
+tokenizes its request, hands it to the process-wide `Engine` (which batches it
+with whatever else is running on the same model) and waits for it to end, so
+the pool's size bounds the requests one worker holds and the rest wait in the
+broker for any free inference worker. The thread then sends the request's
+usage report to the control queue: exactly one per request that ran.
+
+This module imports without torch; the engine is imported (and started, in the
+background) when an inference worker comes up, or on the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from gpuworkers.celery import app
+from jobcontracts import queues
+from jobcontracts.inference import ERROR, InferenceRequest, UsageReport
+
+if TYPE_CHECKING:
+    from gpuworkers.inference.scheduler import Engine
+
+log = logging.getLogger(__name__)
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> Engine:
+    """This process's engine, started on first use."""
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                from gpuworkers.inference.config import Settings
+                from gpuworkers.inference.scheduler import Engine
+                from gpuworkers.replies import channel_from_env
+
+                _engine = Engine(Settings.from_env(), channel_from_env())
+    return _engine
+
+
+def send_usage(usage: UsageReport) -> None:
+    for attempt in range(3):
+        try:
+            app.send_task(queues.CONTROL_USAGE_REPORT, args=[usage.to_json()], queue=queues.CONTROL)
+            return
+        except Exception:  # the broker blinked: the report is the bill, try again
+            log.exception("inference.usage_send_failed", extra={"request_id": usage.request_id})
+            time.sleep(0.2 * (attempt + 1))
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=queues.INFER,
+    queue=queues.GPU_INFERENCE,
+    # The broker never re-delivers a request: a caller waits seconds, not minutes,
+    # and a request run twice would be billed twice.
+    acks_late=False,
+    reject_on_worker_lost=False,
+    ignore_result=True,
+)
+def run(request_json: dict[str, Any]) -> None:
+    try:
+        request = InferenceRequest.from_json(request_json)
+    except (KeyError, TypeError, ValueError) as error:
+        request_id = request_json.get("request_id") if isinstance(request_json, dict) else None
+        log.error(
+            "inference.invalid_request", extra={"request_id": request_id, "error": str(error)}
+        )
+        if isinstance(request_id, str):
+            data = {
+                "status": 400,
+                "code": "invalid_request",
+                "message": f"invalid request: {error}",
+            }
+            engine().outbox.send(request_id, ERROR, data)
+        return
+    usage = engine().submit(request).wait()
+    if usage is not None:
+        send_usage(usage)
+
+
+def _consumes_inference(consumer: Any) -> bool:
+    try:
+        return queues.GPU_INFERENCE in consumer.app.amqp.queues.consume_from
+    except AttributeError:
+        return False
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _preload(sender: Any = None, **_: Any) -> None:
+    """Start the engine (torch, transformers, peft imported) as soon as an inference
+    worker is up, so the first request does not pay for it."""
+    if sender is None or not _consumes_inference(sender):
+        return
+    if os.environ.get("GPU_WORKER_PRELOAD", "1") == "0":
+        return
+
+    def start() -> None:
+        started = time.monotonic()
+        engine()
+        from gpuworkers.inference.models import preload_model_code
+
+        preload_model_code()
+        log.info("inference.ready", extra={"seconds": round(time.monotonic() - started, 2)})
+
+    threading.Thread(target=start, name="inference-preload", daemon=True).start()
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _close(**_: Any) -> None:
+    if _engine is not None:
+        _engine.close()

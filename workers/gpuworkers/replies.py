@@ -1,0 +1,246 @@
+"""Where an inference worker's replies go, and where it reads cancellations.
+
+With `REDIS_URL` set, replies are published on the Redis pub/sub channel
+`reply_channel(request_id)` and a cancellation is the Redis key
+`cancel_key(request_id)`. Embedded (no Redis), replies are JSON lines appended to
+`{data_dir}/replies/{request_id}.jsonl` and a cancellation is a file named
+`cancel_key(request_id)` in that folder. See `jobcontracts.inference`.
+
+The scheduler never waits on the network: it hands replies to an `Outbox`,
+whose thread publishes everything that is waiting in one pipelined round trip
+and polls the cancel keys of the requests it watches (one MGET) every few ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from jobcontracts.broker import data_dir
+from jobcontracts.inference import Reply, cancel_key, reply_channel
+
+log = logging.getLogger(__name__)
+
+#: One message: (request_id, reply type, data).
+Message = tuple[str, str, dict[str, Any]]
+
+
+def encode(request_id: str, kind: str, data: dict[str, Any]) -> bytes:
+    """A `Reply`'s JSON without `dataclasses.asdict` (which deep-copies every delta)."""
+    return orjson.dumps({"type": kind, "request_id": request_id, "data": data})
+
+
+class ReplyChannel(Protocol):
+    def publish(self, messages: list[Message]) -> None: ...
+
+    def cancelled(self, request_ids: Collection[str]) -> set[str]: ...
+
+    def close(self) -> None: ...
+
+
+class RedisChannel:
+    """Redis pub/sub replies and Redis-key cancellations."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client: Any = redis.Redis.from_url(url, socket_keepalive=True)
+
+    def publish(self, messages: list[Message]) -> None:
+        if len(messages) == 1:
+            request_id, kind, data = messages[0]
+            self.client.publish(reply_channel(request_id), encode(request_id, kind, data))
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for request_id, kind, data in messages:
+            pipe.publish(reply_channel(request_id), encode(request_id, kind, data))
+        pipe.execute()
+
+    def cancelled(self, request_ids: Collection[str]) -> set[str]:
+        ids = list(request_ids)
+        if not ids:
+            return set()
+        values = self.client.mget([cancel_key(request_id) for request_id in ids])
+        return {request_id for request_id, value in zip(ids, values, strict=True) if value}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class FileChannel:
+    """Embedded: one JSON-lines file of replies per request, cancellation by file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, messages: list[Message]) -> None:
+        lines: dict[str, list[bytes]] = defaultdict(list)
+        for request_id, kind, data in messages:
+            lines[request_id].append(encode(request_id, kind, data) + b"\n")
+        for request_id, chunk in lines.items():
+            # One write per request and batch: a tailing reader never sees half a line
+            # (O_APPEND writes of a few KB are atomic on local filesystems).
+            with (self.folder / f"{request_id}.jsonl").open("ab") as out:
+                out.write(b"".join(chunk))
+
+    def cancelled(self, request_ids: Collection[str]) -> set[str]:
+        return {r for r in request_ids if (self.folder / cancel_key(r)).exists()}
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryChannel:
+    """In-process replies for tests and the bare benchmark: kept per request, in order."""
+
+    def __init__(self) -> None:
+        self.replies: dict[str, list[Reply]] = defaultdict(list)
+        self.cancels: set[str] = set()
+        self.lock = threading.Condition()
+        #: Called (on the outbox thread) with each reply as it is published.
+        self.listeners: list[Callable[[Reply], None]] = []
+
+    def publish(self, messages: list[Message]) -> None:
+        with self.lock:
+            for request_id, kind, data in messages:
+                # Through the wire format, as the gateway would read it.
+                reply = Reply.from_json(orjson.loads(encode(request_id, kind, data)))
+                self.replies[request_id].append(reply)
+                for listener in self.listeners:
+                    listener(reply)
+            self.lock.notify_all()
+
+    def cancelled(self, request_ids: Collection[str]) -> set[str]:
+        with self.lock:
+            return self.cancels.intersection(request_ids)
+
+    def cancel(self, request_id: str) -> None:
+        with self.lock:
+            self.cancels.add(request_id)
+
+    def wait_final(self, request_id: str, timeout: float = 60) -> Reply:
+        """The request's done or error reply, waiting for it."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                found = [r for r in self.replies[request_id] if r.type in ("done", "error")]
+                if found:
+                    return found[-1]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no final reply for {request_id}")
+                self.lock.wait(left)
+
+    def close(self) -> None:
+        pass
+
+
+def channel_from_env(environ: Mapping[str, str] | None = None) -> ReplyChannel:
+    env = os.environ if environ is None else environ
+    url = env.get("REDIS_URL")
+    if url:
+        return RedisChannel(url)
+    return FileChannel(data_dir(env) / "replies")
+
+
+class Outbox:
+    """A thread that publishes replies and watches cancel keys for the scheduler.
+
+    `send` never blocks on I/O. `cancelled` is replaced (never mutated) by the
+    thread, so the scheduler reads it without a lock.
+    """
+
+    def __init__(self, channel: ReplyChannel, *, cancel_check_s: float = 0.005) -> None:
+        self.channel = channel
+        self.cancel_check_s = cancel_check_s
+        self.cancelled: frozenset[str] = frozenset()
+        self._queue: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._watched: set[str] = set()
+        self._watch_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="inference-outbox", daemon=True)
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def send(self, request_id: str, kind: str, data: dict[str, Any]) -> None:
+        self._queue.put((request_id, kind, data))
+
+    def watch(self, request_id: str) -> None:
+        with self._watch_lock:
+            self._watched.add(request_id)
+
+    def unwatch(self, request_id: str) -> None:
+        with self._watch_lock:
+            self._watched.discard(request_id)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._started:
+            self._queue.put(None)
+            self._thread.join(timeout)
+        self.channel.close()
+
+    def _run(self) -> None:
+        last_check = 0.0
+        while True:
+            batch: list[Message] = []
+            stop = False
+            try:
+                # Idle (nothing to watch): sleep longer; a new request's first reply wakes us.
+                timeout = self.cancel_check_s if self._watched else 0.5
+                item = self._queue.get(timeout=timeout)
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+                    while True:  # everything else already waiting goes in the same round trip
+                        item = self._queue.get_nowait()
+                        if item is None:
+                            stop = True
+                            break
+                        batch.append(item)
+            except queue.Empty:
+                pass
+            if batch:
+                self._publish(batch)
+            if stop:
+                return
+            now = time.monotonic()
+            if now - last_check >= self.cancel_check_s:
+                last_check = now
+                self._poll_cancels()
+
+    def _publish(self, batch: list[Message]) -> None:
+        for attempt in range(3):
+            try:
+                self.channel.publish(batch)
+                return
+            except Exception:  # a dropped connection: redis-py reconnects on the next call
+                log.exception("inference.reply_publish_failed", extra={"attempt": attempt})
+                time.sleep(0.05 * (attempt + 1))
+
+    def _poll_cancels(self) -> None:
+        with self._watch_lock:
+            watched = list(self._watched)
+        if not watched:
+            if self.cancelled:
+                self.cancelled = frozenset()
+            return
+        try:
+            found = self.channel.cancelled(watched)
+        except Exception:
+            log.exception("inference.cancel_check_failed")
+            return
+        self.cancelled = frozenset(found)
