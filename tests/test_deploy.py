@@ -32,10 +32,14 @@ PROCESSES = {
     "web": ("web", "atelier-web"),
     "control": ("control-worker", "atelier-control-worker"),
     "gpu": ("gpu-worker", "atelier-gpu-worker"),
+    "inference": ("inference-worker", "atelier-inference-worker"),
     "beat": ("beat", "atelier-beat"),
 }
 MIGRATE = ["atelier", "manage", "migrate", "--noinput"]
 CONTROL_PLANE_SERVICES = ("migrate", "web", "control-worker", "beat")
+#: Services and Deployments on GPU hosts: broker and storage settings only.
+GPU_SERVICES = ("gpu-worker", "inference-worker")
+GPU_DEPLOYMENTS = ("atelier-gpu-worker", "atelier-inference-worker")
 #: Settings a GPU host must never hold (see ARCHITECTURE.md: broker and storage only).
 FORBIDDEN_ON_GPU = ("DATABASE_URL", "SECRET_KEY", "DJANGO_SETTINGS_MODULE")
 
@@ -154,13 +158,15 @@ def test_compose_web_listens_on_all_interfaces_on_port_8000() -> None:
     assert any(str(port).endswith(":8000") for port in web["ports"])
 
 
-def test_compose_gpu_worker_reserves_an_nvidia_gpu() -> None:
-    devices = compose_service("gpu-worker")["deploy"]["resources"]["reservations"]["devices"]
+@pytest.mark.parametrize("service", GPU_SERVICES)
+def test_compose_gpu_worker_reserves_an_nvidia_gpu(service: str) -> None:
+    devices = compose_service(service)["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
 
-def test_compose_gpu_worker_gets_only_broker_and_storage_settings() -> None:
-    gpu = compose_service("gpu-worker")
+@pytest.mark.parametrize("service", GPU_SERVICES)
+def test_compose_gpu_worker_gets_only_broker_and_storage_settings(service: str) -> None:
+    gpu = compose_service(service)
     env = compose_env(gpu)
     assert env["REDIS_URL"]
     assert env["ATELIER_DATA_DIR"] == "/data"
@@ -288,8 +294,9 @@ def test_k8s_web_probes_send_an_allowed_host() -> None:
             assert headers["Host"] in allowed, probe
 
 
-def test_k8s_gpu_worker_gets_one_gpu_and_only_broker_and_storage_settings() -> None:
-    gpu = k8s_object("Deployment", "atelier-gpu-worker")
+@pytest.mark.parametrize("deployment", GPU_DEPLOYMENTS)
+def test_k8s_gpu_worker_gets_one_gpu_and_only_broker_and_storage_settings(deployment: str) -> None:
+    gpu = k8s_object("Deployment", deployment)
     container = only_container(gpu)
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
 

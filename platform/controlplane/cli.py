@@ -8,7 +8,8 @@ the environment and replaces itself with the real server (exec), so signals
 
     atelier web              # ASGI server (uvicorn): HOST, PORT, WEB_CONCURRENCY
     atelier worker control   # Celery worker for queue `control` (Django side)
-    atelier worker gpu       # Celery worker for queues gpu.* (no Django)
+    atelier worker gpu       # Celery worker for gpu.training, gpu.compression (no Django)
+    atelier worker inference # Celery worker for gpu.inference: threads pool, one engine
     atelier beat             # Celery beat (periodic tasks)
     atelier manage ARGS...   # Django's manage.py
 """
@@ -82,7 +83,26 @@ def worker_argv(kind: str) -> list[str]:
             "--loglevel",
             os.environ.get("LOG_LEVEL", "INFO"),
         ]
-    raise SystemExit(f"unknown worker kind {kind!r}: use 'control' or 'gpu'")
+    if kind == "inference":
+        # Threads, not processes: every task thread hands its request to the one
+        # engine of this process, which owns the models and batches the requests.
+        return [
+            "celery",
+            "-A",
+            "gpuworkers.celery",
+            "worker",
+            "-Q",
+            queues.GPU_INFERENCE,
+            "-n",
+            "inference@%h",
+            "--pool",
+            "threads",
+            "--concurrency",
+            os.environ.get("INFERENCE_CONCURRENCY", "64"),
+            "--loglevel",
+            os.environ.get("LOG_LEVEL", "INFO"),
+        ]
+    raise SystemExit(f"unknown worker kind {kind!r}: use 'control', 'gpu' or 'inference'")
 
 
 def beat_argv() -> list[str]:

@@ -9,8 +9,10 @@ GPU_TRAINING: Final = "gpu.training"
 GPU_COMPRESSION: Final = "gpu.compression"
 GPU_INFERENCE: Final = "gpu.inference"
 
-#: Queues a general-purpose `gpu` worker consumes (`atelier worker gpu`).
-GPU_QUEUES: Final = (GPU_TRAINING, GPU_COMPRESSION, GPU_INFERENCE)
+#: Queues a `gpu` worker consumes (`atelier worker gpu`): long jobs, one per process.
+#: GPU_INFERENCE has its own workers (`atelier worker inference`, a threads pool
+#: around one engine that batches requests), so a training job never blocks serving.
+GPU_QUEUES: Final = (GPU_TRAINING, GPU_COMPRESSION)
 
 # Task names. Workers register tasks under these names; the control plane
 # sends them with `send_task(name, ...)` and never imports worker code.

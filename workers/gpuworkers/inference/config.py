@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobcontracts.broker import data_dir
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -35,7 +37,7 @@ class Settings:
     #: Torch CPU threads; None: torch's default.
     torch_threads: int | None = None
     #: Local copies of models and adapters that live in object storage.
-    cache_dir: Path = Path(tempfile.gettempdir()) / "atelier" / "inference"
+    cache_dir: Path = Path(tempfile.gettempdir()) / "atelier-inference"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -50,7 +52,7 @@ class Settings:
 
         budget = optional("INFERENCE_MEMORY_BUDGET_MB")
         threads = optional("TORCH_NUM_THREADS")
-        cache = optional("INFERENCE_CACHE_DIR") or optional("GPU_WORKER_CACHE_DIR")
+        cache = optional("INFERENCE_CACHE_DIR")
         return cls(
             max_batch=max(1, int(number("INFERENCE_MAX_BATCH", cls.max_batch))),
             batch_wait_ms=max(0.0, number("INFERENCE_BATCH_WAIT_MS", cls.batch_wait_ms)),
@@ -67,5 +69,5 @@ class Settings:
             device=optional("INFERENCE_DEVICE"),
             dtype=optional("INFERENCE_DTYPE"),
             torch_threads=max(1, int(threads)) if threads else None,
-            cache_dir=Path(cache) / "inference" if cache else cls.cache_dir,
+            cache_dir=Path(cache) if cache else data_dir(env) / "inference-cache",
         )

@@ -147,6 +147,7 @@ class Engine:
             overloaded = self._waiting >= self.settings.max_queue
             if not overloaded:
                 self._waiting += 1
+                self.outbox.watch(job.request_id)
                 self._inbox.append(job)
                 self._cond.notify()
         if overloaded:
@@ -230,7 +231,6 @@ class Engine:
             if job.adapter_uri not in slot.adapters:
                 slot.adapters[job.adapter_uri] = AdapterSlot()
         slot.pending.append(job)
-        self.outbox.watch(job.request_id)
 
     def _expire(self, slot: Slot, now: float) -> None:
         """Drop waiting jobs whose caller gave up (deadline, or cancelled before starting)."""
@@ -259,6 +259,12 @@ class Engine:
 
     def _advance_loads(self) -> None:
         for slot in list(self._slots.values()):
+            # Adapters first: copied while the base loads, attached as soon as it is ready.
+            for uri, adapter in slot.adapters.items():
+                if adapter.state == NEW:
+                    adapter.state = FETCHING
+                    adapter.future = self._loader.submit(self.tokenizers.folder, uri)
+                    adapter.future.add_done_callback(self._wake)
             if slot.state == NEW:
                 slot.state = FETCHING
                 slot.future = self._loader.submit(self._fetch, slot.key.uri)
@@ -300,11 +306,6 @@ class Engine:
                     "inference.model_loaded",
                     extra={"model": slot.key.uri, "ms": round(loaded.load_ms, 1)},
                 )
-            for uri, adapter in slot.adapters.items():
-                if adapter.state == NEW:
-                    adapter.state = FETCHING
-                    adapter.future = self._loader.submit(self.tokenizers.folder, uri)
-                    adapter.future.add_done_callback(self._wake)
 
     def _used(self) -> int:
         total = 0

@@ -1,0 +1,122 @@
+"""Admission: a full queue answers 503 at once, a request past its deadline is dropped
+unanswered and unbilled, bad input and missing models get clean errors."""
+
+from __future__ import annotations
+
+import time
+
+from jobcontracts.inference import ModelRef
+from tests.gpuworkers.inference_support import (
+    model_ref,
+    request,
+    run,
+    running_engine,
+    texts,
+    varied_model_dir,
+)
+
+
+def test_a_full_queue_answers_503_overloaded_at_once_instead_of_queueing() -> None:
+    ref = model_ref(varied_model_dir())
+    with running_engine(start=False, max_queue=2) as (engine, channel):
+        queued = [request(ref, max_tokens=4) for _ in range(2)]
+        tickets = [engine.submit(r) for r in queued]
+        refused = request(ref, max_tokens=4)
+        started = time.monotonic()
+        refused_ticket = engine.submit(refused)
+        assert refused_ticket.wait(0.5) is None  # answered without the engine running at all
+        assert time.monotonic() - started < 0.5
+        engine.start()
+        for ticket in tickets:
+            assert ticket.wait(60) is not None
+        error = channel.wait_final(refused.request_id)
+        assert [r.type for r in channel.replies[refused.request_id]] == ["error"]
+        assert error.data == {
+            "status": 503,
+            "code": "overloaded",
+            "message": "the model is overloaded: retry in a moment",
+        }
+        assert refused_ticket.outcome == "overloaded"
+        # Once the queue drains, requests are accepted again.
+        (later,) = run(engine, channel, request(ref, max_tokens=4))
+        assert later.type == "done"
+
+
+def test_a_request_past_its_deadline_is_dropped_unanswered_and_unbilled() -> None:
+    ref = model_ref(varied_model_dir())
+    with running_engine(start=False) as (engine, channel):
+        expired = request(ref, max_tokens=4, deadline=time.time() - 1)
+        gave_up = request(ref, max_tokens=4, deadline=time.time() + 0.2)
+        waiting = request(ref, max_tokens=4, deadline=time.time() + 60)
+        tickets = [engine.submit(r) for r in (expired, gave_up, waiting)]
+        assert tickets[0].done  # dropped on arrival
+        time.sleep(0.3)  # the engine is busy elsewhere: the second caller gives up meanwhile
+        engine.start()
+        usages = [t.wait(60) for t in tickets]
+        assert channel.wait_final(waiting.request_id).type == "done"
+    assert [t.outcome for t in tickets] == ["dropped", "dropped", "completed"]
+    assert usages[0] is None
+    assert usages[1] is None
+    assert usages[2] is not None
+    assert channel.replies[expired.request_id] == []
+    assert channel.replies[gave_up.request_id] == []
+
+
+def test_a_request_cancelled_before_it_starts_is_dropped() -> None:
+    ref = model_ref(varied_model_dir())
+    with running_engine(start=False) as (engine, channel):
+        req = request(ref, max_tokens=4)
+        channel.cancel(req.request_id)
+        ticket = engine.submit(req)
+        time.sleep(0.05)  # the outbox reads the cancel keys of the requests it watches
+        engine.start()
+        assert ticket.wait(60) is None
+    assert ticket.outcome == "dropped"
+    assert channel.replies[req.request_id] == []
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_naming_the_limit() -> None:
+    ref = model_ref(varied_model_dir(), context_length=32)
+    with running_engine() as (engine, channel):
+        (reply,) = run(engine, channel, request(ref, prompt="the cat sat on the mat " * 20))
+        (fits,) = run(engine, channel, request(ref, prompt="the cat", max_tokens=200))
+    assert reply.type == "error"
+    assert reply.data["status"] == 400
+    assert reply.data["code"] == "context_length_exceeded"
+    assert "32" in reply.data["message"]
+    # max_tokens beyond the context stops at the context: finish_reason "length".
+    assert fits.data["choices"][0]["finish_reason"] in ("length", "stop")
+    assert fits.data["usage"]["total_tokens"] <= 32
+
+
+def test_empty_messages_and_missing_models_get_clean_errors() -> None:
+    ref = model_ref(varied_model_dir())
+    missing = ModelRef(
+        id="gone",
+        base_name="gone",
+        base_uri="file:///nonexistent/model",
+        family="llama",
+        task="causal_lm",
+        context_length=256,
+    )
+    with running_engine() as (engine, channel):
+        empty, gone, wrong_task = run(
+            engine,
+            channel,
+            request(ref, kind="chat", prompt=None, messages=[]),
+            request(missing),
+            request(ref, kind="classification", prompt=None, inputs=("x",)),
+        )
+        (still_fine,) = run(engine, channel, request(ref, max_tokens=3))
+    assert (empty.type, empty.data["status"], empty.data["code"]) == (
+        "error",
+        400,
+        "invalid_messages",
+    )
+    assert (gone.type, gone.data["status"], gone.data["code"]) == (
+        "error",
+        503,
+        "model_unavailable",
+    )
+    assert wrong_task.data["code"] == "unsupported_model"
+    assert len(texts(still_fine)) == 1
