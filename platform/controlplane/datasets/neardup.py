@@ -38,11 +38,11 @@ from typing import Final
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-#: MinHash permutations, as datasketch's default. The permutations are half the cost
-#: on ~300-word rows, but fewer change the LSH curve: with 64 (datasketch's 3 bands
-#: of 21 at 0.9) a pair at similarity 0.95 is caught 71% of the time instead of 80%,
-#: at 0.98 96% instead of 99%, and 91.0% of the bench's injected near-duplicates
-#: instead of 94.1% (bench/README.md has the curves).
+#: MinHash permutations, as datasketch's default. They are about a third of the cost on
+#: ~300-word rows, but fewer change the LSH curve: with 64 (datasketch's 3 bands of 21 at
+#: 0.9; +30-38% rows/s) a pair at similarity 0.95 is caught 71% of the time instead of
+#: 80%, at 0.98 96% instead of 99%, and 91.0% of the bench's injected near-duplicates
+#: instead of 94.1% (bench/README.md).
 NUM_PERM: Final = 128
 _MINHASH_SEED: Final = 1
 #: Texts hashed together: at most this many characters (and at least one text) per
