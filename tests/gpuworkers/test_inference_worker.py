@@ -1,0 +1,198 @@
+"""A real `atelier worker inference` process: requests sent by task name, replies on Redis
+pub/sub (or in a file when embedded), cancel through the cancel key, and each request's
+usage report read off the `control` queue as the control plane would receive it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Exchange, Queue
+
+from jobcontracts import queues
+from jobcontracts.broker import celery_config
+from jobcontracts.inference import InferenceRequest, Reply, UsageReport, cancel_key, reply_channel
+from tests.gpuworkers.inference_support import model_ref, request, varied_model_dir
+from tests.support.processes import stop
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+BROKER_VARS = ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+
+
+@contextmanager
+def inference_worker(log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    full = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    if "REDIS_URL" not in env:
+        full = {k: v for k, v in full.items() if k not in BROKER_VARS}
+    full.update(
+        PYTHONPATH=str(ROOT / "workers"),
+        PYTHONUNBUFFERED="1",
+        INFERENCE_CONCURRENCY="8",
+        TORCH_NUM_THREADS="1",
+        **env,
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "atelier"), "worker", "inference"],
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "inference.ready" not in log.read_text(errors="replace"):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield process
+    finally:
+        stop(process)
+
+
+def client_app(environ: dict[str, str]) -> Celery:
+    app = Celery("inference-test-client", fixups=[])
+    app.conf.update(celery_config(environ))
+    return app
+
+
+def usage_report(app: Celery, request_id: str, timeout: float = 30) -> UsageReport:
+    queue = Queue(queues.CONTROL, Exchange(queues.CONTROL), routing_key=queues.CONTROL)
+    deadline = time.monotonic() + timeout
+    with app.connection_for_read() as connection, connection.SimpleQueue(queue) as control:
+        while time.monotonic() < deadline:
+            try:
+                message = control.get(timeout=1)
+            except control.Empty:
+                continue
+            message.ack()
+            if message.headers.get("task") != queues.CONTROL_USAGE_REPORT:
+                continue
+            report = UsageReport.from_json(message.decode()[0][0])
+            if report.request_id == request_id:
+                return report
+    raise AssertionError(f"no usage report for {request_id}")
+
+
+def no_more_usage(app: Celery, request_id: str, wait: float = 1.5) -> None:
+    with pytest.raises(AssertionError, match="no usage report"):
+        usage_report(app, request_id, timeout=wait)
+
+
+class Subscription:
+    def __init__(self, client: Any, req: InferenceRequest) -> None:
+        self.pubsub = client.pubsub()
+        self.pubsub.subscribe(reply_channel(req.request_id))
+        # The gateway subscribes before sending: wait for Redis to confirm it.
+        assert self.pubsub.get_message(timeout=5)["type"] == "subscribe"
+
+    def replies(self, timeout: float = 60, on_delta: Any = None) -> list[Reply]:
+        found: list[Reply] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.pubsub.get_message(timeout=1)
+            if not message or message["type"] != "message":
+                continue
+            reply = Reply.from_json(json.loads(message["data"]))
+            found.append(reply)
+            if reply.type == "delta" and on_delta is not None:
+                on_delta(found)
+            if reply.type in ("done", "error"):
+                self.pubsub.close()
+                return found
+        raise AssertionError(f"no final reply: {found}")
+
+
+@pytest.fixture(scope="module")
+def redis_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ["REDIS_URL"]
+    log = tmp_path_factory.mktemp("inference") / "worker.log"
+    with inference_worker(log, REDIS_URL=url):
+        yield url
+
+
+def test_worker_streams_replies_on_redis_and_reports_usage_to_the_control_queue(
+    redis_worker: str,
+) -> None:
+    app = client_app({"REDIS_URL": redis_worker})
+    client = redis.Redis.from_url(redis_worker)
+    req = request(model_ref(varied_model_dir()), max_tokens=12, stream=True)
+    subscription = Subscription(client, req)
+
+    app.send_task(queues.INFER, args=[req.to_json()], queue=queues.GPU_INFERENCE)
+    replies = subscription.replies()
+
+    kinds = [r.type for r in replies]
+    assert kinds[0] == "start"
+    assert kinds[-1] == "done", replies[-1]
+    assert "delta" in kinds
+    done = replies[-1].data
+    text = "".join(r.data["text"] for r in replies if r.type == "delta")
+    assert text == done["choices"][0]["text"]
+    assert done["usage"]["completion_tokens"] == 12
+    usage = usage_report(app, req.request_id)
+    assert (usage.status, usage.completion_tokens) == ("completed", 12)
+    assert usage.prompt_tokens == done["usage"]["prompt_tokens"]
+    no_more_usage(app, req.request_id)  # exactly one
+
+
+def test_the_cancel_key_stops_a_stream_on_the_worker(redis_worker: str) -> None:
+    app = client_app({"REDIS_URL": redis_worker})
+    client = redis.Redis.from_url(redis_worker)
+    req = request(model_ref(varied_model_dir()), prompt="one", max_tokens=240, stream=True)
+    subscription = Subscription(client, req)
+
+    def cancel_after_two(found: list[Reply]) -> None:
+        if sum(r.type == "delta" for r in found) == 2:
+            client.set(cancel_key(req.request_id), "1", ex=60)
+
+    app.send_task(queues.INFER, args=[req.to_json()], queue=queues.GPU_INFERENCE)
+    replies = subscription.replies(on_delta=cancel_after_two)
+
+    done = replies[-1]
+    assert done.type == "done"
+    assert done.data["choices"][0]["finish_reason"] == "cancelled"
+    produced = done.data["usage"]["completion_tokens"]
+    assert 2 <= produced < 240
+    usage = usage_report(app, req.request_id)
+    assert (usage.status, usage.completion_tokens) == ("cancelled", produced)
+
+
+def test_embedded_worker_appends_replies_to_a_file_and_reports_usage(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    environ = {"ATELIER_DATA_DIR": str(data)}
+    app = client_app(environ)  # kombu's filesystem broker, as `make run` uses
+    req = request(model_ref(varied_model_dir()), max_tokens=6, stream=True)
+    replies_file = data / "replies" / f"{req.request_id}.jsonl"
+
+    with inference_worker(tmp_path / "worker.log", ATELIER_DATA_DIR=str(data)):
+        app.send_task(queues.INFER, args=[req.to_json()], queue=queues.GPU_INFERENCE)
+        deadline = time.monotonic() + 60
+        replies: list[Reply] = []
+        while time.monotonic() < deadline:
+            if replies_file.exists():
+                lines = replies_file.read_text().splitlines()
+                replies = [Reply.from_json(json.loads(line)) for line in lines]
+                if replies and replies[-1].type in ("done", "error"):
+                    break
+            time.sleep(0.1)
+        usage = usage_report(app, req.request_id)
+
+    assert replies[0].type == "start"
+    assert replies[-1].type == "done", replies
+    text = "".join(r.data["text"] for r in replies if r.type == "delta")
+    assert text == replies[-1].data["choices"][0]["text"]
+    assert usage.completion_tokens == replies[-1].data["usage"]["completion_tokens"] == 6
