@@ -109,6 +109,29 @@ def classifier_dir() -> Path:
     return _cached("minilm-classifier", build, source)
 
 
+def lora_classifier_dir(name: str, seed: int, labels: int = 2) -> Path:
+    """A LoRA classifier on MiniLM (adapter + its own head), as the training engine saves one."""
+    source = minilm_dir()
+
+    def build(out: Path) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(seed)
+        base = AutoModelForSequenceClassification.from_pretrained(source, num_labels=labels)
+        config = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+        model = get_peft_model(base, config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_" in param_name or "modules_to_save" in param_name:
+                    param.normal_(0, 0.2, generator=generator)
+        model.save_pretrained(out)
+
+    return _cached(f"minilm-lora-classifier-{name}-{seed}", build, source)
+
+
 def model_ref(
     folder: Path,
     *,

@@ -15,6 +15,7 @@ from gpuworkers.replies import MemoryChannel
 from jobcontracts.inference import InferenceRequest, ModelRef
 from tests.gpuworkers.inference_support import (
     classifier_dir,
+    lora_classifier_dir,
     model_ref,
     request,
     run,
@@ -130,3 +131,40 @@ def test_classification_scores_every_label_and_sums_to_one(
         assert result["score"] == pytest.approx(float(probs.max()), abs=1e-5)
         for i, label in enumerate(labels):
             assert result["scores"][label] == pytest.approx(float(probs[i]), abs=1e-5)
+
+
+def test_lora_classifiers_share_one_base_and_each_scores_with_its_own_head(
+    engine: tuple[Engine, MemoryChannel],
+) -> None:
+    from peft import PeftModel
+
+    served, channel = engine
+    labels = ("no", "yes")
+    adapters = [lora_classifier_dir("x", 3), lora_classifier_dir("y", 4)]
+    refs = [
+        model_ref(minilm_dir(), task="classification", adapter=a, labels=labels) for a in adapters
+    ]
+    uri = f"file://{minilm_dir()}"
+    loads_before = served.stats.loads[uri]  # the module's embedding tests load it as an encoder
+    replies = run(
+        served,
+        channel,
+        *(request(ref, kind="classification", prompt=None, inputs=TEXTS[:2]) for ref in refs),
+    )
+    assert served.stats.loads[uri] - loads_before == 1  # one classifier base for both adapters
+    assert served.stats.adapter_loads[f"file://{adapters[0]}"] == 1
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    batch = tokenizer(list(TEXTS[:2]), padding=True, truncation=True, return_tensors="pt")
+    found = []
+    for adapter, reply in zip(adapters, replies, strict=True):
+        base = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with torch.inference_mode():
+            expected = torch.softmax(model(**batch).logits, dim=-1)
+        got = torch.tensor(
+            [[r["scores"][label] for label in labels] for r in reply.data["classifications"]]
+        )
+        assert torch.allclose(got, expected, atol=1e-5)
+        found.append(got)
+    assert not torch.allclose(found[0], found[1], atol=1e-3)
