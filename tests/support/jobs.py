@@ -78,7 +78,7 @@ def _broker() -> redis.Redis:
 
 def purge_broker() -> None:
     """Forget messages earlier tests left on the job queues (kombu keeps a list per queue)."""
-    _broker().delete(queues.GPU_TRAINING, queues.CONTROL)
+    _broker().delete(queues.GPU_TRAINING, queues.GPU_INFERENCE, queues.CONTROL)
 
 
 def sent_specs() -> list[TrainingSpec]:

@@ -54,6 +54,7 @@ class Server:
 def asgi_server(tmp: Path, **env: str) -> Iterator[Server]:
     """`atelier web` (uvicorn, ASGI) on a free loopback port."""
     port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "web.log"
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -139,9 +139,7 @@ def test_keys_need_the_inference_scope_and_an_inference_key_can_do_nothing_else(
 
 
 def test_with_no_worker_the_caller_gets_a_clean_503_not_a_hang(alice: Person) -> None:
-    response = alice.client.post(
-        CHAT, chat(), format="json", headers={"x-atelier-timeout": "0.5"}
-    )
+    response = alice.client.post(CHAT, chat(), format="json", headers={"x-atelier-timeout": "0.5"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_capacity"
     assert response["Retry-After"] == "1"
