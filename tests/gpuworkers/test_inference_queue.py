@@ -120,3 +120,17 @@ def test_empty_messages_and_missing_models_get_clean_errors() -> None:
     )
     assert wrong_task.data["code"] == "unsupported_model"
     assert len(texts(still_fine)) == 1
+
+
+def test_a_long_silent_request_gets_heartbeats_until_it_is_done() -> None:
+    ref = model_ref(varied_model_dir())
+    with running_engine(heartbeat_s=0.05) as (engine, channel):
+        long = request(ref, prompt="one", max_tokens=240)  # not streamed: silent until done
+        (reply,) = run(engine, channel, long)
+        time.sleep(0.2)  # nothing more after done
+        kinds = [r.type for r in channel.replies[long.request_id]]
+    assert reply.type == "done"
+    assert kinds[0] == "start"
+    assert kinds[-1] == "done"
+    assert "heartbeat" in kinds
+    assert set(kinds[1:-1]) == {"heartbeat"}

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from jobcontracts.broker import data_dir
-from jobcontracts.inference import Reply, cancel_key, reply_channel
+from jobcontracts.inference import DONE, ERROR, HEARTBEAT, START, Reply, cancel_key, reply_channel
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,14 @@ class Outbox:
     thread, so the scheduler reads it without a lock.
     """
 
-    def __init__(self, channel: ReplyChannel, *, cancel_check_s: float = 0.005) -> None:
+    def __init__(
+        self, channel: ReplyChannel, *, cancel_check_s: float = 0.005, heartbeat_s: float = 5.0
+    ) -> None:
         self.channel = channel
         self.cancel_check_s = cancel_check_s
+        self.heartbeat_s = heartbeat_s
+        #: Started requests (not yet done) and when each was last sent anything.
+        self._last: dict[str, float] = {}
         self.cancelled: frozenset[str] = frozenset()
         self._queue: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         self._watched: set[str] = set()
@@ -176,6 +181,10 @@ class Outbox:
             self._thread.start()
 
     def send(self, request_id: str, kind: str, data: dict[str, Any]) -> None:
+        if kind in (DONE, ERROR):
+            self._last.pop(request_id, None)
+        elif kind == START or request_id in self._last:
+            self._last[request_id] = time.monotonic()
         self._queue.put((request_id, kind, data))
 
     def watch(self, request_id: str) -> None:
@@ -193,13 +202,13 @@ class Outbox:
         self.channel.close()
 
     def _run(self) -> None:
-        last_check = 0.0
+        last_check = last_beat = 0.0
         while True:
             batch: list[Message] = []
             stop = False
             try:
                 # Idle (nothing to watch): sleep longer; a new request's first reply wakes us.
-                timeout = self.cancel_check_s if self._watched else 0.5
+                timeout = self.cancel_check_s if self._watched else min(0.5, self.heartbeat_s)
                 item = self._queue.get(timeout=timeout)
                 if item is None:
                     stop = True
@@ -221,6 +230,9 @@ class Outbox:
             if now - last_check >= self.cancel_check_s:
                 last_check = now
                 self._poll_cancels()
+            if now - last_beat >= min(1.0, self.heartbeat_s / 2):
+                last_beat = now
+                self._heartbeats(now)
 
     def _publish(self, batch: list[Message]) -> None:
         for attempt in range(3):
@@ -230,6 +242,15 @@ class Outbox:
             except Exception:  # a dropped connection: redis-py reconnects on the next call
                 log.exception("inference.reply_publish_failed", extra={"attempt": attempt})
                 time.sleep(0.05 * (attempt + 1))
+
+    def _heartbeats(self, now: float) -> None:
+        quiet = [r for r, at in list(self._last.items()) if now - at >= self.heartbeat_s]
+        if not quiet:
+            return
+        for request_id in quiet:
+            if request_id in self._last:
+                self._last[request_id] = now
+        self._publish([(request_id, HEARTBEAT, {}) for request_id in quiet])
 
     def _poll_cancels(self) -> None:
         with self._watch_lock:

@@ -10,6 +10,10 @@ the request's reply channel:
 - embedded (no Redis, one host): lines appended to the file
   `{ATELIER_DATA_DIR}/replies/{request_id}.jsonl`, which the gateway tails.
 
+While a started request has nothing else to say (a long non-streamed generation),
+the worker sends a `heartbeat` every few seconds, so a gateway can tell a busy
+worker from a dead one by silence.
+
 Cancellation goes the other way: the gateway sets the key (Redis) or creates the
 file (embedded) named by `cancel_key(request_id)`; the worker checks it between
 decoding steps and stops that sequence, reporting the tokens produced so far.
@@ -28,11 +32,13 @@ from typing import Any, Final
 KINDS: Final = ("chat", "completion", "embedding", "classification")
 MODEL_TASKS: Final = ("causal_lm", "classification", "embeddings")
 
-# Reply types, in order: start?, delta*, (done | error).
+# Reply types, in order: start?, (delta | heartbeat)*, (done | error).
 START: Final = "start"
 DELTA: Final = "delta"
 DONE: Final = "done"
 ERROR: Final = "error"
+#: Sent after `start` when a request has been silent for a while; no data.
+HEARTBEAT: Final = "heartbeat"
 
 # Finish reasons, as OpenAI's.
 STOP: Final = "stop"
@@ -121,8 +127,11 @@ class InferenceRequest:
 class Reply:
     """One message on the reply channel.
 
-    - start: {"queue_ms", "load_ms"} once the request is scheduled on a model.
+    - start: {"queue_ms", "load_ms", "broker_ms"?} once the request is scheduled on a
+      model (queue_ms: waiting in the worker, model loading excluded; broker_ms: from
+      `sent_at` to the worker, when `sent_at` is set).
     - delta: {"index", "text", "logprobs"?: [{token, logprob, top_logprobs}]}, streaming only.
+    - heartbeat: {} after `start`, when nothing else was sent for a few seconds.
     - done: chat/completion {"choices": [{index, text, finish_reason, logprobs?}]};
       embedding {"embeddings": [[float, …]]}; classification
       {"classifications": [{label, score, scores: {label: p}}]}; always

@@ -17,6 +17,8 @@ class Settings:
     max_batch: int = 32
     #: How long a batch about to start waits for requests known to be arriving.
     batch_wait_ms: float = 2.0
+    #: How long new requests wait to join a running batch together (one prefill for all).
+    join_wait_ms: float = 5.0
     #: Requests waiting (not yet decoding) beyond this are refused: 503 overloaded.
     max_queue: int = 256
     #: Prompt tokens (padded) prefilled in one forward.
@@ -30,6 +32,9 @@ class Settings:
     max_adapters: int = 64
     #: How often the cancel keys of running requests are read.
     cancel_check_ms: float = 5.0
+    #: A started request silent this long gets a `heartbeat` reply (the gateway's
+    #: INFERENCE_SILENCE_SECONDS must be longer).
+    heartbeat_s: float = 5.0
     #: "cuda", "cuda:1", "cpu"; None: CUDA when available.
     device: str | None = None
     #: "bfloat16", "float16", "float32"; None: bf16 (or fp16) on CUDA, fp32 on CPU.
@@ -56,6 +61,7 @@ class Settings:
         return cls(
             max_batch=max(1, int(number("INFERENCE_MAX_BATCH", cls.max_batch))),
             batch_wait_ms=max(0.0, number("INFERENCE_BATCH_WAIT_MS", cls.batch_wait_ms)),
+            join_wait_ms=max(0.0, number("INFERENCE_JOIN_WAIT_MS", cls.join_wait_ms)),
             max_queue=max(1, int(number("INFERENCE_MAX_QUEUE", cls.max_queue))),
             max_prefill_tokens=max(
                 1, int(number("INFERENCE_MAX_PREFILL_TOKENS", cls.max_prefill_tokens))
@@ -66,6 +72,7 @@ class Settings:
             memory_budget_mb=float(budget) if budget else None,
             max_adapters=max(1, int(number("INFERENCE_MAX_ADAPTERS", cls.max_adapters))),
             cancel_check_ms=max(0.5, number("INFERENCE_CANCEL_CHECK_MS", cls.cancel_check_ms)),
+            heartbeat_s=max(0.05, number("INFERENCE_HEARTBEAT_SECONDS", cls.heartbeat_s)),
             device=optional("INFERENCE_DEVICE"),
             dtype=optional("INFERENCE_DTYPE"),
             torch_threads=max(1, int(threads)) if threads else None,

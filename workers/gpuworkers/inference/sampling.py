@@ -9,6 +9,8 @@ tokens whatever else shares its batch.
 from __future__ import annotations
 
 import os
+import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,20 +23,31 @@ _DRAWS = 64
 GREEDY_BELOW = 1e-5
 
 
-class Random:
-    """A row's own stream of uniform numbers in [0, 1)."""
+#: Seeds of unseeded rows (seeded once from the OS: os.urandom per row is slow on some VMs).
+_seeds = random.Random(os.urandom(16))  # noqa: S311 - sampling, not secrets
+_seeds_lock = threading.Lock()
 
-    __slots__ = ("_buffer", "_generator", "_next")
+
+class Random:
+    """A row's own stream of uniform numbers in [0, 1), from its own torch.Generator
+    (created on the first draw: greedy rows never need one)."""
+
+    __slots__ = ("_buffer", "_generator", "_next", "seed")
 
     def __init__(self, seed: int | None) -> None:
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
         self._buffer: list[float] = []
         self._next = 0
 
     def uniform(self) -> float:
         if self._next >= len(self._buffer):
+            if self._generator is None:
+                seed = self.seed
+                if seed is None:
+                    with _seeds_lock:
+                        seed = _seeds.getrandbits(63)
+                self._generator = torch.Generator().manual_seed(seed)
             self._buffer = torch.rand(
                 _DRAWS, generator=self._generator, dtype=torch.float64
             ).tolist()

@@ -99,7 +99,11 @@ class Stats:
 class Engine:
     def __init__(self, settings: Settings, channel: ReplyChannel, *, start: bool = True) -> None:
         self.settings = settings
-        self.outbox = Outbox(channel, cancel_check_s=settings.cancel_check_ms / 1000)
+        self.outbox = Outbox(
+            channel,
+            cancel_check_s=settings.cancel_check_ms / 1000,
+            heartbeat_s=settings.heartbeat_s,
+        )
         self.tokenizers = Tokenizers(settings)
         self.device = models.pick_device(settings)
         self.dtype = models.pick_dtype(settings, self.device)
@@ -426,10 +430,20 @@ class Engine:
         if ready and room > 0 and (batch.joinable or not len(batch)):
             rows = sum(j.rows_left for j in ready)
             age = time.monotonic() - min(j.received for j in ready)
-            wait_s = settings.batch_wait_ms / 1000
-            if not len(batch) and incoming > 0 and rows < settings.max_batch and age < wait_s:
-                wake_in = wait_s - age  # more are being tokenized: start them together
-            else:
+            if not len(batch):
+                wait_s = settings.batch_wait_ms / 1000
+                if incoming > 0 and rows < settings.max_batch and age < wait_s:
+                    wake_in = wait_s - age  # more are being tokenized: start them together
+                else:
+                    self._admit(slot, batch, ready, room)
+                    worked = True
+            elif (
+                # Joining a running batch costs a prefill forward (and a copy of the
+                # cache): gather arrivals for a few ms, unless enough are waiting.
+                age >= settings.join_wait_ms / 1000
+                or rows >= room
+                or rows >= max(1, len(batch) // 4)
+            ):
                 self._admit(slot, batch, ready, room)
                 worked = True
         if len(batch):

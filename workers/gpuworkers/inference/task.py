@@ -101,6 +101,11 @@ def _preload(sender: Any = None, **_: Any) -> None:
     worker is up, so the first request does not pay for it."""
     if sender is None or not _consumes_inference(sender):
         return
+    if os.environ.get("INFERENCE_LOG_REQUESTS", "0") != "1":
+        # Celery logs every task received and finished at INFO: at thousands of
+        # requests a second that is most of a worker's log and a real share of its CPU.
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if os.environ.get("GPU_WORKER_PRELOAD", "1") == "0":
         return
 
