@@ -287,3 +287,68 @@ def test_usage_is_reported_once_with_the_request_identity(
         AutoTokenizer.from_pretrained(varied_model_dir())(PROMPTS[0])["input_ids"]
     )
     assert usage.latency_ms > 0
+
+
+def test_a_gpt2_batch_also_gives_each_request_what_generate_gives() -> None:
+    folder = varied_model_dir("gpt2")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ref = model_ref(folder, name="tiny-gpt2")
+    with running_engine(start=False) as (engine, channel):
+        requests = [request(ref, prompt=p, max_tokens=12) for p in PROMPTS[:4]]
+        tickets = [engine.submit(r) for r in requests]
+        engine.start()
+        for ticket in tickets:
+            ticket.wait(60)
+        replies = [channel.wait_final(r.request_id) for r in requests]
+        assert engine.stats.prefills == 1
+    for prompt, reply in zip(PROMPTS, replies, strict=False):
+        assert texts(reply) == [greedy_text((model, tokenizer), prompt, 12)], prompt
+
+
+def test_several_prompts_with_n_choices_are_numbered_prompt_by_prompt(
+    engine: tuple[Engine, MemoryChannel], ref: ModelRef, hf: tuple[Any, Any]
+) -> None:
+    req = request(ref, prompt=None, inputs=(PROMPTS[0], PROMPTS[2]), max_tokens=6, n=2)
+    (reply,) = run(*engine, req)
+    choices = reply.data["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    first, second = greedy_text(hf, PROMPTS[0], 6), greedy_text(hf, PROMPTS[2], 6)
+    assert texts(reply) == [first, first, second, second]
+    _, tokenizer = hf
+    prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in (PROMPTS[0], PROMPTS[2]))
+    assert reply.data["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 4 * 6,
+        "total_tokens": prompt_tokens + 24,
+    }
+
+
+def test_a_forward_failing_part_way_fails_its_requests_billed_for_what_they_used(
+    ref: ModelRef, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpuworkers.inference import decode
+
+    forward = decode.DecodeBatch._forward
+    calls = {"n": 0}
+
+    def failing(self: Any, names: Any, **inputs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:  # the prefill, then three decode steps, then this one
+            raise RuntimeError("device lost")
+        return forward(self, names, **inputs)
+
+    monkeypatch.setattr(decode.DecodeBatch, "_forward", failing)
+    with running_engine() as (served, channel):
+        req = request(ref, prompt=PROMPTS[0], max_tokens=50, stream=True)
+        ticket = served.submit(req)
+        usage = ticket.wait(60)
+        error = channel.wait_final(req.request_id)
+        (after,) = run(served, channel, request(ref, prompt=PROMPTS[0], max_tokens=3))
+    assert error.type == "error"
+    assert (error.data["status"], error.data["code"]) == (500, "inference_failed")
+    assert usage is not None
+    assert (usage.status, ticket.outcome) == ("failed", "failed")
+    assert usage.prompt_tokens > 0
+    assert usage.completion_tokens == 4  # one from the prefill, three from decode steps
+    assert after.type == "done"  # the model still serves the next request

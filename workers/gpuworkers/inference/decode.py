@@ -296,8 +296,9 @@ class DecodeBatch:
         self.positions = self.positions[index]
         self.next_tokens = self.next_tokens[index]
         self.rows = [self.rows[i] for i in keep]
-        # Left padding that no remaining row uses costs attention on every step: cut it.
-        first = int(self.mask.any(dim=0).int().argmax())
+        # Left padding that no remaining row uses costs attention on every step: cut it
+        # (full-attention caches only: a sliding-window layer keeps its own window).
+        first = int(self.mask.any(dim=0).int().argmax()) if self.joinable else 0
         if first > 0:
             self.mask = self.mask[:, first:]
             for layer in self.cache.layers:

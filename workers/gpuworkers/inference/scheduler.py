@@ -572,7 +572,8 @@ class Engine:
         """A forward failed: every request running on this model fails, billed for what
         it produced; the model stays loaded for the next ones."""
         if slot.batch is not None:
-            slot.batch.fail_all()
+            for row in slot.batch.fail_all():
+                row.job.completion_tokens += len(row.tokens)
         oom = isinstance(error, torch.OutOfMemoryError)
         failure = (
             ModelError(503, "out_of_memory", "the worker ran out of memory: retry with less")
@@ -591,7 +592,8 @@ class Engine:
         failure = ModelError(500, "inference_failed", "the inference engine failed")
         for slot in list(self._slots.values()):
             if slot.batch is not None:
-                slot.batch.fail_all()
+                for row in slot.batch.fail_all():
+                    row.job.completion_tokens += len(row.tokens)
             for job in list(slot.active):
                 self._error(job.request_id, failure)
                 self._end(slot, job, FAILED, job.usage("failed"), started=True)
