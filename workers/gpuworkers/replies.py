@@ -9,6 +9,8 @@ With `REDIS_URL` set, replies are published on the Redis pub/sub channel
 The scheduler never waits on the network: it hands replies to an `Outbox`,
 whose thread publishes everything that is waiting in one pipelined round trip
 and polls the cancel keys of the requests it watches (one MGET) every few ms.
+A stream's deltas after its first may be merged over a few ms
+(`stream_interval_s`): one message per a few tokens instead of one per token.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from typing import Any, Protocol
 import orjson
 
 from jobcontracts.broker import data_dir
-from jobcontracts.inference import DONE, ERROR, HEARTBEAT, START, Reply, cancel_key, reply_channel
+from jobcontracts.inference import (
+    DELTA,
+    DONE,
+    ERROR,
+    HEARTBEAT,
+    START,
+    Reply,
+    cancel_key,
+    reply_channel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +172,19 @@ class Outbox:
     """
 
     def __init__(
-        self, channel: ReplyChannel, *, cancel_check_s: float = 0.005, heartbeat_s: float = 5.0
+        self,
+        channel: ReplyChannel,
+        *,
+        cancel_check_s: float = 0.005,
+        heartbeat_s: float = 5.0,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.channel = channel
         self.cancel_check_s = cancel_check_s
         self.heartbeat_s = heartbeat_s
+        #: A request's deltas after its first are published at most this often, merged.
+        self.stream_interval_s = stream_interval_s
+        self._streaming: set[str] = set()
         #: Started requests (not yet done) and when each was last sent anything.
         self._last: dict[str, float] = {}
         self.cancelled: frozenset[str] = frozenset()
@@ -202,28 +221,31 @@ class Outbox:
         self.channel.close()
 
     def _run(self) -> None:
-        last_check = last_beat = 0.0
+        last_check = last_beat = next_flush = 0.0
+        pending: list[Message] = []
+        urgent = False
         while True:
-            batch: list[Message] = []
             stop = False
-            try:
+            now = time.monotonic()
+            if pending:
+                timeout = max(0.0, next_flush - now)
+            else:
                 # Idle (nothing to watch): sleep longer; a new request's first reply wakes us.
                 timeout = self.cancel_check_s if self._watched else min(0.5, self.heartbeat_s)
+            try:
                 item = self._queue.get(timeout=timeout)
-                if item is None:
-                    stop = True
-                else:
-                    batch.append(item)
-                    while True:  # everything else already waiting goes in the same round trip
-                        item = self._queue.get_nowait()
-                        if item is None:
-                            stop = True
-                            break
-                        batch.append(item)
+                while item is not None:  # everything already waiting goes in one round trip
+                    pending.append(item)
+                    urgent = urgent or self._urgent(item)
+                    item = self._queue.get_nowait()
+                stop = True
             except queue.Empty:
                 pass
-            if batch:
-                self._publish(batch)
+            now = time.monotonic()
+            if pending and (urgent or stop or now >= next_flush):
+                self._publish(self._merge(pending))
+                pending, urgent = [], False
+                next_flush = now + self.stream_interval_s
             if stop:
                 return
             now = time.monotonic()
@@ -242,6 +264,38 @@ class Outbox:
             except Exception:  # a dropped connection: redis-py reconnects on the next call
                 log.exception("inference.reply_publish_failed", extra={"attempt": attempt})
                 time.sleep(0.05 * (attempt + 1))
+
+    def _urgent(self, message: Message) -> bool:
+        """Everything but a request's later deltas is published at once: start, done,
+        errors, and the first delta (time to first token)."""
+        request_id, kind, _ = message
+        if kind != DELTA:
+            self._streaming.discard(request_id)
+            return True
+        if request_id in self._streaming:
+            return False
+        self._streaming.add(request_id)
+        return True
+
+    @staticmethod
+    def _merge(messages: list[Message]) -> list[Message]:
+        """Deltas of one choice that waited together become one (text and logprobs joined)."""
+        out: list[Message] = []
+        open_deltas: dict[tuple[str, int], dict[str, Any]] = {}
+        for request_id, kind, data in messages:
+            if kind != DELTA:
+                out.append((request_id, kind, data))
+                continue
+            key = (request_id, int(data.get("index", 0)))
+            merged = open_deltas.get(key)
+            if merged is None:
+                merged = open_deltas[key] = dict(data)
+                out.append((request_id, kind, merged))
+                continue
+            merged["text"] = str(merged.get("text", "")) + str(data.get("text", ""))
+            if data.get("logprobs"):
+                merged["logprobs"] = [*(merged.get("logprobs") or []), *data["logprobs"]]
+        return out
 
     def _heartbeats(self, now: float) -> None:
         quiet = [r for r, at in list(self._last.items()) if now - at >= self.heartbeat_s]

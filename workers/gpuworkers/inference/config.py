@@ -32,6 +32,9 @@ class Settings:
     max_adapters: int = 64
     #: How often the cancel keys of running requests are read.
     cancel_check_ms: float = 5.0
+    #: A stream's deltas after the first are sent at most this often (merged): fewer,
+    #: larger messages when tokens come faster than this. 0: one message per token.
+    stream_interval_ms: float = 5.0
     #: A started request silent this long gets a `heartbeat` reply (the gateway's
     #: INFERENCE_SILENCE_SECONDS must be longer).
     heartbeat_s: float = 5.0
@@ -72,6 +75,9 @@ class Settings:
             memory_budget_mb=float(budget) if budget else None,
             max_adapters=max(1, int(number("INFERENCE_MAX_ADAPTERS", cls.max_adapters))),
             cancel_check_ms=max(0.5, number("INFERENCE_CANCEL_CHECK_MS", cls.cancel_check_ms)),
+            stream_interval_ms=max(
+                0.0, number("INFERENCE_STREAM_INTERVAL_MS", cls.stream_interval_ms)
+            ),
             heartbeat_s=max(0.05, number("INFERENCE_HEARTBEAT_SECONDS", cls.heartbeat_s)),
             device=optional("INFERENCE_DEVICE"),
             dtype=optional("INFERENCE_DTYPE"),

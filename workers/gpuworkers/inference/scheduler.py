@@ -103,6 +103,7 @@ class Engine:
             channel,
             cancel_check_s=settings.cancel_check_ms / 1000,
             heartbeat_s=settings.heartbeat_s,
+            stream_interval_s=settings.stream_interval_ms / 1000,
         )
         self.tokenizers = Tokenizers(settings)
         self.device = models.pick_device(settings)

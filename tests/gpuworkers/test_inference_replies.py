@@ -1,0 +1,104 @@
+"""The outbox: replies in order, a stream's later deltas merged, cancel keys read for
+watched requests, heartbeats for silent ones; the Redis and file channels."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from gpuworkers.replies import FileChannel, MemoryChannel, Outbox, RedisChannel
+from jobcontracts.inference import cancel_key, reply_channel
+
+
+def test_later_deltas_are_merged_in_order_and_everything_else_goes_at_once() -> None:
+    channel = MemoryChannel()
+    outbox = Outbox(channel, stream_interval_s=0.2)
+    outbox.start()
+    try:
+        outbox.send("r1", "start", {"queue_ms": 1.0})
+        outbox.send("r1", "delta", {"index": 0, "text": "a", "logprobs": [{"token": "a"}]})
+        deadline = time.monotonic() + 5
+        while len(channel.replies["r1"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        first_two = [r.type for r in channel.replies["r1"]]  # the first delta is not held
+        for text in ("b", "c", "d"):
+            outbox.send("r1", "delta", {"index": 0, "text": text, "logprobs": [{"token": text}]})
+        outbox.send("r1", "delta", {"index": 1, "text": "x"})
+        outbox.send("r1", "done", {"choices": []})
+        channel.wait_final("r1", timeout=5)
+    finally:
+        outbox.close()
+    assert first_two == ["start", "delta"]
+    replies = channel.replies["r1"]
+    assert [r.type for r in replies] == ["start", "delta", "delta", "delta", "done"]
+    assert replies[2].data == {
+        "index": 0,
+        "text": "bcd",
+        "logprobs": [{"token": "b"}, {"token": "c"}, {"token": "d"}],
+    }
+    assert replies[3].data == {"index": 1, "text": "x"}
+
+
+def test_cancel_keys_are_read_for_watched_requests_only() -> None:
+    channel = MemoryChannel()
+    outbox = Outbox(channel, cancel_check_s=0.001)
+    outbox.start()
+    try:
+        outbox.watch("a")
+        channel.cancel("a")
+        channel.cancel("b")  # not watched: never read
+        deadline = time.monotonic() + 5
+        while "a" not in outbox.cancelled and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert outbox.cancelled == frozenset({"a"})
+        outbox.unwatch("a")
+        deadline = time.monotonic() + 5
+        while outbox.cancelled and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert outbox.cancelled == frozenset()
+    finally:
+        outbox.close()
+
+
+def test_redis_channel_publishes_on_the_reply_channel_and_reads_cancel_keys() -> None:
+    url = os.environ["REDIS_URL"]
+    client = redis.Redis.from_url(url)
+    request_id = f"test-{uuid.uuid4().hex[:8]}"
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(reply_channel(request_id))
+    time.sleep(0.05)
+    channel = RedisChannel(url)
+    try:
+        channel.publish([(request_id, "start", {}), (request_id, "done", {"choices": []})])
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.5)
+            if message:
+                got.append(json.loads(message["data"]))
+        assert [m["type"] for m in got] == ["start", "done"]
+        assert got[0]["request_id"] == request_id
+        assert channel.cancelled([request_id]) == set()
+        client.set(cancel_key(request_id), "1", ex=60)
+        assert channel.cancelled([request_id, "other"]) == {request_id}
+    finally:
+        client.delete(cancel_key(request_id))
+        pubsub.close()
+        channel.close()
+
+
+def test_file_channel_appends_json_lines_and_reads_cancel_files(tmp_path: Path) -> None:
+    channel = FileChannel(tmp_path / "replies")
+    channel.publish([("r9", "start", {}), ("r9", "delta", {"index": 0, "text": "é"})])
+    channel.publish([("r9", "done", {"choices": []})])
+    lines = (tmp_path / "replies" / "r9.jsonl").read_text().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["start", "delta", "done"]
+    assert json.loads(lines[1])["data"]["text"] == "é"
+    assert channel.cancelled(["r9"]) == set()
+    (tmp_path / "replies" / cancel_key("r9")).touch()
+    assert channel.cancelled(["r9"]) == {"r9"}
