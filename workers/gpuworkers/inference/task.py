@@ -83,9 +83,44 @@ def run(request_json: dict[str, Any]) -> None:
             }
             engine().outbox.send(request_id, ERROR, data)
         return
-    usage = engine().submit(request).wait()
+    try:
+        _model_code()
+        usage = engine().submit(request).wait()
+    except Exception as error:
+        # Whatever went wrong, the caller gets a clean error now rather than a timeout.
+        log.exception("inference.request_crashed", extra={"request_id": request.request_id})
+        data = {"status": 500, "code": "inference_failed", "message": f"inference failed: {error}"}
+        engine().outbox.send(request.request_id, ERROR, data)
+        raise
     if usage is not None:
         send_usage(usage)
+
+
+_model_code_lock = threading.Lock()
+_model_code_loaded = False
+
+
+def _model_code() -> None:
+    """Import transformers/peft once, under a lock. transformers' lazy module is not
+    thread-safe: a request thread importing from it while the preload thread is
+    half-way through gets "cannot import name 'AutoTokenizer'"."""
+    global _model_code_loaded
+    if _model_code_loaded:
+        return
+    with _model_code_lock:
+        if not _model_code_loaded:
+            from gpuworkers.inference.models import preload_model_code
+
+            preload_model_code()
+            # Resolve the lazy attributes request threads use, while still serialised.
+            from transformers import (  # noqa: F401
+                AutoModel,
+                AutoModelForCausalLM,
+                AutoModelForSequenceClassification,
+                AutoTokenizer,
+            )
+
+            _model_code_loaded = True
 
 
 def _consumes_inference(consumer: Any) -> bool:
@@ -112,9 +147,7 @@ def _preload(sender: Any = None, **_: Any) -> None:
     def start() -> None:
         started = time.monotonic()
         engine()
-        from gpuworkers.inference.models import preload_model_code
-
-        preload_model_code()
+        _model_code()
         log.info("inference.ready", extra={"seconds": round(time.monotonic() - started, 2)})
 
     threading.Thread(target=start, name="inference-preload", daemon=True).start()
