@@ -30,8 +30,9 @@ class Settings:
     memory_budget_mb: float | None = None
     #: LoRA adapters kept loaded per base model.
     max_adapters: int = 64
-    #: How often the cancel keys of running requests are read.
-    cancel_check_ms: float = 5.0
+    #: How often the cancel keys of running requests are read (one MGET). Every read
+    #: takes the GIL from the decode loop: at 5 ms a tiny model decodes ~8% slower.
+    cancel_check_ms: float = 20.0
     #: A stream's deltas after the first are sent at most this often (merged): fewer,
     #: larger messages when tokens come faster than this. 0: one message per token.
     stream_interval_ms: float = 5.0
