@@ -173,7 +173,8 @@ class Engine:
         self.outbox.close()
 
     def loaded(self) -> list[ModelKey]:
-        """Keys of the models in memory now, least recently used first."""
+        """Keys of the models in memory now, least recently used first (a snapshot, for
+        tests and health checks: read while the engine is idle)."""
         return [key for key, slot in list(self._slots.items()) if slot.loaded is not None]
 
     def _error(self, request_id: str, error: ModelError) -> None:
@@ -194,7 +195,10 @@ class Engine:
                     worked, wake_in = self._iterate(jobs, incoming)
                 except Exception:  # never let the thread die with requests waiting on it
                     log.exception("inference.engine_failed")
-                    self._fail_everything()
+                    try:
+                        self._fail_everything()
+                    except Exception:
+                        log.exception("inference.engine_cleanup_failed")
                     worked, wake_in = False, 0.01
                 if not worked:
                     with self._cond:
