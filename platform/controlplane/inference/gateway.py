@@ -133,7 +133,10 @@ def build(
 def send(request: InferenceRequest) -> None:
     from controlplane.celery import app
 
-    app.send_task(queues.INFER, args=[request.to_json()], queue=queues.GPU_INFERENCE)
+    # ignore_result: replies come on the reply channel; no result-backend subscription.
+    app.send_task(
+        queues.INFER, args=[request.to_json()], queue=queues.GPU_INFERENCE, ignore_result=True
+    )
 
 
 def timeout_for(header: str | None) -> float:

@@ -139,7 +139,7 @@ def _send(job: FineTuningJob, spec: dict[str, Any]) -> None:
     from controlplane.celery import app
 
     write_signal(job, "run")
-    app.send_task(queues.TRAIN, args=[spec], queue=queues.GPU_TRAINING)
+    app.send_task(queues.TRAIN, args=[spec], queue=queues.GPU_TRAINING, ignore_result=True)
     log.info("jobs.dispatched", job_id=job.pk, attempt=job.attempt)
 
 

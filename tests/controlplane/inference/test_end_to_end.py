@@ -32,7 +32,12 @@ from tests.support.processes import Server, asgi_server, worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-ENV = {"INFERENCE_SILENCE_SECONDS": "3", "TORCH_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+ENV = {
+    "INFERENCE_SILENCE_SECONDS": "3",
+    "INFERENCE_HEARTBEAT_SECONDS": "1",
+    "TORCH_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+}
 LLAMA = "atelier-tiny-llama"
 MINILM = "all-MiniLM-L6-v2"
 
