@@ -45,6 +45,7 @@ bench: install
 	@$(BIN)/python tests/preflight.py
 	$(BIN)/python bench/api_auth.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache

@@ -61,24 +61,27 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
-import redis
 
-# The api_auth benchmark's helpers (server start-up, database, sign-up, report
-# metadata), shared rather than copied; this directory is on sys.path when the
-# script runs.
+# Shared rather than copied: the stack (`_stack`: throw-away database, server and
+# workers as subprocesses, /proc readings) and the api_auth benchmark's helpers
+# (sign-up, report metadata). This directory is on sys.path when the script runs.
+from _stack import (
+    Stack,
+    proc_status,
+    process_tree,
+    rss_kb,
+    started_stack,
+    steal_seconds,
+    tree_cpu,
+)
+from _stack import platform_database as stack_database
 from api_auth import (
-    BIN,
     HOST,
     REPO,
-    database_recreate,
-    free_port,
     git_commit,
     machine_info,
-    server_env,
     sign_up,
-    stop_server,
     tail,
-    wait_healthy,
 )
 
 if TYPE_CHECKING:
@@ -93,8 +96,6 @@ TARGET_NEAR_ROWS_PER_S = 20_000.0
 #: the smallest by at most this fraction (allocator and page-cache noise).
 PEAK_GROWTH_TOLERANCE = 0.10
 SAMPLE_INTERVAL_S = 0.05
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # ---------------------------------------------------------------- options
 
@@ -699,50 +700,6 @@ def dedup(sample: DataFile, rounds: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- processes and memory
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in KiB (empty once the process is gone)."""
-    values = {}
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                values[line[:5]] = int(line.split()[1])
-    return values
-
-
-def rss_kb(pid: int) -> int:
-    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE_KB
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-    return 0.0
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                found += [
-                    int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-                ]
-    return found
-
-
-def process_tree(root: int) -> list[int]:
-    tree, queue = [], [root]
-    while queue:
-        pid = queue.pop()
-        tree.append(pid)
-        queue += children(pid)
-    return tree
-
-
 @dataclass
 class Tracked:
     role: str
@@ -810,143 +767,23 @@ class MemorySampler:
         return [p for p, t in self.tracked.items() if t.role == role]
 
 
-@dataclass
-class Stack:
-    """The server and the worker started for one file size, and where they log."""
-
-    port: int
-    web: subprocess.Popen[bytes]
-    worker: subprocess.Popen[bytes]
-    log_dir: Path
-
-
-def redis_keys(url: str) -> set[bytes]:
-    with contextlib.suppress(redis.RedisError):
-        client = redis.Redis.from_url(url, socket_connect_timeout=3)
-        return set(client.scan_iter(count=1000))
-    return set()
-
-
-def redis_delete_new(url: str, before: set[bytes]) -> int:
-    """Delete the keys that appeared in our Redis db since `before` (cache, broker, results)."""
-    with contextlib.suppress(redis.RedisError):
-        client = redis.Redis.from_url(url, socket_connect_timeout=3)
-        new = [k for k in client.scan_iter(count=1000) if k not in before]
-        if new:
-            client.delete(*new)
-        return len(new)
-    return 0
-
-
 @contextlib.contextmanager
 def platform_database(args: argparse.Namespace, data_dir: Path) -> Iterator[dict[str, str]]:
     """A migrated throw-away database; yields the environment server and worker share."""
-    prefix = f"atelier-bench-ingest-{os.getpid()}-{int(time.time())}"
-    env = server_env(args, str(data_dir), 0, prefix)
     biggest = max(args.sizes)
-    env.update(
-        {
-            "CONTROL_CONCURRENCY": "1",  # one pool child: the task's process is that child
-            # Parts, the assembled file and Django's spooled request bodies all land here.
-            "TMPDIR": str(data_dir / "tmp"),
-            "MEDIA_ROOT": str(data_dir / "media"),
-            "UPLOAD_MAX_BYTES": str(max(8 * 1024**3, biggest)),
-            "UPLOAD_PART_MAX_BYTES": str(max(64 * MiB, args.part_size)),
-            "ORG_STORAGE_QUOTA_BYTES": str(max(100 * 1024**3, 4 * sum(args.sizes))),
-            "UPLOAD_TTL_SECONDS": "7200",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(item.split("=", 1) for item in args.env)
+    # Parts, the assembled file and Django's spooled request bodies all land here.
     (data_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    keys_before = redis_keys(args.redis)
-    if keys_before:
-        print(f"  note: Redis {args.redis} already holds {len(keys_before)} keys; they are kept")
-    database_recreate(args.postgres, args.database)
-    try:
-        migrate = subprocess.run(
-            [str(BIN / "atelier"), "manage", "migrate", "--noinput"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if migrate.returncode != 0:
-            raise SystemExit(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
+    extra = {
+        "CONTROL_CONCURRENCY": "1",  # one pool child: the task's process is that child
+        "TMPDIR": str(data_dir / "tmp"),
+        "MEDIA_ROOT": str(data_dir / "media"),
+        "UPLOAD_MAX_BYTES": str(max(8 * 1024**3, biggest)),
+        "UPLOAD_PART_MAX_BYTES": str(max(64 * MiB, args.part_size)),
+        "ORG_STORAGE_QUOTA_BYTES": str(max(100 * 1024**3, 4 * sum(args.sizes))),
+        "UPLOAD_TTL_SECONDS": "7200",
+    }
+    with stack_database(args, data_dir, name="ingest", extra_env=extra) as env:
         yield env
-    finally:
-        with contextlib.suppress(Exception):
-            database_recreate(args.postgres, args.database, create=False)
-        redis_delete_new(args.redis, keys_before)
-
-
-@contextlib.contextmanager
-def started_stack(env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
-    """`atelier web` and `atelier worker control`, stopped by their pid afterwards."""
-    port = free_port()
-    env = {**env, "PORT": str(port)}
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        # The worker logs at INFO: two lines per task, one with Celery's own run time.
-        worker_env = {**env, "LOG_LEVEL": "INFO"}
-        for name, argv, penv in (
-            ("web", ["web"], env),
-            ("worker", ["worker", "control"], worker_env),
-        ):
-            with open(log_dir / f"{name}.log", "wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [str(BIN / "atelier"), *argv],
-                        env=penv,
-                        cwd=REPO,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,  # its own group: the pool children too
-                    )
-                )
-        web, worker = procs
-        wait_healthy(port, web, log_dir / "web.log")
-        wait_worker(env["REDIS_URL"], worker, log_dir / "worker.log")
-        yield Stack(port, web, worker, log_dir)
-    finally:
-        for process in reversed(procs):
-            stop_server(process)  # SIGTERM to the pid; SIGKILL to its own group if it hangs
-
-
-def wait_worker(
-    broker: str, worker: subprocess.Popen[bytes], log_path: Path, timeout: float = 90.0
-) -> None:
-    """Until the control worker answers a `controlplane.ping` task through the queue."""
-    from celery import Celery
-
-    from jobcontracts import queues
-
-    deadline = time.monotonic() + timeout
-    with Celery("atelier-bench-ingest", broker=broker, backend=broker) as app:
-        result = app.send_task(queues.CONTROL_PING, queue=queues.CONTROL)
-        while time.monotonic() < deadline:
-            if worker.poll() is not None:
-                raise SystemExit(f"worker exited with {worker.returncode}:\n{tail(log_path)}")
-            with contextlib.suppress(Exception):
-                if result.get(timeout=1.0) == {"ok": True}:
-                    result.forget()
-                    return
-    raise SystemExit(f"worker did not answer a ping within {timeout:.0f}s:\n{tail(log_path)}")
-
-
-def steal_seconds() -> float:
-    """CPU time the hypervisor gave to someone else, all cores, since boot: a noisy
-    neighbour shows up here."""
-    with open("/proc/stat") as f:
-        return int(f.readline().split()[8]) / CLK_TCK
-
-
-def tree_cpu(root: int) -> float:
-    return sum(cpu_seconds(pid) for pid in process_tree(root))
 
 
 def api(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
