@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python bench/api_auth.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/inference.py
 
 clean:
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache

@@ -1,0 +1,487 @@
+"""Inference through the whole platform against the bare model: what HTTP, the gateway,
+Celery + Redis and the worker add.
+
+    .venv/bin/python bench/inference.py            # ~1-1.5 min on 2 cores
+    .venv/bin/python bench/inference.py --help
+
+One run, one model (the tiny Llama of `gpuworkers.models.tiny`, imported with
+`atelier manage import_base_model` as `bench-llama` into a throw-away database), the same
+prompt, greedy, the same max_tokens:
+
+- bare: `gpuworkers.inference.bare.generate` in this process, batch 1 and batch 32
+  (bench/inference_worker.py's `run_bare`), and batch 1 with max_tokens=1 as the bare
+  time to first token;
+- platform: `POST /v1/completions` against a real `atelier web` + `atelier worker
+  inference` + `atelier worker control` (Redis broker, PostgreSQL), at concurrency 1 and
+  32 (httpx.AsyncClient, keep-alive), non-streaming and streaming (SSE; TTFT = the first
+  content delta).
+
+Overhead = platform latency - bare batch-1 latency (p50 and p99). The `start` replies
+the worker publishes (`broker_ms`, `queue_ms`) are read off Redis pub/sub and the
+`openai-processing-ms` header off each response, to show where the time goes. Prints a
+table and writes bench/results/inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Shared, not copied: the stack (throw-away database, server and workers), the api_auth
+# helpers (sign-up, report metadata) and the worker bench's bare baseline.
+from _stack import manage, platform_database, started_stack, tree_cpu
+from api_auth import BIN, REPO, git_commit, machine_info, sign_up, stop_server, tail
+from inference_worker import PROMPT, pct, run_bare
+
+from gpuworkers.inference import bare
+from gpuworkers.models import tiny
+
+MODEL_NAME = "bench-llama"
+TARGET_OVERHEAD_P50_MS = 3.0
+TARGET_OVERHEAD_P99_MS = 15.0
+TARGET_C32_RATIO = 0.7
+TARGET_TTFT_OVERHEAD_MS = 5.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--tokens", type=int, default=32, help="max_tokens per request (32)")
+    p.add_argument("--repeats", type=int, default=50, help="requests at concurrency 1 (50)")
+    p.add_argument("--concurrency", type=int, default=32, help="clients for the c=32 rows")
+    p.add_argument("--each", type=int, default=4, help="requests per client at c=32 (4)")
+    p.add_argument("--threads", type=int, default=1, help="TORCH_NUM_THREADS, both sides (1)")
+    p.add_argument(
+        "--postgres",
+        default=os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432"),
+    )
+    p.add_argument("--database", default="atelier_bench_inference")
+    p.add_argument(
+        "--redis",
+        default=os.environ.get("BENCH_INFERENCE_REDIS_URL", "redis://127.0.0.1:6379/7"),
+        help="Redis db 7 (tests use 15, api_auth 14, ingest 13, train 9)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="WEB_CONCURRENCY (1)")
+    p.add_argument("--settings", default="controlplane.settings.local")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--tmpdir", type=Path, default=None)
+    p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "inference.json")
+    p.add_argument("--check", action="store_true", help="exit 1 unless every target is met")
+    return p.parse_args(argv)
+
+
+def ms(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50_ms": None, "p99_ms": None}
+    return {
+        "p50_ms": round(statistics.median(values) * 1000, 3),
+        "p99_ms": round(pct(values, 0.99) * 1000, 3),
+    }
+
+
+# ---------------------------------------------------------------- start replies
+
+
+class StartReplies:
+    """Every `start` reply on `atelier:inference:*` (one pub/sub connection, a thread)."""
+
+    def __init__(self, redis_url: str) -> None:
+        import redis
+
+        self.data: dict[str, dict[str, Any]] = {}
+        self.pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe("atelier:inference:*")
+        self.thread = threading.Thread(target=self._listen, daemon=True)
+        self.thread.start()
+
+    def _listen(self) -> None:
+        with contextlib.suppress(Exception):  # closed at the end
+            for message in self.pubsub.listen():
+                if message["type"] != "pmessage" or b'"start"' not in message["data"]:
+                    continue
+                reply = json.loads(message["data"])
+                if reply.get("type") == "start":
+                    self.data[reply["request_id"]] = reply.get("data") or {}
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.pubsub.punsubscribe()
+            self.pubsub.close()
+
+
+# ---------------------------------------------------------------- platform
+
+
+async def one(client: Any, tokens: int, *, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+    }
+    started = time.perf_counter()
+    if not stream:
+        response = await client.post("/v1/completions", json=body)
+        latency = time.perf_counter() - started
+        if response.status_code != 200:
+            raise SystemExit(
+                f"POST /v1/completions answered {response.status_code}: {response.text}"
+            )
+        data = response.json()
+        return {
+            "latency": latency,
+            "ttft": None,
+            "first_chunk": None,
+            "tokens": data["usage"]["completion_tokens"],
+            "id": data.get("id"),  # the inference request id (x-request-id is the HTTP one's)
+            "processing_ms": float(response.headers.get("openai-processing-ms", "nan")),
+        }
+    body.update(stream=True, stream_options={"include_usage": True})
+    ttft = first_chunk = None
+    produced = 0
+    rid = None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"streaming POST answered {response.status_code}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            rid = rid or chunk.get("id")
+            choices = chunk.get("choices") or ()
+            if first_chunk is None and choices:
+                first_chunk = time.perf_counter() - started
+            if ttft is None and any(c.get("text") for c in choices):
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                produced = chunk["usage"]["completion_tokens"]
+    return {
+        "latency": time.perf_counter() - started,
+        "ttft": ttft,
+        "first_chunk": first_chunk,
+        "tokens": produced,
+        "id": rid,
+        "processing_ms": None,
+    }
+
+
+def cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process tree, and of this process (the client)."""
+    return {**{k: tree_cpu(pid) for k, pid in pids.items()}, "client": time.process_time()}
+
+
+def cpu_ms_per_request(before: dict[str, float], calls: int, pids: dict[str, int]) -> dict:
+    after = cpu_now(pids)
+    return {k: round((after[k] - before[k]) / calls * 1000, 2) for k in before}
+
+
+async def measure_platform(
+    args: argparse.Namespace, port: int, key: str, pids: dict[str, int]
+) -> dict[str, Any]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+        limits=limits,
+    ) as client:
+        # The worker loads the model on the first request; 503 until it answers.
+        deadline = time.monotonic() + 180
+        while True:
+            response = await client.post(
+                "/v1/completions",
+                json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": args.tokens},
+                headers={"x-atelier-timeout": "30"},
+            )
+            if response.status_code == 200:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no 200 within 180 s: {response.status_code} {response.text}")
+            await asyncio.sleep(0.5)
+        for stream in (False, True, False):  # warm both paths and the connection pool
+            await asyncio.gather(*(one(client, args.tokens, stream=stream) for _ in range(8)))
+        rows: dict[str, Any] = {}
+        for stream in (False, True):
+            suffix = " stream" if stream else ""
+            before = cpu_now(pids)
+            c1 = [await one(client, args.tokens, stream=stream) for _ in range(args.repeats)]
+            cpu = cpu_ms_per_request(before, len(c1), pids)
+            rows[f"platform c=1{suffix}"] = {"calls": c1, "wall": None, "cpu": cpu}
+
+            async def loop(stream: bool = stream) -> list[dict[str, Any]]:
+                return [await one(client, args.tokens, stream=stream) for _ in range(args.each)]
+
+            before = cpu_now(pids)
+            started = time.perf_counter()
+            done = await asyncio.gather(*(loop() for _ in range(args.concurrency)))
+            wall = time.perf_counter() - started
+            flat = [r for client_rows in done for r in client_rows]
+            cpu = cpu_ms_per_request(before, len(flat), pids)
+            rows[f"platform c={args.concurrency}{suffix}"] = {
+                "calls": flat,
+                "wall": wall,
+                "cpu": cpu,
+            }
+        return rows
+
+
+def bare_half(loaded: Any, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds of `repeats` bare batch-1 generations, full length and max_tokens=1."""
+    return {
+        "full": [
+            bare.generate(loaded, [PROMPT], max_new_tokens=args.tokens).seconds
+            for _ in range(args.repeats)
+        ],
+        "first": [
+            bare.generate(loaded, [PROMPT], max_new_tokens=1).seconds for _ in range(args.repeats)
+        ],
+    }
+
+
+def start_inference_worker(env: dict[str, str], log: Path, threads: int) -> subprocess.Popen[bytes]:
+    worker_env = {**env, "LOG_LEVEL": "WARNING", "TORCH_NUM_THREADS": str(threads)}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(BIN / "atelier"), "worker", "inference"],
+            env=worker_env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    os.environ["TORCH_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    for dist in ("torch", "transformers", "celery", "redis", "httpx"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info["versions"][dist] = importlib.metadata.version(dist)
+    began = datetime.now(UTC)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="atelier-bench-inference-", dir=args.tmpdir) as tmp:
+        folder = Path(tmp)
+        model_dir = tiny.build("llama", folder / "model")
+        print(f"bare: {args.repeats} x batch 1, 5 x batch 32, {args.tokens} tokens", flush=True)
+        bare1_first, bare32 = run_bare(model_dir, args.tokens, args.repeats)
+        loaded = bare.load(model_dir)
+        bare_tokens_1 = bare.generate(loaded, [PROMPT], max_new_tokens=args.tokens).tokens
+        # batch 1 (full and max_tokens=1) again after the platform: the machine is shared,
+        # so the baseline is both halves pooled, and each half is reported.
+        halves = [bare_half(loaded, args)]
+        data_dir = folder / "server"
+        with platform_database(args, data_dir, name="inference") as env:
+            manage(env, "import_base_model", str(model_dir), "--name", MODEL_NAME)
+            with started_stack(env, data_dir / "logs") as stack:
+                log = stack.log_dir / "inference.log"
+                worker = start_inference_worker(env, log, args.threads)
+                starts = StartReplies(args.redis)
+                try:
+                    key = sign_up(stack.port)
+                    print("platform: c=1 and c=32, non-streaming and streaming", flush=True)
+                    pids = {
+                        "web": stack.web.pid,
+                        "inference": worker.pid,
+                        "control": stack.worker.pid,
+                    }
+                    measured = asyncio.run(measure_platform(args, stack.port, key, pids))
+                except (Exception, SystemExit):
+                    for name in ("web", "worker", "inference"):
+                        print(f"{name} log (tail):\n{tail(stack.log_dir / f'{name}.log')}")
+                    raise
+                finally:
+                    starts.close()
+                    stop_server(worker)
+        halves.append(bare_half(loaded, args))
+        del loaded
+    elapsed = time.perf_counter() - t0
+
+    full = [t for h in halves for t in h["full"]]
+    bare_ttft = statistics.median(t for h in halves for t in h["first"]) * 1000
+    bare1 = {**ms(full), "tokens_per_s": bare_tokens_1 * len(full) / sum(full)}
+    bare_halves = [
+        {
+            "when": when,
+            "batch1": ms(h["full"]),
+            "ttft_p50_ms": round(statistics.median(h["first"]) * 1000, 3),
+        }
+        for when, h in zip(("before platform", "after platform"), halves, strict=True)
+    ]
+    rows: list[dict[str, Any]] = [
+        {"name": "bare batch 1 (pooled)", **bare1},
+        {"name": "bare batch 32", "tokens_per_s": bare32["tokens_per_s"]},
+        {"name": "bare TTFT (max_tokens=1)", "ttft_p50_ms": bare_ttft},
+    ]
+    breakdown: dict[str, Any] = {}
+    for name, value in measured.items():
+        calls = value["calls"]
+        row: dict[str, Any] = {"name": name, "requests": len(calls)}
+        row.update(ms([c["latency"] for c in calls]))
+        ttfts = [c["ttft"] for c in calls if c["ttft"] is not None]
+        row["ttft_p50_ms"] = statistics.median(ttfts) * 1000 if ttfts else None
+        row["ttft_p99_ms"] = pct(ttfts, 0.99) * 1000 if ttfts else None
+        firsts = [c["first_chunk"] for c in calls if c["first_chunk"] is not None]
+        # the first SSE chunk with a choice, even one whose text is still empty
+        row["first_chunk_p50_ms"] = statistics.median(firsts) * 1000 if firsts else None
+        produced = sum(c["tokens"] for c in calls)
+        row["tokens_per_request"] = produced / len(calls)
+        if value["wall"] is not None:
+            row["tokens_per_s"] = produced / value["wall"]
+            row["vs_bare_batch32"] = row["tokens_per_s"] / bare32["tokens_per_s"]
+        else:
+            row["tokens_per_s"] = produced / sum(c["latency"] for c in calls)
+            row["overhead_p50_ms"] = row["p50_ms"] - bare1["p50_ms"]
+            row["overhead_p99_ms"] = row["p99_ms"] - bare1["p99_ms"]
+            if row["ttft_p50_ms"] is not None:
+                row["ttft_overhead_ms"] = row["ttft_p50_ms"] - bare_ttft
+        # where the time goes (medians over the requests whose start reply was seen)
+        seen = [starts.data[c["id"]] for c in calls if c["id"] in starts.data]
+        parts: dict[str, Any] = {"start_replies_seen": len(seen)}
+        for k in ("broker_ms", "queue_ms", "load_ms"):
+            vals = [s[k] for s in seen if s.get(k) is not None]
+            parts[k] = statistics.median(vals) if vals else None
+        proc = [c for c in calls if c["processing_ms"] is not None]
+        if proc:
+            parts["openai_processing_ms"] = statistics.median(c["processing_ms"] for c in proc)
+            parts["outside_view_ms"] = statistics.median(
+                c["latency"] * 1000 - c["processing_ms"] for c in proc
+            )
+            rest = [
+                c["processing_ms"]
+                - starts.data[c["id"]]["broker_ms"]
+                - starts.data[c["id"]]["queue_ms"]
+                for c in proc
+                if c["id"] in starts.data and "broker_ms" in starts.data[c["id"]]
+            ]
+            parts["view_minus_broker_queue_ms"] = statistics.median(rest) if rest else None
+        parts["first_chunk_p50_ms"] = row["first_chunk_p50_ms"]
+        parts["cpu_ms_per_request"] = value["cpu"]
+        breakdown[name] = parts
+        row["breakdown"] = parts
+        rows.append(row)
+
+    c1 = next(r for r in rows if r["name"] == "platform c=1")
+    c1s = next(r for r in rows if r["name"] == "platform c=1 stream")
+    c32 = next(r for r in rows if r["name"] == f"platform c={args.concurrency}")
+    c32s = next(r for r in rows if r["name"] == f"platform c={args.concurrency} stream")
+    targets = {
+        "overhead_p50_c1_ms": (c1["overhead_p50_ms"], TARGET_OVERHEAD_P50_MS, "<="),
+        "overhead_p99_c1_ms": (c1["overhead_p99_ms"], TARGET_OVERHEAD_P99_MS, "<="),
+        "c32_vs_bare_batch32": (c32["vs_bare_batch32"], TARGET_C32_RATIO, ">="),
+        "c32_stream_vs_bare_batch32": (c32s["vs_bare_batch32"], TARGET_C32_RATIO, ">="),
+        "ttft_overhead_c1_ms": (c1s.get("ttft_overhead_ms"), TARGET_TTFT_OVERHEAD_MS, "<="),
+    }
+    verdicts = {
+        name: {
+            "value": value,
+            "target": f"{op} {bound}",
+            "met": value is not None and (value <= bound if op == "<=" else value >= bound),
+        }
+        for name, (value, bound, op) in targets.items()
+    }
+
+    def cell(value: float | None, fmt: str) -> str:
+        width = int(fmt.split(".")[0] or 0)
+        return format(value, fmt) if value is not None else "-".rjust(width)
+
+    print(
+        f"\ntiny llama, {args.tokens} max_tokens (bare batch 1 produces {bare_tokens_1}), greedy, "
+        f"{args.threads} torch thread(s), /v1/completions, {elapsed:.0f} s in all"
+    )
+    head = ("p50 ms", "p99 ms", "TTFT ms", "tok/s", "ovh p50", "ovh p99", "x bare32")
+    print(f"{'':26}" + "".join(f"{h:>10}" for h in head))
+    for row in rows:
+        print(
+            f"{row['name']:26}{cell(row.get('p50_ms'), '10.2f')}{cell(row.get('p99_ms'), '10.2f')}"
+            f"{cell(row.get('ttft_p50_ms'), '10.2f')}{cell(row.get('tokens_per_s'), '10.0f')}"
+            f"{cell(row.get('overhead_p50_ms'), '10.2f')}"
+            f"{cell(row.get('overhead_p99_ms'), '10.2f')}"
+            f"{cell(row.get('vs_bare_batch32'), '10.2f')}"
+        )
+    print("\nwhere the time goes (medians, ms):")
+    print(
+        f"{'':26}{'broker':>10}{'queue':>10}{'view':>10}{'gen+reply':>10}{'outside':>10}"
+        f"{'1st chunk':>10}"
+        "   CPU ms/request: web, inference, control, client"
+    )
+    for name, parts in breakdown.items():
+        print(
+            f"{name:26}{cell(parts['broker_ms'], '10.2f')}{cell(parts['queue_ms'], '10.2f')}"
+            f"{cell(parts.get('openai_processing_ms'), '10.1f')}"
+            f"{cell(parts.get('view_minus_broker_queue_ms'), '10.2f')}"
+            f"{cell(parts.get('outside_view_ms'), '10.2f')}"
+            f"{cell(parts.get('first_chunk_p50_ms'), '10.2f')}   "
+            + ", ".join(f"{v:.1f}" for v in parts["cpu_ms_per_request"].values())
+        )
+    for h in bare_halves:
+        print(
+            f"bare batch 1 {h['when']}: p50 {h['batch1']['p50_ms']:.2f} ms, p99 "
+            f"{h['batch1']['p99_ms']:.2f} ms, TTFT p50 {h['ttft_p50_ms']:.2f} ms"
+        )
+    print("\ntargets:")
+    for name, v in verdicts.items():
+        state = "MET" if v["met"] else "NOT MET"
+        print(f"  {name:28} {cell(v['value'], '8.2f')}  target {v['target']:>7}: {state}")
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "inference",
+        "started_at": began.isoformat(),
+        "seconds": round(elapsed, 1),
+        "git": git_commit(),
+        "machine": info,
+        "settings": {
+            "model": "gpuworkers.models.tiny llama (defaults)",
+            "endpoint": "/v1/completions",
+            "prompt": PROMPT,
+            "max_tokens": args.tokens,
+            "temperature": 0,
+            "repeats_c1": args.repeats,
+            "concurrency": args.concurrency,
+            "requests_per_client": args.each,
+            "torch_threads": args.threads,
+            "web_concurrency": args.workers,
+            "redis": args.redis,
+            "env": args.env,
+        },
+        "bare_tokens_batch1": bare_tokens_1,
+        "bare_batch1_run_bare_first": {k: bare1_first[k] for k in ("p50_ms", "p99_ms")},
+        "bare_halves": bare_halves,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "rows": rows,
+        "targets": verdicts,
+    }
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+    return 1 if args.check and not all(v["met"] for v in verdicts.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
