@@ -19,8 +19,13 @@ from jobcontracts.broker import celery_config
 
 # No fixups: Celery would otherwise import Django whenever DJANGO_SETTINGS_MODULE is set.
 # `include`: the worker imports the task modules at start (they import no torch).
+# Not the "current" app: a process that imports both sides (the test suite, tools) must
+# keep sending the control plane's shared tasks through the Django app.
 app = Celery(
-    "gpuworkers", fixups=[], include=["gpuworkers.training.task", "gpuworkers.inference.task"]
+    "gpuworkers",
+    fixups=[],
+    include=["gpuworkers.training.task", "gpuworkers.inference.task"],
+    set_as_current=False,
 )
 app.conf.update(celery_config())
 # First match wins: inference has its own queue (and its own workers, threads pool).
