@@ -154,7 +154,16 @@ class DecodeBatch:
             gone = [i for i, r in enumerate(self.rows) if r.job.request_id in cancelled]
             if gone:
                 for i in gone:
-                    self._end(self.rows[i], CANCELLED)
+                    row = self.rows[i]
+                    # Stream what the row still held back (a partial character, text
+                    # kept for stop strings), so the deltas always add up to the text.
+                    rest = self._end(row, CANCELLED)
+                    if row.stream and (rest or row.pending_logprobs):
+                        data: dict[str, Any] = {"index": row.index, "text": rest}
+                        if row.pending_logprobs:
+                            data["logprobs"] = row.pending_logprobs
+                            row.pending_logprobs = []
+                        self.outbox.send(row.job.request_id, DELTA, data)
                 finished += [self.rows[i] for i in gone]
                 self._remove(gone)
         if not self.rows:
