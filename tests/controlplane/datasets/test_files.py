@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from django.conf import settings
@@ -16,6 +15,7 @@ from django.core.files.storage import default_storage
 
 from controlplane.datasets.models import File
 from tests.support.people import Person
+from tests.support.sdk import in_process_sdk
 
 pytestmark = pytest.mark.django_db
 
@@ -54,24 +54,8 @@ def stored_objects() -> list[Path]:
 
 @pytest.fixture
 def sdk(alice: Person) -> Iterator[openai.OpenAI]:
-    """The official SDK, in-process (WSGI transport): no network, same database transaction."""
-    from django.core import signals
-    from django.core.wsgi import get_wsgi_application
-    from django.db import close_old_connections
-
-    # As Django's test client does: keep the test's connection (and transaction) open.
-    signals.request_started.disconnect(close_old_connections)
-    signals.request_finished.disconnect(close_old_connections)
-    http = httpx.Client(
-        transport=httpx.WSGITransport(app=get_wsgi_application()), base_url="http://testserver"
-    )
-    try:
-        yield openai.OpenAI(
-            api_key=alice.key, base_url="http://testserver/v1", http_client=http, max_retries=0
-        )
-    finally:
-        signals.request_started.connect(close_old_connections)
-        signals.request_finished.connect(close_old_connections)
+    with in_process_sdk(alice.key) as client:
+        yield client
 
 
 def test_the_openai_sdk_uploads_lists_reads_and_deletes_files(

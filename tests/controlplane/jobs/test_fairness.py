@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +13,6 @@ from tests.support.jobs import (
     Worker,
     chat_rows,
     create_job,
-    purge_broker,
     register_tiny_llama,
     sent_specs,
     upload_file,
@@ -22,13 +20,6 @@ from tests.support.jobs import (
 from tests.support.people import Person, sign_up
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _broker() -> Iterator[None]:
-    purge_broker()
-    yield
-    purge_broker()
 
 
 def submit(person: Person, captured: Any, n: int) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,20 +11,12 @@ from tests.support.jobs import (
     TINY_LLAMA,
     chat_rows,
     create_job,
-    purge_broker,
     register_tiny_llama,
     upload_file,
 )
 from tests.support.people import Person, client_with, join
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _broker() -> Iterator[None]:
-    purge_broker()
-    yield
-    purge_broker()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -25,13 +24,6 @@ from tests.support.jobs import (
 from tests.support.people import Person
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _broker() -> Iterator[None]:
-    purge_broker()
-    yield
-    purge_broker()
 
 
 @pytest.fixture

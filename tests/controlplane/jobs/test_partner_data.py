@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from jobcontracts import training as contract
 from tests.controlplane.datasets.test_catalog import publish, ready_version
-from tests.support.jobs import TINY_LLAMA, Worker, create_job, purge_broker, register_tiny_llama
+from tests.support.jobs import TINY_LLAMA, Worker, create_job, register_tiny_llama
 from tests.support.people import Person, sign_up
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _broker() -> Iterator[None]:
-    purge_broker()
-    yield
-    purge_broker()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 
 from controlplane.jobs import dispatch
 from controlplane.jobs.models import FineTuningJob, JobStatus
-from tests.support.jobs import TINY_LLAMA, chat_rows, purge_broker, register_tiny_llama
+from tests.support.jobs import TINY_LLAMA, chat_rows, register_tiny_llama
 from tests.support.people import Person
 from tests.support.processes import worker
 
@@ -36,16 +36,13 @@ ENV = {
 
 
 @pytest.fixture
-def jobs_env(settings: Any) -> Iterator[None]:
+def jobs_env(settings: Any) -> None:
     settings.JOBS_LEASE_SECONDS = float(LEASE)
     settings.JOBS_HEARTBEAT_SECONDS = 1.0
     settings.JOBS_CHECKPOINT_EVERY_STEPS = 4
     settings.JOBS_CHECKPOINT_EVERY_SECONDS = 0.0
     settings.PLANS = {"free": {"concurrent_fine_tuning_jobs": 4}}
-    purge_broker()
     register_tiny_llama()
-    yield
-    purge_broker()
 
 
 def upload(person: Person, rows: int) -> str:

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from jobcontracts import training as contract
-from tests.support.jobs import TINY_LLAMA, Worker, chat_rows, purge_broker, register_tiny_llama
+from tests.support.jobs import TINY_LLAMA, Worker, chat_rows, register_tiny_llama
 from tests.support.people import Person
 from tests.support.sdk import in_process_sdk
 
@@ -18,11 +18,9 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def sdk(alice: Person) -> Iterator[openai.OpenAI]:
-    purge_broker()
     register_tiny_llama()
     with in_process_sdk(alice.key) as client:
         yield client
-    purge_broker()
 
 
 def test_the_openai_sdk_creates_lists_retrieves_cancels_and_reads_events(
