@@ -102,6 +102,15 @@ class Subscription:
             self.started = True
         return reply
 
+    def _file_reply(self) -> Reply | None:
+        """The next whole line of the embedded reply file, if the worker has written one."""
+        line = self._file.readline()
+        if line.endswith(b"\n"):
+            return self._seen(_decode(line))
+        if line:  # a partial line: the worker is mid-write; read it again whole
+            self._file.seek(-len(line), 1)
+        return None
+
     # --- blocking -------------------------------------------------------------------------
 
     def open(self) -> Subscription:
@@ -146,11 +155,9 @@ class Subscription:
                 if message is not None and message["type"] == "message":
                     return self._seen(_decode(message["data"]))
             else:
-                line = self._file.readline()
-                if line.endswith(b"\n"):
-                    return self._seen(_decode(line))
-                if line:  # a partial line: the worker is mid-write
-                    self._file.seek(-len(line), 1)
+                reply = self._file_reply()
+                if reply is not None:
+                    return reply
                 time.sleep(_FILE_POLL_SECONDS)
 
     # --- asyncio ---------------------------------------------------------------------------
@@ -185,9 +192,7 @@ class Subscription:
                 if message is not None and message["type"] == "message":
                     return self._seen(_decode(message["data"]))
             else:
-                line = self._file.readline()
-                if line.endswith(b"\n"):
-                    return self._seen(_decode(line))
-                if line:
-                    self._file.seek(-len(line), 1)
+                reply = self._file_reply()
+                if reply is not None:
+                    return reply
                 await asyncio.sleep(_FILE_POLL_SECONDS)

@@ -19,7 +19,10 @@ def event_add(
     level: str = EventLevel.INFO,
     type: str = "message",
     data: dict[str, Any] | None = None,
+    attempt: int | None = None,
+    seq: int | None = None,
 ) -> JobEvent:
+    """Record an event; one made from a worker report carries its `(attempt, seq)`."""
     return JobEvent.objects.create(
         organization_id=job.organization_id,
         job=job,
@@ -27,6 +30,8 @@ def event_add(
         type=type,
         message=message,
         data=data,
+        attempt=attempt,
+        seq=seq,
     )
 
 

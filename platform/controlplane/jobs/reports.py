@@ -21,8 +21,8 @@ from controlplane.modelregistry.services import customer_model_register
 from jobcontracts import training as contract
 
 from . import dispatch
-from .events import job_fail
-from .models import FineTuningJob, JobCheckpoint, JobEvent, JobStatus
+from .events import event_add, job_fail
+from .models import FineTuningJob, JobCheckpoint, JobStatus
 
 log = structlog.get_logger(__name__)
 
@@ -147,12 +147,11 @@ def report_apply(payload: dict[str, Any]) -> str:
         level, type_, message, data = _message(report, job)
         try:
             with transaction.atomic():
-                event = JobEvent.objects.create(
-                    organization_id=job.organization_id,
-                    job=job,
+                event = event_add(
+                    job,
+                    message,
                     level=level,
                     type=type_,
-                    message=message,
                     data=data,
                     attempt=report.attempt,
                     seq=report.seq,
