@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from controlplane.accounts import apis as accounts
@@ -152,6 +152,8 @@ v1 = [
         deployments.DeploymentDetailApi.as_view(),
         name="deployment-detail",
     ),
+    path("v1/", include("controlplane.billing.urls")),
+    path("v1/", include("controlplane.payments.urls")),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]
 

@@ -1,6 +1,7 @@
 """Everything every environment shares, assembled from the concern modules."""
 
 from .api import *  # noqa: F403
+from .billing import *  # noqa: F403
 from .cache import *  # noqa: F403
 from .celery import *  # noqa: F403
 from .database import *  # noqa: F403
@@ -8,5 +9,6 @@ from .django import *  # noqa: F403
 from .inference import *  # noqa: F403
 from .jobs import *  # noqa: F403
 from .logging import *  # noqa: F403
+from .payments import *  # noqa: F403
 from .security import *  # noqa: F403
 from .storage import *  # noqa: F403

@@ -33,6 +33,8 @@ INSTALLED_APPS = [
     "controlplane.modelregistry",
     "controlplane.jobs",
     "controlplane.inference",
+    "controlplane.billing",
+    "controlplane.payments",
 ]
 
 MIDDLEWARE = [

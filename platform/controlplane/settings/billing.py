@@ -1,0 +1,3 @@
+"""Billing: metering, limits, budgets, plans."""
+
+from .env import env  # noqa: F401

@@ -1,0 +1,3 @@
+"""Payments: Stripe."""
+
+from .env import env  # noqa: F401
