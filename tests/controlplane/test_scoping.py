@@ -6,6 +6,13 @@ import pytest
 
 from controlplane.accounts.models import APIKey
 from controlplane.audit.models import AuditLog
+from controlplane.billing.models import (
+    CreditGrant,
+    Invoice,
+    InvoiceLine,
+    LedgerEntry,
+    PlanAssignment,
+)
 from controlplane.datasets.models import (
     AccessGrant,
     Dataset,
@@ -45,6 +52,11 @@ OWNED = [
     JobCheckpoint,
     Deployment,
     UsageRecord,
+    LedgerEntry,
+    PlanAssignment,
+    CreditGrant,
+    Invoice,
+    InvoiceLine,
 ]
 
 

@@ -17,6 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from controlplane.billing.ledger import inference_usage_to_ledger
 from controlplane.tenancy.models import Organization
 from jobcontracts.inference import KINDS, UsageReport
 
@@ -93,6 +94,8 @@ def usage_record(payload: dict[str, Any]) -> str:
                 latency_ms=float(report.latency_ms),
                 created_at=_when(float(report.at)),
             )
+            # Billed once with the record: same transaction, request id as the key.
+            inference_usage_to_ledger(record)
     except IntegrityError:
         if UsageRecord.objects.dangerously_unscoped().filter(request_id=report.request_id).exists():
             bound.info("inference.usage_duplicate")
@@ -108,6 +111,85 @@ def usage_record(payload: dict[str, Any]) -> str:
         status=record.status,
     )
     return APPLIED
+
+
+def usage_record_many(payloads: list[dict[str, Any]]) -> dict[str, int]:
+    """Store a batch of usage reports (the usage stream's consumer): one query for the
+    request ids already stored, one INSERT … ON CONFLICT DO NOTHING for the rest.
+
+    Safe to run again on the same batch, or concurrently with another consumer (the
+    unique request id decides). Returns how many were applied, duplicate, dropped
+    and invalid."""
+    counts = {APPLIED: 0, DUPLICATE: 0, DROPPED: 0, INVALID: 0}
+    reports: dict[str, UsageReport] = {}
+    for payload in payloads:
+        try:
+            report = _parse(payload)
+        except (TypeError, ValueError, KeyError) as exc:
+            log.error("inference.usage_report_invalid", error=str(exc), payload=payload)
+            counts[INVALID] += 1
+            continue
+        if report.request_id in reports:
+            counts[DUPLICATE] += 1
+        reports[report.request_id] = report
+    if not reports:
+        return counts
+    stored = set(
+        UsageRecord.objects.dangerously_unscoped()
+        .filter(request_id__in=list(reports))
+        .values_list("request_id", flat=True)
+    )
+    counts[DUPLICATE] += len(stored)
+    fresh = [r for r in reports.values() if r.request_id not in stored]
+    known = set(
+        Organization.objects.filter(pk__in={r.organization_id for r in fresh}).values_list(
+            "pk", flat=True
+        )
+    )
+    counts[DROPPED] += sum(1 for r in fresh if r.organization_id not in known)
+    rows = [
+        UsageRecord(
+            organization_id=r.organization_id,
+            request_id=r.request_id,
+            api_key_id=r.api_key_id or None,
+            model=r.model,
+            kind=r.kind,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            status=r.status,
+            latency_ms=float(r.latency_ms),
+            created_at=_when(float(r.at)),
+        )
+        for r in fresh
+        if r.organization_id in known
+    ]
+    try:
+        with transaction.atomic():
+            UsageRecord.objects.bulk_create(rows, ignore_conflicts=True)
+    except IntegrityError:
+        # An organization deleted meanwhile (its key is checked at commit): one by one.
+        for row in rows:
+            counts[usage_record(_payload_of(row))] += 1
+        return counts
+    counts[APPLIED] += len(rows)
+    if rows:
+        log.info("inference.usage_batch_recorded", records=len(rows), **counts)
+    return counts
+
+
+def _payload_of(row: UsageRecord) -> dict[str, Any]:
+    return {
+        "request_id": row.request_id,
+        "organization_id": row.organization_id,
+        "api_key_id": row.api_key_id,
+        "model": row.model,
+        "kind": row.kind,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "status": row.status,
+        "latency_ms": row.latency_ms,
+        "at": row.created_at.timestamp(),
+    }
 
 
 def usage_for_organization(

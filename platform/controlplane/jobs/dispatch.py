@@ -26,6 +26,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
+from controlplane.billing.plans import plan_for
 from controlplane.datasets.storage import delete_quietly, object_uri
 from controlplane.tenancy.models import Organization
 from jobcontracts import queues
@@ -49,8 +50,7 @@ IN_FLIGHT = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 
 
 def concurrency_limit(organization: Organization) -> int:
-    plan = settings.PLANS.get(organization.plan) or settings.PLANS["free"]
-    return int(plan["concurrent_fine_tuning_jobs"])
+    return int(plan_for(organization).concurrent_fine_tuning_jobs)
 
 
 def job_prefix(job: FineTuningJob) -> str:

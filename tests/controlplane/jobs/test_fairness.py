@@ -18,6 +18,7 @@ from tests.support.jobs import (
     upload_file,
 )
 from tests.support.people import Person, sign_up
+from tests.support.plans import set_plan
 
 pytestmark = pytest.mark.django_db
 
@@ -46,7 +47,7 @@ def test_a_tenant_with_50_jobs_does_not_starve_tenants_with_one(
 ) -> None:
     captured = django_capture_on_commit_callbacks
     register_tiny_llama(real=True)
-    settings.PLANS = {"free": {"concurrent_fine_tuning_jobs": 2}}
+    set_plan("free", concurrent_fine_tuning_jobs=2)
     flood = submit(alice, captured, 50)
     bob = sign_up("bob@initech.test", "Initech")
     carol = sign_up("carol@umbrella.test", "Umbrella")
@@ -90,10 +91,8 @@ def test_a_plan_sets_how_many_jobs_run_at_once(
     alice: Person, django_capture_on_commit_callbacks: Any, settings: Any
 ) -> None:
     register_tiny_llama(real=True)
-    settings.PLANS = {
-        "free": {"concurrent_fine_tuning_jobs": 1},
-        "pro": {"concurrent_fine_tuning_jobs": 3},
-    }
+    set_plan("free", concurrent_fine_tuning_jobs=1)
+    set_plan("pro", concurrent_fine_tuning_jobs=3)
     submit(alice, django_capture_on_commit_callbacks, 5)
     assert len(sent_specs()) == 1
 

@@ -21,6 +21,7 @@ from controlplane.jobs import dispatch
 from controlplane.jobs.models import FineTuningJob, JobStatus
 from tests.support.jobs import TINY_LLAMA, chat_rows, register_tiny_llama
 from tests.support.people import Person
+from tests.support.plans import set_plan
 from tests.support.processes import worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -41,7 +42,7 @@ def jobs_env(settings: Any) -> None:
     settings.JOBS_HEARTBEAT_SECONDS = 1.0
     settings.JOBS_CHECKPOINT_EVERY_STEPS = 4
     settings.JOBS_CHECKPOINT_EVERY_SECONDS = 0.0
-    settings.PLANS = {"free": {"concurrent_fine_tuning_jobs": 4}}
+    set_plan("free", concurrent_fine_tuning_jobs=4)
     register_tiny_llama()
 
 

@@ -1,0 +1,257 @@
+"""Writing the usage ledger: every billable event once, however often it is reported.
+
+Writers derive an `idempotency_key` from the event's own identity and insert with
+`INSERT ... ON CONFLICT (idempotency_key) DO NOTHING`: a duplicate (a redelivered
+report, a retried task, a reporter that died after its commit but before its ack)
+adds nothing and is not an error. Every function returns how many entries were new.
+
+These functions run in the caller's transaction when there is one, so an entry
+commits (or rolls back) together with the record that caused it. They are
+synchronous: from asyncio, call `aledger_append` / `aledger_append_many`, which
+run them in a worker thread (one database round trip per batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import structlog
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+
+from .models import Meter
+
+if TYPE_CHECKING:
+    from controlplane.inference.models import UsageRecord
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One event to append (the arguments of `ledger_append`)."""
+
+    organization_id: str
+    idempotency_key: str
+    meter: str
+    quantity: int
+    occurred_at: datetime
+    source: str
+    model: str = ""
+    api_key_id: str | None = None
+    member_id: str | None = None
+    project_id: str | None = None
+    reference: str = ""
+    unit_price: Decimal | None = None
+    per_units: int | None = None
+
+    def check(self) -> None:
+        if self.meter not in Meter.values:
+            raise ValueError(f"unknown meter {self.meter!r}")
+        if isinstance(self.quantity, bool) or not isinstance(self.quantity, int):
+            raise ValueError(f"quantity must be an integer, not {self.quantity!r}")
+        if self.quantity < 0:
+            raise ValueError(f"quantity must not be negative ({self.quantity})")
+        if not self.idempotency_key or len(self.idempotency_key) > 255:
+            raise ValueError("idempotency_key must be 1 to 255 characters")
+        if self.occurred_at.tzinfo is None:
+            raise ValueError("occurred_at must be timezone-aware")
+        if not self.organization_id:
+            raise ValueError("organization_id is empty")
+
+    def row(self) -> tuple[object, ...]:
+        return (
+            self.organization_id,
+            self.idempotency_key,
+            self.meter,
+            self.model,
+            self.quantity,
+            self.occurred_at,
+            self.source,
+            self.api_key_id,
+            self.member_id,
+            self.project_id,
+            self.reference,
+            self.unit_price,
+            self.per_units,
+        )
+
+
+def ledger_append_many(entries: Iterable[Entry]) -> int:
+    """Append entries; return how many were new (the rest were already there).
+
+    Zero-quantity entries are skipped (nothing to bill). Entries go to PostgreSQL
+    in batches of BILLING_LEDGER_BATCH_SIZE, one multi-row INSERT each, with
+    ON CONFLICT (idempotency_key) DO NOTHING: safe to call again with the same
+    entries, concurrently too. Raises ValueError for a malformed entry before
+    writing anything.
+    """
+    rows: list[tuple[object, ...]] = []
+    for entry in entries:
+        entry.check()
+        if entry.quantity > 0:
+            rows.append(entry.row())
+    if not rows:
+        return 0
+    size = max(1, int(settings.BILLING_LEDGER_BATCH_SIZE))
+    new = 0
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), size):
+            new += _insert(cursor, rows[start : start + size])
+    return new
+
+
+#: One statement per batch, columns sent as arrays: a fixed query text (prepared
+#: once by the server's plan cache), however many rows the batch has.
+_INSERT = """
+INSERT INTO billing_ledgerentry (
+    organization_id, idempotency_key, meter, model, quantity, occurred_at, source,
+    api_key_id, member_id, project_id, reference, unit_price, per_units
+)
+SELECT * FROM unnest(
+    %s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[],
+    %s::timestamptz[], %s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[],
+    %s::varchar[], %s::numeric[], %s::bigint[]
+)
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+
+
+def _insert(cursor: object, batch: Sequence[tuple[object, ...]]) -> int:
+    columns = [list(column) for column in zip(*batch, strict=True)]
+    cursor.execute(_INSERT, columns)  # type: ignore[attr-defined]
+    return int(cursor.rowcount)  # type: ignore[attr-defined]
+
+
+def ledger_append(
+    *,
+    organization_id: str,
+    idempotency_key: str,
+    meter: str,
+    quantity: int,
+    occurred_at: datetime,
+    source: str,
+    model: str = "",
+    api_key_id: str | None = None,
+    member_id: str | None = None,
+    project_id: str | None = None,
+    reference: str = "",
+    unit_price: Decimal | None = None,
+    per_units: int | None = None,
+) -> int:
+    """Append one event; 1 if it was new, 0 if its idempotency key was already there."""
+    new = ledger_append_many(
+        [
+            Entry(
+                organization_id=organization_id,
+                idempotency_key=idempotency_key,
+                meter=meter,
+                quantity=quantity,
+                occurred_at=occurred_at,
+                source=source,
+                model=model,
+                api_key_id=api_key_id,
+                member_id=member_id,
+                project_id=project_id,
+                reference=reference,
+                unit_price=unit_price,
+                per_units=per_units,
+            )
+        ]
+    )
+    if new:
+        log.info(
+            "billing.ledger_appended",
+            organization_id=organization_id,
+            meter=meter,
+            quantity=quantity,
+            idempotency_key=idempotency_key,
+        )
+    return new
+
+
+async def aledger_append_many(entries: Sequence[Entry]) -> int:
+    """`ledger_append_many` from an asyncio handler (runs in a thread; same contract)."""
+    return await sync_to_async(ledger_append_many, thread_sensitive=False)(entries)
+
+
+async def aledger_append(**kwargs: object) -> int:
+    """`ledger_append` from an asyncio handler (runs in a thread; same contract)."""
+    return await sync_to_async(ledger_append, thread_sensitive=False)(**kwargs)
+
+
+def inference_entries(
+    *,
+    organization_id: str,
+    request_id: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    occurred_at: datetime,
+    api_key_id: str | None = None,
+    member_id: str | None = None,
+) -> list[Entry]:
+    """The ledger entries of one inference request: prompt and completion tokens.
+
+    Keys are `inference:<request_id>:prompt|completion`: the request id is the
+    idempotency key of the request's usage, so however often it is reported,
+    it is billed once.
+    """
+    common = {
+        "organization_id": organization_id,
+        "model": model,
+        "occurred_at": occurred_at,
+        "source": "inference.usage",
+        "api_key_id": api_key_id,
+        "member_id": member_id,
+        "reference": request_id,
+    }
+    return [
+        Entry(
+            idempotency_key=f"inference:{request_id}:prompt",
+            meter=Meter.PROMPT_TOKENS,
+            quantity=prompt_tokens,
+            **common,  # type: ignore[arg-type]
+        ),
+        Entry(
+            idempotency_key=f"inference:{request_id}:completion",
+            meter=Meter.COMPLETION_TOKENS,
+            quantity=completion_tokens,
+            **common,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+def member_of_key(api_key_id: str | None) -> str | None:
+    """The membership id an API key acts for (None for a service key or no key)."""
+    if not api_key_id:
+        return None
+    from controlplane.accounts.models import APIKey
+
+    return (
+        APIKey.objects.dangerously_unscoped()
+        .filter(pk=api_key_id)
+        .values_list("member_id", flat=True)
+        .first()
+    )
+
+
+def inference_usage_to_ledger(record: UsageRecord) -> int:
+    """Ledger the tokens of one stored `UsageRecord` (called inside its transaction)."""
+    return ledger_append_many(
+        inference_entries(
+            organization_id=record.organization_id,
+            request_id=record.request_id,
+            model=record.model,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            occurred_at=record.created_at,
+            api_key_id=record.api_key_id,
+            member_id=member_of_key(record.api_key_id),
+        )
+    )
