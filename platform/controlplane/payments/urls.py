@@ -1,5 +1,19 @@
 """Payments URLs (Stripe subscriptions and webhooks), under /v1/."""
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-urlpatterns: list[URLPattern] = []
+from . import apis
+
+urlpatterns: list[URLPattern] = [
+    path(
+        "organization/subscription",
+        apis.SubscriptionDetailApi.as_view(),
+        name="subscription",
+    ),
+    path(
+        "organization/subscription/cancel",
+        apis.SubscriptionCancelApi.as_view(),
+        name="subscription-cancel",
+    ),
+    path("stripe/webhook", apis.stripe_webhook, name="stripe-webhook"),
+]

@@ -1,0 +1,194 @@
+"""Dunning, and the per-request question "may this organization run inference?".
+
+`invoice.payment_failed` opens a `Dunning` row with a grace period
+(PAYMENTS_DUNNING_GRACE_DAYS); once it passes with the invoice still unpaid,
+`inference_refusal()` answers a 402 `billing_suspended` error naming the invoice
+and where to pay it. `invoice.paid` resolves the row and service resumes.
+
+`inference_refusal()` runs on every inference request, so it never calls
+Stripe and rarely the database: each process caches, per organization, the
+earliest open grace deadline for PAYMENTS_STANDING_CACHE_SECONDS. The cached
+value is a deadline, not a verdict, so the moment the grace period ends is
+exact even from cache; a payment recorded in another process is seen within the
+cache lifetime (in this process, at once: writes clear the entry on commit).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from controlplane.core.errors import ApiError
+from controlplane.tenancy.models import Organization
+
+from .models import Dunning
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Standing:
+    """The earliest open dunning of an organization (None: nothing unpaid)."""
+
+    suspend_at: datetime | None
+    stripe_invoice_id: str = ""
+    hosted_invoice_url: str = ""
+    amount_due: int = 0
+    currency: str = ""
+
+
+_cache: dict[str, tuple[float, _Standing]] = {}
+_lock = threading.Lock()
+
+
+def standing_cache_clear(organization_id: str | None = None) -> None:
+    with _lock:
+        if organization_id is None:
+            _cache.clear()
+        else:
+            _cache.pop(organization_id, None)
+
+
+def _load(organization_id: str) -> _Standing:
+    row = (
+        Dunning.objects.for_organization(organization_id)
+        .filter(resolved_at__isnull=True)
+        .order_by("grace_ends_at")
+        .values_list(
+            "grace_ends_at", "stripe_invoice_id", "hosted_invoice_url", "amount_due", "currency"
+        )
+        .first()
+    )
+    return _Standing(*row) if row else _Standing(None)
+
+
+def _cached(organization_id: str) -> _Standing | None:
+    hit = _cache.get(organization_id)
+    if hit is not None and hit[0] > time.monotonic():
+        return hit[1]
+    return None
+
+
+def _store(organization_id: str, standing: _Standing) -> _Standing:
+    with _lock:
+        _cache[organization_id] = (
+            time.monotonic() + settings.PAYMENTS_STANDING_CACHE_SECONDS,
+            standing,
+        )
+    return standing
+
+
+def _verdict(standing: _Standing, now: datetime | None) -> ApiError | None:
+    if standing.suspend_at is None or (now or timezone.now()) < standing.suspend_at:
+        return None
+    amount = (
+        f" ({standing.amount_due / 100:.2f} {standing.currency.upper()})"
+        if standing.amount_due
+        else ""
+    )
+    where = (
+        f" Pay it at {standing.hosted_invoice_url}"
+        if standing.hosted_invoice_url
+        else " Pay it, or update the payment method, in the billing portal"
+    )
+    return ApiError(
+        f"Inference is suspended: invoice {standing.stripe_invoice_id}{amount} is unpaid and its "
+        f"grace period ended on {standing.suspend_at:%Y-%m-%d %H:%M} UTC.{where}; service "
+        "resumes as soon as the payment goes through.",
+        status_code=402,
+        code="billing_suspended",
+    )
+
+
+def inference_refusal(organization_id: str, *, now: datetime | None = None) -> ApiError | None:
+    """The error to answer an inference request with, or None to let it run.
+
+    Contract for the request path: pass the authenticated organization's id;
+    raise (or render) the returned ApiError (HTTP 402, type `billing_error`,
+    code `billing_suspended`) before doing any work. Costs a dict lookup on a
+    cache hit and one indexed query per organization per
+    PAYMENTS_STANDING_CACHE_SECONDS per process otherwise. `now` is for tests.
+    """
+    standing = _cached(organization_id)
+    if standing is None:
+        standing = _store(organization_id, _load(organization_id))
+    return _verdict(standing, now)
+
+
+async def ainference_refusal(
+    organization_id: str, *, now: datetime | None = None
+) -> ApiError | None:
+    """`inference_refusal` for an asyncio handler: a cache hit costs no await or thread hop."""
+    standing = _cached(organization_id)
+    if standing is None:
+        loaded = await sync_to_async(_load, thread_sensitive=False)(organization_id)
+        standing = _store(organization_id, loaded)
+    return _verdict(standing, now)
+
+
+def _clear_on_commit(organization_id: str) -> None:
+    transaction.on_commit(lambda: standing_cache_clear(organization_id))
+
+
+def dunning_start(*, organization: Organization, invoice: dict[str, object], at: datetime) -> str:
+    """Open dunning for a Stripe invoice whose payment failed (call inside the event's transaction).
+
+    The grace period runs from the first failure; later failures of the same
+    invoice (Stripe's retries) do not extend it. An invoice already paid (its
+    `paid` event arrived first) does not open dunning.
+    """
+    invoice_id = str(invoice["id"])
+    existing = Dunning.objects.for_organization(organization).filter(stripe_invoice_id=invoice_id)
+    if existing.exists():
+        return "already_open" if existing.filter(resolved_at__isnull=True).exists() else "paid"
+    Dunning.objects.create(
+        organization=organization,
+        stripe_invoice_id=invoice_id,
+        hosted_invoice_url=str(invoice.get("hosted_invoice_url") or ""),
+        amount_due=int(str(invoice.get("amount_due") or 0)),
+        currency=str(invoice.get("currency") or ""),
+        started_at=at,
+        grace_ends_at=at + timedelta(days=settings.PAYMENTS_DUNNING_GRACE_DAYS),
+    )
+    _clear_on_commit(organization.pk)
+    log.info("payments.dunning_started", organization_id=organization.pk, invoice=invoice_id)
+    return "dunning_started"
+
+
+def dunning_resolve(*, organization: Organization, invoice: dict[str, object], at: datetime) -> str:
+    """The Stripe invoice is paid: close its dunning (or record it paid, if it never failed)."""
+    invoice_id = str(invoice["id"])
+    updated = (
+        Dunning.objects.for_organization(organization)
+        .filter(stripe_invoice_id=invoice_id, resolved_at__isnull=True)
+        .update(resolved_at=at)
+    )
+    if (
+        not updated
+        and not Dunning.objects.for_organization(organization)
+        .filter(stripe_invoice_id=invoice_id)
+        .exists()
+    ):
+        # A tombstone: a `payment_failed` delivered after this must not start dunning.
+        Dunning.objects.create(
+            organization=organization,
+            stripe_invoice_id=invoice_id,
+            amount_due=0,
+            currency=str(invoice.get("currency") or ""),
+            started_at=at,
+            grace_ends_at=at,
+            resolved_at=at,
+        )
+    _clear_on_commit(organization.pk)
+    if updated:
+        log.info("payments.dunning_resolved", organization_id=organization.pk, invoice=invoice_id)
+        return "service_restored"
+    return "paid"

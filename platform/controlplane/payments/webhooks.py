@@ -1,0 +1,182 @@
+"""Stripe webhook events: verified, then applied exactly once.
+
+Each event is handled in one transaction that also inserts its `StripeEvent`
+row (keyed by Stripe's event id): a replay or a concurrent duplicate delivery
+finds the row (or blocks on its insert, then finds it) and changes nothing; a
+failure rolls back both, so Stripe's retry applies the event then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+import structlog
+from django.db import IntegrityError, transaction
+
+from controlplane.billing.credits import credit_grant
+from controlplane.billing.models import CreditSource, Invoice, InvoiceStatus
+from controlplane.tenancy.models import Organization
+
+from . import access, services
+from .models import StripeCustomer, StripeEvent
+
+log = structlog.get_logger(__name__)
+
+
+class BadEvent(ValueError):
+    """The body is signed but is not a Stripe event we can read."""
+
+
+def _organization_for(obj: dict[str, Any]) -> Organization | None:
+    """The organization a Stripe object belongs to: by its customer, else by our metadata."""
+    customer = obj.get("customer")
+    if isinstance(customer, dict):
+        customer = customer.get("id")
+    if customer:
+        org_id = (
+            StripeCustomer.objects.dangerously_unscoped()
+            .filter(stripe_id=customer)
+            .values_list("organization_id", flat=True)
+            .first()
+        )
+        if org_id:
+            return Organization.objects.get(pk=org_id)
+    org_id = (obj.get("metadata") or {}).get("organization_id")
+    if org_id:
+        return Organization.objects.filter(pk=org_id).first()
+    return None
+
+
+def _subscription(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
+    return services.subscription_apply(
+        organization=org, obj=obj, at=int(event["created"]), source=f"webhook:{event['id']}"
+    )
+
+
+def _subscription_deleted(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
+    # Some senders (localstripe) leave the status as it was: deletion means canceled.
+    return _subscription(org, {**obj, "status": "canceled"}, event)
+
+
+def _when(event: dict[str, Any]) -> datetime:
+    return datetime.fromtimestamp(int(event["created"]), tz=UTC)
+
+
+def _ledger_invoice_paid(org: Organization, obj: dict[str, Any]) -> None:
+    ledger_id = (obj.get("metadata") or {}).get("atelier_invoice_id")
+    ledger = Invoice.objects.for_organization(org).filter(pk=ledger_id or "")
+    if not ledger_id or not ledger.exists():
+        ledger = Invoice.objects.for_organization(org).filter(stripe_invoice_id=obj["id"])
+    ledger.exclude(status=InvoiceStatus.PAID).update(status=InvoiceStatus.PAID)
+
+
+def _invoice_paid(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
+    _ledger_invoice_paid(org, obj)
+    return access.dunning_resolve(organization=org, invoice=obj, at=_when(event))
+
+
+def _invoice_payment_failed(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
+    return access.dunning_start(organization=org, invoice=obj, at=_when(event))
+
+
+def _credit_purchase(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
+    """A paid credit purchase (PaymentIntent or Checkout Session with our metadata)."""
+    metadata = obj.get("metadata") or {}
+    if metadata.get("atelier_purpose") != "credits":
+        return "ignored_not_credits"
+    if obj.get("object") == "checkout.session" and obj.get("payment_status") != "paid":
+        return "ignored_unpaid"
+    try:
+        amount = Decimal(str(metadata["credit_amount"]))
+    except (KeyError, InvalidOperation):
+        return "ignored_no_amount"
+    # The payment intent, not the event: a purchase seen through both a checkout
+    # session and its payment intent is granted once.
+    purchase = obj.get("payment_intent") if obj.get("object") == "checkout.session" else obj["id"]
+    credit_grant(
+        organization=org,
+        amount=amount,
+        source=CreditSource.PURCHASE,
+        idempotency_key=f"stripe:{purchase}",
+        note=f"Stripe {obj.get('object')} {obj['id']}",
+    )
+    return "credits_granted"
+
+
+Handler = Callable[[Organization, dict[str, Any], dict[str, Any]], str]
+
+HANDLERS: dict[str, Handler] = {
+    "customer.subscription.created": _subscription,
+    "customer.subscription.updated": _subscription,
+    "customer.subscription.deleted": _subscription_deleted,
+    "invoice.paid": _invoice_paid,
+    # Older API versions (and localstripe) send this instead of invoice.paid.
+    "invoice.payment_succeeded": _invoice_paid,
+    "invoice.payment_failed": _invoice_payment_failed,
+    "payment_intent.succeeded": _credit_purchase,
+    "checkout.session.completed": _credit_purchase,
+}
+
+
+def parse(payload: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BadEvent("the body is not JSON") from exc
+    if not isinstance(event, dict) or event.get("object", "event") != "event":
+        raise BadEvent("the body is not a Stripe event object")
+    ok = (
+        isinstance(event.get("id"), str)
+        and event["id"]
+        and isinstance(event.get("type"), str)
+        and isinstance(event.get("created"), int)
+        and isinstance((event.get("data") or {}).get("object"), dict)
+    )
+    if not ok:
+        raise BadEvent("the event lacks id, type, created or data.object")
+    return event
+
+
+def event_process(event: dict[str, Any]) -> tuple[str, bool]:
+    """Apply one verified event once. Returns (outcome, whether this call applied it)."""
+    if StripeEvent.objects.filter(pk=event["id"]).exists():
+        return "duplicate", False
+    try:
+        with transaction.atomic():
+            obj = event["data"]["object"]
+            handler = HANDLERS.get(event["type"])
+            org = _organization_for(obj) if handler else None
+            # Inserted first, in the same transaction as the effect: a concurrent duplicate
+            # blocks on this primary key until the first commits, then fails and rolls back.
+            record = StripeEvent.objects.create(
+                id=event["id"],
+                type=event["type"],
+                created=event["created"],
+                organization=org,
+                outcome="processing",
+                payload=event,
+            )
+            if handler is None:
+                outcome = "ignored_type"
+            elif org is None:
+                outcome = "ignored_unknown_customer"
+            else:
+                outcome = handler(org, obj, event)
+            record.outcome = outcome
+            record.save(update_fields=["outcome"])
+    except IntegrityError:
+        if StripeEvent.objects.filter(pk=event["id"]).exists():
+            return "duplicate", False
+        raise
+    log.info(
+        "payments.webhook_processed",
+        event_id=event["id"],
+        event_type=event["type"],
+        organization_id=org.pk if org else None,
+        outcome=outcome,
+    )
+    return outcome, True
