@@ -7,6 +7,7 @@ from controlplane.audit import apis as audit
 from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
+from controlplane.billing import apis as billing
 from controlplane.datasets import catalog_apis as catalog
 from controlplane.inference import apis as inference
 from controlplane.inference import deployment_apis as deployments
@@ -88,6 +89,7 @@ v1 = [
     ),
     path("v1/catalog", catalog.CatalogListPublishApi.as_view(), name="catalog"),
     path("v1/catalog/usage", catalog.CatalogUsageApi.as_view(), name="catalog-usage"),
+    path("v1/catalog/earnings", billing.CatalogEarningsApi.as_view(), name="catalog-earnings"),
     path(
         "v1/catalog/access_requests",
         catalog.AccessRequestListApi.as_view(),

@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from controlplane.billing import meters
 from controlplane.core.errors import ApiError, Conflict, NotFound
 from controlplane.tenancy.models import Organization
 
@@ -222,6 +223,15 @@ def usage_record(
                 "trained_tokens": trained_tokens,
                 "price_per_1k_tokens": grant.listing.price_per_1k_tokens,
             },
+        )
+        meters.royalty_to_ledger(
+            partner_id=usage.organization_id,
+            listing_id=usage.listing_id,
+            job_id=job_id,
+            customer_id=customer.pk,
+            trained_tokens=usage.trained_tokens,
+            price_per_1k_tokens=usage.price_per_1k_tokens,
+            at=usage.created_at,
         )
         recorded.append(usage)
     return recorded

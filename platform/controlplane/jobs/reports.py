@@ -15,6 +15,7 @@ import structlog
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from controlplane.billing import meters
 from controlplane.datasets import catalog
 from controlplane.inference.deployments import deployment_ensure_serverless
 from controlplane.modelregistry.services import customer_model_register
@@ -113,6 +114,13 @@ def _succeeded(job: FineTuningJob, d: dict[str, Any]) -> None:
     if job.trained_tokens is None:
         # Recorded once: this is what billing charges, and partners are credited for.
         job.trained_tokens = int(d.get("trained_tokens") or 0)
+        meters.training_to_ledger(
+            organization_id=job.organization_id,
+            job_id=job.pk,
+            base_model=job.base_model_id,
+            trained_tokens=job.trained_tokens,
+            at=job.finished_at,
+        )
         if job.dataset_version is not None:
             catalog.usage_record(
                 customer=job.organization,

@@ -12,3 +12,6 @@ from .logging import *  # noqa: F403
 from .payments import *  # noqa: F403
 from .security import *  # noqa: F403
 from .storage import *  # noqa: F403
+
+# Each concern names its periodic tasks; beat runs them all.
+CELERY_BEAT_SCHEDULE = {**CELERY_BEAT_SCHEDULE, **BILLING_BEAT_SCHEDULE}  # noqa: F405

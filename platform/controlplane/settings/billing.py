@@ -1,6 +1,8 @@
 """Billing: metering, limits, budgets, plans."""
 
-from .env import env  # noqa: F401
+from celery.schedules import crontab
+
+from .env import env
 
 #: How long a process keeps a Plan row before reading it again (admin edits reach
 #: every process within this time).
@@ -12,3 +14,14 @@ BILLING_LEDGER_BATCH_SIZE = env.int("BILLING_LEDGER_BATCH_SIZE", default=2000)
 #: When the beat runs the daily storage meter (hour, UTC) and the monthly invoice run (day 1).
 BILLING_STORAGE_METER_HOUR = env.int("BILLING_STORAGE_METER_HOUR", default=0)
 BILLING_INVOICE_RUN_HOUR = env.int("BILLING_INVOICE_RUN_HOUR", default=2)
+
+BILLING_BEAT_SCHEDULE = {
+    "billing-storage-meter": {
+        "task": "controlplane.billing.storage_meter",
+        "schedule": crontab(minute=15, hour=BILLING_STORAGE_METER_HOUR),
+    },
+    "billing-invoice-run": {
+        "task": "controlplane.billing.invoice_run",
+        "schedule": crontab(minute=0, hour=BILLING_INVOICE_RUN_HOUR, day_of_month=1),
+    },
+}

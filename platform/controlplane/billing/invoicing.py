@@ -1,0 +1,176 @@
+"""Monthly invoicing: rate the closed month, apply credits, store, push to Stripe.
+
+`invoice_run(period=...)` is idempotent: an organization's invoice for a month
+is unique (organization, period_start), created under a lock on the
+organization row, and credits are drawn in the same transaction. Running it
+again creates nothing new; it only retries the Stripe push of invoices still
+in `draft` (e.g. Stripe was down the first time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+
+import structlog
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from controlplane.tenancy.models import Organization
+
+from .credits import credit_balance
+from .models import Invoice, InvoiceLine, InvoiceStatus, Plan, PlanAssignment
+from .rating import Line, month_bounds, rate_period, usage_lines_all
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Preview:
+    period_start: datetime
+    period_end: datetime
+    lines: list[Line]
+    subtotal: Decimal
+    credits_applied: Decimal
+    total: Decimal
+
+
+def _with_credits(lines: list[Line], balance: Decimal) -> tuple[Decimal, Decimal, Decimal]:
+    subtotal = sum((line.amount for line in lines), Decimal(0))
+    applied = max(Decimal(0), min(balance, subtotal))
+    return subtotal, applied, subtotal - applied
+
+
+def invoice_preview(*, organization: Organization, at: datetime | None = None) -> Preview:
+    """What the current month's invoice would be if it closed now. Stores nothing.
+
+    Credits are shown as they would apply from today's balance.
+    """
+    start, end = month_bounds((at or timezone.now()).date())
+    lines = rate_period(organization=organization, start=start, end=end)
+    subtotal, applied, total = _with_credits(lines, credit_balance(organization))
+    return Preview(start, end, lines, subtotal, applied, total)
+
+
+def invoice_push(*, organization: Organization, invoice: Invoice) -> bool:
+    """Hand a stored invoice to Stripe through the payments gateway; True if it took it.
+
+    The interface to controlplane.payments.gateway.invoice_push(organization=,
+    invoice=), which creates the items and finalises the invoice and is expected
+    to set `stripe_invoice_id`/`status`. Until payments provides it, or while
+    Stripe is off, the invoice stays `draft` and the next run retries.
+    """
+    try:
+        from controlplane.payments import gateway
+    except ImportError:  # pragma: no cover - payments app absent
+        return False
+    push = getattr(gateway, "invoice_push", None)
+    if push is None or not gateway.enabled():
+        log.info("billing.invoice_push_skipped", invoice_id=invoice.pk, reason="stripe_off")
+        return False
+    push(organization=organization, invoice=invoice)
+    return True
+
+
+def _billable_organizations(start: datetime, end: datetime, with_usage: set[str]) -> list[str]:
+    paid_plans = set(Plan.objects.filter(monthly_price__gt=0).values_list("code", flat=True))
+    on_paid = set(
+        Organization.objects.filter(Q(plan__in=paid_plans), created_at__lt=end).values_list(
+            "pk", flat=True
+        )
+    )
+    were_on_paid = set(
+        PlanAssignment.objects.dangerously_unscoped()
+        .filter(plan__in=paid_plans, effective_from__lt=end)
+        .values_list("organization_id", flat=True)
+    )
+    return sorted(with_usage | on_paid | were_on_paid)
+
+
+@transaction.atomic
+def _invoice_store(
+    *, organization_id: str, start: datetime, end: datetime, usage: list[Line]
+) -> Invoice | None:
+    organization = Organization.objects.select_for_update().get(pk=organization_id)
+    existing = Invoice.objects.for_organization(organization).filter(period_start=start).first()
+    if existing is not None:
+        return None
+    lines = rate_period(organization=organization, start=start, end=end, usage=usage)
+    subtotal, applied, total = _with_credits(lines, credit_balance(organization))
+    if subtotal == 0 and not lines:
+        return None
+    invoice = Invoice.objects.create(
+        organization=organization,
+        period_start=start,
+        period_end=end,
+        subtotal=subtotal,
+        credits_applied=applied,
+        total=total,
+    )
+    rows = [
+        InvoiceLine(
+            organization=organization,
+            invoice=invoice,
+            kind=line.kind,
+            meter=line.meter,
+            model=line.model,
+            description=line.description,
+            quantity=line.quantity,
+            unit_price=line.unit_price,
+            per_units=line.per_units,
+            amount=line.amount,
+        )
+        for line in lines
+    ]
+    if applied > 0:
+        rows.append(
+            InvoiceLine(
+                organization=organization,
+                invoice=invoice,
+                kind="credit",
+                description="Prepaid credit applied",
+                amount=-applied,
+            )
+        )
+    InvoiceLine.objects.bulk_create(rows)
+    log.info(
+        "billing.invoice_created",
+        organization_id=organization.pk,
+        invoice_id=invoice.pk,
+        total=str(total),
+        credits_applied=str(applied),
+    )
+    return invoice
+
+
+def invoice_run(*, period: date) -> list[str]:
+    """Invoice every organization with usage or a plan fee for `period`'s month.
+
+    Returns the ids of invoices created by this run (empty on a rerun). Rates
+    all organizations' usage in one set-based query, then stores each invoice
+    in its own transaction (one failure does not undo the others), then pushes
+    drafts to Stripe. The month must be over.
+    """
+    start, end = month_bounds(period)
+    if end > timezone.now():
+        raise ValueError(f"The month of {period:%Y-%m} has not ended: invoice it after {end}.")
+    usage = usage_lines_all(start=start, end=end)
+    created: list[str] = []
+    for org_id in _billable_organizations(start, end, set(usage)):
+        invoice = _invoice_store(
+            organization_id=org_id, start=start, end=end, usage=usage.get(org_id, [])
+        )
+        if invoice is not None:
+            created.append(invoice.pk)
+    drafts = Invoice.objects.dangerously_unscoped().filter(
+        period_start=start, status=InvoiceStatus.DRAFT
+    )
+    for invoice in drafts.select_related("organization"):
+        try:
+            invoice_push(organization=invoice.organization, invoice=invoice)
+        except Exception:  # one customer's Stripe failure must not stop the others
+            log.exception("billing.invoice_push_failed", invoice_id=invoice.pk)
+    log.info("billing.invoice_run_done", period=f"{period:%Y-%m}", created=len(created))
+    return created
