@@ -268,7 +268,8 @@ def _decide(
     for window, reset_us in zip(windows, reply[2:], strict=True):
         window_us = window.seconds * 1_000_000
         per_unit = window_us / window.limit
-        remaining = math.floor((window_us - int(reset_us)) / per_unit + 1e-9)
+        # +1 μs: the reset was rounded up to whole μs (the script allows the same slack).
+        remaining = math.floor((window_us - int(reset_us) + 1) / per_unit)
         states.append(
             WindowState(window, max(0, min(window.limit, remaining)), int(reset_us) / 1e6)
         )

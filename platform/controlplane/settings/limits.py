@@ -1,4 +1,4 @@
-"""Rate limits and budgets: Redis keys, in-process caches, defaults without a plan."""
+"""Rate limits and budgets: Redis keys, in-process caches, reservations (limits come from plans)."""
 
 from .env import env
 
@@ -7,10 +7,6 @@ LIMITS_KEY_PREFIX = env.str("LIMITS_KEY_PREFIX", default="atelier:limits")
 #: How long a process keeps an organization's resolved limits and budgets. They are on
 #: the request path; a change made in another process is seen after at most this long.
 LIMITS_CACHE_SECONDS = env.float("LIMITS_CACHE_SECONDS", default=5.0)
-#: Limits used when the billing app has no plan for an organization (None: unlimited).
-LIMITS_DEFAULT_REQUESTS_PER_MINUTE = env.int("LIMITS_DEFAULT_REQUESTS_PER_MINUTE", default=60)
-LIMITS_DEFAULT_TOKENS_PER_MINUTE = env.int("LIMITS_DEFAULT_TOKENS_PER_MINUTE", default=40_000)
-LIMITS_DEFAULT_REQUESTS_PER_DAY = env.int("LIMITS_DEFAULT_REQUESTS_PER_DAY", default=10_000)
 #: A budget reservation not settled within this long (a crashed request) stops holding
 #: budget; its settle, if it ever comes, still counts the spend.
 LIMITS_RESERVATION_TTL_SECONDS = env.float("LIMITS_RESERVATION_TTL_SECONDS", default=900.0)
