@@ -281,8 +281,9 @@ class Held:
 
     @property
     def expire_at(self) -> int:
-        # A day after the period: late settles still land, then the key goes.
-        return int((self.period_end + timedelta(days=1)).timestamp())
+        # A day after the period (late settles still land), then the key goes; never in the
+        # past, where EXPIREAT would delete the state it just wrote.
+        return int(max(self.period_end.timestamp(), time.time()) + 86_400)
 
 
 @dataclass(frozen=True)

@@ -160,9 +160,10 @@ def test_acheck_and_check_share_one_state() -> None:
         first = await acheck(organization_id=ORG, api_key_id=KEY, tokens=50, limits=limits)
         await aadjust(first, 10)
         second = await acheck(organization_id=ORG, api_key_id=KEY, tokens=10, limits=limits)
-        return [first.headers()["x-ratelimit-remaining-tokens"], second.headers()[
-            "x-ratelimit-remaining-tokens"
-        ]]
+        return [
+            first.headers()["x-ratelimit-remaining-tokens"],
+            second.headers()["x-ratelimit-remaining-tokens"],
+        ]
 
     assert asyncio.run(run()) == ["50", "80"]
     _check(limits, tokens=0)
