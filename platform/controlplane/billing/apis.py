@@ -70,7 +70,9 @@ def _window(request: Request, groups: dict[str, str]) -> tuple[selectors.Window,
     end: int = values.get("end_time") or int(datetime.now(UTC).timestamp())
     if end <= start:
         raise ApiError(
-            "'end_time' must be after 'start_time'.", param="end_time", code="invalid_value"
+            "'end_time' (default: now) must be after 'start_time'.",
+            param="end_time",
+            code="invalid_value",
         )
     width = selectors.WIDTHS[width_name]
     step = int(width.total_seconds())

@@ -55,22 +55,24 @@ def invoice_preview(*, organization: Organization, at: datetime | None = None) -
 
 
 def invoice_push(*, organization: Organization, invoice: Invoice) -> bool:
-    """Hand a stored invoice to Stripe through the payments gateway; True if it took it.
+    """Hand a stored invoice to Stripe; True once Stripe holds it (or it charges nothing).
 
-    The interface to controlplane.payments.gateway.invoice_push(organization=,
-    invoice=), which creates the items and finalises the invoice and is expected
-    to set `stripe_invoice_id`/`status`. Until payments provides it, or while
-    Stripe is off, the invoice stays `draft` and the next run retries.
+    The one interface to controlplane.payments.services.invoice_push (idempotent
+    there: items keyed by line id). On success the invoice becomes `open` with
+    its Stripe id. While Stripe is off (no STRIPE_API_KEY) the invoice stays
+    `draft` and the next run retries; Stripe errors propagate to the caller.
     """
-    try:
-        from controlplane.payments import gateway
-    except ImportError:  # pragma: no cover - payments app absent
-        return False
-    push = getattr(gateway, "invoice_push", None)
-    if push is None or not gateway.enabled():
+    from controlplane.payments import gateway, services
+
+    if not gateway.enabled():
         log.info("billing.invoice_push_skipped", invoice_id=invoice.pk, reason="stripe_off")
         return False
-    push(organization=organization, invoice=invoice)
+    stripe_id = services.invoice_push(organization=organization, invoice=invoice)
+    invoice.stripe_invoice_id = stripe_id or ""
+    invoice.status = InvoiceStatus.OPEN if stripe_id else InvoiceStatus.PAID
+    invoice.pushed_at = timezone.now()
+    invoice.save(update_fields=["stripe_invoice_id", "status", "pushed_at"])
+    log.info("billing.invoice_pushed", invoice_id=invoice.pk, stripe_invoice_id=stripe_id)
     return True
 
 

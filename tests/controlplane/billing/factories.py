@@ -8,6 +8,7 @@ from decimal import Decimal
 
 from controlplane.billing.ledger import Entry, ledger_append_many
 from controlplane.billing.models import PriceBookEntry
+from controlplane.billing.prices import price_set
 from tests.support.people import Person
 
 _keys = itertools.count()
@@ -55,15 +56,11 @@ def entry(person: Person, meter: str, quantity: int, at: datetime, model: str = 
 def price(
     meter: str, unit_price: str, since: datetime, *, model: str = "*", per_units: int = 1_000_000
 ) -> PriceBookEntry:
-    """A new price from `since`: closes the open row for (meter, model), as a change does."""
-    PriceBookEntry.objects.filter(meter=meter, model=model, effective_to__isnull=True).update(
-        effective_to=since
-    )
-    return PriceBookEntry.objects.create(
+    """A new price from `since` (through the service: the open row is closed)."""
+    return price_set(
         meter=meter,
         model=model,
-        unit="1M tokens" if per_units == 1_000_000 else "unit",
-        per_units=per_units,
         unit_price=Decimal(unit_price),
         effective_from=since,
+        per_units=per_units,
     )
