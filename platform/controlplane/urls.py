@@ -4,10 +4,10 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from controlplane.accounts import apis as accounts
 from controlplane.audit import apis as audit
+from controlplane.billing import apis as billing
 from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
-from controlplane.billing import apis as billing
 from controlplane.datasets import catalog_apis as catalog
 from controlplane.inference import apis as inference
 from controlplane.inference import deployment_apis as deployments
@@ -156,6 +156,7 @@ v1 = [
     ),
     path("v1/", include("controlplane.billing.urls")),
     path("v1/", include("controlplane.payments.urls")),
+    path("v1/", include("controlplane.limits.urls")),
     re_path(r"^v1/(?P<path>.*)$", core.unknown_url),
 ]
 

@@ -25,6 +25,7 @@ from controlplane.datasets.models import (
 )
 from controlplane.inference.models import Deployment, UsageRecord
 from controlplane.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
+from controlplane.limits.models import Budget, BudgetAlert, KeyLimits
 from controlplane.modelregistry.models import CustomerModel, FileEstimate
 from controlplane.tenancy.models import Invitation, Membership
 from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
@@ -57,6 +58,9 @@ OWNED = [
     CreditGrant,
     Invoice,
     InvoiceLine,
+    KeyLimits,
+    Budget,
+    BudgetAlert,
 ]
 
 

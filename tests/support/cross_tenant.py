@@ -211,6 +211,25 @@ def make_deployment(person: Person) -> str:
     ).pk
 
 
+def make_budget(person: Person) -> str:
+    from decimal import Decimal
+
+    from controlplane.limits.services import budget_create
+
+    return budget_create(
+        organization=person.organization,
+        api_key=None,
+        name="private",
+        amount=Decimal("10"),
+        kind="hard",
+        period="month",
+        period_days=None,
+        anchor=None,
+        alert_thresholds=[],
+        actor=SYSTEM,
+    ).pk
+
+
 def _own_processed_file(attacker: Person) -> dict[str, str]:
     return {"file": make_processed_file(attacker)}
 
@@ -227,6 +246,15 @@ ENDPOINTS: list[Endpoint] = [
         {"name": "stolen"},
     ),
     Endpoint("/v1/organization/api_keys/{id}/rotate", make_api_key, ("POST",)),
+    Endpoint(
+        "/v1/organization/api_keys/{id}/limits",
+        make_api_key,
+        ("GET", "PUT"),
+        {"requests_per_minute": 1},
+    ),
+    Endpoint(
+        "/v1/organization/budgets/{id}", make_budget, ("GET", "PATCH", "DELETE"), {"amount": "1"}
+    ),
     Endpoint(
         "/v1/organization/members/{id}", member_of, ("GET", "PATCH", "DELETE"), {"role": "viewer"}
     ),
@@ -315,6 +343,11 @@ BODY_REFERENCES: list[BodyReference] = [
         "POST",
         "/v1/deployments",
         lambda victim: {"model": make_customer_model(victim), "type": "serverless"},
+    ),
+    BodyReference(
+        "POST",
+        "/v1/organization/budgets",
+        lambda victim: {"amount": "5", "api_key_id": make_api_key(victim)},
     ),
     BodyReference(
         "POST",

@@ -8,6 +8,7 @@ from .database import *  # noqa: F403
 from .django import *  # noqa: F403
 from .inference import *  # noqa: F403
 from .jobs import *  # noqa: F403
+from .limits import *  # noqa: F403
 from .logging import *  # noqa: F403
 from .payments import *  # noqa: F403
 from .security import *  # noqa: F403

@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "controlplane.inference",
     "controlplane.billing",
     "controlplane.payments",
+    "controlplane.limits",
 ]
 
 MIDDLEWARE = [
