@@ -234,11 +234,27 @@ def _own_processed_file(attacker: Person) -> dict[str, str]:
     return {"file": make_processed_file(attacker)}
 
 
+def make_invoice(person: Person) -> str:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from controlplane.billing.models import Invoice
+
+    return Invoice.objects.create(
+        organization=person.organization,
+        period_start=datetime(2026, 1, 1, tzinfo=UTC),
+        period_end=datetime(2026, 2, 1, tzinfo=UTC),
+        subtotal=Decimal("1.00"),
+        total=Decimal("1.00"),
+    ).pk
+
+
 def member_of(person: Person) -> str:
     return person.membership.pk
 
 
 ENDPOINTS: list[Endpoint] = [
+    Endpoint("/v1/organization/invoices/{id}", make_invoice, ("GET",)),
     Endpoint(
         "/v1/organization/api_keys/{id}",
         make_api_key,

@@ -136,7 +136,7 @@ def _invoice_store(
                 amount=-applied,
             )
         )
-    InvoiceLine.objects.bulk_create(rows)
+    InvoiceLine.objects.for_organization(organization).bulk_create(rows)
     log.info(
         "billing.invoice_created",
         organization_id=organization.pk,

@@ -33,7 +33,9 @@ def test_usage_comes_in_daily_buckets_grouped_by_model(alice: Person, charlie: P
     page = get(
         alice, "/v1/organization/usage", start_time=T0, end_time=T0 + 3 * 86400, group_by="model"
     )
-    assert page["object"] == "page" and page["has_more"] is False and page["next_page"] is None
+    assert page["object"] == "page"
+    assert page["has_more"] is False
+    assert page["next_page"] is None
     assert [b["start_time"] for b in page["data"]] == [T0, T0 + 86400, T0 + 2 * 86400]
     first, second, third = (b["results"] for b in page["data"])
     assert [
@@ -63,7 +65,8 @@ def test_usage_groups_by_api_key_and_pages_through_buckets(alice: Person) -> Non
         limit=2,
         group_by="api_key_id",
     )
-    assert len(page["data"]) == 2 and page["has_more"] is True
+    assert len(page["data"]) == 2
+    assert page["has_more"] is True
     assert page["data"][1]["results"][0]["api_key_id"] == "key_1"
     seen = 2
     while page["has_more"]:
@@ -190,7 +193,8 @@ def test_partners_see_royalties_per_listing_at_the_price_they_were_earned(
     page = get(alice, "/v1/catalog/earnings", start_time=T0, end_time=T0 + 86400)
     (result,) = page["data"][0]["results"]
     assert result["listing_id"] == "lst_a"
-    assert result["trained_tokens"] == 5000 and result["num_jobs"] == 2
+    assert result["trained_tokens"] == 5000
+    assert result["num_jobs"] == 2
     assert result["amount"] == {"value": 3.0, "currency": "usd"}
     # Earnings are not charges: the partner's costs stay empty.
     assert (
