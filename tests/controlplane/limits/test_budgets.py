@@ -117,7 +117,8 @@ def test_a_hard_budget_refuses_with_insufficient_quota_naming_it_and_its_reset(
     assert error.status_code == 429
     assert error.code == "insufficient_quota"
     message = str(error.detail)
-    assert budget.pk in message and "'prod cap'" in message and "hard budget" in message
+    assert budget.pk in message
+    assert "hard budget 'prod cap'" in message
     assert "$1.00 spent" in message
     now = datetime.now(UTC)
     resets = period_bounds(period="month", period_days=None, anchor=now, at=now)[1]
@@ -143,7 +144,7 @@ def test_settle_is_idempotent(alice: Person) -> None:
     settle(r, D("1.5"))
     settle(r, D("1.5"))
     state = budget_state(budgets.BudgetSpec.of(budget))
-    assert state.spent == D("1.5") and state.reserved == D(0)
+    assert (state.spent, state.reserved) == (D("1.5"), D(0))
 
 
 def test_a_soft_budget_never_refuses(alice: Person) -> None:
@@ -367,7 +368,7 @@ def test_a_budget_lost_from_redis_is_rebuilt_from_the_ledger(alice: Person) -> N
     _ledger(alice, Meter.COMPLETION_TOKENS, 450_000, now - timedelta(seconds=5), model="m")  # $4.50
     r = _reserve(alice, "0.40")  # first sight of this period: rebuilt at $4.50
     state = budget_state(budgets.BudgetSpec.of(budget))
-    assert state.spent == D("4.5") and state.reserved == D("0.4")
+    assert (state.spent, state.reserved) == (D("4.5"), D("0.4"))
     settle(r, D("0.40"))
     _ledger(
         alice, Meter.COMPLETION_TOKENS, 40_000, now - timedelta(seconds=1), model="m"

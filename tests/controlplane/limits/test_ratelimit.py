@@ -62,7 +62,8 @@ def test_a_key_gets_exactly_its_requests_per_minute_then_a_429_naming_it() -> No
     assert "API key's requests/min limit (5)" in str(error.detail)
     assert "Retry in" in str(error.detail)
     # One request comes back every 12 s: the wait is at most that, in whole seconds.
-    assert error.retry_after is not None and 1 <= error.retry_after <= 12
+    assert error.retry_after is not None
+    assert 1 <= error.retry_after <= 12
     assert error.headers()["Retry-After"] == str(error.retry_after)
     assert error.headers()["x-ratelimit-remaining-requests"] == "0"
 
