@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from asgiref.sync import sync_to_async
@@ -180,7 +180,7 @@ async def aledger_append_many(entries: Sequence[Entry]) -> int:
     return await sync_to_async(ledger_append_many, thread_sensitive=False)(entries)
 
 
-async def aledger_append(**kwargs: object) -> int:
+async def aledger_append(**kwargs: Any) -> int:
     """`ledger_append` from an asyncio handler (runs in a thread; same contract)."""
     return await sync_to_async(ledger_append, thread_sensitive=False)(**kwargs)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
 import structlog
 from django.db import connection, transaction
@@ -127,7 +128,11 @@ def storage_meter_day(*, day: date) -> int:
     are not metered. Returns how many entries were new.
     """
     start = datetime.combine(day, time.min, tzinfo=UTC)
-    params = {"day": day.isoformat(), "start": start, "end": start + timedelta(days=1)}
+    params: dict[str, Any] = {
+        "day": day.isoformat(),
+        "start": start,
+        "end": start + timedelta(days=1),
+    }
     with connection.cursor() as cursor:
         cursor.execute(_STORAGE_DAY, params)
         new = int(cursor.rowcount)

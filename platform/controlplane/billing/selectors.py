@@ -74,9 +74,7 @@ class Window:
     groups: tuple[str, ...]
 
 
-def _bucketed(
-    organization: Organization, window: Window, columns: dict[str, str]
-) -> models.QuerySet[LedgerEntry]:
+def _bucketed(organization: Organization, window: Window, columns: dict[str, str]) -> Any:
     return (
         LedgerEntry.objects.for_organization(organization)
         .filter(occurred_at__gte=window.start, occurred_at__lt=window.end)
@@ -96,7 +94,7 @@ def usage_buckets(
     organization: Organization, window: Window
 ) -> dict[datetime, list[dict[str, Any]]]:
     """Per bucket start: one result per group, with every meter's quantity."""
-    rows = (
+    rows: Any = (
         _bucketed(organization, window, USAGE_GROUPS)
         .annotate(
             input_tokens=Sum("quantity", filter=Q(meter=Meter.PROMPT_TOKENS)),
