@@ -95,6 +95,24 @@ class LocalStripe:
         )
         return str(pm["id"])
 
+    def allow_invoices(self, customer_id: str) -> None:
+        """Subscribe the customer to a $0 plan: localstripe creates an invoice (POST
+        /v1/invoices) only for a customer with a subscription, which real Stripe does not
+        require. The $0 subscription adds one zero-amount line to each invoice."""
+        plan_id = "localstripe-zero"
+        try:
+            self.get(f"/v1/plans/{plan_id}")
+        except httpx.HTTPStatusError:
+            self.post(
+                "/v1/plans",
+                id=plan_id,
+                amount="0",
+                currency="usd",
+                interval="month",
+                **{"product[name]": "localstripe: lets invoices exist"},
+            )
+        self.post("/v1/subscriptions", customer=customer_id, **{"items[0][plan]": plan_id})
+
 
 def start() -> LocalStripe:
     port = free_port()

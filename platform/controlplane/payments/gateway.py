@@ -338,16 +338,21 @@ def invoice_item_create(
 
 
 def invoice_create(*, customer: str, invoice_id: str, organization_id: str) -> StripeObject:
-    return _call(
+    """A draft invoice holding the customer's pending items, tagged with our invoice id."""
+    metadata = {"atelier_invoice_id": invoice_id, "organization_id": organization_id}
+    api = client()
+    created = _call(
         "create the invoice",
-        client().v1.invoices.create,
-        params=_p(
-            customer=customer,
-            pending_invoice_items_behavior="include",
-            metadata={"atelier_invoice_id": invoice_id, "organization_id": organization_id},
-        ),
+        api.v1.invoices.create,
+        params=_p(customer=customer, pending_invoice_items_behavior="include", metadata=metadata),
         options=_idem(f"atelier-invoice-{invoice_id}"),
     )
+    if (created.get("metadata") or {}).get("atelier_invoice_id") != invoice_id:
+        # localstripe drops metadata on create; the tag is what a resumed push looks for.
+        created = _call(
+            "tag the invoice", api.v1.invoices.update, created["id"], params=_p(metadata=metadata)
+        )
+    return created
 
 
 def invoice_retrieve(stripe_invoice_id: str) -> StripeObject:

@@ -103,7 +103,8 @@ def test_the_oldest_unpaid_invoice_is_named(
     with django_capture_on_commit_callbacks(execute=True):
         pay(customer, "in_old")
     error = access.inference_refusal(alice.organization.pk)
-    assert error is not None and "in_new" in str(error.detail)
+    assert error is not None
+    assert "in_new" in str(error.detail)
 
 
 def test_dunning_is_per_organization(alice: Person, charlie: Person, customer: str) -> None:
@@ -127,4 +128,5 @@ def test_the_async_variant_gives_the_same_answers(alice: Person, customer: str) 
     later = timezone.now() + timedelta(days=8)
     assert asyncio.run(access.ainference_refusal(org)) is None
     error = asyncio.run(access.ainference_refusal(org, now=later))
-    assert error is not None and error.code == "billing_suspended"
+    assert error is not None
+    assert error.code == "billing_suspended"
