@@ -27,6 +27,7 @@ from controlplane.inference.models import Deployment, UsageRecord
 from controlplane.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from controlplane.limits.models import Budget, BudgetAlert, KeyLimits
 from controlplane.modelregistry.models import CustomerModel, FileEstimate
+from controlplane.payments.models import Dunning, StripeCustomer, StripeInvoice, Subscription
 from controlplane.tenancy.models import Invitation, Membership
 from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
 from tests.support.people import Person
@@ -61,6 +62,10 @@ OWNED = [
     KeyLimits,
     Budget,
     BudgetAlert,
+    StripeCustomer,
+    Subscription,
+    Dunning,
+    StripeInvoice,
 ]
 
 
