@@ -46,8 +46,9 @@ def _resolve(organization_id: str, api_key_id: str | None) -> Limits:
         )
 
     def pick(name: str) -> int | None:
-        own = getattr(override, name, None) if override is not None else None
-        return own if own is not None else getattr(plan, name)
+        own: int | None = getattr(override, name, None) if override is not None else None
+        fallback: int | None = getattr(plan, name)
+        return own if own is not None else fallback
 
     return Limits(
         organization_requests_per_minute=plan.requests_per_minute,
