@@ -95,6 +95,21 @@ class LocalStripe:
         )
         return str(pm["id"])
 
+    def sepa_debit(self, customer_id: str, iban: str = "DE62370400440532013001") -> str:
+        """A SEPA debit payment method made the customer's default.
+
+        The default IBAN is localstripe's failing one: charges stay pending, then fail
+        half a second later, and localstripe sends `invoice.payment_failed` (a declined
+        card fails at once, and localstripe sends no invoice event for that).
+        """
+        pm = self.post("/v1/payment_methods", type="sepa_debit", **{"sepa_debit[iban]": iban})
+        self.post(f"/v1/payment_methods/{pm['id']}/attach", customer=customer_id)
+        self.post(
+            f"/v1/customers/{customer_id}",
+            **{"invoice_settings[default_payment_method]": pm["id"]},
+        )
+        return str(pm["id"])
+
     def allow_invoices(self, customer_id: str) -> None:
         """Subscribe the customer to a $0 plan: localstripe creates an invoice (POST
         /v1/invoices) only for a customer with a subscription, which real Stripe does not
