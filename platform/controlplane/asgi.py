@@ -11,8 +11,11 @@ from controlplane.core.asgi_limits import ASGIApp, BodySizeLimit
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.local")
 
 django_application = get_asgi_application()
+
+from controlplane.inference.fastpath import InferenceRouter  # noqa: E402 - needs apps loaded
+
 application = BodySizeLimit(
-    cast(ASGIApp, django_application),
+    InferenceRouter(cast(ASGIApp, django_application)),
     default_limit=settings.MAX_REQUEST_BODY_BYTES,
     limits_by_prefix=getattr(settings, "REQUEST_BODY_LIMITS_BY_PREFIX", {}),
 )

@@ -1,9 +1,11 @@
-"""A real `atelier worker inference` process: requests sent by task name, replies on Redis
-pub/sub (or in a file when embedded), cancel through the cancel key, and each request's
-usage report read off the `control` queue as the control plane would receive it."""
+"""A real `atelier worker inference` process: requests pushed on the Redis request list
+(or sent by task name), replies on Redis pub/sub (or in a file when embedded), cancel
+through the cancel key, and each request's usage report read as the control plane
+receives it: off the usage stream with Redis, off the `control` queue when embedded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +23,16 @@ from kombu import Exchange, Queue
 
 from jobcontracts import queues
 from jobcontracts.broker import celery_config
-from jobcontracts.inference import InferenceRequest, Reply, UsageReport, cancel_key, reply_channel
+from jobcontracts.inference import (
+    USAGE_STREAM,
+    InferenceRequest,
+    Reply,
+    UsageReport,
+    cancel_key,
+    process_channel,
+    reply_channel,
+    request_queue,
+)
 from tests.gpuworkers.inference_support import model_ref, request, varied_model_dir
 from tests.support.processes import stop
 
@@ -87,15 +98,30 @@ def usage_report(app: Celery, request_id: str, timeout: float = 30) -> UsageRepo
     raise AssertionError(f"no usage report for {request_id}")
 
 
-def no_more_usage(app: Celery, request_id: str, wait: float = 1.5) -> None:
-    with pytest.raises(AssertionError, match="no usage report"):
-        usage_report(app, request_id, timeout=wait)
+def stream_usage(client: Any, request_id: str, timeout: float = 30) -> list[UsageReport]:
+    """Every usage report for this request on the usage stream (waits for the first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            UsageReport.from_json(json.loads(fields[b"report"]))
+            for _, fields in client.xrange(USAGE_STREAM)
+        ]
+        mine = [r for r in found if r.request_id == request_id]
+        if mine or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.1)
+
+
+def push(client: Any, req: InferenceRequest | bytes) -> None:
+    """What the gateway does: LPUSH on the request list."""
+    raw = req if isinstance(req, bytes) else json.dumps(req.to_json()).encode()
+    client.lpush(request_queue(queues.GPU_INFERENCE), raw)
 
 
 class Subscription:
     def __init__(self, client: Any, req: InferenceRequest) -> None:
         self.pubsub = client.pubsub()
-        self.pubsub.subscribe(reply_channel(req.request_id))
+        self.pubsub.subscribe(reply_channel(req.request_id, req.reply_to))
         # The gateway subscribes before sending: wait for Redis to confirm it.
         assert self.pubsub.get_message(timeout=5)["type"] == "subscribe"
 
@@ -124,15 +150,15 @@ def redis_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def test_worker_streams_replies_on_redis_and_reports_usage_to_the_control_queue(
+def test_worker_takes_requests_off_the_redis_list_and_replies_to_the_callers_channel(
     redis_worker: str,
 ) -> None:
-    app = client_app({"REDIS_URL": redis_worker})
     client = redis.Redis.from_url(redis_worker)
     req = request(model_ref(varied_model_dir()), max_tokens=12, stream=True)
+    req = dataclasses.replace(req, reply_to=process_channel("test-web-process"))
     subscription = Subscription(client, req)
 
-    app.send_task(queues.INFER, args=[req.to_json()], queue=queues.GPU_INFERENCE)
+    push(client, req)
     replies = subscription.replies()
 
     kinds = [r.type for r in replies]
@@ -143,13 +169,39 @@ def test_worker_streams_replies_on_redis_and_reports_usage_to_the_control_queue(
     text = "".join(r.data["text"] for r in replies if r.type == "delta")
     assert text == done["choices"][0]["text"]
     assert done["usage"]["completion_tokens"] == 12
-    usage = usage_report(app, req.request_id)
+    [usage] = stream_usage(client, req.request_id)
     assert (usage.status, usage.completion_tokens) == ("completed", 12)
     assert usage.prompt_tokens == done["usage"]["prompt_tokens"]
-    no_more_usage(app, req.request_id)  # exactly one
+    time.sleep(1)
+    assert len(stream_usage(client, req.request_id)) == 1  # exactly one
 
 
-def test_the_cancel_key_stops_a_stream_on_the_worker(redis_worker: str) -> None:
+def test_a_malformed_request_on_the_list_gets_an_error_reply_and_the_worker_goes_on(
+    redis_worker: str,
+) -> None:
+    client = redis.Redis.from_url(redis_worker)
+    bad = {"request_id": "req-malformed", "kind": "chat", "model": {"id": "x"}}
+    subscription = Subscription(
+        client,
+        dataclasses.replace(request(model_ref(varied_model_dir())), request_id=bad["request_id"]),
+    )
+    push(client, b"not json at all")
+    push(client, json.dumps(bad).encode())
+    [error] = subscription.replies(timeout=30)
+    assert (error.type, error.data["status"], error.data["code"]) == (
+        "error",
+        400,
+        "invalid_request",
+    )
+
+    req = request(model_ref(varied_model_dir()), max_tokens=3)
+    subscription = Subscription(client, req)
+    push(client, req)
+    assert subscription.replies()[-1].type == "done"
+    assert stream_usage(client, "req-malformed", timeout=0.5) == []
+
+
+def test_the_cancel_key_stops_a_stream_on_the_worker_sent_by_task_name(redis_worker: str) -> None:
     app = client_app({"REDIS_URL": redis_worker})
     client = redis.Redis.from_url(redis_worker)
     req = request(model_ref(varied_model_dir()), prompt="one", max_tokens=240, stream=True)
@@ -167,7 +219,7 @@ def test_the_cancel_key_stops_a_stream_on_the_worker(redis_worker: str) -> None:
     assert done.data["choices"][0]["finish_reason"] == "cancelled"
     produced = done.data["usage"]["completion_tokens"]
     assert 2 <= produced < 240
-    usage = usage_report(app, req.request_id)
+    [usage] = stream_usage(client, req.request_id)
     assert (usage.status, usage.completion_tokens) == ("cancelled", produced)
 
 

@@ -1,16 +1,21 @@
-"""Where an inference worker's replies go, and where it reads cancellations.
+"""Where an inference worker's replies and usage reports go, and where it reads cancellations.
 
 With `REDIS_URL` set, replies are published on the Redis pub/sub channel
-`reply_channel(request_id)` and a cancellation is the Redis key
-`cancel_key(request_id)`. Embedded (no Redis), replies are JSON lines appended to
-`{data_dir}/replies/{request_id}.jsonl` and a cancellation is a file named
-`cancel_key(request_id)` in that folder. See `jobcontracts.inference`.
+`reply_channel(request_id, reply_to)` (the gateway process's channel, or the
+request's own), a request's usage report is an entry on the stream
+`USAGE_STREAM`, and a cancellation is the Redis key `cancel_key(request_id)`.
+Embedded (no Redis), replies are JSON lines appended to
+`{data_dir}/replies/{request_id}.jsonl`, usage reports are Celery tasks on the
+control queue, and a cancellation is a file named `cancel_key(request_id)` in
+that folder. See `jobcontracts.inference`.
 
 The scheduler never waits on the network: it hands replies to an `Outbox`,
 whose thread publishes everything that is waiting in one pipelined round trip
 and polls the cancel keys of the requests it watches (one MGET) every few ms.
 A stream's deltas after its first may be merged over a few ms
 (`stream_interval_s`): one message per a few tokens instead of one per token.
+A request's end (`finish`) travels the same queue behind its last reply: it
+carries the usage report, and forgets the request's route.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from jobcontracts.inference import (
     ERROR,
     HEARTBEAT,
     START,
+    USAGE_STREAM,
     Reply,
+    UsageReport,
     cancel_key,
     reply_channel,
 )
@@ -43,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: One message: (request_id, reply type, data).
 Message = tuple[str, str, dict[str, Any]]
+#: Not a reply: the request has ended; data {"usage": UsageReport JSON or None}.
+END = "end"
 
 
 def encode(request_id: str, kind: str, data: dict[str, Any]) -> bytes:
@@ -51,7 +60,13 @@ def encode(request_id: str, kind: str, data: dict[str, Any]) -> bytes:
 
 
 class ReplyChannel(Protocol):
-    def publish(self, messages: list[Message]) -> None: ...
+    #: request id → its gateway's reply channel, for requests that named one.
+    routes: dict[str, str]
+
+    def publish(self, messages: list[Message]) -> None:
+        """Replies in order; an END message carries a usage report (or None) and ends
+        the request's route."""
+        ...
 
     def cancelled(self, request_ids: Collection[str]) -> set[str]: ...
 
@@ -59,22 +74,30 @@ class ReplyChannel(Protocol):
 
 
 class RedisChannel:
-    """Redis pub/sub replies and Redis-key cancellations."""
+    """Redis pub/sub replies, usage reports on a Redis stream, Redis-key cancellations."""
 
     def __init__(self, url: str) -> None:
         import redis
 
         self.client: Any = redis.Redis.from_url(url, socket_keepalive=True)
+        self.routes: dict[str, str] = {}
 
     def publish(self, messages: list[Message]) -> None:
-        if len(messages) == 1:
-            request_id, kind, data = messages[0]
-            self.client.publish(reply_channel(request_id), encode(request_id, kind, data))
-            return
+        # One round trip for everything waiting: replies of many requests, and the usage
+        # reports of those that ended (after their last reply, in the same pipeline).
         pipe = self.client.pipeline(transaction=False)
+        ended: list[str] = []
         for request_id, kind, data in messages:
-            pipe.publish(reply_channel(request_id), encode(request_id, kind, data))
+            if kind == END:
+                ended.append(request_id)
+                if data.get("usage") is not None:
+                    pipe.xadd(USAGE_STREAM, {"report": orjson.dumps(data["usage"])})
+                continue
+            channel = reply_channel(request_id, self.routes.get(request_id))
+            pipe.publish(channel, encode(request_id, kind, data))
         pipe.execute()
+        for request_id in ended:  # only once sent: a retried batch must route the same way
+            self.routes.pop(request_id, None)
 
     def cancelled(self, request_ids: Collection[str]) -> set[str]:
         ids = list(request_ids)
@@ -87,22 +110,38 @@ class RedisChannel:
         self.client.close()
 
 
+def send_usage_task(usage: dict[str, Any]) -> None:
+    """Embedded: a usage report is a Celery task on the control queue."""
+    from gpuworkers.celery import app
+    from jobcontracts import queues
+
+    app.send_task(queues.CONTROL_USAGE_REPORT, args=[usage], queue=queues.CONTROL)
+
+
 class FileChannel:
     """Embedded: one JSON-lines file of replies per request, cancellation by file."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.routes: dict[str, str] = {}
         folder.mkdir(parents=True, exist_ok=True)
 
     def publish(self, messages: list[Message]) -> None:
         lines: dict[str, list[bytes]] = defaultdict(list)
+        usage: list[dict[str, Any]] = []
         for request_id, kind, data in messages:
+            if kind == END:
+                if data.get("usage") is not None:
+                    usage.append(data["usage"])
+                continue
             lines[request_id].append(encode(request_id, kind, data) + b"\n")
         for request_id, chunk in lines.items():
             # One write per request and batch: a tailing reader never sees half a line
             # (O_APPEND writes of a few KB are atomic on local filesystems).
             with (self.folder / f"{request_id}.jsonl").open("ab") as out:
                 out.write(b"".join(chunk))
+        for report in usage:
+            send_usage_task(report)
 
     def cancelled(self, request_ids: Collection[str]) -> set[str]:
         return {r for r in request_ids if (self.folder / cancel_key(r)).exists()}
@@ -116,6 +155,8 @@ class MemoryChannel:
 
     def __init__(self) -> None:
         self.replies: dict[str, list[Reply]] = defaultdict(list)
+        self.usage: list[UsageReport] = []
+        self.routes: dict[str, str] = {}
         self.cancels: set[str] = set()
         self.lock = threading.Condition()
         #: Called (on the outbox thread) with each reply as it is published.
@@ -124,6 +165,10 @@ class MemoryChannel:
     def publish(self, messages: list[Message]) -> None:
         with self.lock:
             for request_id, kind, data in messages:
+                if kind == END:
+                    if data.get("usage") is not None:
+                        self.usage.append(UsageReport.from_json(data["usage"]))
+                    continue
                 # Through the wire format, as the gateway would read it.
                 reply = Reply.from_json(orjson.loads(encode(request_id, kind, data)))
                 self.replies[request_id].append(reply)
@@ -205,6 +250,17 @@ class Outbox:
         elif kind == START or request_id in self._last:
             self._last[request_id] = time.monotonic()
         self._queue.put((request_id, kind, data))
+
+    def route(self, request_id: str, reply_to: str | None) -> None:
+        """Send this request's replies to `reply_to` (its gateway process's channel)."""
+        if reply_to:
+            self.channel.routes[request_id] = reply_to
+
+    def finish(self, request_id: str, usage: UsageReport | None) -> None:
+        """The request has ended: after its last reply, report its usage (if it ran)."""
+        self._last.pop(request_id, None)
+        data = {"usage": usage.to_json() if usage is not None else None}
+        self._queue.put((request_id, END, data))
 
     def watch(self, request_id: str) -> None:
         with self._watch_lock:

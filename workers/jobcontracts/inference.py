@@ -1,14 +1,23 @@
 """The inference contract: a request the gateway sends an inference worker, and its replies.
 
-The web gateway sends `InferenceRequest.to_json()` as the only argument of task
-`queues.INFER` on queue `gpu.inference`. Replies do not go through the broker
-(too slow for token streaming): the worker publishes `Reply` messages, JSON, on
-the request's reply channel:
+Requests. With Redis (`REDIS_URL`), the gateway LPUSHes `InferenceRequest.to_json()`
+(JSON) onto the list `request_queue("gpu.inference")` and inference workers BRPOP
+it: one Redis round trip each way, where a Celery task costs several milliseconds
+of publishing, consuming and pool hand-off per request (measured: bench/README.md)
+— more than the whole latency budget of a proxied call. Embedded (no Redis, one
+host), the request is the only argument of Celery task `queues.INFER` on queue
+`gpu.inference` (the filesystem broker). Neither is ever redelivered: a caller
+waits seconds, and a request run twice would be billed twice.
 
-- with Redis (`REDIS_URL`): Redis pub/sub channel `reply_channel(request_id)`;
-  the gateway subscribes *before* sending the task, so no message is missed;
-- embedded (no Redis, one host): lines appended to the file
-  `{ATELIER_DATA_DIR}/replies/{request_id}.jsonl`, which the gateway tails.
+Replies do not go through the broker (too slow for token streaming): the worker
+publishes `Reply` messages, JSON, carrying their `request_id`:
+
+- with Redis: on pub/sub channel `reply_channel(request_id, reply_to)`: the
+  gateway process's own channel, subscribed once when the process starts (so no
+  subscribe round trip per request, and no message can be missed), or for
+  callers without one a per-request channel subscribed *before* sending;
+- embedded: lines appended to the file `{ATELIER_DATA_DIR}/replies/{request_id}.jsonl`,
+  which the gateway tails.
 
 While a started request has nothing else to say (a long non-streamed generation),
 the worker sends a `heartbeat` every few seconds, so a gateway can tell a busy
@@ -19,9 +28,13 @@ file (embedded) named by `cancel_key(request_id)`; the worker checks it between
 decoding steps and stops that sequence, reporting the tokens produced so far.
 
 Usage: for every request it ran (completed, cancelled or failed part-way), the
-worker sends exactly one `UsageReport` to the control queue (task
-`queues.CONTROL_USAGE_REPORT`); the control plane stores it under a unique
-`request_id`, so a report delivered twice counts once.
+worker reports exactly one `UsageReport`: with Redis, an entry on the stream
+`USAGE_STREAM` (XADD, pipelined with the final reply), which the control plane
+reads in batches through a consumer group and acknowledges only after the rows
+are committed; embedded, Celery task `queues.CONTROL_USAGE_REPORT` on the control
+queue. Either way the control plane stores it under a unique `request_id`, so a
+report delivered twice (a consumer killed between commit and acknowledgement)
+counts once.
 """
 
 from __future__ import annotations
@@ -46,8 +59,26 @@ LENGTH: Final = "length"
 CANCELLED: Final = "cancelled"
 
 
-def reply_channel(request_id: str) -> str:
-    return f"atelier:inference:{request_id}"
+def reply_channel(request_id: str, reply_to: str | None = None) -> str:
+    """Where a request's replies go: the gateway process's own channel (`reply_to`,
+    one subscription per web process) or else a channel of the request's own."""
+    return reply_to or f"atelier:inference:{request_id}"
+
+
+def process_channel(process_id: str) -> str:
+    """A web process's reply channel: every request it sends names it as `reply_to`."""
+    return f"atelier:inference:process:{process_id}"
+
+
+def request_queue(queue: str) -> str:
+    """The Redis list a queue's requests wait in (LPUSH by the gateway, BRPOP by workers)."""
+    return f"atelier:inference:queue:{queue}"
+
+
+#: The Redis stream of usage reports (XADD by workers, read by the control plane's
+#: consumer group `USAGE_GROUP`, acknowledged only after the rows are committed).
+USAGE_STREAM: Final = "atelier:inference:usage"
+USAGE_GROUP: Final = "control"
 
 
 def cancel_key(request_id: str) -> str:
@@ -101,6 +132,8 @@ class InferenceRequest:
     #: Unix time after which the worker drops the request unanswered (the caller gave up).
     deadline: float = 0.0
     sent_at: float = 0.0
+    #: The gateway process's reply channel (`process_channel`); None: `reply_channel(id)`.
+    reply_to: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -74,13 +74,7 @@ class ApiKeyAuthentication(BaseAuthentication):
         if scheme.lower() != "bearer" or not token:
             raise _failed("Send your API key as 'Authorization: Bearer atl_live_…'.")
         api_key = self._verify(token)
-        membership = api_key.member
-        principal = Principal(
-            api_key=api_key,
-            organization=api_key.organization,
-            membership=membership,
-            scopes=effective(api_key.scopes, membership.role if membership else None),
-        )
+        principal = principal_for(api_key)
         structlog.contextvars.bind_contextvars(
             organization_id=api_key.organization_id, api_key_id=api_key.pk
         )
@@ -102,12 +96,7 @@ class ApiKeyAuthentication(BaseAuthentication):
 
     @staticmethod
     def _verify(token: str) -> APIKey:
-        prefix = keys.parse_prefix(token)
-        if prefix is None:
-            raise _failed(
-                "Malformed API key: Atelier keys look like 'atl_live_…' "
-                "(check for a truncated or mistyped key)."
-            )
+        prefix = _prefix(token)
         cache_token = key_cache.token()
         api_key = key_cache.get(prefix)
         cached = api_key is not None
@@ -120,27 +109,68 @@ class ApiKeyAuthentication(BaseAuthentication):
                 )
             except APIKey.DoesNotExist:
                 api_key = None
-        if api_key is None or not keys.verify(token, api_key.hashed_key):
-            raise _failed("Incorrect API key provided.")
         now = timezone.now()
-        if api_key.revoked_at is not None:
-            raise _failed("This API key has been revoked.", code="api_key_revoked")
-        if api_key.expires_at is not None and api_key.expires_at <= now:
-            if api_key.rotated_at is not None:
-                raise _failed(
-                    f"This API key was rotated; its grace period ended at "
-                    f"{api_key.expires_at.isoformat()}. Use the new key.",
-                    code="api_key_rotated",
-                )
-            raise _failed(
-                f"This API key expired at {api_key.expires_at.isoformat()}.",
-                code="api_key_expired",
-            )
-        if api_key.member is not None and not api_key.member.user.is_active:
-            raise _failed("The member this API key belongs to is deactivated.")
+        api_key = checked(token, api_key, now)
         if _touch(api_key, now) or not cached:
             key_cache.put(api_key, cache_token)
         return api_key
+
+
+def _prefix(token: str) -> str:
+    prefix = keys.parse_prefix(token)
+    if prefix is None:
+        raise _failed(
+            "Malformed API key: Atelier keys look like 'atl_live_…' "
+            "(check for a truncated or mistyped key)."
+        )
+    return prefix
+
+
+def cached_key(token: str) -> APIKey | None:
+    """The key for this token from this process's cache, checked, if that needs no
+    database (a hit whose last use is recent); None means: call `_verify` (in a thread).
+    Raises AuthenticationFailed as `_verify` does. For the asyncio inference path."""
+    api_key = key_cache.get(_prefix(token))
+    if api_key is None:
+        return None
+    now = timezone.now()
+    api_key = checked(token, api_key, now)
+    resolution = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_SECONDS)
+    if api_key.last_used_at is None or now - api_key.last_used_at >= resolution:
+        return None  # a use to record: the database
+    return api_key
+
+
+def checked(token: str, api_key: APIKey | None, now: datetime) -> APIKey:
+    """The key if the token matches it and it may be used now; else AuthenticationFailed."""
+    if api_key is None or not keys.verify(token, api_key.hashed_key):
+        raise _failed("Incorrect API key provided.")
+    if api_key.revoked_at is not None:
+        raise _failed("This API key has been revoked.", code="api_key_revoked")
+    if api_key.expires_at is not None and api_key.expires_at <= now:
+        if api_key.rotated_at is not None:
+            raise _failed(
+                f"This API key was rotated; its grace period ended at "
+                f"{api_key.expires_at.isoformat()}. Use the new key.",
+                code="api_key_rotated",
+            )
+        raise _failed(
+            f"This API key expired at {api_key.expires_at.isoformat()}.",
+            code="api_key_expired",
+        )
+    if api_key.member is not None and not api_key.member.user.is_active:
+        raise _failed("The member this API key belongs to is deactivated.")
+    return api_key
+
+
+def principal_for(api_key: APIKey) -> Principal:
+    membership = api_key.member
+    return Principal(
+        api_key=api_key,
+        organization=api_key.organization,
+        membership=membership,
+        scopes=effective(api_key.scopes, membership.role if membership else None),
+    )
 
 
 def _touch(api_key: APIKey, now: datetime) -> bool:

@@ -25,7 +25,7 @@ import os
 import pickle
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CHANNEL = "atelier:auth:invalidate"
+#: Published instead of organization ids when a change concerns every organization.
+EVERYONE = "*"
 
 
 class KeyCache:
@@ -51,6 +53,8 @@ class KeyCache:
         self._pid = os.getpid()
         #: Bumped on every drop: a lookup that raced with an invalidation is not cached.
         self._generation = 0
+        #: Other per-organization caches dropped with the keys (None: everything).
+        self.listeners: list[Callable[[set[str] | None], None]] = []
 
     # --- reads --------------------------------------------------------------------------
 
@@ -91,15 +95,22 @@ class KeyCache:
 
     def drop(self, organization_ids: Iterable[str]) -> None:
         ids = set(organization_ids)
+        if EVERYONE in ids:
+            self.clear()
+            return
         with self._lock:
             self._generation += 1
             for prefix in [p for p, e in self._entries.items() if e[1] in ids]:
                 del self._entries[prefix]
+        for listener in self.listeners:
+            listener(ids)
 
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
             self._entries.clear()
+        for listener in self.listeners:
+            listener(None)
 
     def invalidate(self, organization_ids: Iterable[str]) -> None:
         """Forget the organizations' keys here now, and everywhere once the change commits."""
@@ -113,6 +124,10 @@ class KeyCache:
             self._publish(ids)
 
         transaction.on_commit(after_commit)
+
+    def invalidate_all(self) -> None:
+        """A change that concerns every organization (a base model): forget everything."""
+        self.invalidate([EVERYONE])
 
     def _publish(self, ids: list[str]) -> None:
         if not settings.REDIS_URL:
@@ -129,7 +144,9 @@ class KeyCache:
 
     def _ensure_listener(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's listener does not exist here
+            listeners = self.listeners
             self.__init__()  # type: ignore[misc]
+            self.listeners = listeners
         if self._listener is not None and self._listener.is_alive():
             return
         with self._lock:

@@ -112,24 +112,29 @@ _CODE_BY_EXCEPTION: dict[type[exceptions.APIException], str] = {
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """DRF exception handler: every error, including unhandled ones, in OpenAI's shape."""
+    status_code, body, headers = error_parts(exc)
+    return Response(body, status=status_code, headers=headers)
+
+
+def error_parts(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Any exception as (status, OpenAI-shaped body, headers): for DRF views and for
+    the ASGI inference path alike."""
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
     elif isinstance(exc, RequestDataTooBig):
-        return Response(error_body(str(exc), status_code=413, code="request_too_large"), status=413)
+        return 413, error_body(str(exc), status_code=413, code="request_too_large"), {}
 
     if not isinstance(exc, exceptions.APIException):
         log.exception("api.unhandled_exception", exc_type=type(exc).__name__)
-        return Response(
-            error_body(
-                "The server had an error while processing your request. "
-                "Retry, and quote the x-request-id header if it persists.",
-                status_code=500,
-                code="internal_error",
-            ),
-            status=500,
+        body = error_body(
+            "The server had an error while processing your request. "
+            "Retry, and quote the x-request-id header if it persists.",
+            status_code=500,
+            code="internal_error",
         )
+        return 500, body, {}
 
     # OpenAI's SDKs retry 409s (and 429s, 5xx) unless told not to: a deliberate
     # conflict will not resolve itself, so say so instead of tripling the traffic.
@@ -162,11 +167,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     auth_header = getattr(exc, "auth_header", None)
     if auth_header:
         headers["WWW-Authenticate"] = auth_header
-    return Response(
-        error_body(message, status_code=exc.status_code, code=code, param=param),
-        status=exc.status_code,
-        headers=headers,
-    )
+    body = error_body(message, status_code=exc.status_code, code=code, param=param)
+    return exc.status_code, body, headers
 
 
 def _json_error(request: HttpRequest, message: str, status_code: int, code: str) -> JsonResponse:

@@ -24,7 +24,7 @@ from rest_framework.response import Response
 
 from controlplane.core.serializers import validated
 from controlplane.tenancy.apis_base import OrganizationApi
-from jobcontracts.inference import InferenceRequest, Params, Reply
+from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply
 
 from . import gateway, inputs
 from .replies import ReplyTimeout, Subscription, cancel
@@ -70,43 +70,88 @@ def _finish(reason: Any) -> str:
 
 
 class InferenceApi(OrganizationApi):
+    """One endpoint's logic, shared by two front doors: this DRF view (the embedded
+    mode, the test client, the schema) and the asyncio path in front of Django
+    (`fastpath.py`, what `atelier web` serves with Redis)."""
+
     scopes = {"read": "inference", "write": "inference"}
     parser_classes = [JSONParser]
     kind = ""
+    input_serializer: type[Any]
+    #: Sampling parameters apply (chat and completions).
+    sampled = False
 
-    def _request(
-        self, request: Request, data: dict[str, Any], *, sampled: bool = False, **extra: Any
+    @classmethod
+    def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """What this kind of request sends besides the model and sampling parameters."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare(
+        cls,
+        data: dict[str, Any],
+        *,
+        organization_id: str,
+        api_key_id: str | None,
+        model: ModelRef,
+        timeout: float,
+        reply_to: str | None = None,
     ) -> InferenceRequest:
-        self._timeout = gateway.timeout_for(request.headers.get("x-atelier-timeout"))
-        self._started = time.perf_counter()
-        model = gateway.model_ref(
-            organization=self.organization, model_id=data["model"], kind=self.kind
-        )
-        if sampled:
+        extra = cls.fields(data)
+        if cls.sampled:
             extra["params"] = inputs.params_from(data, context_length=model.context_length)
         return gateway.build(
-            rid=gateway.request_id(self.kind),
-            organization=self.organization,
-            api_key_id=self.principal.pk if hasattr(self.principal, "pk") else None,
-            kind=self.kind,
+            rid=gateway.request_id(cls.kind),
+            organization_id=organization_id,
+            api_key_id=api_key_id,
+            kind=cls.kind,
             model=model,
-            timeout=self._timeout,
+            timeout=timeout,
+            reply_to=reply_to,
             **extra,
         )
 
-    def _respond(self, body: dict[str, Any]) -> Response:
-        response = Response(body)
-        response["openai-processing-ms"] = str(round((time.perf_counter() - self._started) * 1000))
+    @classmethod
+    def chunks(cls, inference: InferenceRequest, data: dict[str, Any]) -> _ChatChunks | None:
+        """The stream's chunk maker, or None for a plain response."""
+        return None
+
+    @classmethod
+    def body(
+        cls, inference: InferenceRequest, reply: Reply, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def handle(self, request: Request) -> Response | StreamingHttpResponse:
+        data = validated(self.input_serializer, request.data)
+        timeout = gateway.timeout_for(request.headers.get("x-atelier-timeout"))
+        started = time.perf_counter()
+        model = gateway.model_ref(
+            organization=self.organization, model_id=data["model"], kind=self.kind
+        )
+        inference = self.prepare(
+            data,
+            organization_id=self.organization.pk,
+            api_key_id=self.principal.pk if hasattr(self.principal, "pk") else None,
+            model=model,
+            timeout=timeout,
+        )
+        chunks = self.chunks(inference, data)
+        if chunks is not None:
+            response: Response | StreamingHttpResponse = StreamingHttpResponse(
+                _sse(inference, timeout, chunks), content_type="text/event-stream"
+            )
+            for name, value in STREAM_HEADERS.items():
+                response[name] = value
+        else:
+            reply = gateway.collect(inference, timeout)
+            response = Response(self.body(inference, reply, data))
+        response["openai-processing-ms"] = str(round((time.perf_counter() - started) * 1000))
         return response
 
-    def _stream(self, inference: InferenceRequest, chunks: Any) -> StreamingHttpResponse:
-        response = StreamingHttpResponse(
-            _sse(inference, self._timeout, chunks), content_type="text/event-stream"
-        )
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"  # nginx: do not hold the events back
-        response["openai-processing-ms"] = str(round((time.perf_counter() - self._started) * 1000))
-        return response
+
+#: nginx: do not hold the events back.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _sse(inference: InferenceRequest, timeout: float, chunks: Any) -> AsyncIterator[bytes]:
@@ -215,155 +260,177 @@ class _ChatChunks:
         return out
 
 
+def _include_usage(data: dict[str, Any]) -> bool:
+    return bool((data.get("stream_options") or {}).get("include_usage"))
+
+
 class ChatCompletionsApi(InferenceApi):
     kind = "chat"
+    input_serializer = inputs.ChatInput
+    sampled = True
+
+    @classmethod
+    def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"messages": data["messages"], "stream": data["stream"]}
+
+    @classmethod
+    def chunks(cls, inference: InferenceRequest, data: dict[str, Any]) -> _ChatChunks | None:
+        if not data["stream"]:
+            return None
+        return _ChatChunks(inference, _include_usage(data), "chat.completion.chunk")
+
+    @classmethod
+    def body(
+        cls, inference: InferenceRequest, reply: Reply, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "id": inference.request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": inference.model.id,
+            "choices": [
+                {
+                    "index": c["index"],
+                    "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                    "logprobs": _chat_logprobs(c.get("logprobs")),
+                    "finish_reason": _finish(c.get("finish_reason")),
+                }
+                for c in reply.data.get("choices") or []
+            ],
+            "usage": _usage(reply.data),
+            "system_fingerprint": None,
+        }
 
     @extend_schema(
         request=inputs.ChatInput, responses={200: dict}, operation_id="create_chat_completion"
     )
     def post(self, request: Request) -> Response | StreamingHttpResponse:
-        data = validated(inputs.ChatInput, request.data)
-        inference = self._request(
-            request,
-            data,
-            sampled=True,
-            messages=data["messages"],
-            stream=data["stream"],
-        )
-        if data["stream"]:
-            include = bool((data.get("stream_options") or {}).get("include_usage"))
-            return self._stream(inference, _ChatChunks(inference, include, "chat.completion.chunk"))
-        reply = gateway.collect(inference, self._timeout)
-        return self._respond(
-            {
-                "id": inference.request_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": inference.model.id,
-                "choices": [
-                    {
-                        "index": c["index"],
-                        "message": {"role": "assistant", "content": c["text"], "refusal": None},
-                        "logprobs": _chat_logprobs(c.get("logprobs")),
-                        "finish_reason": _finish(c.get("finish_reason")),
-                    }
-                    for c in reply.data.get("choices") or []
-                ],
-                "usage": _usage(reply.data),
-                "system_fingerprint": None,
-            }
-        )
+        return self.handle(request)
 
 
 class CompletionsApi(InferenceApi):
     kind = "completion"
+    input_serializer = inputs.CompletionInput
+    sampled = True
+
+    @classmethod
+    def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"inputs": data["prompt"], "stream": data["stream"]}
+
+    @classmethod
+    def chunks(cls, inference: InferenceRequest, data: dict[str, Any]) -> _ChatChunks | None:
+        if not data["stream"]:
+            return None
+        return _ChatChunks(inference, _include_usage(data), "text_completion")
+
+    @classmethod
+    def body(
+        cls, inference: InferenceRequest, reply: Reply, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "id": inference.request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": inference.model.id,
+            "choices": [
+                {
+                    "index": c["index"],
+                    "text": c["text"],
+                    "logprobs": None,
+                    "finish_reason": _finish(c.get("finish_reason")),
+                }
+                for c in reply.data.get("choices") or []
+            ],
+            "usage": _usage(reply.data),
+            "system_fingerprint": None,
+        }
 
     @extend_schema(
         request=inputs.CompletionInput, responses={200: dict}, operation_id="create_completion"
     )
     def post(self, request: Request) -> Response | StreamingHttpResponse:
-        data = validated(inputs.CompletionInput, request.data)
-        inference = self._request(
-            request,
-            data,
-            sampled=True,
-            inputs=data["prompt"],
-            stream=data["stream"],
-        )
-        if data["stream"]:
-            include = bool((data.get("stream_options") or {}).get("include_usage"))
-            return self._stream(inference, _ChatChunks(inference, include, "text_completion"))
-        reply = gateway.collect(inference, self._timeout)
-        return self._respond(
-            {
-                "id": inference.request_id,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": inference.model.id,
-                "choices": [
-                    {
-                        "index": c["index"],
-                        "text": c["text"],
-                        "logprobs": None,
-                        "finish_reason": _finish(c.get("finish_reason")),
-                    }
-                    for c in reply.data.get("choices") or []
-                ],
-                "usage": _usage(reply.data),
-                "system_fingerprint": None,
-            }
-        )
+        return self.handle(request)
 
 
 class EmbeddingsApi(InferenceApi):
     kind = "embedding"
+    input_serializer = inputs.EmbeddingInput
+
+    @classmethod
+    def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "params": Params(max_tokens=1, dimensions=data.get("dimensions")),
+            "inputs": data["input"],
+        }
+
+    @classmethod
+    def body(
+        cls, inference: InferenceRequest, reply: Reply, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        as_base64 = data["encoding_format"] == "base64"
+        vectors = reply.data.get("embeddings") or []
+        usage = _usage(reply.data)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": (
+                        base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+                        if as_base64
+                        else v
+                    ),
+                }
+                for i, v in enumerate(vectors)
+            ],
+            "model": inference.model.id,
+            "usage": {
+                "prompt_tokens": usage["prompt_tokens"],
+                "total_tokens": usage["prompt_tokens"],
+            },
+        }
 
     @extend_schema(
         request=inputs.EmbeddingInput, responses={200: dict}, operation_id="create_embedding"
     )
-    def post(self, request: Request) -> Response:
-        data = validated(inputs.EmbeddingInput, request.data)
-        inference = self._request(
-            request,
-            data,
-            params=Params(max_tokens=1, dimensions=data.get("dimensions")),
-            inputs=data["input"],
-        )
-        reply = gateway.collect(inference, self._timeout)
-        as_base64 = data["encoding_format"] == "base64"
-        vectors = reply.data.get("embeddings") or []
-        usage = _usage(reply.data)
-        return self._respond(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "object": "embedding",
-                        "index": i,
-                        "embedding": (
-                            base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
-                            if as_base64
-                            else v
-                        ),
-                    }
-                    for i, v in enumerate(vectors)
-                ],
-                "model": inference.model.id,
-                "usage": {
-                    "prompt_tokens": usage["prompt_tokens"],
-                    "total_tokens": usage["prompt_tokens"],
-                },
-            }
-        )
+    def post(self, request: Request) -> Response | StreamingHttpResponse:
+        return self.handle(request)
 
 
 class ClassificationsApi(InferenceApi):
     """Our extension for classifier fine-tunes: `{model, input}` → labels with scores."""
 
     kind = "classification"
+    input_serializer = inputs.ClassificationInput
+
+    @classmethod
+    def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"params": Params(max_tokens=1), "inputs": data["input"]}
+
+    @classmethod
+    def body(
+        cls, inference: InferenceRequest, reply: Reply, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        usage = _usage(reply.data)
+        return {
+            "id": inference.request_id,
+            "object": "classification",
+            "model": inference.model.id,
+            "data": [
+                {"index": i, **result}
+                for i, result in enumerate(reply.data.get("classifications") or [])
+            ],
+            "usage": {
+                "prompt_tokens": usage["prompt_tokens"],
+                "total_tokens": usage["prompt_tokens"],
+            },
+        }
 
     @extend_schema(
         request=inputs.ClassificationInput,
         responses={200: dict},
         operation_id="create_classification",
     )
-    def post(self, request: Request) -> Response:
-        data = validated(inputs.ClassificationInput, request.data)
-        inference = self._request(request, data, params=Params(max_tokens=1), inputs=data["input"])
-        reply = gateway.collect(inference, self._timeout)
-        usage = _usage(reply.data)
-        return self._respond(
-            {
-                "id": inference.request_id,
-                "object": "classification",
-                "model": inference.model.id,
-                "data": [
-                    {"index": i, **result}
-                    for i, result in enumerate(reply.data.get("classifications") or [])
-                ],
-                "usage": {
-                    "prompt_tokens": usage["prompt_tokens"],
-                    "total_tokens": usage["prompt_tokens"],
-                },
-            }
-        )
+    def post(self, request: Request) -> Response | StreamingHttpResponse:
+        return self.handle(request)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from django.conf import settings
 
+from controlplane.accounts.keycache import key_cache
 from controlplane.core.errors import ApiError
 from controlplane.core.ids import new_id
 from controlplane.modelregistry.models import BaseModel, CustomerModel
 from controlplane.modelregistry.selectors import model_for_organization, model_not_found
 from controlplane.tenancy.models import Organization
 from jobcontracts import queues
-from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply
+from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply, request_queue
 
 from .replies import ReplyTimeout, Subscription, cancel
 
@@ -86,6 +88,50 @@ def model_ref(*, organization: Organization, model_id: str, kind: str) -> ModelR
     )
 
 
+class ModelRefCache:
+    """What `model_ref` answered, per (organization, model id, kind), for the asyncio
+    path: a hit costs no database query. Entries live API_KEY_CACHE_SECONDS and go at
+    once with the organization's keys (`key_cache`): a change to a model, a deployment
+    or a base model invalidates through the same signals and Redis channel."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str, str], tuple[float, ModelRef | ApiError]] = {}
+        self._generation = 0
+
+    def get(self, organization_id: str, model_id: str, kind: str) -> ModelRef | None:
+        entry = self._entries.get((organization_id, model_id, kind))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        if isinstance(entry[1], ApiError):
+            raise entry[1]
+        return entry[1]
+
+    def token(self) -> int:
+        return self._generation
+
+    def put(
+        self, organization_id: str, model_id: str, kind: str, value: ModelRef | ApiError, token: int
+    ) -> None:
+        if token != self._generation or settings.API_KEY_CACHE_SECONDS <= 0:
+            return  # an invalidation came in while we read: do not keep what we read
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        expires = time.monotonic() + settings.API_KEY_CACHE_SECONDS
+        self._entries[(organization_id, model_id, kind)] = (expires, value)
+
+    def drop(self, organization_ids: set[str] | None) -> None:
+        self._generation += 1
+        if organization_ids is None:
+            self._entries.clear()
+            return
+        for key in [k for k in self._entries if k[0] in organization_ids]:
+            del self._entries[key]
+
+
+model_refs = ModelRefCache()
+key_cache.listeners.append(model_refs.drop)
+
+
 def _wrong_task(model_id: str, kind: str, tasks: list[str]) -> ApiError:
     return ApiError(
         f"The model '{model_id}' cannot serve {kind} requests (it does: {', '.join(tasks)}).",
@@ -97,7 +143,7 @@ def _wrong_task(model_id: str, kind: str, tasks: list[str]) -> ApiError:
 def build(
     *,
     rid: str,
-    organization: Organization,
+    organization_id: str,
     api_key_id: str | None,
     kind: str,
     model: ModelRef,
@@ -106,6 +152,7 @@ def build(
     inputs: list[str] | None = None,
     stream: bool = False,
     timeout: float,
+    reply_to: str | None = None,
 ) -> InferenceRequest:
     if params.max_tokens >= model.context_length and kind in ("chat", "completion"):
         raise ApiError(
@@ -117,7 +164,7 @@ def build(
     now = time.time()
     return InferenceRequest(
         request_id=rid,
-        organization_id=organization.pk,
+        organization_id=organization_id,
         api_key_id=api_key_id,
         kind=kind,
         model=model,
@@ -127,16 +174,66 @@ def build(
         stream=stream,
         deadline=now + timeout,
         sent_at=now,
+        reply_to=reply_to,
     )
+
+
+#: LPUSH the request unless the queue already holds `max` waiting: one round trip.
+_ENQUEUE = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+return redis.call('LPUSH', KEYS[1], ARGV[1])
+"""
+_scripts: dict[int, Any] = {}
+
+
+def _enqueue_script(client: Any) -> Any:
+    script = _scripts.get(id(client))
+    if script is None:
+        script = _scripts[id(client)] = client.register_script(_ENQUEUE)
+    return script
+
+
+def _overloaded() -> ApiError:
+    error = ApiError(
+        "The inference service is at capacity: too many requests are waiting for a worker. "
+        "Retry in a moment.",
+        status_code=503,
+        code="overloaded",
+    )
+    error.retry_after = 1  # type: ignore[attr-defined]
+    return error
+
+
+def _payload(request: InferenceRequest) -> tuple[list[str], list[Any]]:
+    keys = [request_queue(queues.GPU_INFERENCE)]
+    return keys, [orjson.dumps(request.to_json()), settings.INFERENCE_MAX_QUEUED]
 
 
 def send(request: InferenceRequest) -> None:
-    from controlplane.celery import app
+    """Hand the request to an inference worker: the Redis request list (see
+    jobcontracts.inference), or embedded a Celery task on the filesystem broker."""
+    if not settings.REDIS_URL:
+        from controlplane.celery import app
 
-    # ignore_result: replies come on the reply channel; no result-backend subscription.
-    app.send_task(
-        queues.INFER, args=[request.to_json()], queue=queues.GPU_INFERENCE, ignore_result=True
-    )
+        # ignore_result: replies come on the reply channel; no result-backend subscription.
+        app.send_task(
+            queues.INFER, args=[request.to_json()], queue=queues.GPU_INFERENCE, ignore_result=True
+        )
+        return
+    from .replies import _redis
+
+    keys, args = _payload(request)
+    if _enqueue_script(_redis())(keys=keys, args=args) == -1:
+        raise _overloaded()
+
+
+async def asend(request: InferenceRequest) -> None:
+    """`send` from the event loop (Redis only)."""
+    from .replies import _aredis
+
+    keys, args = _payload(request)
+    if await _enqueue_script(_aredis())(keys=keys, args=args) == -1:
+        raise _overloaded()
 
 
 def timeout_for(header: str | None) -> float:

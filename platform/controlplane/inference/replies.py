@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import redis.asyncio as aredis
 from django.conf import settings
 
 from jobcontracts.broker import data_dir
-from jobcontracts.inference import Reply, cancel_key, reply_channel
+from jobcontracts.inference import Reply, cancel_key, process_channel, reply_channel
 
 _sync_client: redis.Redis | None = None
 _async_clients: dict[int, aredis.Redis] = {}
@@ -62,6 +63,11 @@ def _reply_file(request_id: str) -> Path:
 
 def _decode(raw: bytes) -> Reply:
     return Reply.from_json(orjson.loads(raw))
+
+
+async def acancel(request_id: str) -> None:
+    """`cancel` from the event loop (Redis only)."""
+    await _aredis().set(cancel_key(request_id), b"1", ex=600)
 
 
 def cancel(request_id: str) -> None:
@@ -196,3 +202,116 @@ class Subscription:
                 if reply is not None:
                     return reply
                 await asyncio.sleep(_FILE_POLL_SECONDS)
+
+
+class ReplyHub:
+    """One pub/sub subscription per web process (event loop) for all its requests.
+
+    Requests name the hub's channel as `reply_to`; one reader task hands each reply
+    to the queue of its request. No subscribe round trip per request, one Redis
+    connection for every reply, and a reply cannot be missed: the channel is
+    subscribed before the first request is sent. Should the connection drop, the
+    reader resubscribes; requests whose replies were lost meanwhile end as their
+    silence deadline says (a clean 503), never hang.
+    """
+
+    def __init__(self) -> None:
+        self.channel = process_channel(uuid.uuid4().hex)
+        self._queues: dict[str, asyncio.Queue[Reply]] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> ReplyHub:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._read())
+        await self._ready.wait()
+        return self
+
+    def register(self, request_id: str) -> asyncio.Queue[Reply]:
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def unregister(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def _read(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub = _aredis().pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self._ready.set()
+                backoff = 0.05
+                while True:
+                    message = await pubsub.get_message(timeout=30.0)
+                    if message is None or message["type"] != "message":
+                        continue
+                    reply = _decode(message["data"])
+                    queue = self._queues.get(reply.request_id)
+                    if queue is not None:
+                        queue.put_nowait(reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the connection dropped: subscribe again
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+_hubs: dict[int, ReplyHub] = {}
+
+
+async def hub() -> ReplyHub:
+    """This event loop's hub, started on first use."""
+    loop = id(asyncio.get_running_loop())
+    found = _hubs.get(loop)
+    if found is None:
+        found = _hubs[loop] = ReplyHub()
+    return await found.start()
+
+
+class HubSubscription(Subscription):
+    """A request's replies through its process's `ReplyHub` (asyncio only)."""
+
+    _hub: ReplyHub
+    _queue: asyncio.Queue[Reply]
+
+    async def aopen(self) -> HubSubscription:
+        self._hub = await hub()
+        self._queue = self._hub.register(self.request_id)
+        return self
+
+    @property
+    def reply_to(self) -> str:
+        return self._hub.channel
+
+    async def aclose(self) -> None:
+        self._hub.unregister(self.request_id)
+
+    async def _anext(self) -> Reply:
+        while True:
+            limit = self._wait_limit()
+            try:
+                reply = await asyncio.wait_for(self._queue.get(), min(limit, 1.0))
+            except TimeoutError:
+                continue
+            return self._seen(reply)
+
+    async def next_or(self, interrupted: asyncio.Future[Any]) -> Reply | None:
+        """The next reply, or None as soon as `interrupted` is done (the client left)."""
+        while True:
+            limit = self._wait_limit()
+            if not self._queue.empty():
+                return self._seen(self._queue.get_nowait())
+            getter = asyncio.ensure_future(self._queue.get())
+            done, _ = await asyncio.wait(
+                {getter, interrupted}, timeout=min(limit, 1.0), return_when=asyncio.FIRST_COMPLETED
+            )
+            if getter in done:
+                return self._seen(getter.result())
+            getter.cancel()
+            if interrupted.done():
+                return None

@@ -165,7 +165,7 @@ def usage_record_many(payloads: list[dict[str, Any]]) -> dict[str, int]:
     ]
     try:
         with transaction.atomic():
-            UsageRecord.objects.bulk_create(rows, ignore_conflicts=True)
+            UsageRecord.objects.dangerously_unscoped().bulk_create(rows, ignore_conflicts=True)
     except IntegrityError:
         # An organization deleted meanwhile (its key is checked at commit): one by one.
         for row in rows:

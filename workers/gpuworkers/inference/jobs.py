@@ -1,9 +1,10 @@
-"""A request inside the engine (`Job`), and the `Ticket` its Celery task waits on."""
+"""A request inside the engine (`Job`), and the `Ticket` that says when and how it ended."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gpuworkers.inference.models import ModelKey, adapter_name
@@ -21,20 +22,37 @@ DROPPED = "dropped"  # past its deadline, or cancelled before it started: no rep
 
 
 class Ticket:
-    """Resolved once by the engine; the task thread waits on it, then sends the usage."""
+    """Resolved once by the engine, when its request ends (with its usage, if it ran).
+
+    Callbacks run on the resolving thread (often the engine's): they must not block.
+    """
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.outcome = ""
         self.usage: UsageReport | None = None
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Ticket], None]] = []
 
     def resolve(self, outcome: str, usage: UsageReport | None = None) -> None:
-        if self._event.is_set():
-            return
-        self.outcome = outcome
-        self.usage = usage
-        self._event.set()
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.outcome = outcome
+            self.usage = usage
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback: Callable[[Ticket], None]) -> None:
+        """Call `callback(ticket)` once it resolves (at once if it already has)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
 
     @property
     def done(self) -> bool:

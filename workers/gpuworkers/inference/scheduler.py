@@ -133,6 +133,10 @@ class Engine:
     def submit(self, request: InferenceRequest) -> Ticket:
         """Queue a request; never blocks on the models. The ticket resolves when it ends."""
         ticket = Ticket(request.request_id)
+        # Replies go to the caller's process channel; the request's end (with its usage
+        # report, if it ran) follows its last reply through the outbox, in order.
+        self.outbox.route(request.request_id, request.reply_to)
+        ticket.add_done_callback(lambda t: self.outbox.finish(t.request_id, t.usage))
         if request.deadline and time.time() > request.deadline:
             ticket.resolve(DROPPED)  # the caller has given up: nothing to answer, nothing to bill
             return ticket

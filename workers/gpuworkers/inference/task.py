@@ -1,11 +1,11 @@
-"""The Celery task `gpuworkers.inference.run`: one request, served by this process's engine.
+"""The inference worker's entry points, around this process's one `Engine`.
 
-Run under the threads pool (`atelier worker inference`): each task thread
-tokenizes its request, hands it to the process-wide `Engine` (which batches it
-with whatever else is running on the same model) and waits for it to end, so
-the pool's size bounds the requests one worker holds and the rest wait in the
-broker for any free inference worker. The thread then sends the request's
-usage report to the control queue: exactly one per request that ran.
+With Redis, requests arrive on a Redis list (`intake.Intake`, a thread started
+when the worker comes up); embedded, as the Celery task `gpuworkers.inference.run`
+under the threads pool (`atelier worker inference`), each task thread handing
+its request to the engine and waiting for it to end. Either way the engine
+batches requests on the same model and reports each one's usage when it ends:
+exactly one report per request that ran.
 
 This module imports without torch; the engine is imported (and started, in the
 background) when an inference worker comes up, or on the first request.
@@ -23,7 +23,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from gpuworkers.celery import app
 from jobcontracts import queues
-from jobcontracts.inference import ERROR, InferenceRequest, UsageReport
+from jobcontracts.inference import ERROR, InferenceRequest
 
 if TYPE_CHECKING:
     from gpuworkers.inference.scheduler import Engine
@@ -46,16 +46,6 @@ def engine() -> Engine:
 
                 _engine = Engine(Settings.from_env(), channel_from_env())
     return _engine
-
-
-def send_usage(usage: UsageReport) -> None:
-    for attempt in range(3):
-        try:
-            app.send_task(queues.CONTROL_USAGE_REPORT, args=[usage.to_json()], queue=queues.CONTROL)
-            return
-        except Exception:  # the broker blinked: the report is the bill, try again
-            log.exception("inference.usage_send_failed", extra={"request_id": usage.request_id})
-            time.sleep(0.2 * (attempt + 1))
 
 
 @app.task(  # type: ignore[untyped-decorator]
@@ -85,15 +75,14 @@ def run(request_json: dict[str, Any]) -> None:
         return
     try:
         _model_code()
-        usage = engine().submit(request).wait()
+        # The engine reports the usage itself (through its outbox) when the request ends.
+        engine().submit(request).wait()
     except Exception as error:
         # Whatever went wrong, the caller gets a clean error now rather than a timeout.
         log.exception("inference.request_crashed", extra={"request_id": request.request_id})
         data = {"status": 500, "code": "inference_failed", "message": f"inference failed: {error}"}
         engine().outbox.send(request.request_id, ERROR, data)
         raise
-    if usage is not None:
-        send_usage(usage)
 
 
 _model_code_lock = threading.Lock()
@@ -141,8 +130,6 @@ def _preload(sender: Any = None, **_: Any) -> None:
         # requests a second that is most of a worker's log and a real share of its CPU.
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    if os.environ.get("GPU_WORKER_PRELOAD", "1") == "0":
-        return
 
     def start() -> None:
         started = time.monotonic()
@@ -150,10 +137,31 @@ def _preload(sender: Any = None, **_: Any) -> None:
         _model_code()
         log.info("inference.ready", extra={"seconds": round(time.monotonic() - started, 2)})
 
+    url = os.environ.get("REDIS_URL", "")
+    if url:
+        global _intake
+        from gpuworkers.inference.intake import Intake
+
+        _intake = Intake(
+            url=url,
+            queue=queues.GPU_INFERENCE,
+            capacity=int(os.environ.get("INFERENCE_CONCURRENCY", "64")),
+            engine=engine,
+            before_first=start,
+        )
+        _intake.start()
+        return
+    if os.environ.get("GPU_WORKER_PRELOAD", "1") == "0":
+        return
     threading.Thread(target=start, name="inference-preload", daemon=True).start()
+
+
+_intake: Any = None
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _close(**_: Any) -> None:
+    if _intake is not None:
+        _intake.stop()
     if _engine is not None:
         _engine.close()

@@ -1,0 +1,338 @@
+"""The inference endpoints on asyncio, in front of Django: what `atelier web` serves.
+
+A proxied model call must cost the caller a few milliseconds at most, and the
+Django request path costs more than that before a view runs: the middleware
+chain, DRF's request wrapping, and a thread hop for a sync view — which also
+holds a thread for the whole generation, so the thread pool caps concurrency.
+Measured (bench/README.md) it was most of the platform's overhead. So `POST`
+to the four inference URLs is answered here, on the event loop, and everything
+else goes to Django unchanged.
+
+Nothing about the endpoints is reimplemented: the input serializers, the model
+resolution, the request building and the response bodies are the DRF views'
+own (`apis.py`, class methods), and errors go through `core.errors.error_parts`.
+What differs is only what must not block the loop: the API key and the model
+lookup come from this process's caches (the database, in a thread, on a miss),
+the request goes to the workers with one Redis round trip (`gateway.asend`),
+and replies arrive through the process's one pub/sub subscription
+(`replies.ReplyHub`). A client that disconnects cancels its generation,
+streaming or not.
+
+Used only with Redis (the embedded mode has one process and no pub/sub; the DRF
+views serve it) and while INFERENCE_FAST_PATH is on (the default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from rest_framework import exceptions
+
+from controlplane.accounts.authentication import (
+    _KEY_PARAMS,
+    ApiKeyAuthentication,
+    cached_key,
+    principal_for,
+)
+from controlplane.accounts.keys import KEY_START
+from controlplane.core.errors import ApiError, MissingScope, error_parts
+from controlplane.core.requestid import HEADER, request_id_from
+from controlplane.core.serializers import validated
+from jobcontracts.inference import InferenceRequest, ModelRef, Reply
+
+from . import apis, gateway
+from .replies import HubSubscription, ReplyTimeout, acancel, hub
+
+log = structlog.get_logger("controlplane.request")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ROUTES: dict[str, type[apis.InferenceApi]] = {
+    "/v1/chat/completions": apis.ChatCompletionsApi,
+    "/v1/completions": apis.CompletionsApi,
+    "/v1/embeddings": apis.EmbeddingsApi,
+    "/v1/classifications": apis.ClassificationsApi,
+}
+
+#: What Django's SecurityMiddleware would have added (settings permitting).
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+
+
+class InferenceRouter:
+    """ASGI: the inference POSTs here, everything else to `app` (Django)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in ROUTES
+            and settings.REDIS_URL
+            and settings.INFERENCE_FAST_PATH
+        ):
+            await Call(ROUTES[scope["path"]], scope, receive, send).run()
+            return
+        await self.app(scope, receive, send)
+
+
+class Call:
+    """One inference request on the event loop."""
+
+    def __init__(self, api: type[apis.InferenceApi], scope: Scope, receive: Receive, send: Send):
+        self.api = api
+        self.scope = scope
+        self.receive = receive
+        self._send = send
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.request_id = request_id_from(self.headers.get(b"x-request-id"))
+        self.started = time.perf_counter()
+        self.status = 0
+        self.disconnected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        try:
+            await self._serve()
+        except Exception as exc:  # every error in OpenAI's shape, as the DRF views answer
+            if self.status:  # already streaming: nothing more can be said over HTTP
+                log.exception("inference.stream_failed")
+            else:
+                if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+                    exc.auth_header = 'Bearer realm="atelier"'  # type: ignore[union-attr]
+                status, body, headers = error_parts(exc)
+                await self._respond(status, body, headers)
+        finally:
+            log.info(
+                "http.request",
+                method="POST",
+                path=self.scope["path"],
+                status=self.status,
+                duration_ms=round((time.perf_counter() - self.started) * 1000, 2),
+            )
+            structlog.contextvars.clear_contextvars()
+
+    async def _serve(self) -> None:
+        body = await self._body()
+        principal = await self._principal()
+        structlog.contextvars.bind_contextvars(
+            organization_id=principal.organization.pk, api_key_id=principal.api_key.pk
+        )
+        if "inference" not in principal.scopes:
+            bound = (
+                f" A key can do no more than its member's role ('{principal.role}') allows."
+                if principal.role
+                else ""
+            )
+            raise MissingScope(
+                f"This API key lacks the 'inference' scope needed for POST "
+                f"{self.scope['path']}.{bound} Use a key that has that scope.",
+                code="missing_scope",
+            )
+        self._content_type()
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+        data = validated(self.api.input_serializer, data)
+        timeout = gateway.timeout_for(_text(self.headers.get(b"x-atelier-timeout")))
+        model = await self._model(principal.organization, data["model"])
+        inference = self.api.prepare(
+            data,
+            organization_id=principal.organization.pk,
+            api_key_id=principal.api_key.pk,
+            model=model,
+            timeout=timeout,
+            reply_to=(await hub()).channel,
+        )
+        subscription = HubSubscription(
+            inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
+        )
+        await subscription.aopen()  # before sending: no reply can come first
+        watcher = asyncio.ensure_future(self._watch_disconnect())
+        try:
+            await gateway.asend(inference)
+            chunks = self.api.chunks(inference, data)
+            if chunks is None:
+                reply = await self._final(subscription, inference)
+                if reply is not None:
+                    await self._respond(200, self.api.body(inference, reply, data), {})
+            else:
+                await self._stream(subscription, inference, chunks)
+        finally:
+            watcher.cancel()
+            await subscription.aclose()
+
+    # -- input ------------------------------------------------------------------------
+
+    async def _body(self) -> bytes:
+        parts = []
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise exceptions.ParseError("The client went away before sending its body.")
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return b"".join(parts)
+
+    def _content_type(self) -> None:
+        kind = _text(self.headers.get(b"content-type")) or ""
+        media = kind.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise exceptions.UnsupportedMediaType(media or "none")
+
+    async def _principal(self) -> Any:
+        query = self.scope.get("query_string", b"").decode("latin-1")
+        for pair in query.split("&") if query else []:
+            name, _, value = pair.partition("=")
+            if name.lower() in _KEY_PARAMS or value.startswith(KEY_START):
+                ApiKeyAuthentication._refuse_keys_in_url(_QueryOnly(name, value))  # type: ignore[arg-type]
+        header = self.headers.get(b"authorization")
+        if not header:
+            raise exceptions.NotAuthenticated()
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise exceptions.AuthenticationFailed(
+                "Send your API key as 'Authorization: Bearer atl_live_…'.", code="invalid_api_key"
+            )
+        api_key = cached_key(token)
+        if api_key is None:  # not cached, or a use to record: the database, in a thread
+            api_key = await sync_to_async(ApiKeyAuthentication._verify)(token)
+        return principal_for(api_key)
+
+    async def _model(self, organization: Any, model_id: Any) -> ModelRef:
+        model_id = gateway.ensure_known(model_id)
+        refs = gateway.model_refs
+        found = refs.get(organization.pk, model_id, self.api.kind)
+        if found is not None:
+            return found
+        token = refs.token()
+        try:
+            ref = await sync_to_async(gateway.model_ref)(
+                organization=organization, model_id=model_id, kind=self.api.kind
+            )
+        except ApiError as error:
+            refs.put(organization.pk, model_id, self.api.kind, error, token)
+            raise
+        refs.put(organization.pk, model_id, self.api.kind, ref, token)
+        return ref
+
+    # -- replies ----------------------------------------------------------------------
+
+    async def _watch_disconnect(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected.set_result(None)
+                return
+
+    async def _next(self, subscription: HubSubscription, inference: InferenceRequest) -> Reply:
+        """The next reply; CancelledError-free: raises _Gone if the client left."""
+        try:
+            reply = await subscription.next_or(self.disconnected)
+        except ReplyTimeout as exc:
+            raise gateway.lost(exc.started, inference.request_id) from None
+        if reply is None:
+            await acancel(inference.request_id)
+            raise _Gone()
+        return reply
+
+    async def _final(
+        self, subscription: HubSubscription, inference: InferenceRequest
+    ) -> Reply | None:
+        try:
+            while True:
+                reply = await self._next(subscription, inference)
+                if reply.type == "done":
+                    return reply
+                if reply.type == "error":
+                    raise gateway.failure(reply)
+        except _Gone:
+            return None
+
+    async def _stream(
+        self, subscription: HubSubscription, inference: InferenceRequest, chunks: Any
+    ) -> None:
+        await self._start(200, b"text/event-stream", apis.STREAM_HEADERS)
+        finished = False
+        try:
+            for first in chunks.opening():
+                await self._chunk(apis._event(first))
+            while not finished:
+                try:
+                    reply = await self._next(subscription, inference)
+                except ApiError as error:  # lost worker, timeout: said in the stream
+                    await self._chunk(_error_event(error))
+                    break
+                if reply.type == "error":
+                    finished = True
+                    await self._chunk(_error_event(gateway.failure(reply)))
+                    break
+                finished = reply.type == "done"
+                for chunk in chunks.on(reply):
+                    await self._chunk(apis._event(chunk))
+            await self._chunk(b"data: [DONE]\n\n")
+        except _Gone:
+            if not finished:  # the client left mid-stream: stop the generation
+                await acancel(inference.request_id)
+            return
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # -- output -----------------------------------------------------------------------
+
+    async def _start(self, status: int, content_type: bytes, headers: dict[str, str]) -> None:
+        self.status = status
+        elapsed = round((time.perf_counter() - self.started) * 1000)
+        raw = [
+            (b"content-type", content_type),
+            (HEADER.encode(), self.request_id.encode()),
+            (b"openai-processing-ms", str(elapsed).encode()),
+            *_SECURITY_HEADERS,
+            *((k.lower().encode(), str(v).encode()) for k, v in headers.items()),
+        ]
+        await self._send({"type": "http.response.start", "status": status, "headers": raw})
+
+    async def _chunk(self, data: bytes) -> None:
+        if self.disconnected.done():
+            raise _Gone()
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _respond(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+        await self._start(status, b"application/json", headers)
+        await self._send({"type": "http.response.body", "body": orjson.dumps(body)})
+
+
+class _Gone(Exception):
+    """The client disconnected."""
+
+
+class _QueryOnly:
+    """Enough of a DRF request for `_refuse_keys_in_url`."""
+
+    def __init__(self, name: str, value: str) -> None:
+        self.query_params = {name: value}
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+def _error_event(error: ApiError) -> bytes:
+    return apis._event({"error": {"message": str(error.detail), "code": error.code}})

@@ -1,0 +1,124 @@
+"""Requests from the Redis list straight into the engine (see `jobcontracts.inference`).
+
+One thread per inference worker BRPOPs `request_queue(queue)` and submits each
+request to the engine, holding at most `capacity` requests at once: past that it
+stops taking, and the rest wait in Redis for any worker with room (the gateway
+refuses more than INFERENCE_MAX_QUEUED waiting, with a 503). A request taken by
+a worker that then dies is not redelivered: its caller's gateway sees the reply
+channel go silent and answers a clean 503 (`worker_lost`), billed for nothing
+it did not report.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from jobcontracts.inference import ERROR, InferenceRequest, request_queue
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        url: str,
+        queue: str,
+        capacity: int,
+        engine: Callable[[], Any],
+        before_first: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.url = url
+        self.key = request_queue(queue)
+        self.capacity = max(1, capacity)
+        self._engine = engine
+        self._before_first = before_first
+        self._room = threading.Semaphore(self.capacity)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference-intake", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import redis
+
+        client: Any = redis.Redis.from_url(self.url, socket_keepalive=True)
+        self._before_first()  # the engine and model code, before taking anything
+        backoff = 0.1
+        while not self._stop.is_set():
+            if not self._room.acquire(timeout=1.0):
+                continue
+            try:
+                item = client.brpop([self.key], timeout=1)
+            except Exception:  # Redis restarted or unreachable: retry, never die
+                self._room.release()
+                log.exception("inference.intake_failed")
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            if item is None:
+                self._room.release()
+                continue
+            self._take(item[1])
+
+    def _take(self, raw: bytes) -> None:
+        engine = self._engine()
+        try:
+            payload = orjson.loads(raw)
+            request = InferenceRequest.from_json(payload)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            self._room.release()
+            self._refuse(engine, raw, error)
+            return
+        try:
+            ticket = engine.submit(request)
+        except Exception as error:  # whatever it was, the caller hears now, not at timeout
+            self._room.release()
+            log.exception("inference.request_crashed", extra={"request_id": request.request_id})
+            engine.outbox.route(request.request_id, request.reply_to)
+            engine.outbox.send(
+                request.request_id,
+                ERROR,
+                {
+                    "status": 500,
+                    "code": "inference_failed",
+                    "message": f"inference failed: {error}",
+                },
+            )
+            engine.outbox.finish(request.request_id, None)
+            return
+        ticket.add_done_callback(lambda _ticket: self._room.release())
+
+    @staticmethod
+    def _refuse(engine: Any, raw: bytes, error: Exception) -> None:
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            payload = None
+        request_id = payload.get("request_id") if isinstance(payload, dict) else None
+        log.error(
+            "inference.invalid_request", extra={"request_id": request_id, "error": str(error)}
+        )
+        if isinstance(request_id, str):
+            reply_to = payload.get("reply_to") if isinstance(payload, dict) else None
+            engine.outbox.route(request_id, reply_to if isinstance(reply_to, str) else None)
+            data = {
+                "status": 400,
+                "code": "invalid_request",
+                "message": f"invalid request: {error}",
+            }
+            engine.outbox.send(request_id, ERROR, data)
+            engine.outbox.finish(request_id, None)
