@@ -222,3 +222,25 @@ def test_an_invoice_of_another_organization_is_refused(
     invoice = make_invoice(charlie, ["5.00"])
     with pytest.raises(ValueError, match="another organization"):
         services.invoice_push(organization=alice.organization, invoice=invoice)
+
+
+def test_a_credit_purchase_intent_is_granted_when_stripe_reports_it_paid(
+    alice: Person, stripe: LocalStripe
+) -> None:
+    from controlplane.billing.models import CreditGrant
+
+    from . import events
+
+    intent = gateway.credit_payment_intent(
+        organization=alice.organization, amount=Decimal("25.00"), key="test-credit-1"
+    )
+    card = stripe.card(gateway.customer_for(alice.organization))
+    # What Stripe.js does in the browser (localstripe's confirm takes no payment_method).
+    stripe.post(f"/v1/payment_intents/{intent['id']}", payment_method=card)
+    paid = stripe.post(f"/v1/payment_intents/{intent['id']}/confirm")
+    assert (paid["status"], paid["amount"]) == ("succeeded", 2500)
+    # localstripe's own PaymentIntent object, delivered as Stripe would (signed).
+    response = events.deliver(events.event("payment_intent.succeeded", paid))
+    assert response.json()["outcome"] == "credits_granted"
+    grants = CreditGrant.objects.for_organization(alice.organization)
+    assert [(g.amount, g.source) for g in grants] == [(Decimal("25.00"), "purchase")]
