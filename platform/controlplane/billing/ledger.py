@@ -255,3 +255,33 @@ def inference_usage_to_ledger(record: UsageRecord) -> int:
             member_id=member_of_key(record.api_key_id),
         )
     )
+
+
+def inference_usage_many_to_ledger(records: Sequence[UsageRecord]) -> int:
+    """Ledger a batch of `UsageRecord`s (the usage stream's consumer), in its transaction.
+
+    One query for the keys' members, one INSERT per BILLING_LEDGER_BATCH_SIZE
+    entries. Records that were already ledgered (a redelivered batch, a
+    concurrent consumer) add nothing: keys are `inference:<request_id>:...`.
+    """
+    if not records:
+        return 0
+    from controlplane.accounts.models import APIKey
+
+    keys = {r.api_key_id for r in records if r.api_key_id}
+    members = dict(
+        APIKey.objects.dangerously_unscoped().filter(pk__in=keys).values_list("pk", "member_id")
+    )
+    entries: list[Entry] = []
+    for record in records:
+        entries += inference_entries(
+            organization_id=record.organization_id,
+            request_id=record.request_id,
+            model=record.model,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            occurred_at=record.created_at,
+            api_key_id=record.api_key_id,
+            member_id=members.get(record.api_key_id) if record.api_key_id else None,
+        )
+    return ledger_append_many(entries)

@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from controlplane.billing.ledger import inference_usage_to_ledger
+from controlplane.billing.ledger import inference_usage_many_to_ledger, inference_usage_to_ledger
 from controlplane.tenancy.models import Organization
 from jobcontracts.inference import KINDS, UsageReport
 
@@ -166,6 +166,8 @@ def usage_record_many(payloads: list[dict[str, Any]]) -> dict[str, int]:
     try:
         with transaction.atomic():
             UsageRecord.objects.dangerously_unscoped().bulk_create(rows, ignore_conflicts=True)
+            # Billed with the records, same transaction; request ids key the entries.
+            inference_usage_many_to_ledger(rows)
     except IntegrityError:
         # An organization deleted meanwhile (its key is checked at commit): one by one.
         for row in rows:

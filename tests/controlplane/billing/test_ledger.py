@@ -207,3 +207,21 @@ def test_royalty_entries_carry_the_listing_price_they_were_earned_at(alice: Pers
         Decimal("0.25"),
         1000,
     )
+
+
+def test_a_usage_batch_from_the_stream_redelivered_three_times_is_ledgered_once(
+    alice: Person, charlie: Person
+) -> None:
+    from controlplane.inference.usage import usage_record_many
+
+    batch = [report(alice, f"chatcmpl-b{i}") for i in range(4)] + [report(charlie, "chatcmpl-c")]
+    outcomes = [usage_record_many(batch) for _ in range(3)]
+
+    assert outcomes[0]["applied"] == 5
+    assert outcomes[1]["duplicate"] == outcomes[2]["duplicate"] == 5
+    assert sum(e.quantity for e in entries(alice)) == 4 * 42
+    assert len(entries(alice)) == 8
+    assert [(e.meter, e.quantity) for e in entries(charlie)] == [
+        (Meter.COMPLETION_TOKENS, 30),
+        (Meter.PROMPT_TOKENS, 12),
+    ]
