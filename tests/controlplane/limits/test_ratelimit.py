@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import re
 import time
+import uuid
 
 import pytest
 
@@ -216,10 +218,21 @@ def test_one_check_is_one_round_trip_to_redis() -> None:
     assert _evalsha_calls() - before >= 50  # the server saw EVALSHA, not EVAL
 
 
-def test_a_flushed_script_cache_is_reloaded_transparently() -> None:
+def test_a_script_redis_does_not_have_is_loaded_on_noscript(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A script Redis has never seen (what a restart or SCRIPT FLUSH leaves), without
+    # flushing the scripts of everyone else who shares this Redis server.
+    from controlplane.limits import ratelimit, redis_clients
+
+    source = ratelimit._CHECK + f"\n-- {uuid.uuid4()}\n"
+    monkeypatch.setattr(ratelimit, "_CHECK", source)
+    monkeypatch.setattr(redis_clients, "_sync_scripts", {})
+    sha = hashlib.sha1(source.encode()).hexdigest()
+    assert sync_client().script_exists(sha) == [False]
     limits = Limits(key_requests_per_minute=10)
     _check(limits)
-    sync_client().script_flush()
+    assert sync_client().script_exists(sha) == [True]
     assert _check(limits).headers()["x-ratelimit-remaining-requests"] == "8"
 
 
