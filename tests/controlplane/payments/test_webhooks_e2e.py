@@ -12,6 +12,7 @@ import pytest
 from django.utils import timezone
 
 from controlplane.billing.models import Invoice, InvoiceLine
+from controlplane.billing.plans import plans_ensure_defaults
 from controlplane.payments import access, gateway, services
 from controlplane.payments.models import Dunning, StripeEvent
 from controlplane.tenancy.models import Organization
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture
 def stripe(stripe_settings: LocalStripe, live_server: Any) -> Iterator[LocalStripe]:
+    plans_ensure_defaults()  # an earlier transactional test's flush removed the seeded plans
     stripe_settings.register_webhook(f"{live_server.url}/v1/stripe/webhook")
     yield stripe_settings
     stripe_settings.forget_webhooks()
