@@ -101,7 +101,9 @@ def _invoice_store(
         return None
     lines = rate_period(organization=organization, start=start, end=end, usage=usage)
     subtotal, applied, total = _with_credits(lines, credit_balance(organization))
-    if subtotal == 0 and not lines:
+    if not usage and not any(line.amount for line in lines):
+        # No usage and nothing charged (e.g. a plan whose fee a Stripe subscription
+        # charges): the subscription's own invoice is the whole bill.
         return None
     invoice = Invoice.objects.create(
         organization=organization,

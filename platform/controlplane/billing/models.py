@@ -95,6 +95,16 @@ class Plan(models.Model):
         return f"{self.name} ({self.code})"
 
 
+class PlanBilledBy(models.TextChoices):
+    """Who charges a plan's monthly fee: exactly one of them, so it is never charged twice."""
+
+    #: The monthly ledger invoice has a prorated `plan` line (plans assigned by staff).
+    INVOICE = "invoice"
+    #: A Stripe subscription charges the fee itself; the ledger invoice shows the plan
+    #: days at 0 (its included usage still applies).
+    SUBSCRIPTION = "subscription"
+
+
 class PlanAssignment(OrganizationOwned):
     """From `effective_from` on, the organization is on `plan` (history for proration)."""
 
@@ -103,6 +113,9 @@ class PlanAssignment(OrganizationOwned):
     )
     plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="+")
     effective_from = models.DateTimeField()
+    billed_by = models.CharField(
+        max_length=16, choices=PlanBilledBy.choices, default=PlanBilledBy.INVOICE
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = OrganizationScopedManager["PlanAssignment"]()

@@ -26,7 +26,7 @@ from django.utils import timezone
 from controlplane.core.errors import ApiError
 from controlplane.tenancy.models import Organization
 
-from .models import Plan, PlanAssignment
+from .models import Plan, PlanAssignment, PlanBilledBy
 
 log = structlog.get_logger(__name__)
 
@@ -148,13 +148,21 @@ async def aplan_for(organization: Organization | str) -> Plan:
 
 @transaction.atomic
 def plan_change(
-    *, organization: Organization, plan_code: str, at: datetime | None = None
+    *,
+    organization: Organization,
+    plan_code: str,
+    at: datetime | None = None,
+    billed_by: str = PlanBilledBy.INVOICE,
 ) -> PlanAssignment:
     """Move an organization to another plan from `at` (default now).
 
     Keeps the history (a PlanAssignment row) that invoicing prorates on, and sets
     Organization.plan. Payments calls this when a subscription starts, changes or
-    ends. Raises ApiError 400 (param `plan`) for an unknown or inactive plan.
+    ends, with `billed_by="subscription"` while a Stripe subscription charges the
+    plan's fee (the monthly invoice then does not charge it again); staff
+    assignments keep the default, `invoice`. A call that changes neither the plan
+    nor who bills it records nothing and returns the assignment in force.
+    Raises ApiError 400 (param `plan`) for an unknown or inactive plan.
     """
     plans_ensure_defaults()
     plan = Plan.objects.filter(code=plan_code, active=True).first()
@@ -166,16 +174,30 @@ def plan_change(
             param="plan",
             code="invalid_plan",
         )
+    if billed_by not in PlanBilledBy.values:
+        raise ValueError(f"billed_by must be one of {PlanBilledBy.values}, not {billed_by!r}")
     when = at or timezone.now()
     org = Organization.objects.select_for_update().get(pk=organization.pk)
-    if not PlanAssignment.objects.for_organization(org).exists():
+    history = PlanAssignment.objects.for_organization(org).order_by("effective_from", "created_at")
+    latest = history.last()
+    if latest is None:
         # The plan it was on until now, from its creation: proration needs the start.
-        PlanAssignment.objects.create(
+        latest = PlanAssignment.objects.create(
             organization=org, plan_id=_plan_by_code(org.plan).code, effective_from=org.created_at
         )
-    assignment = PlanAssignment.objects.create(organization=org, plan=plan, effective_from=when)
+    if latest.plan_id == plan.code and latest.billed_by == billed_by and org.plan == plan.code:
+        return latest
+    assignment = PlanAssignment.objects.create(
+        organization=org, plan=plan, effective_from=when, billed_by=billed_by
+    )
     org.plan = plan.code
     org.save(update_fields=["plan", "updated_at"])
     organization.plan = plan.code
-    log.info("billing.plan_changed", organization_id=org.pk, plan=plan.code, at=when.isoformat())
+    log.info(
+        "billing.plan_changed",
+        organization_id=org.pk,
+        plan=plan.code,
+        billed_by=billed_by,
+        at=when.isoformat(),
+    )
     return assignment

@@ -23,7 +23,7 @@ from django.db import connection
 
 from controlplane.tenancy.models import Organization
 
-from .models import Meter, Plan, PlanAssignment
+from .models import Meter, Plan, PlanAssignment, PlanBilledBy
 from .plans import _plan_by_code
 
 CENT = Decimal("0.01")
@@ -112,12 +112,14 @@ def _usage_lines(*, start: datetime, end: datetime, org: str | None) -> dict[str
 
 def plan_days(
     organization: Organization, *, start: datetime, end: datetime
-) -> list[tuple[Plan, int]]:
-    """(plan, days) for each plan the organization was on in [start, end).
+) -> list[tuple[Plan, str, int]]:
+    """(plan, billed_by, days) for each plan (and who billed it) in force in [start, end).
 
-    A day (UTC) is billed at the plan in force at its first instant: a change
-    made during a day takes effect for billing from the next day. Days before
-    the organization existed are not billed.
+    A day (UTC) is billed at the assignment in force at its first instant: a
+    change made during a day takes effect for billing from the next day. Days
+    before the organization existed are not billed. `billed_by` is a
+    PlanBilledBy value: `subscription` days are charged by the Stripe
+    subscription, not by the invoice.
     """
     assignments = list(
         PlanAssignment.objects.for_organization(organization)
@@ -128,20 +130,23 @@ def plan_days(
     first_day = max(
         start, datetime.combine(organization.created_at.date(), datetime.min.time(), UTC)
     )
-    counts: dict[str, int] = {}
+    counts: dict[tuple[str, str], int] = {}
     plans: dict[str, Plan] = {}
     day = first_day
     while day < end:
-        current: Plan | None = None
+        current: PlanAssignment | None = None
         for assignment in assignments:
             if assignment.effective_from <= day:
-                current = assignment.plan
+                current = assignment
         if current is None:
-            current = _plan_by_code(assignments[0].plan_id if assignments else organization.plan)
-        plans[current.code] = current
-        counts[current.code] = counts.get(current.code, 0) + 1
+            plan = _plan_by_code(assignments[0].plan_id if assignments else organization.plan)
+            billed_by = str(PlanBilledBy.INVOICE)
+        else:
+            plan, billed_by = current.plan, current.billed_by
+        plans[plan.code] = plan
+        counts[(plan.code, billed_by)] = counts.get((plan.code, billed_by), 0) + 1
         day += timedelta(days=1)
-    return [(plans[code], n) for code, n in counts.items()]
+    return [(plans[code], billed_by, n) for (code, billed_by), n in counts.items()]
 
 
 def rate_period(
@@ -155,15 +160,30 @@ def rate_period(
 
     Plan fees prorated by days, usage per meter x model x price, and the plan's
     included amount (prorated the same way) subtracted from usage, never below
-    zero. Credits are not applied here (see invoicing). Pure read: stores nothing.
+    zero. Plan days billed by a Stripe subscription (PlanBilledBy.SUBSCRIPTION)
+    appear as a `plan` line of amount 0: the subscription charges that fee, so
+    the invoice must not; their included usage still applies. Credits are not
+    applied here (see invoicing). Pure read: stores nothing.
     `usage` lets a caller that rated every organization at once pass its lines.
     """
     month_days = (end - start).days
     lines: list[Line] = []
     included = Decimal(0)
-    for plan, days in plan_days(organization, start=start, end=end):
+    for plan, billed_by, days in plan_days(organization, start=start, end=end):
         share = Decimal(days) / Decimal(month_days)
-        if plan.monthly_price > 0:
+        if plan.monthly_price > 0 and billed_by == PlanBilledBy.SUBSCRIPTION:
+            # The Stripe subscription charges this fee on its own invoice: shown, not charged.
+            lines.append(
+                Line(
+                    kind="plan",
+                    description=(
+                        f"{plan.name} plan, {days}/{month_days} days: charged by your subscription"
+                    ),
+                    amount=Decimal("0.00"),
+                    quantity=days,
+                )
+            )
+        elif plan.monthly_price > 0:
             lines.append(
                 Line(
                     kind="plan",

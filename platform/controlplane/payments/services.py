@@ -17,7 +17,7 @@ import structlog
 from django.db import transaction
 from django.utils import timezone
 
-from controlplane.billing.models import Invoice, InvoiceStatus, Plan
+from controlplane.billing.models import Invoice, InvoiceStatus, Plan, PlanBilledBy
 from controlplane.billing.plans import FALLBACK_PLAN, plan_change
 from controlplane.core.errors import ApiError, Conflict
 from controlplane.tenancy.models import Organization
@@ -91,7 +91,11 @@ def subscription_apply(
     cancelled subscription never comes back to life through a late event, and an
     event about a subscription the organization has since replaced is ignored.
     When the plan in force changes, the ledger's `plan_change` records it
-    (Organization.plan and the PlanAssignment history that invoices prorate on).
+    (Organization.plan and the PlanAssignment history that invoices prorate on),
+    marked as billed by the subscription: the Stripe subscription is the one
+    owner of the plan fee, and the monthly ledger invoice shows those plan days
+    at 0. A subscription that ends returns the organization to the free plan,
+    billed by invoice.
     """
     row = _locked_row(organization)
     sub_id = str(obj.get("id", ""))
@@ -114,11 +118,13 @@ def subscription_apply(
     row.state_at = at
     row.save()
     in_force = row.plan if row.status in PLAN_GRANTING else None
+    billed_by = PlanBilledBy.SUBSCRIPTION
     if row.status in TERMINAL_STATUSES:
-        in_force = FALLBACK_PLAN
-    current = Organization.objects.values_list("plan", flat=True).get(pk=organization.pk)
-    if in_force and in_force != current:
-        plan_change(organization=organization, plan_code=in_force, at=_ts(at))
+        in_force, billed_by = FALLBACK_PLAN, PlanBilledBy.INVOICE
+    if in_force:
+        # A no-op unless the plan, or who bills it, changes. While the subscription grants
+        # the plan, Stripe charges its fee, so the monthly invoice must not charge it too.
+        plan_change(organization=organization, plan_code=in_force, at=_ts(at), billed_by=billed_by)
     log.info(
         "payments.subscription_applied",
         organization_id=organization.pk,

@@ -258,3 +258,77 @@ def test_a_malformed_invoice_list_query_is_a_400(alice: Person) -> None:
     assert response.json()["error"]["param"] == "limit"
     response = alice.client.get("/v1/organization/invoices", {"limit": 10_000})
     assert response.status_code == 400
+
+
+# --- who charges the plan fee: the invoice (staff-assigned plans) or a Stripe subscription ----
+
+
+def test_a_plan_billed_by_a_subscription_is_shown_at_zero_and_not_charged(
+    alice: Person,
+) -> None:
+    _created_long_ago(alice)
+    set_plan("pro", monthly_price=Decimal("31.00"), included_amount=Decimal("2.00"))
+    plan_change(
+        organization=alice.organization,
+        plan_code="pro",
+        at=datetime(2025, 6, 1, tzinfo=UTC),
+        billed_by="subscription",
+    )
+    usage(alice, datetime(2026, 1, 5, tzinfo=UTC), prompt=5_000_000)  # $5.00
+    invoice_run(period=JAN)
+    (invoice,) = invoices(alice)
+    lines = {line.kind: line for line in invoice.lines.all()}
+    assert (lines["plan"].amount, lines["plan"].quantity) == (Decimal("0.00"), 31)
+    assert "charged by your subscription" in lines["plan"].description
+    # The included usage of the subscribed plan still applies.
+    assert lines["included"].amount == Decimal("-2.00")
+    assert (invoice.subtotal, invoice.total) == (Decimal("3.00"), Decimal("3.00"))
+
+
+def test_a_subscription_billed_plan_without_usage_makes_no_ledger_invoice(
+    alice: Person,
+) -> None:
+    _created_long_ago(alice)
+    plan_change(
+        organization=alice.organization,
+        plan_code="pro",
+        at=datetime(2025, 6, 1, tzinfo=UTC),
+        billed_by="subscription",
+    )
+    assert invoice_run(period=JAN) == []
+    assert invoices(alice) == []
+
+
+def test_a_month_split_between_staff_billing_and_a_subscription_charges_only_staff_days(
+    alice: Person,
+) -> None:
+    _created_long_ago(alice)
+    # Staff put Acme on Pro (invoiced); from Jan 11th a subscription to Pro charges it.
+    plan_change(
+        organization=alice.organization, plan_code="pro", at=datetime(2025, 6, 1, tzinfo=UTC)
+    )
+    plan_change(
+        organization=alice.organization,
+        plan_code="pro",
+        at=datetime(2026, 1, 11, tzinfo=UTC),
+        billed_by="subscription",
+    )
+    start, end = month_bounds(JAN)
+    lines = rate_period(organization=alice.organization, start=start, end=end)
+    fees = sorted((line.quantity, line.amount) for line in lines if line.kind == "plan")
+    assert fees == [(10, Decimal("10.00")), (21, Decimal("0.00"))]  # 31.00 x 10/31 once
+
+
+def test_plan_change_records_nothing_when_neither_plan_nor_payer_changes(
+    alice: Person,
+) -> None:
+    from controlplane.billing.models import PlanAssignment
+
+    history = PlanAssignment.objects.for_organization(alice.organization)
+    plan_change(organization=alice.organization, plan_code="pro", billed_by="subscription")
+    count = history.count()
+    plan_change(organization=alice.organization, plan_code="pro", billed_by="subscription")
+    assert history.count() == count
+    plan_change(organization=alice.organization, plan_code="pro")  # staff takes over billing
+    assert history.count() == count + 1
+    assert history.order_by("effective_from", "created_at").last().billed_by == "invoice"

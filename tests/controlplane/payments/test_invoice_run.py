@@ -1,0 +1,110 @@
+"""The monthly invoice run against localstripe: who charges the plan fee, status races, reruns."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+
+from controlplane.billing.invoicing import invoice_run
+from controlplane.billing.models import Invoice, Meter, PlanAssignment
+from controlplane.billing.plans import plan_change, plans_ensure_defaults
+from controlplane.payments.models import StripeCustomer
+from controlplane.tenancy.models import Organization
+from tests.controlplane.billing.factories import price, usage
+from tests.support.localstripe import LocalStripe
+from tests.support.people import Person
+from tests.support.plans import set_plan
+
+from .test_gateway import billable, item_amounts
+from .test_subscriptions import subscribe
+
+pytestmark = pytest.mark.django_db
+JAN = date(2026, 1, 1)
+SINCE = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def stripe(stripe_settings: LocalStripe) -> LocalStripe:
+    stripe_settings.forget_webhooks()  # no other test's live server gets this test's events
+    return stripe_settings
+
+
+@pytest.fixture(autouse=True)
+def _prices(db: None) -> None:
+    plans_ensure_defaults()
+    price(Meter.PROMPT_TOKENS, "1.00", SINCE)  # $1 per 1M prompt tokens
+    set_plan("pro", monthly_price=Decimal("29.00"), included_amount=Decimal(0))
+
+
+def created_long_ago(person: Person) -> None:
+    Organization.objects.filter(pk=person.organization.pk).update(
+        created_at=datetime(2025, 1, 1, tzinfo=UTC)
+    )
+    person.organization.refresh_from_db()
+
+
+def the_invoice(person: Person) -> Invoice:
+    return Invoice.objects.for_organization(person.organization).get()
+
+
+# --- 1. the plan fee has one owner --------------------------------------------------------------
+
+
+def test_a_subscribed_org_pays_the_plan_fee_once_through_its_subscription(
+    alice: Person, stripe: LocalStripe
+) -> None:
+    created_long_ago(alice)
+    assert subscribe(alice, stripe).status_code == 200
+    assignments = PlanAssignment.objects.for_organization(alice.organization)
+    (by_subscription,) = assignments.filter(plan="pro")
+    assert by_subscription.billed_by == "subscription"
+    # Pretend the subscription started before January, then January's usage is invoiced.
+    assignments.filter(pk=by_subscription.pk).update(
+        effective_from=datetime(2025, 12, 1, tzinfo=UTC)
+    )
+    usage(alice, datetime(2026, 1, 5, tzinfo=UTC), prompt=4_000_000)  # $4.00
+
+    invoice_run(period=JAN)
+    invoice = the_invoice(alice)
+    assert sorted(invoice.lines.values_list("kind", "amount")) == [
+        ("plan", Decimal("0.00")),
+        ("usage", Decimal("4.00")),
+    ]
+    assert invoice.total == Decimal("4.00")
+    # Stripe gets the usage only: the subscription's own invoices charge the $29.
+    assert item_amounts(stripe, invoice.stripe_invoice_id) == [400]
+    customer = StripeCustomer.objects.for_organization(alice.organization).get().stripe_id
+    (sub,) = stripe.get("/v1/subscriptions", customer=customer)["data"]
+    assert sub["plan"]["amount"] == 2900
+
+
+def test_a_staff_assigned_plan_is_charged_on_the_monthly_invoice(
+    alice: Person, stripe: LocalStripe
+) -> None:
+    created_long_ago(alice)
+    plan_change(
+        organization=alice.organization, plan_code="pro", at=datetime(2025, 12, 1, tzinfo=UTC)
+    )
+    usage(alice, datetime(2026, 1, 5, tzinfo=UTC), prompt=4_000_000)
+    billable(stripe, alice)  # a card, and localstripe's $0 subscription (see README)
+
+    invoice_run(period=JAN)
+    invoice = the_invoice(alice)
+    assert invoice.total == Decimal("33.00")
+    assert item_amounts(stripe, invoice.stripe_invoice_id) == [400, 2900]
+
+
+def test_subscribing_to_the_plan_staff_assigned_hands_the_fee_to_the_subscription(
+    alice: Person, stripe: LocalStripe
+) -> None:
+    plan_change(organization=alice.organization, plan_code="pro")
+    assert subscribe(alice, stripe).status_code == 200
+    latest = (
+        PlanAssignment.objects.for_organization(alice.organization)
+        .order_by("effective_from", "created_at")
+        .last()
+    )
+    assert latest is not None
+    assert (latest.plan_id, latest.billed_by) == ("pro", "subscription")
