@@ -139,6 +139,9 @@ def error_parts(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
     # OpenAI's SDKs retry 409s (and 429s, 5xx) unless told not to: a deliberate
     # conflict will not resolve itself, so say so instead of tripling the traffic.
     headers: dict[str, str] = {"x-should-retry": "false"} if exc.status_code == 409 else {}
+    more = getattr(exc, "headers", None)
+    if callable(more):  # e.g. a rate limit's x-ratelimit-* state at the refusal
+        headers.update(more())
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:  # 429 and 503: when to come back (the SDKs honour it)
         headers["Retry-After"] = str(int(retry_after))

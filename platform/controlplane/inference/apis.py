@@ -26,7 +26,7 @@ from controlplane.core.serializers import validated
 from controlplane.tenancy.apis_base import OrganizationApi
 from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply
 
-from . import gateway, inputs
+from . import admission, gateway, inputs
 from .replies import ReplyTimeout, Subscription, cancel
 
 
@@ -136,16 +136,26 @@ class InferenceApi(OrganizationApi):
             model=model,
             timeout=timeout,
         )
+        admitted = admission.admit(inference)
         chunks = self.chunks(inference, data)
         if chunks is not None:
             response: Response | StreamingHttpResponse = StreamingHttpResponse(
-                _sse(inference, timeout, chunks), content_type="text/event-stream"
+                _sse(inference, timeout, chunks, admitted), content_type="text/event-stream"
             )
             for name, value in STREAM_HEADERS.items():
                 response[name] = value
         else:
-            reply = gateway.collect(inference, timeout)
+            try:
+                reply = gateway.collect(inference, timeout)
+            except Exception as exc:
+                admission.settle(admitted, None)
+                # The rate-limit state goes on the error response too (error_parts).
+                exc.headers = admitted.headers  # type: ignore[attr-defined]
+                raise
+            admission.settle(admitted, reply.data.get("usage"))
             response = Response(self.body(inference, reply, data))
+        for name, value in admitted.headers().items():
+            response[name] = value
         response["openai-processing-ms"] = str(round((time.perf_counter() - started) * 1000))
         return response
 
@@ -154,13 +164,16 @@ class InferenceApi(OrganizationApi):
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _sse(inference: InferenceRequest, timeout: float, chunks: Any) -> AsyncIterator[bytes]:
+async def _sse(
+    inference: InferenceRequest, timeout: float, chunks: Any, admitted: admission.Admission
+) -> AsyncIterator[bytes]:
     """Server-sent events from the reply channel; cancels the generation if the client
     leaves (the ASGI server cancels this generator) before the worker is done."""
     subscription = Subscription(
         inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
     )
     finished = False
+    usage: dict[str, Any] | None = None
     try:
         await subscription.aopen()
         gateway.send(inference)
@@ -173,10 +186,11 @@ async def _sse(inference: InferenceRequest, timeout: float, chunks: Any) -> Asyn
                     error = gateway.failure(reply)
                     yield _event({"error": {"message": str(error.detail), "code": error.code}})
                     break
-                for chunk in chunks.on(reply):
-                    yield _event(chunk)
                 if reply.type == "done":
                     finished = True
+                    usage = reply.data.get("usage")
+                for chunk in chunks.on(reply):
+                    yield _event(chunk)
         except ReplyTimeout as exc:
             error = gateway.lost(exc.started, inference.request_id)
             yield _event({"error": {"message": str(error.detail), "code": error.code}})
@@ -186,6 +200,11 @@ async def _sse(inference: InferenceRequest, timeout: float, chunks: Any) -> Asyn
         if not finished:
             cancel(inference.request_id)
         await subscription.aclose()
+        # A stream cut short is settled at its reservation's cost: its actual usage
+        # reaches the ledger from the worker; the budget's hold just stays cautious.
+        await admission.asettle(
+            admitted, usage if finished else admission.estimated_usage(inference)
+        )
 
 
 def _event(payload: dict[str, Any]) -> bytes:

@@ -47,7 +47,7 @@ from controlplane.core.requestid import HEADER, request_id_from
 from controlplane.core.serializers import validated
 from jobcontracts.inference import InferenceRequest, ModelRef, Reply
 
-from . import apis, gateway
+from . import admission, apis, gateway
 from .replies import HubSubscription, ReplyTimeout, acancel, hub
 
 log = structlog.get_logger("controlplane.request")
@@ -104,6 +104,11 @@ class Call:
         self.request_id = request_id_from(self.headers.get(b"x-request-id"))
         self.started = time.perf_counter()
         self.status = 0
+        self.extra_headers: dict[str, str] = {}
+        #: The request's final reply was seen, and the usage it gave.
+        self.sent = False
+        self.ended = False
+        self.usage: dict[str, Any] | None = None
         self.disconnected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def run(self) -> None:
@@ -161,6 +166,8 @@ class Call:
             timeout=timeout,
             reply_to=(await hub()).channel,
         )
+        admitted = await admission.aadmit(inference, principal.organization)
+        self.extra_headers = admitted.headers()
         subscription = HubSubscription(
             inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
         )
@@ -168,6 +175,7 @@ class Call:
         watcher = asyncio.ensure_future(self._watch_disconnect())
         try:
             await gateway.asend(inference)
+            self.sent = True
             chunks = self.api.chunks(inference, data)
             if chunks is None:
                 reply = await self._final(subscription, inference)
@@ -177,7 +185,26 @@ class Call:
                 await self._stream(subscription, inference, chunks)
         finally:
             watcher.cancel()
+            _background(self._settle(subscription, admitted))
+
+    async def _settle(self, subscription: HubSubscription, admitted: admission.Admission) -> None:
+        """After the response: settle limits and budgets with what the request used. A
+        request cut short (the client left) still ends on the worker with its usage: wait
+        for it (within the silence deadline) rather than guess."""
+        never = asyncio.get_running_loop().create_future()
+        try:
+            while self.sent and not self.ended:
+                reply = await subscription.next_or(never)
+                if reply is not None:
+                    self._seen(reply)
+        except ReplyTimeout:
+            pass  # the worker is gone: it used what it reported, or nothing
+        finally:
             await subscription.aclose()
+        try:
+            await admission.asettle(admitted, self.usage)
+        except Exception:  # Redis blinked: the holds expire on their own
+            log.exception("inference.settle_failed", request_id=subscription.request_id)
 
     # -- input ------------------------------------------------------------------------
 
@@ -252,6 +279,12 @@ class Call:
         if reply is None:
             await acancel(inference.request_id)
             raise _Gone()
+        return self._seen(reply)
+
+    def _seen(self, reply: Reply) -> Reply:
+        if reply.type in ("done", "error"):
+            self.ended = True
+            self.usage = reply.data.get("usage")
         return reply
 
     async def _final(
@@ -305,6 +338,7 @@ class Call:
             (HEADER.encode(), self.request_id.encode()),
             (b"openai-processing-ms", str(elapsed).encode()),
             *_SECURITY_HEADERS,
+            *((k.lower().encode(), str(v).encode()) for k, v in self.extra_headers.items()),
             *((k.lower().encode(), str(v).encode()) for k, v in headers.items()),
         ]
         await self._send({"type": "http.response.start", "status": status, "headers": raw})
@@ -317,6 +351,15 @@ class Call:
     async def _respond(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
         await self._start(status, b"application/json", headers)
         await self._send({"type": "http.response.body", "body": orjson.dumps(body)})
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Any) -> None:
+    task = asyncio.ensure_future(work)
+    _tasks.add(task)  # a strong reference until it is done
+    task.add_done_callback(_tasks.discard)
 
 
 class _Gone(Exception):
