@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from typing import Any
 
 import structlog
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from controlplane.tenancy.models import Organization
@@ -54,13 +56,59 @@ def invoice_preview(*, organization: Organization, at: datetime | None = None) -
     return Preview(start, end, lines, subtotal, applied, total)
 
 
+#: How far along each status is: a stored status only ever moves to a later one.
+_STATUS_RANK = {
+    InvoiceStatus.DRAFT: 0,
+    InvoiceStatus.OPEN: 1,
+    InvoiceStatus.PAID: 2,
+    InvoiceStatus.VOID: 2,
+}
+
+
+def invoice_status_advance(
+    *,
+    organization: Organization | str,
+    invoice_id: str,
+    status: str,
+    stripe_invoice_id: str = "",
+    pushed: bool = False,
+) -> str:
+    """Move a ledger invoice's status forward (draft < open < paid | void), never back.
+
+    Why: the push (payments.services.invoice_push, then this module's wrapper)
+    and Stripe's `invoice.paid` webhook write the same row from different
+    processes, in no fixed order. Each write is one conditional UPDATE (`status
+    = CASE WHEN status IN (<earlier>) THEN <new> ELSE status END`), so they
+    serialise on the row and a late `open` cannot undo a `paid`. Also stores
+    the Stripe invoice id (when given) and `pushed_at` (when `pushed`, only if
+    unset). Returns the status stored afterwards ('' if there is no such
+    invoice in the organization). Blocking (one UPDATE, one SELECT).
+    """
+    earlier = [s for s, rank in _STATUS_RANK.items() if rank < _STATUS_RANK[InvoiceStatus(status)]]
+    updates: dict[str, Any] = {
+        "status": Case(When(status__in=earlier, then=Value(status)), default=F("status"))
+    }
+    if stripe_invoice_id:
+        updates["stripe_invoice_id"] = stripe_invoice_id
+    if pushed:
+        updates["pushed_at"] = Coalesce(F("pushed_at"), Value(timezone.now()))
+    rows = Invoice.objects.for_organization(organization).filter(pk=invoice_id)
+    rows.update(**updates)
+    return rows.values_list("status", flat=True).first() or ""
+
+
 def invoice_push(*, organization: Organization, invoice: Invoice) -> bool:
     """Hand a stored invoice to Stripe; True once Stripe holds it (or it charges nothing).
 
     The one interface to controlplane.payments.services.invoice_push (idempotent
-    there: items keyed by line id). On success the invoice becomes `open` with
-    its Stripe id. While Stripe is off (no STRIPE_API_KEY) the invoice stays
-    `draft` and the next run retries; Stripe errors propagate to the caller.
+    there: items keyed by line id), which stores the Stripe id and moves the
+    status on as Stripe reports it (`paid` when collected at once, else `open`;
+    a Stripe invoice left in draft leaves ours `draft`, so the next run retries).
+    An invoice with nothing to charge becomes `paid`. Statuses only move forward
+    (`invoice_status_advance`): a `paid` set meanwhile by a webhook stays. `invoice`
+    is refreshed from the database afterwards. While Stripe is off (no
+    STRIPE_API_KEY) the invoice stays `draft` and the next run retries; Stripe
+    errors propagate to the caller.
     """
     from controlplane.payments import gateway, services
 
@@ -68,11 +116,17 @@ def invoice_push(*, organization: Organization, invoice: Invoice) -> bool:
         log.info("billing.invoice_push_skipped", invoice_id=invoice.pk, reason="stripe_off")
         return False
     stripe_id = services.invoice_push(organization=organization, invoice=invoice)
-    invoice.stripe_invoice_id = stripe_id or ""
-    invoice.status = InvoiceStatus.OPEN if stripe_id else InvoiceStatus.PAID
-    invoice.pushed_at = timezone.now()
-    invoice.save(update_fields=["stripe_invoice_id", "status", "pushed_at"])
-    log.info("billing.invoice_pushed", invoice_id=invoice.pk, stripe_invoice_id=stripe_id)
+    if stripe_id is None:
+        invoice_status_advance(
+            organization=organization, invoice_id=invoice.pk, status=InvoiceStatus.PAID, pushed=True
+        )
+    invoice.refresh_from_db(fields=["stripe_invoice_id", "status", "pushed_at"])
+    log.info(
+        "billing.invoice_pushed",
+        invoice_id=invoice.pk,
+        stripe_invoice_id=stripe_id,
+        status=invoice.status,
+    )
     return True
 
 

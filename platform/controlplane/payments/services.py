@@ -15,8 +15,8 @@ from typing import Any
 
 import structlog
 from django.db import transaction
-from django.utils import timezone
 
+from controlplane.billing.invoicing import invoice_status_advance
 from controlplane.billing.models import Invoice, InvoiceStatus, Plan, PlanBilledBy
 from controlplane.billing.plans import FALLBACK_PLAN, plan_change
 from controlplane.core.errors import ApiError, Conflict
@@ -226,6 +226,15 @@ def subscription_cancel(*, organization: Organization, at_period_end: bool = Tru
 # --- invoices ----------------------------------------------------------------------
 
 
+#: Stripe's invoice status -> the ledger invoice's (a Stripe draft leaves ours draft: retried).
+_LEDGER_STATUS = {
+    "open": InvoiceStatus.OPEN,
+    "uncollectible": InvoiceStatus.OPEN,
+    "paid": InvoiceStatus.PAID,
+    "void": InvoiceStatus.VOID,
+}
+
+
 def invoice_push(*, organization: Organization, invoice: Invoice) -> str | None:
     """Put the ledger's `invoice` on Stripe: one invoice item per line, then finalize and collect.
 
@@ -290,17 +299,14 @@ def invoice_push(*, organization: Organization, invoice: Invoice) -> str | None:
         StripeInvoice.objects.for_organization(organization).filter(pk=record.pk).update(
             status=status
         )
-        ledger = (
-            Invoice.objects.for_organization(organization).select_for_update().get(pk=invoice.pk)
+        # Forward only: a `paid` stored meanwhile by the invoice.paid webhook stays paid.
+        invoice_status_advance(
+            organization=organization,
+            invoice_id=invoice.pk,
+            status=_LEDGER_STATUS.get(status, InvoiceStatus.DRAFT),
+            stripe_invoice_id=stripe_id,
+            pushed=True,
         )
-        ledger.stripe_invoice_id = stripe_id
-        if ledger.pushed_at is None:
-            ledger.pushed_at = timezone.now()
-        if status == "paid":
-            ledger.status = InvoiceStatus.PAID
-        elif status == "open" and ledger.status == InvoiceStatus.DRAFT:
-            ledger.status = InvoiceStatus.OPEN
-        ledger.save(update_fields=["stripe_invoice_id", "pushed_at", "status"])
     log.info(
         "payments.invoice_pushed",
         organization_id=organization.pk,

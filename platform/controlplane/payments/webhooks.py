@@ -18,6 +18,7 @@ import structlog
 from django.db import IntegrityError, transaction
 
 from controlplane.billing.credits import credit_grant
+from controlplane.billing.invoicing import invoice_status_advance
 from controlplane.billing.models import CreditSource, Invoice, InvoiceStatus
 from controlplane.tenancy.models import Organization
 
@@ -67,11 +68,14 @@ def _when(event: dict[str, Any]) -> datetime:
 
 
 def _ledger_invoice_paid(org: Organization, obj: dict[str, Any]) -> None:
-    ledger_id = (obj.get("metadata") or {}).get("atelier_invoice_id")
-    ledger = Invoice.objects.for_organization(org).filter(pk=ledger_id or "")
-    if not ledger_id or not ledger.exists():
-        ledger = Invoice.objects.for_organization(org).filter(stripe_invoice_id=obj["id"])
-    ledger.exclude(status=InvoiceStatus.PAID).update(status=InvoiceStatus.PAID)
+    ledger_id = (obj.get("metadata") or {}).get("atelier_invoice_id") or ""
+    invoices = Invoice.objects.for_organization(org)
+    if not invoices.filter(pk=ledger_id).exists():
+        ledger_id = (
+            invoices.filter(stripe_invoice_id=obj["id"]).values_list("pk", flat=True).first()
+        )
+    if ledger_id:
+        invoice_status_advance(organization=org, invoice_id=ledger_id, status=InvoiceStatus.PAID)
 
 
 def _invoice_paid(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:

@@ -6,9 +6,10 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
+from django.test import override_settings
 
-from controlplane.billing.invoicing import invoice_run
-from controlplane.billing.models import Invoice, Meter, PlanAssignment
+from controlplane.billing.invoicing import invoice_push, invoice_run, invoice_status_advance
+from controlplane.billing.models import Invoice, InvoiceStatus, Meter, PlanAssignment
 from controlplane.billing.plans import plan_change, plans_ensure_defaults
 from controlplane.payments.models import StripeCustomer
 from controlplane.tenancy.models import Organization
@@ -17,7 +18,7 @@ from tests.support.localstripe import LocalStripe
 from tests.support.people import Person
 from tests.support.plans import set_plan
 
-from .test_gateway import billable, item_amounts
+from .test_gateway import billable, item_amounts, stripe_invoices
 from .test_subscriptions import subscribe
 
 pytestmark = pytest.mark.django_db
@@ -108,3 +109,82 @@ def test_subscribing_to_the_plan_staff_assigned_hands_the_fee_to_the_subscriptio
     )
     assert latest is not None
     assert (latest.plan_id, latest.billed_by) == ("pro", "subscription")
+
+
+# --- 2. invoice statuses only move forward ------------------------------------------------------
+
+
+def test_an_invoice_paid_at_once_stays_paid_after_the_push(
+    alice: Person, stripe: LocalStripe
+) -> None:
+    created_long_ago(alice)
+    usage(alice, datetime(2026, 1, 5, tzinfo=UTC), prompt=4_000_000)
+    billable(stripe, alice)
+    invoice_run(period=JAN)
+    invoice = the_invoice(alice)
+    (remote,) = stripe_invoices(stripe, alice)
+    assert remote["status"] == "paid"  # collected at once by `pay`
+    # The billing wrapper used to overwrite this with `open` from its in-memory object.
+    assert (invoice.status, invoice.stripe_invoice_id) == (InvoiceStatus.PAID, remote["id"])
+    assert invoice.pushed_at is not None
+
+
+def test_a_paid_from_the_webhook_is_not_undone_by_a_push_that_saw_it_open(
+    alice: Person, stripe: LocalStripe
+) -> None:
+    from . import events
+
+    created_long_ago(alice)
+    usage(alice, datetime(2026, 1, 5, tzinfo=UTC), prompt=4_000_000)
+    customer = billable(stripe, alice, "4000000000000341")  # every charge declined: stays open
+    invoice = _stored_draft(alice)
+    stale = Invoice.objects.for_organization(alice.organization).get(pk=invoice.pk)
+    # The customer paid on the hosted page; Stripe's invoice.paid is applied before the
+    # push (started earlier, holding `stale`) stores what it saw: `open`.
+    paid = {
+        "id": "in_paid_elsewhere",
+        "object": "invoice",
+        "customer": customer,
+        "status": "paid",
+        "metadata": {"atelier_invoice_id": invoice.pk},
+    }
+    assert events.deliver(events.event("invoice.paid", paid)).status_code == 200
+    assert invoice_push(organization=alice.organization, invoice=stale)
+    (remote,) = stripe_invoices(stripe, alice)
+    assert remote["status"] == "open"
+    assert stale.status == InvoiceStatus.PAID
+    assert the_invoice(alice).status == InvoiceStatus.PAID
+
+
+def test_status_advance_never_moves_back(alice: Person) -> None:
+    created_long_ago(alice)
+    usage(alice, datetime(2026, 1, 5, tzinfo=UTC), prompt=4_000_000)
+    invoice = _stored_draft(alice)
+
+    def advance(status: str) -> str:
+        return invoice_status_advance(
+            organization=alice.organization, invoice_id=invoice.pk, status=status
+        )
+
+    assert advance(InvoiceStatus.DRAFT) == InvoiceStatus.DRAFT
+    assert advance(InvoiceStatus.OPEN) == InvoiceStatus.OPEN
+    assert advance(InvoiceStatus.DRAFT) == InvoiceStatus.OPEN
+    assert advance(InvoiceStatus.PAID) == InvoiceStatus.PAID
+    assert advance(InvoiceStatus.OPEN) == InvoiceStatus.PAID
+    assert advance(InvoiceStatus.VOID) == InvoiceStatus.PAID  # a paid invoice is not voided
+    # Another organization's invoice is out of reach.
+    assert (
+        invoice_status_advance(
+            organization="org_someone_else", invoice_id=invoice.pk, status=InvoiceStatus.VOID
+        )
+        == ""
+    )
+
+
+def _stored_draft(person: Person) -> Invoice:
+    """January's invoice stored by a run while Stripe was off (so still a draft)."""
+    with override_settings(STRIPE_API_KEY=""):
+        invoice_run(period=JAN)
+    invoice = the_invoice(person)
+    assert invoice.status == InvoiceStatus.DRAFT
+    return invoice
