@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.test import override_settings
 
+from controlplane.billing.credits import credit_balance, credit_grant
 from controlplane.billing.invoicing import invoice_push, invoice_run, invoice_status_advance
-from controlplane.billing.models import Invoice, InvoiceStatus, Meter, PlanAssignment
+from controlplane.billing.models import (
+    CreditGrant,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    Meter,
+    PlanAssignment,
+)
 from controlplane.billing.plans import plan_change, plans_ensure_defaults
-from controlplane.payments.models import StripeCustomer
+from controlplane.payments import gateway
+from controlplane.payments.models import StripeCustomer, StripeInvoice
 from controlplane.tenancy.models import Organization
 from tests.controlplane.billing.factories import price, usage
 from tests.support.localstripe import LocalStripe
@@ -188,3 +198,91 @@ def _stored_draft(person: Person) -> Invoice:
     invoice = the_invoice(person)
     assert invoice.status == InvoiceStatus.DRAFT
     return invoice
+
+
+# --- 3. the monthly run end to end ------------------------------------------------------------
+
+
+def stripe_items(customer: str) -> list[dict[str, Any]]:
+    """Every invoice item of the customer, read through the gateway and the SDK it uses.
+
+    localstripe lists only pending items (real Stripe lists all), so items already on an
+    invoice are read from the invoices' lines; each carries the item's id and metadata.
+    """
+    items = gateway.pending_items_of(customer)
+    for invoice in gateway.invoices_of(customer):
+        lines = gateway.client().v1.invoices.line_items.list(invoice["id"], params={"limit": 100})
+        for line in (line.to_dict() for line in lines.data):
+            if line["type"] == "invoiceitem":
+                items.append({**line, "id": line["invoice_item"], "invoice": invoice["id"]})
+    return items
+
+
+def db_counts(person: Person) -> tuple[int, int, int, int]:
+    org = person.organization
+    return (
+        Invoice.objects.for_organization(org).count(),
+        InvoiceLine.objects.for_organization(org).count(),
+        StripeInvoice.objects.for_organization(org).count(),
+        CreditGrant.objects.for_organization(org).count(),
+    )
+
+
+def test_the_monthly_run_bills_a_closed_month_through_stripe_once(
+    alice: Person, charlie: Person, stripe: LocalStripe
+) -> None:
+    created_long_ago(alice)
+    usage(alice, datetime(2026, 1, 5, tzinfo=UTC), prompt=5_000_000)  # $5.00
+    usage(alice, datetime(2026, 2, 1, tzinfo=UTC), prompt=9_000_000)  # February: not this run
+    credit_grant(
+        organization=alice.organization,
+        amount=Decimal("3.00"),
+        source="purchase",
+        idempotency_key="pi_e2e",
+    )
+    customer = billable(stripe, alice)
+
+    # Stripe is down for the first run: the invoice is stored (credits drawn), not pushed.
+    with override_settings(STRIPE_API_KEY=""):
+        (created,) = invoice_run(period=JAN)
+    assert stripe_items(customer) == []
+    assert the_invoice(alice).status == InvoiceStatus.DRAFT
+
+    # The next run creates nothing new in the ledger and pushes the draft.
+    assert invoice_run(period=JAN) == []
+    invoice = the_invoice(alice)
+    assert invoice.pk == created
+    # $5.00 of usage less the free plan's $1.00 included, then $3.00 of credit.
+    assert (invoice.subtotal, invoice.credits_applied, invoice.total) == (
+        Decimal("4.00"),
+        Decimal("3.00"),
+        Decimal("1.00"),
+    )
+    (remote,) = stripe_invoices(stripe, alice)
+    assert (invoice.stripe_invoice_id, invoice.status) == (remote["id"], InvoiceStatus.PAID)
+    assert remote["status"] == "paid"  # finalized and collected by `pay`
+    assert remote["metadata"]["atelier_invoice_id"] == invoice.pk
+    items = stripe_items(customer)
+    # In cents: credit, included usage, usage.
+    assert sorted(item["amount"] for item in items) == [-300, -100, 500]
+    assert {item["invoice"] for item in items} == {remote["id"]}
+    assert {item["metadata"]["atelier_invoice_line_id"] for item in items} == set(
+        invoice.lines.values_list("pk", flat=True)
+    )
+    record = StripeInvoice.objects.for_organization(alice.organization).get()
+    assert (record.invoice_id, record.stripe_invoice_id, record.status) == (
+        invoice.pk,
+        remote["id"],
+        "paid",
+    )
+
+    # Running it again creates nothing, in Stripe or here, and draws no more credit.
+    before = (len(stripe_items(customer)), len(stripe_invoices(stripe, alice)), db_counts(alice))
+    assert invoice_run(period=JAN) == []
+    after = (len(stripe_items(customer)), len(stripe_invoices(stripe, alice)), db_counts(alice))
+    assert after == before
+    assert credit_balance(alice.organization) == Decimal("0.00")
+    assert the_invoice(alice).status == InvoiceStatus.PAID
+    # An organization with nothing to bill gets no invoice and no Stripe customer.
+    assert Invoice.objects.for_organization(charlie.organization).count() == 0
+    assert not StripeCustomer.objects.for_organization(charlie.organization).exists()
