@@ -1,7 +1,8 @@
-"""Subscription endpoints (billing role) and the Stripe webhook."""
+"""Subscription and prepaid-credit endpoints (billing role), and the Stripe webhook."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import structlog
@@ -9,12 +10,15 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from controlplane.core.errors import error_body
+from controlplane.billing.credits import credit_balance
+from controlplane.billing.models import CreditGrant
+from controlplane.core.errors import ApiError, error_body
+from controlplane.core.pagination import list_response, paginate
 from controlplane.core.serializers import StrictInputSerializer, unix, validated
 from controlplane.tenancy.apis_base import OrganizationApi
 
@@ -82,6 +86,70 @@ class SubscriptionCancelApi(OrganizationApi):
             organization=self.organization, at_period_end=data["at_period_end"]
         )
         return Response(subscription_out(row))
+
+
+def credit_grant_out(grant: CreditGrant) -> dict[str, Any]:
+    return {
+        "id": grant.pk,
+        "object": "organization.credit_grant",
+        "amount": f"{grant.amount:.2f}",
+        "source": grant.source,
+        "note": grant.note,
+        "created_at": unix(grant.created_at),
+    }
+
+
+class OrganizationCreditsApi(OrganizationApi):
+    """GET: prepaid credit balance and grants (newest first); POST: buy credit through Stripe.
+
+    POST answers a PaymentIntent's `client_secret` for Stripe.js to confirm; the
+    credit is granted when Stripe reports the payment (`payment_intent.succeeded`).
+    """
+
+    scopes = {"read": "billing.read", "write": "billing.write"}
+
+    class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "CreditPurchaseRequest"
+
+        amount = serializers.DecimalField(max_digits=12, decimal_places=2)
+
+    @extend_schema(
+        operation_id="list_credits",
+        parameters=[OpenApiParameter("after", str), OpenApiParameter("limit", int)],
+        responses={200: dict},
+    )
+    def get(self, request: Request) -> Response:
+        grants = CreditGrant.objects.for_organization(self.organization)
+        rows, has_more = paginate(grants, request)
+        response = list_response(rows, has_more, credit_grant_out)
+        response.data["balance"] = f"{credit_balance(self.organization):.2f}"
+        response.data["currency"] = settings.STRIPE_CURRENCY
+        return response
+
+    @extend_schema(operation_id="buy_credits", request=InputSerializer, responses={200: dict})
+    def post(self, request: Request) -> Response:
+        data = validated(self.InputSerializer, request.data)
+        key = request.headers.get("idempotency-key") or uuid.uuid4().hex
+        if len(key) > 200:
+            raise ApiError(
+                "The Idempotency-Key header is at most 200 characters.",
+                param="Idempotency-Key",
+                code="invalid_value",
+            )
+        intent = services.credit_purchase_start(
+            organization=self.organization, amount=data["amount"], request_key=key
+        )
+        return Response(
+            {
+                "object": "organization.credit_purchase",
+                "payment_intent": intent["id"],
+                "client_secret": intent.get("client_secret"),
+                "status": intent.get("status"),
+                "amount": f"{data['amount']:.2f}",
+                "currency": settings.STRIPE_CURRENCY,
+            }
+        )
 
 
 def _refuse(message: str, status: int = 400, code: str = "invalid_webhook") -> JsonResponse:

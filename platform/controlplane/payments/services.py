@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import structlog
+from django.conf import settings
 from django.db import transaction
 
 from controlplane.billing.invoicing import invoice_status_advance
@@ -315,3 +317,39 @@ def invoice_push(*, organization: Organization, invoice: Invoice) -> str | None:
         status=status,
     )
     return stripe_id
+
+
+# --- prepaid credits ----------------------------------------------------------------
+
+
+def credit_purchase_start(
+    *, organization: Organization, amount: Decimal, request_key: str
+) -> dict[str, Any]:
+    """Start buying `amount` USD of prepaid credit: a Stripe PaymentIntent for the customer.
+
+    Nothing is granted here: the caller confirms the intent with its `client_secret`
+    (Stripe.js), and the `payment_intent.succeeded` webhook grants the credit once
+    per intent (webhooks._credit_purchase). `request_key` (the client's
+    Idempotency-Key, else a fresh one) makes a retried request return the same
+    intent in real Stripe. Blocking (Stripe round trips).
+    """
+    low, high = settings.PAYMENTS_CREDIT_PURCHASE_MIN, settings.PAYMENTS_CREDIT_PURCHASE_MAX
+    if not low <= amount <= high:
+        raise ApiError(
+            f"A credit purchase is between {low} and {high} {settings.STRIPE_CURRENCY.upper()}; "
+            f"{amount} is not.",
+            param="amount",
+            code="invalid_value",
+        )
+    intent = gateway.credit_payment_intent(
+        organization=organization,
+        amount=amount,
+        key=f"atelier-credits-{organization.pk}-{request_key}",
+    )
+    log.info(
+        "payments.credit_purchase_started",
+        organization_id=organization.pk,
+        payment_intent=intent["id"],
+        amount=str(amount),
+    )
+    return intent

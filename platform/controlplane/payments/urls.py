@@ -1,4 +1,4 @@
-"""Payments URLs (Stripe subscriptions and webhooks), under /v1/."""
+"""Payments URLs (Stripe subscriptions, credit purchases and webhooks), under /v1/."""
 
 from django.urls import URLPattern, path
 
@@ -15,5 +15,6 @@ urlpatterns: list[URLPattern] = [
         apis.SubscriptionCancelApi.as_view(),
         name="subscription-cancel",
     ),
+    path("organization/credits", apis.OrganizationCreditsApi.as_view(), name="credits"),
     path("stripe/webhook", apis.stripe_webhook, name="stripe-webhook"),
 ]

@@ -4,6 +4,8 @@ An empty STRIPE_API_KEY turns billing through Stripe off: subscription endpoints
 answer 503 `billing_disabled` saying so, and the webhook refuses every event.
 """
 
+from decimal import Decimal
+
 from .env import env
 
 #: Secret key (`sk_live_…`/`sk_test_…`); may come from STRIPE_API_KEY_FILE.
@@ -24,3 +26,6 @@ STRIPE_WEBHOOK_MAX_BYTES = env.int("STRIPE_WEBHOOK_MAX_BYTES", default=512 * 102
 PAYMENTS_DUNNING_GRACE_DAYS = env.float("PAYMENTS_DUNNING_GRACE_DAYS", default=7.0)
 #: How long a web process trusts its cached view of an organization's billing standing.
 PAYMENTS_STANDING_CACHE_SECONDS = env.float("PAYMENTS_STANDING_CACHE_SECONDS", default=5.0)
+#: Smallest and largest prepaid credit one purchase may buy (USD, POST /v1/organization/credits).
+PAYMENTS_CREDIT_PURCHASE_MIN = Decimal(env.str("PAYMENTS_CREDIT_PURCHASE_MIN", default="5.00"))
+PAYMENTS_CREDIT_PURCHASE_MAX = Decimal(env.str("PAYMENTS_CREDIT_PURCHASE_MAX", default="10000.00"))
