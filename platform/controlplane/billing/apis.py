@@ -149,7 +149,9 @@ class OrganizationUsageApi(_WindowApi):
     groups = selectors.USAGE_GROUPS
     read = staticmethod(selectors.usage_buckets)
 
-    @extend_schema(operation_id="organization_usage", parameters=_WINDOW_PARAMS)
+    @extend_schema(
+        operation_id="organization_usage", parameters=_WINDOW_PARAMS, responses={200: dict}
+    )
     def get(self, request: Request) -> Response:
         return super().get(request)
 
@@ -160,7 +162,9 @@ class OrganizationCostsApi(_WindowApi):
     groups = selectors.COST_GROUPS
     read = staticmethod(selectors.cost_buckets)
 
-    @extend_schema(operation_id="organization_costs", parameters=_WINDOW_PARAMS)
+    @extend_schema(
+        operation_id="organization_costs", parameters=_WINDOW_PARAMS, responses={200: dict}
+    )
     def get(self, request: Request) -> Response:
         return super().get(request)
 
@@ -171,7 +175,9 @@ class CatalogEarningsApi(_WindowApi):
     groups = {}
     read = staticmethod(selectors.earnings_buckets)
 
-    @extend_schema(operation_id="catalog_earnings", parameters=_WINDOW_PARAMS[:-3])
+    @extend_schema(
+        operation_id="catalog_earnings", parameters=_WINDOW_PARAMS[:-3], responses={200: dict}
+    )
     def get(self, request: Request) -> Response:
         return super().get(request)
 
