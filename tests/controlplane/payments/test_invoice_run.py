@@ -286,3 +286,35 @@ def test_the_monthly_run_bills_a_closed_month_through_stripe_once(
     # An organization with nothing to bill gets no invoice and no Stripe customer.
     assert Invoice.objects.for_organization(charlie.organization).count() == 0
     assert not StripeCustomer.objects.for_organization(charlie.organization).exists()
+
+
+def test_the_backfill_hands_live_subscriptions_plan_fees_to_stripe(
+    alice: Person, charlie: Person
+) -> None:
+    """payments 0002: plan periods of subscriptions made before billed_by existed."""
+    import importlib
+
+    from django.apps import apps
+
+    from controlplane.payments.models import Subscription
+
+    backfill = importlib.import_module(
+        "controlplane.payments.migrations.0002_plan_billed_by_backfill"
+    ).backfill
+    for person, status in ((alice, "active"), (charlie, "canceled")):
+        plan_change(organization=person.organization, plan_code="pro")  # billed_by=invoice
+        Subscription.objects.create(
+            organization=person.organization,
+            stripe_subscription_id="sub_x",
+            plan="pro",
+            status=status,
+        )
+    backfill(apps, None)
+
+    def latest(person: Person) -> str:
+        rows = PlanAssignment.objects.for_organization(person.organization)
+        last = rows.order_by("effective_from", "created_at").last()
+        assert last is not None
+        return last.billed_by
+
+    assert (latest(alice), latest(charlie)) == ("subscription", "invoice")
