@@ -35,14 +35,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 # Shared, not copied: the stack (throw-away database, server and workers), the api_auth
 # helpers (sign-up, report metadata) and the worker bench's bare baseline.
+from _http import LeanClient
 from _stack import manage, platform_database, started_stack, tree_cpu
 from api_auth import BIN, REPO, git_commit, machine_info, sign_up, stop_server, tail
 from inference_worker import PROMPT, pct, run_bare
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="clients for the c=32 rows")
     p.add_argument("--each", type=int, default=4, help="requests per client at c=32 (4)")
     p.add_argument("--threads", type=int, default=1, help="TORCH_NUM_THREADS, both sides (1)")
+    p.add_argument("--hidden", type=int, default=64, help="the local Llama's hidden size (64)")
+    p.add_argument("--layers", type=int, default=2, help="the local Llama's layers (2)")
     p.add_argument(
         "--postgres",
         default=os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432"),
@@ -75,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Redis db 7 (tests use 15, api_auth 14, ingest 13, train 9)",
     )
     p.add_argument("--workers", type=int, default=1, help="WEB_CONCURRENCY (1)")
+    p.add_argument(
+        "--client",
+        choices=("lean", "httpx"),
+        default="lean",
+        help="HTTP client: lean (bench/_http.py, default) or httpx",
+    )
     p.add_argument("--settings", default="controlplane.settings.local")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--tmpdir", type=Path, default=None)
@@ -92,40 +101,51 @@ def ms(values: list[float]) -> dict[str, float | None]:
     }
 
 
-# ---------------------------------------------------------------- start replies
-
-
-class StartReplies:
-    """Every `start` reply on `atelier:inference:*` (one pub/sub connection, a thread)."""
-
-    def __init__(self, redis_url: str) -> None:
-        import redis
-
-        self.data: dict[str, dict[str, Any]] = {}
-        self.pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
-        self.pubsub.psubscribe("atelier:inference:*")
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        self.thread.start()
-
-    def _listen(self) -> None:
-        with contextlib.suppress(Exception):  # closed at the end
-            for message in self.pubsub.listen():
-                if message["type"] != "pmessage" or b'"start"' not in message["data"]:
-                    continue
-                reply = json.loads(message["data"])
-                if reply.get("type") == "start":
-                    self.data[reply["request_id"]] = reply.get("data") or {}
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.pubsub.punsubscribe()
-            self.pubsub.close()
-
-
 # ---------------------------------------------------------------- platform
 
 
-async def one(client: Any, tokens: int, *, stream: bool) -> dict[str, Any]:
+class Caller:
+    """POST and streamed POST through the lean client (default) or httpx."""
+
+    def __init__(self, kind: str, port: int, key: str) -> None:
+        self.kind = kind
+        headers = {"Authorization": f"Bearer {key}"}
+        if kind == "lean":
+            self.lean = LeanClient("127.0.0.1", port, headers)
+        else:
+            import httpx
+
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            self.httpx = httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=120, limits=limits
+            )
+
+    async def post(
+        self, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], Any]:
+        if self.kind == "lean":
+            response = await self.lean.post("/v1/completions", body, headers)
+            return response.status, response.headers, response.json()
+        answer = await self.httpx.post("/v1/completions", json=body, headers=headers)
+        return answer.status_code, dict(answer.headers), answer.json()
+
+    async def lines(self, body: dict[str, Any]) -> AsyncIterator[tuple[int, str]]:
+        if self.kind == "lean":
+            async for status, line in self.lean.stream_lines("/v1/completions", body):
+                yield status, line
+            return
+        async with self.httpx.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                yield response.status_code, line
+
+    async def close(self) -> None:
+        if self.kind == "lean":
+            await self.lean.close()
+        else:
+            await self.httpx.aclose()
+
+
+async def one(client: Caller, tokens: int, *, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": MODEL_NAME,
         "prompt": PROMPT,
@@ -134,50 +154,44 @@ async def one(client: Any, tokens: int, *, stream: bool) -> dict[str, Any]:
     }
     started = time.perf_counter()
     if not stream:
-        response = await client.post("/v1/completions", json=body)
+        status, headers, data = await client.post(body)
         latency = time.perf_counter() - started
-        if response.status_code != 200:
-            raise SystemExit(
-                f"POST /v1/completions answered {response.status_code}: {response.text}"
-            )
-        data = response.json()
+        if status != 200:
+            raise SystemExit(f"POST /v1/completions answered {status}: {data}")
         return {
             "latency": latency,
             "ttft": None,
             "first_chunk": None,
             "tokens": data["usage"]["completion_tokens"],
-            "id": data.get("id"),  # the inference request id (x-request-id is the HTTP one's)
-            "processing_ms": float(response.headers.get("openai-processing-ms", "nan")),
+            "processing_ms": float(headers.get("openai-processing-ms", "nan")),
+            "queue_ms": float(headers.get("x-atelier-queue-ms", "nan")),
         }
     body.update(stream=True, stream_options={"include_usage": True})
     ttft = first_chunk = None
     produced = 0
-    rid = None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise SystemExit(f"streaming POST answered {response.status_code}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                break
-            chunk = json.loads(payload)
-            rid = rid or chunk.get("id")
-            choices = chunk.get("choices") or ()
-            if first_chunk is None and choices:
-                first_chunk = time.perf_counter() - started
-            if ttft is None and any(c.get("text") for c in choices):
-                ttft = time.perf_counter() - started
-            if chunk.get("usage"):
-                produced = chunk["usage"]["completion_tokens"]
+    async for status, line in client.lines(body):  # read to the end: the connection is reused
+        if status != 200:
+            raise SystemExit(f"streaming POST answered {status}: {line}")
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            continue
+        chunk = json.loads(payload)
+        choices = chunk.get("choices") or ()
+        if first_chunk is None and choices:
+            first_chunk = time.perf_counter() - started
+        if ttft is None and any(c.get("text") for c in choices):
+            ttft = time.perf_counter() - started
+        if chunk.get("usage"):
+            produced = chunk["usage"]["completion_tokens"]
     return {
         "latency": time.perf_counter() - started,
         "ttft": ttft,
         "first_chunk": first_chunk,
         "tokens": produced,
-        "id": rid,
         "processing_ms": None,
+        "queue_ms": None,
     }
 
 
@@ -194,27 +208,19 @@ def cpu_ms_per_request(before: dict[str, float], calls: int, pids: dict[str, int
 async def measure_platform(
     args: argparse.Namespace, port: int, key: str, pids: dict[str, int]
 ) -> dict[str, Any]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}",
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=120,
-        limits=limits,
-    ) as client:
+    client = Caller(args.client, port, key)
+    try:
         # The worker loads the model on the first request; 503 until it answers.
         deadline = time.monotonic() + 180
         while True:
-            response = await client.post(
-                "/v1/completions",
-                json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": args.tokens},
+            status, _, answer = await client.post(
+                {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": args.tokens},
                 headers={"x-atelier-timeout": "30"},
             )
-            if response.status_code == 200:
+            if status == 200:
                 break
             if time.monotonic() > deadline:
-                raise SystemExit(f"no 200 within 180 s: {response.status_code} {response.text}")
+                raise SystemExit(f"no 200 within 180 s: {status} {answer}")
             await asyncio.sleep(0.5)
         for stream in (False, True, False):  # warm both paths and the connection pool
             await asyncio.gather(*(one(client, args.tokens, stream=stream) for _ in range(8)))
@@ -241,6 +247,8 @@ async def measure_platform(
                 "cpu": cpu,
             }
         return rows
+    finally:
+        await client.close()
 
 
 def bare_half(loaded: Any, args: argparse.Namespace) -> dict[str, list[float]]:
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="atelier-bench-inference-", dir=args.tmpdir) as tmp:
         folder = Path(tmp)
-        model_dir = tiny.build("llama", folder / "model")
+        model_dir = tiny.build("llama", folder / "model", hidden=args.hidden, layers=args.layers)
         print(f"bare: {args.repeats} x batch 1, 5 x batch 32, {args.tokens} tokens", flush=True)
         bare1_first, bare32 = run_bare(model_dir, args.tokens, args.repeats)
         loaded = bare.load(model_dir)
@@ -302,9 +310,17 @@ def main(argv: list[str] | None = None) -> int:
             with started_stack(env, data_dir / "logs") as stack:
                 log = stack.log_dir / "inference.log"
                 worker = start_inference_worker(env, log, args.threads)
-                starts = StartReplies(args.redis)
                 try:
                     key = sign_up(stack.port)
+                    # Enterprise limits (6,000 requests/min): the free plan's 20/min would
+                    # refuse the run. The limits are still checked on every request.
+                    manage(
+                        env,
+                        "shell",
+                        "-c",
+                        "from controlplane.tenancy.models import Organization; "
+                        "Organization.objects.update(plan='enterprise')",
+                    )
                     print("platform: c=1 and c=32, non-streaming and streaming", flush=True)
                     pids = {
                         "web": stack.web.pid,
@@ -317,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{name} log (tail):\n{tail(stack.log_dir / f'{name}.log')}")
                     raise
                 finally:
-                    starts.close()
                     stop_server(worker)
         halves.append(bare_half(loaded, args))
         del loaded
@@ -361,26 +376,18 @@ def main(argv: list[str] | None = None) -> int:
             row["overhead_p99_ms"] = row["p99_ms"] - bare1["p99_ms"]
             if row["ttft_p50_ms"] is not None:
                 row["ttft_overhead_ms"] = row["ttft_p50_ms"] - bare_ttft
-        # where the time goes (medians over the requests whose start reply was seen)
-        seen = [starts.data[c["id"]] for c in calls if c["id"] in starts.data]
-        parts: dict[str, Any] = {"start_replies_seen": len(seen)}
-        for k in ("broker_ms", "queue_ms", "load_ms"):
-            vals = [s[k] for s in seen if s.get(k) is not None]
-            parts[k] = statistics.median(vals) if vals else None
+        # where the time goes (medians; plain responses carry the gateway's timings)
+        parts: dict[str, Any] = {}
         proc = [c for c in calls if c["processing_ms"] is not None]
         if proc:
+            parts["queue_ms"] = statistics.median(c["queue_ms"] for c in proc)
             parts["openai_processing_ms"] = statistics.median(c["processing_ms"] for c in proc)
             parts["outside_view_ms"] = statistics.median(
                 c["latency"] * 1000 - c["processing_ms"] for c in proc
             )
-            rest = [
-                c["processing_ms"]
-                - starts.data[c["id"]]["broker_ms"]
-                - starts.data[c["id"]]["queue_ms"]
-                for c in proc
-                if c["id"] in starts.data and "broker_ms" in starts.data[c["id"]]
-            ]
-            parts["view_minus_broker_queue_ms"] = statistics.median(rest) if rest else None
+            parts["view_minus_queue_ms"] = statistics.median(
+                c["processing_ms"] - c["queue_ms"] for c in proc
+            )
         parts["first_chunk_p50_ms"] = row["first_chunk_p50_ms"]
         parts["cpu_ms_per_request"] = value["cpu"]
         breakdown[name] = parts
@@ -412,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return format(value, fmt) if value is not None else "-".rjust(width)
 
     print(
-        f"\ntiny llama, {args.tokens} max_tokens (bare batch 1 produces {bare_tokens_1}), greedy, "
+        f"\nlocal llama (hidden {args.hidden}, {args.layers} layers), {args.tokens} max_tokens "
+        f"(bare batch 1 produces {bare_tokens_1}), greedy, "
         f"{args.threads} torch thread(s), /v1/completions, {elapsed:.0f} s in all"
     )
     head = ("p50 ms", "p99 ms", "TTFT ms", "tok/s", "ovh p50", "ovh p99", "x bare32")
@@ -427,15 +435,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\nwhere the time goes (medians, ms):")
     print(
-        f"{'':26}{'broker':>10}{'queue':>10}{'view':>10}{'gen+reply':>10}{'outside':>10}"
-        f"{'1st chunk':>10}"
+        f"{'':26}{'queue':>10}{'view':>10}{'gen+reply':>10}{'outside':>10}{'1st chunk':>10}"
         "   CPU ms/request: web, inference, control, client"
     )
     for name, parts in breakdown.items():
         print(
-            f"{name:26}{cell(parts['broker_ms'], '10.2f')}{cell(parts['queue_ms'], '10.2f')}"
+            f"{name:26}{cell(parts.get('queue_ms'), '10.2f')}"
             f"{cell(parts.get('openai_processing_ms'), '10.1f')}"
-            f"{cell(parts.get('view_minus_broker_queue_ms'), '10.2f')}"
+            f"{cell(parts.get('view_minus_queue_ms'), '10.2f')}"
             f"{cell(parts.get('outside_view_ms'), '10.2f')}"
             f"{cell(parts.get('first_chunk_p50_ms'), '10.2f')}   "
             + ", ".join(f"{v:.1f}" for v in parts["cpu_ms_per_request"].values())
@@ -458,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_commit(),
         "machine": info,
         "settings": {
-            "model": "gpuworkers.models.tiny llama (defaults)",
+            "model": f"gpuworkers.models.tiny llama, hidden {args.hidden}, {args.layers} layers",
             "endpoint": "/v1/completions",
             "prompt": PROMPT,
             "max_tokens": args.tokens,
@@ -467,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "requests_per_client": args.each,
             "torch_threads": args.threads,
+            "client": args.client,
             "web_concurrency": args.workers,
             "redis": args.redis,
             "env": args.env,

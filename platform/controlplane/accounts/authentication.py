@@ -129,8 +129,9 @@ def _prefix(token: str) -> str:
 def cached_key(token: str) -> APIKey | None:
     """The key for this token from this process's cache, checked, if that needs no
     database (a hit whose last use is recent); None means: call `_verify` (in a thread).
-    Raises AuthenticationFailed as `_verify` does. For the asyncio inference path."""
-    api_key = key_cache.get(_prefix(token))
+    Raises AuthenticationFailed as `_verify` does. For the asyncio inference path, which
+    only reads the key: the object is shared (`KeyCache.peek`), never to be changed."""
+    api_key = key_cache.peek(_prefix(token))
     if api_key is None:
         return None
     now = timezone.now()

@@ -45,7 +45,8 @@ EVERYONE = "*"
 
 class KeyCache:
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, str, bytes]] = {}
+        #: prefix → (expires, organization id, pickled key, a read-only copy of it).
+        self._entries: dict[str, tuple[float, str, bytes, APIKey]] = {}
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()
@@ -78,6 +79,16 @@ class KeyCache:
         api_key: APIKey = pickle.loads(entry[2])  # noqa: S301 - bytes this process pickled
         return api_key
 
+    def peek(self, prefix: str) -> APIKey | None:
+        """`get` without the copy, for callers that only read the key (the asyncio
+        inference path): shared by every such request, never to be changed."""
+        if not self.enabled:
+            return None
+        entry = self._entries.get(prefix)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[3]
+
     def token(self) -> int:
         """Take before reading the database; hand to put() with what was read."""
         return self._generation
@@ -87,9 +98,11 @@ class KeyCache:
             return
         expires = time.monotonic() + settings.API_KEY_CACHE_SECONDS
         blob = pickle.dumps(api_key)
+        shared: APIKey = pickle.loads(blob)  # noqa: S301 - just pickled here
         with self._lock:
             if token == self._generation:  # else an invalidation came in since the read
-                self._entries[api_key.prefix] = (expires, api_key.organization_id, blob)
+                entry = (expires, api_key.organization_id, blob, shared)
+                self._entries[api_key.prefix] = entry
 
     # --- invalidation -------------------------------------------------------------------
 

@@ -122,7 +122,24 @@ ON CONFLICT (idempotency_key) DO NOTHING
 """
 
 
+#: Elsewhere (the embedded mode's SQLite): one row per execution, same conflict rule.
+_INSERT_ROW = """
+INSERT INTO billing_ledgerentry (
+    organization_id, idempotency_key, meter, model, quantity, occurred_at, source,
+    api_key_id, member_id, project_id, reference, unit_price, per_units
+)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+
+
 def _insert(cursor: object, batch: Sequence[tuple[object, ...]]) -> int:
+    if connection.vendor != "postgresql":
+        new = 0
+        for row in batch:
+            cursor.execute(_INSERT_ROW, row)  # type: ignore[attr-defined]
+            new += max(0, int(cursor.rowcount))  # type: ignore[attr-defined]
+        return new
     columns = [list(column) for column in zip(*batch, strict=True)]
     cursor.execute(_INSERT, columns)  # type: ignore[attr-defined]
     return int(cursor.rowcount)  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from controlplane.core.serializers import validated
+from controlplane.core.serializers import validated_reusing
 from controlplane.tenancy.apis_base import OrganizationApi
 from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply
 
@@ -123,7 +123,7 @@ class InferenceApi(OrganizationApi):
         raise NotImplementedError
 
     def handle(self, request: Request) -> Response | StreamingHttpResponse:
-        data = validated(self.input_serializer, request.data)
+        data = validated_reusing(self.input_serializer, request.data)
         timeout = gateway.timeout_for(request.headers.get("x-atelier-timeout"))
         started = time.perf_counter()
         model = gateway.model_ref(

@@ -44,7 +44,7 @@ from controlplane.accounts.authentication import (
 from controlplane.accounts.keys import KEY_START
 from controlplane.core.errors import ApiError, MissingScope, error_parts
 from controlplane.core.requestid import HEADER, request_id_from
-from controlplane.core.serializers import validated
+from controlplane.core.serializers import validated_reusing
 from jobcontracts.inference import InferenceRequest, ModelRef, Reply
 
 from . import admission, apis, gateway
@@ -155,7 +155,7 @@ class Call:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise exceptions.ParseError(f"JSON parse error - {exc}") from None
-        data = validated(self.api.input_serializer, data)
+        data = validated_reusing(self.api.input_serializer, data)
         timeout = gateway.timeout_for(_text(self.headers.get(b"x-atelier-timeout")))
         model = await self._model(principal.organization, data["model"])
         inference = self.api.prepare(
@@ -293,7 +293,9 @@ class Call:
         try:
             while True:
                 reply = await self._next(subscription, inference)
-                if reply.type == "done":
+                if reply.type == "start":
+                    self.extra_headers.update(_timings(reply.data))
+                elif reply.type == "done":
                     return reply
                 if reply.type == "error":
                     raise gateway.failure(reply)
@@ -349,8 +351,9 @@ class Call:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _respond(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-        await self._start(status, b"application/json", headers)
-        await self._send({"type": "http.response.body", "body": orjson.dumps(body)})
+        raw = orjson.dumps(body)
+        await self._start(status, b"application/json", {**headers, "content-length": len(raw)})
+        await self._send({"type": "http.response.body", "body": raw})
 
 
 _tasks: set[asyncio.Task[None]] = set()
@@ -371,6 +374,17 @@ class _QueryOnly:
 
     def __init__(self, name: str, value: str) -> None:
         self.query_params = {name: value}
+
+
+def _timings(start: dict[str, Any]) -> dict[str, str]:
+    """From the worker's `start` reply: how long the request waited for a worker (from
+    the gateway sending it, the broker included) and for its model to load (a cold
+    start), in ms. Plain responses only: a stream's headers are sent before."""
+    waited = float(start.get("broker_ms") or 0) + float(start.get("queue_ms") or 0)
+    return {
+        "x-atelier-queue-ms": str(round(max(0.0, waited), 1)),
+        "x-atelier-load-ms": str(round(float(start.get("load_ms") or 0), 1)),
+    }
 
 
 def _text(value: bytes | None) -> str | None:

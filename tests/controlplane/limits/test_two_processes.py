@@ -15,7 +15,7 @@ from controlplane.limits.models import KeyLimits
 from tests.support.people import sign_up
 from tests.support.processes import asgi_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, serialized_rollback=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 def test_two_web_processes_admit_exactly_the_limit_together(tmp_path: Path) -> None:

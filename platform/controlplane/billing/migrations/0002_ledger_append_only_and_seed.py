@@ -27,6 +27,30 @@ DROP_APPEND_ONLY = """
 DROP TRIGGER IF EXISTS billing_ledger_append_only ON billing_ledgerentry;
 DROP FUNCTION IF EXISTS billing_ledger_append_only();
 """
+#: The embedded mode's SQLite (`make run` with nothing configured): the same refusal.
+SQLITE_APPEND_ONLY = [
+    f"""CREATE TRIGGER billing_ledger_no_{op.lower()} BEFORE {op} ON billing_ledgerentry
+    BEGIN SELECT RAISE(ABORT, 'billing_ledgerentry is append-only: {op} refused'); END;"""
+    for op in ("UPDATE", "DELETE")
+]
+SQLITE_DROP = [f"DROP TRIGGER IF EXISTS billing_ledger_no_{op};" for op in ("update", "delete")]
+
+
+def append_only(apps: Any, schema_editor: Any) -> None:
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute(APPEND_ONLY, params=None)  # '%' is plpgsql's, not a placeholder
+    elif schema_editor.connection.vendor == "sqlite":
+        for statement in SQLITE_APPEND_ONLY:
+            schema_editor.execute(statement)
+
+
+def drop_append_only(apps: Any, schema_editor: Any) -> None:
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute(DROP_APPEND_ONLY, params=None)
+    elif schema_editor.connection.vendor == "sqlite":
+        for statement in SQLITE_DROP:
+            schema_editor.execute(statement)
+
 
 PLANS: dict[str, dict[str, Any]] = {
     "free": {
@@ -100,6 +124,6 @@ class Migration(migrations.Migration):
     dependencies = [("billing", "0001_initial")]
 
     operations = [
-        migrations.RunSQL(APPEND_ONLY, DROP_APPEND_ONLY),
+        migrations.RunPython(append_only, drop_append_only),
         migrations.RunPython(seed, migrations.RunPython.noop),
     ]
