@@ -352,7 +352,7 @@ class Call:
 
     async def _respond(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
         raw = orjson.dumps(body)
-        await self._start(status, b"application/json", {**headers, "content-length": len(raw)})
+        await self._start(status, b"application/json", {**headers, "content-length": str(len(raw))})
         await self._send({"type": "http.response.body", "body": raw})
 
 
