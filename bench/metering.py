@@ -22,8 +22,12 @@ Two measurements, in one run, against a throw-away database
   database). Target: <= 30 s. Also timed: rating plus plan proration for each
   organization (what the invoice run does before storing).
 
-It prints a table and writes bench/results/metering.json. The rate-limit
-measurement of issue 6 lives in its own script (the limits module's).
+- the rate-limit check per request: bench/metering_limits.py (run from here, in its
+  own process, unless --skip-limits), μs per `check`/`acheck` against a bare Redis
+  PING in the same run, and Redis round trips per check (target: 1).
+
+It prints the tables and writes bench/results/metering.json (the rate-limit
+figures also in bench/results/metering_limits.json, under "rate_limits" here).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import os
 import platform as host
 import statistics
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -60,6 +65,7 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--database", default="atelier_bench_metering")
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "metering.json")
+    p.add_argument("--skip-limits", action="store_true", help="skip the rate-limit measurement")
     args = p.parse_args()
     if args.quick:
         args.events, args.rated, args.orgs, args.rounds = 20_000, 100_000, 100, 1
@@ -357,9 +363,17 @@ def main() -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "median_write_seconds": {k: statistics.median(v) for k, v in writes["seconds_all"].items()},
     }
+    print_table(results)
+    if not args.skip_limits:
+        limits_json = args.output.with_name("metering_limits.json")
+        command = [sys.executable, str(REPO / "bench" / "metering_limits.py"), "--output"]
+        command += [str(limits_json), "--postgres", args.postgres]
+        if args.quick:
+            command += ["--n", "2000"]
+        subprocess.run(command, check=True)
+        results["rate_limits"] = json.loads(limits_json.read_text())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print_table(results)
     return 0
 
 
