@@ -47,6 +47,22 @@ class LeanClient:
         reader, writer = await asyncio.open_connection(self.host, self.port)
         return _Conn(reader, writer)
 
+    async def _send(self, request: bytes) -> tuple[_Conn, Response]:
+        """Write the request on an idle connection (or a new one) and read the head. An
+        idle connection the server has closed meanwhile (its keep-alive timeout) fails
+        before any byte of an answer: the request goes again on a fresh one."""
+        for _ in range(len(self._idle) + 1):
+            fresh = not self._idle
+            conn = await self._conn()
+            conn.writer.write(request)
+            try:
+                return conn, await self._head(conn)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                conn.writer.close()
+                if fresh:
+                    raise
+        raise ConnectionError("no connection to the server")
+
     def _request(self, path: str, body: bytes, headers: dict[str, str]) -> bytes:
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         head = (
@@ -83,13 +99,15 @@ class LeanClient:
     async def post(
         self, path: str, body: object, headers: dict[str, str] | None = None
     ) -> Response:
-        conn = await self._conn()
-        conn.writer.write(self._request(path, orjson.dumps(body), headers or {}))
-        response = await self._head(conn)
+        conn, response = await self._send(self._request(path, orjson.dumps(body), headers or {}))
         if "content-length" in response.headers:
             response.body = await conn.reader.readexactly(int(response.headers["content-length"]))
-        else:
+        elif "chunked" in response.headers.get("transfer-encoding", ""):
             response.body = b"".join([chunk async for chunk in self._chunks(conn)])
+        else:  # neither: the body ends with the connection
+            response.body = await conn.reader.read()
+            conn.writer.close()
+            return response
         self._idle.append(conn)
         return response
 
@@ -97,9 +115,7 @@ class LeanClient:
         self, path: str, body: object, headers: dict[str, str] | None = None
     ) -> AsyncIterator[tuple[int, str]]:
         """(status, line) for each line of a chunked (server-sent events) response."""
-        conn = await self._conn()
-        conn.writer.write(self._request(path, orjson.dumps(body), headers or {}))
-        response = await self._head(conn)
+        conn, response = await self._send(self._request(path, orjson.dumps(body), headers or {}))
         pending = b""
         async for chunk in self._chunks(conn):
             pending += chunk

@@ -46,7 +46,7 @@ from typing import Any
 from _http import LeanClient
 from _stack import manage, platform_database, started_stack, tree_cpu
 from api_auth import BIN, REPO, git_commit, machine_info, sign_up, stop_server, tail
-from inference_worker import PROMPT, pct, run_bare
+from inference_worker import PROMPT, make_request, pct, run_bare
 
 from gpuworkers.inference import bare
 from gpuworkers.models import tiny
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per request (32)")
     p.add_argument("--repeats", type=int, default=50, help="requests at concurrency 1 (50)")
     p.add_argument("--concurrency", type=int, default=32, help="clients for the c=32 rows")
-    p.add_argument("--each", type=int, default=4, help="requests per client at c=32 (4)")
+    p.add_argument("--each", type=int, default=8, help="requests per client at c=32 (8)")
     p.add_argument("--threads", type=int, default=1, help="TORCH_NUM_THREADS, both sides (1)")
     p.add_argument("--hidden", type=int, default=64, help="the local Llama's hidden size (64)")
     p.add_argument("--layers", type=int, default=2, help="the local Llama's layers (2)")
@@ -205,8 +205,54 @@ def cpu_ms_per_request(before: dict[str, float], calls: int, pids: dict[str, int
     return {k: round((after[k] - before[k]) / calls * 1000, 2) for k in before}
 
 
+class InProcessEngine:
+    """The inference worker's `Engine` in this process, called one request at a time."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from gpuworkers.inference.config import Settings
+        from gpuworkers.inference.scheduler import Engine
+        from gpuworkers.replies import MemoryChannel
+        from jobcontracts.inference import ModelRef
+
+        self.ref = ModelRef(
+            id=MODEL_NAME,
+            base_name=MODEL_NAME,
+            base_uri=model_dir.as_uri(),
+            family="llama",
+            task="causal_lm",
+            context_length=256,
+        )
+        self.channel = MemoryChannel()
+        self.first: dict[str, float] = {}
+        self.channel.listeners.append(self._seen)
+        self.engine = Engine(Settings.from_env(), self.channel)
+        self.call(4, stream=False)  # load
+
+    def _seen(self, reply: Any) -> None:
+        if reply.type == "delta":
+            self.first.setdefault(reply.request_id, time.perf_counter())
+
+    def call(self, tokens: int, *, stream: bool) -> float:
+        """Seconds for the whole request, or to its first token when streaming."""
+        request = make_request(self.ref, tokens, stream=stream)
+        started = time.perf_counter()
+        self.engine.submit(request).wait(120)
+        self.channel.wait_final(request.request_id)
+        if stream:
+            return self.first.pop(request.request_id) - started
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 async def measure_platform(
-    args: argparse.Namespace, port: int, key: str, pids: dict[str, int]
+    args: argparse.Namespace,
+    port: int,
+    key: str,
+    pids: dict[str, int],
+    loaded: Any,
+    engine: InProcessEngine,
 ) -> dict[str, Any]:
     client = Caller(args.client, port, key)
     try:
@@ -227,28 +273,63 @@ async def measure_platform(
         rows: dict[str, Any] = {}
         for stream in (False, True):
             suffix = " stream" if stream else ""
+            # c=1, interleaved with the bare model in this process: request, bare call,
+            # request, ... so both see the same machine (it is shared and noisy).
+            # Also the worker's own engine in this process (no HTTP, no Redis, no worker
+            # process): platform minus engine is what serving around the engine costs.
             before = cpu_now(pids)
-            c1 = [await one(client, args.tokens, stream=stream) for _ in range(args.repeats)]
+            c1: list[dict[str, Any]] = []
+            paired: list[float] = []
+            engine_paired: list[float] = []
+            bare_cpu = 0.0
+            for _ in range(args.repeats):
+                c1.append(await one(client, args.tokens, stream=stream))
+                cpu_start = time.process_time()
+                tokens = 1 if stream else args.tokens  # streams: time to the first token
+                paired.append(bare.generate(loaded, [PROMPT], max_new_tokens=tokens).seconds)
+                engine_paired.append(engine.call(args.tokens, stream=stream))
+                bare_cpu += time.process_time() - cpu_start
+            before["client"] += bare_cpu  # the baseline calls are not the client's CPU
             cpu = cpu_ms_per_request(before, len(c1), pids)
-            rows[f"platform c=1{suffix}"] = {"calls": c1, "wall": None, "cpu": cpu}
+            rows[f"platform c=1{suffix}"] = {
+                "calls": c1,
+                "wall": None,
+                "cpu": cpu,
+                "bare": paired,
+                "engine": engine_paired,
+            }
 
             async def loop(stream: bool = stream) -> list[dict[str, Any]]:
                 return [await one(client, args.tokens, stream=stream) for _ in range(args.each)]
 
+            # The bare batch of 32 right before and right after, as this row's baseline.
+            bracket = [bare_batch(loaded, args)]
             before = cpu_now(pids)
             started = time.perf_counter()
             done = await asyncio.gather(*(loop() for _ in range(args.concurrency)))
             wall = time.perf_counter() - started
+            after = cpu_now(pids)
+            bracket.append(bare_batch(loaded, args))
             flat = [r for client_rows in done for r in client_rows]
-            cpu = cpu_ms_per_request(before, len(flat), pids)
+            cpu = {k: round((after[k] - before[k]) / len(flat) * 1000, 2) for k in before}
             rows[f"platform c={args.concurrency}{suffix}"] = {
                 "calls": flat,
                 "wall": wall,
                 "cpu": cpu,
+                "bare32": [rate for rates in bracket for rate in rates],
             }
         return rows
     finally:
         await client.close()
+
+
+def bare_batch(loaded: Any, args: argparse.Namespace, rounds: int = 3) -> list[float]:
+    """Tokens per second of `rounds` bare batches of `concurrency` prompts."""
+    rates = []
+    for _ in range(rounds):
+        result = bare.generate(loaded, [PROMPT] * args.concurrency, max_new_tokens=args.tokens)
+        rates.append(result.tokens / result.seconds)
+    return rates
 
 
 def bare_half(loaded: Any, args: argparse.Namespace) -> dict[str, list[float]]:
@@ -300,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bare: {args.repeats} x batch 1, 5 x batch 32, {args.tokens} tokens", flush=True)
         bare1_first, bare32 = run_bare(model_dir, args.tokens, args.repeats)
         loaded = bare.load(model_dir)
+        engine = InProcessEngine(model_dir)
         bare_tokens_1 = bare.generate(loaded, [PROMPT], max_new_tokens=args.tokens).tokens
         # batch 1 (full and max_tokens=1) again after the platform: the machine is shared,
         # so the baseline is both halves pooled, and each half is reported.
@@ -327,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                         "inference": worker.pid,
                         "control": stack.worker.pid,
                     }
-                    measured = asyncio.run(measure_platform(args, stack.port, key, pids))
+                    measured = asyncio.run(
+                        measure_platform(args, stack.port, key, pids, loaded, engine)
+                    )
                 except (Exception, SystemExit):
                     for name in ("web", "worker", "inference"):
                         print(f"{name} log (tail):\n{tail(stack.log_dir / f'{name}.log')}")
@@ -336,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     stop_server(worker)
         halves.append(bare_half(loaded, args))
         del loaded
+        engine.close()
     elapsed = time.perf_counter() - t0
 
     full = [t for h in halves for t in h["full"]]
@@ -369,13 +454,25 @@ def main(argv: list[str] | None = None) -> int:
         row["tokens_per_request"] = produced / len(calls)
         if value["wall"] is not None:
             row["tokens_per_s"] = produced / value["wall"]
-            row["vs_bare_batch32"] = row["tokens_per_s"] / bare32["tokens_per_s"]
+            row["bare_batch32_bracket_tokens_per_s"] = statistics.median(value["bare32"])
+            row["vs_bare_batch32"] = row["tokens_per_s"] / statistics.median(value["bare32"])
+            row["vs_bare_batch32_at_start"] = row["tokens_per_s"] / bare32["tokens_per_s"]
         else:
             row["tokens_per_s"] = produced / sum(c["latency"] for c in calls)
-            row["overhead_p50_ms"] = row["p50_ms"] - bare1["p50_ms"]
-            row["overhead_p99_ms"] = row["p99_ms"] - bare1["p99_ms"]
-            if row["ttft_p50_ms"] is not None:
-                row["ttft_overhead_ms"] = row["ttft_p50_ms"] - bare_ttft
+            interleaved = ms(value["bare"])
+            row["bare_interleaved"] = interleaved
+            row["engine_interleaved"] = engine_ms = ms(value["engine"])
+            if row["ttft_p50_ms"] is None:
+                row["overhead_p50_ms"] = row["p50_ms"] - interleaved["p50_ms"]
+                row["overhead_p99_ms"] = row["p99_ms"] - interleaved["p99_ms"]
+                pairs = [c["latency"] - b for c, b in zip(calls, value["bare"], strict=True)]
+                row["overhead_paired_median_ms"] = statistics.median(pairs) * 1000
+                row["overhead_vs_engine_p50_ms"] = row["p50_ms"] - engine_ms["p50_ms"]
+                row["overhead_vs_engine_p99_ms"] = row["p99_ms"] - engine_ms["p99_ms"]
+            else:  # streams: against the bare model's first token, interleaved
+                row["ttft_overhead_ms"] = row["ttft_p50_ms"] - interleaved["p50_ms"]
+                row["bare_ttft_interleaved_p50_ms"] = interleaved["p50_ms"]
+                row["ttft_overhead_vs_engine_ms"] = row["ttft_p50_ms"] - engine_ms["p50_ms"]
         # where the time goes (medians; plain responses carry the gateway's timings)
         parts: dict[str, Any] = {}
         proc = [c for c in calls if c["processing_ms"] is not None]
@@ -433,6 +530,30 @@ def main(argv: list[str] | None = None) -> int:
             f"{cell(row.get('overhead_p99_ms'), '10.2f')}"
             f"{cell(row.get('vs_bare_batch32'), '10.2f')}"
         )
+    for row in rows:
+        inter = row.get("bare_interleaved")
+        if inter:
+            what = "first token" if row.get("ttft_p50_ms") is not None else "whole request"
+            eng = row["engine_interleaved"]
+            print(
+                f"{row['name']}, interleaved baselines ({what}): bare p50 {inter['p50_ms']:.2f}"
+                f" p99 {inter['p99_ms']:.2f} ms; the worker's engine in-process p50 "
+                f"{eng['p50_ms']:.2f} p99 {eng['p99_ms']:.2f} ms; platform - engine: p50 "
+                f"{row['p50_ms' if what == 'whole request' else 'ttft_p50_ms'] - eng['p50_ms']:.2f}"
+                + (
+                    f" p99 {row['overhead_vs_engine_p99_ms']:.2f} ms"
+                    if "overhead_vs_engine_p99_ms" in row
+                    else " ms"
+                )
+            )
+    for row in rows:
+        if "bare_batch32_bracket_tokens_per_s" in row:
+            print(
+                f"{row['name']}: bare batch of {args.concurrency} right before and after it: "
+                f"median {row['bare_batch32_bracket_tokens_per_s']:.0f} tokens/s (at the start "
+                f"of the run: {bare32['tokens_per_s']:.0f}; ratio against it "
+                f"{row['vs_bare_batch32_at_start']:.2f})"
+            )
     print("\nwhere the time goes (medians, ms):")
     print(
         f"{'':26}{'queue':>10}{'view':>10}{'gen+reply':>10}{'outside':>10}{'1st chunk':>10}"

