@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="clients for the c=32 rows")
     p.add_argument("--each", type=int, default=8, help="requests per client at c=32 (8)")
     p.add_argument("--threads", type=int, default=1, help="TORCH_NUM_THREADS, both sides (1)")
-    p.add_argument("--hidden", type=int, default=64, help="the local Llama's hidden size (64)")
-    p.add_argument("--layers", type=int, default=2, help="the local Llama's layers (2)")
+    p.add_argument("--hidden", type=int, default=256, help="the local Llama's hidden size (256)")
+    p.add_argument("--layers", type=int, default=4, help="the local Llama's layers (4)")
     p.add_argument(
         "--postgres",
         default=os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432"),
