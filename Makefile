@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/metering.py
 
 clean:
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache
