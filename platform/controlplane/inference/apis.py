@@ -283,20 +283,30 @@ def _include_usage(data: dict[str, Any]) -> bool:
     return bool((data.get("stream_options") or {}).get("include_usage"))
 
 
-class ChatCompletionsApi(InferenceApi):
-    kind = "chat"
-    input_serializer = inputs.ChatInput
+class _GenerationApi(InferenceApi):
+    """Chat and text completions: the same request fields, stream and body, but for the
+    objects' names and the shape of a choice."""
+
     sampled = True
+    #: The body field the prompt(s) come in, and what the worker gets them as.
+    source: tuple[str, str] = ("", "")
+    object_name = ""
+    chunk_object = ""
 
     @classmethod
     def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return {"messages": data["messages"], "stream": data["stream"]}
+        field, sent_as = cls.source
+        return {sent_as: data[field], "stream": data["stream"]}
 
     @classmethod
     def chunks(cls, inference: InferenceRequest, data: dict[str, Any]) -> _ChatChunks | None:
         if not data["stream"]:
             return None
-        return _ChatChunks(inference, _include_usage(data), "chat.completion.chunk")
+        return _ChatChunks(inference, _include_usage(data), cls.chunk_object)
+
+    @classmethod
+    def choice(cls, c: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
     @classmethod
     def body(
@@ -304,20 +314,29 @@ class ChatCompletionsApi(InferenceApi):
     ) -> dict[str, Any]:
         return {
             "id": inference.request_id,
-            "object": "chat.completion",
+            "object": cls.object_name,
             "created": int(time.time()),
             "model": inference.model.id,
-            "choices": [
-                {
-                    "index": c["index"],
-                    "message": {"role": "assistant", "content": c["text"], "refusal": None},
-                    "logprobs": _chat_logprobs(c.get("logprobs")),
-                    "finish_reason": _finish(c.get("finish_reason")),
-                }
-                for c in reply.data.get("choices") or []
-            ],
+            "choices": [cls.choice(c) for c in reply.data.get("choices") or []],
             "usage": _usage(reply.data),
             "system_fingerprint": None,
+        }
+
+
+class ChatCompletionsApi(_GenerationApi):
+    kind = "chat"
+    input_serializer = inputs.ChatInput
+    source = ("messages", "messages")
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    @classmethod
+    def choice(cls, c: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "index": c["index"],
+            "message": {"role": "assistant", "content": c["text"], "refusal": None},
+            "logprobs": _chat_logprobs(c.get("logprobs")),
+            "finish_reason": _finish(c.get("finish_reason")),
         }
 
     @extend_schema(
@@ -327,41 +346,20 @@ class ChatCompletionsApi(InferenceApi):
         return self.handle(request)
 
 
-class CompletionsApi(InferenceApi):
+class CompletionsApi(_GenerationApi):
     kind = "completion"
     input_serializer = inputs.CompletionInput
-    sampled = True
+    source = ("prompt", "inputs")
+    object_name = "text_completion"
+    chunk_object = "text_completion"
 
     @classmethod
-    def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return {"inputs": data["prompt"], "stream": data["stream"]}
-
-    @classmethod
-    def chunks(cls, inference: InferenceRequest, data: dict[str, Any]) -> _ChatChunks | None:
-        if not data["stream"]:
-            return None
-        return _ChatChunks(inference, _include_usage(data), "text_completion")
-
-    @classmethod
-    def body(
-        cls, inference: InferenceRequest, reply: Reply, data: dict[str, Any]
-    ) -> dict[str, Any]:
+    def choice(cls, c: dict[str, Any]) -> dict[str, Any]:
         return {
-            "id": inference.request_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": inference.model.id,
-            "choices": [
-                {
-                    "index": c["index"],
-                    "text": c["text"],
-                    "logprobs": None,
-                    "finish_reason": _finish(c.get("finish_reason")),
-                }
-                for c in reply.data.get("choices") or []
-            ],
-            "usage": _usage(reply.data),
-            "system_fingerprint": None,
+            "index": c["index"],
+            "text": c["text"],
+            "logprobs": None,
+            "finish_reason": _finish(c.get("finish_reason")),
         }
 
     @extend_schema(

@@ -62,6 +62,21 @@ def _parse(payload: dict[str, Any]) -> UsageReport:
     return report
 
 
+def _row(report: UsageReport) -> UsageRecord:
+    return UsageRecord(
+        organization_id=report.organization_id,
+        request_id=report.request_id,
+        api_key_id=report.api_key_id or None,
+        model=report.model,
+        kind=report.kind,
+        prompt_tokens=report.prompt_tokens,
+        completion_tokens=report.completion_tokens,
+        status=report.status,
+        latency_ms=float(report.latency_ms),
+        created_at=_when(float(report.at)),
+    )
+
+
 def usage_record(payload: dict[str, Any]) -> str:
     """Store one worker's usage report. Returns what happened (for logs and tests):
     `applied`, `duplicate` (this request's usage is already stored), `dropped`
@@ -82,18 +97,8 @@ def usage_record(payload: dict[str, Any]) -> str:
         # Its own transaction: the organization's foreign key is checked at commit
         # (deferred), so an organization deleted meanwhile lands here too.
         with transaction.atomic():
-            record = UsageRecord.objects.create(
-                organization_id=report.organization_id,
-                request_id=report.request_id,
-                api_key_id=report.api_key_id or None,
-                model=report.model,
-                kind=report.kind,
-                prompt_tokens=report.prompt_tokens,
-                completion_tokens=report.completion_tokens,
-                status=report.status,
-                latency_ms=float(report.latency_ms),
-                created_at=_when(float(report.at)),
-            )
+            record = _row(report)
+            record.save(force_insert=True)
             # Billed once with the record: same transaction, request id as the key.
             inference_usage_to_ledger(record)
     except IntegrityError:
@@ -122,6 +127,7 @@ def usage_record_many(payloads: list[dict[str, Any]]) -> dict[str, int]:
     and invalid."""
     counts = {APPLIED: 0, DUPLICATE: 0, DROPPED: 0, INVALID: 0}
     reports: dict[str, UsageReport] = {}
+    payloads_by_id: dict[str, dict[str, Any]] = {}
     for payload in payloads:
         try:
             report = _parse(payload)
@@ -132,6 +138,7 @@ def usage_record_many(payloads: list[dict[str, Any]]) -> dict[str, int]:
         if report.request_id in reports:
             counts[DUPLICATE] += 1
         reports[report.request_id] = report
+        payloads_by_id[report.request_id] = payload
     if not reports:
         return counts
     stored = set(
@@ -147,22 +154,7 @@ def usage_record_many(payloads: list[dict[str, Any]]) -> dict[str, int]:
         )
     )
     counts[DROPPED] += sum(1 for r in fresh if r.organization_id not in known)
-    rows = [
-        UsageRecord(
-            organization_id=r.organization_id,
-            request_id=r.request_id,
-            api_key_id=r.api_key_id or None,
-            model=r.model,
-            kind=r.kind,
-            prompt_tokens=r.prompt_tokens,
-            completion_tokens=r.completion_tokens,
-            status=r.status,
-            latency_ms=float(r.latency_ms),
-            created_at=_when(float(r.at)),
-        )
-        for r in fresh
-        if r.organization_id in known
-    ]
+    rows = [_row(r) for r in fresh if r.organization_id in known]
     try:
         with transaction.atomic():
             UsageRecord.objects.dangerously_unscoped().bulk_create(rows, ignore_conflicts=True)
@@ -171,27 +163,12 @@ def usage_record_many(payloads: list[dict[str, Any]]) -> dict[str, int]:
     except IntegrityError:
         # An organization deleted meanwhile (its key is checked at commit): one by one.
         for row in rows:
-            counts[usage_record(_payload_of(row))] += 1
+            counts[usage_record(payloads_by_id[row.request_id])] += 1
         return counts
     counts[APPLIED] += len(rows)
     if rows:
         log.info("inference.usage_batch_recorded", records=len(rows), **counts)
     return counts
-
-
-def _payload_of(row: UsageRecord) -> dict[str, Any]:
-    return {
-        "request_id": row.request_id,
-        "organization_id": row.organization_id,
-        "api_key_id": row.api_key_id,
-        "model": row.model,
-        "kind": row.kind,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "status": row.status,
-        "latency_ms": row.latency_ms,
-        "at": row.created_at.timestamp(),
-    }
 
 
 def usage_for_organization(

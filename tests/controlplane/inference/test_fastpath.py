@@ -229,7 +229,8 @@ def test_a_caller_that_hangs_up_on_a_plain_request_stops_the_generation(
                 server.url + CHAT,
                 headers={"Authorization": f"Bearer {alice.key}"},
                 json=long,
-                timeout=httpx.Timeout(30, read=0.3),
+                # 220 tokens take >= 200 ms here (~1 ms a token): hang up well before.
+                timeout=httpx.Timeout(30, read=0.08),
             )
         deadline = time.monotonic() + 30
         while True:
