@@ -104,6 +104,32 @@ def test_make_run_uses_embedded_defaults(
         assert process_name in text
 
 
+def test_billing_on_the_embedded_database_says_rating_needs_postgresql(
+    make_run: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
+    url, _, _ = make_run
+    signup = httpx.post(
+        url + "/v1/signup",
+        json={
+            "email": f"billing-{os.getpid()}@example.com",
+            "password": "a long enough passphrase",
+            "organization_name": "Embedded",
+        },
+        timeout=30,
+    )
+    assert signup.status_code == 201, signup.text
+    headers = {"Authorization": f"Bearer {signup.json()['api_key']['value']}"}
+    usage = httpx.get(
+        url + "/v1/organization/usage", params={"start_time": 0}, headers=headers, timeout=30
+    )
+    assert usage.status_code == 501, usage.text
+    assert usage.json()["error"]["code"] == "needs_postgresql"
+    preview = httpx.get(url + "/v1/organization/invoices/upcoming", headers=headers, timeout=30)
+    assert preview.status_code == 501, preview.text
+    assert preview.json()["error"]["code"] == "needs_postgresql"
+    assert "DATABASE_URL" in preview.json()["error"]["message"]
+
+
 def test_make_demo_walks_the_customer_journey(
     make_run: tuple[str, subprocess.Popen[bytes], Path],
 ) -> None:

@@ -30,6 +30,7 @@ _TYPE_BY_STATUS = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    501: "server_error",
     503: "server_error",
 }
 
