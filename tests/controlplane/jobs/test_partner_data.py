@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
+from controlplane.billing.models import LedgerEntry, Meter
 from jobcontracts import training as contract
 from tests.controlplane.datasets.test_catalog import publish, ready_version
 from tests.support.jobs import TINY_LLAMA, Worker, create_job, register_tiny_llama
@@ -50,6 +52,16 @@ def test_a_granted_partner_version_trains_and_credits_the_partner_once(
     assert usage["total_amount"] == "1.000000"  # 50k tokens at 0.02 per 1k
     (row,) = usage["data"]
     assert (row["job_id"], row["customer_id"]) == (job["id"], alice.organization.pk)
+    # The ledger holds it once, as the partner's royalty, and the earnings API shows it.
+    royalties = LedgerEntry.objects.for_organization(partner.organization).filter(
+        meter=Meter.ROYALTY_TOKENS
+    )
+    assert list(royalties.values_list("quantity", flat=True)) == [50_000]
+    earnings = partner.client.get(
+        "/v1/catalog/earnings", {"start_time": int(time.time()) - 86_400, "bucket_width": "1d"}
+    ).json()
+    results = [r for bucket in earnings["data"] for r in bucket["results"]]
+    assert [(r["trained_tokens"], r["amount"]["value"]) for r in results] == [(50_000, 1.0)]
 
 
 def test_a_customer_without_a_grant_cannot_train_on_partner_rows(
