@@ -7,6 +7,7 @@ All read money or usage of the caller's organization, so they need `billing.read
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -67,7 +68,8 @@ def _window(request: Request, groups: dict[str, str]) -> tuple[selectors.Window,
             code="invalid_value",
         )
     start: int = values["start_time"]
-    end: int = values.get("end_time") or int(datetime.now(UTC).timestamp())
+    # Default: now, rounded up: an event of this very second is in (truncating left it out).
+    end: int = values.get("end_time") or math.ceil(datetime.now(UTC).timestamp())
     if end <= start:
         raise ApiError(
             "'end_time' (default: now) must be after 'start_time'.",
