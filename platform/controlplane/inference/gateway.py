@@ -16,6 +16,7 @@ from django.conf import settings
 from controlplane.accounts.keycache import key_cache
 from controlplane.core.errors import ApiError
 from controlplane.core.ids import new_id
+from controlplane.limits.redis_clients import async_script, sync_script
 from controlplane.modelregistry.models import BaseModel, CustomerModel
 from controlplane.modelregistry.selectors import model_for_organization, model_not_found
 from controlplane.tenancy.models import Organization
@@ -183,14 +184,6 @@ _ENQUEUE = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
 return redis.call('LPUSH', KEYS[1], ARGV[1])
 """
-_scripts: dict[int, Any] = {}
-
-
-def _enqueue_script(client: Any) -> Any:
-    script = _scripts.get(id(client))
-    if script is None:
-        script = _scripts[id(client)] = client.register_script(_ENQUEUE)
-    return script
 
 
 def _overloaded() -> ApiError:
@@ -221,19 +214,15 @@ def send(request: InferenceRequest) -> None:
             queues.INFER, args=[request.to_json()], queue=queues.GPU_INFERENCE, ignore_result=True
         )
         return
-    from .replies import _redis
-
     keys, args = _payload(request)
-    if _enqueue_script(_redis())(keys=keys, args=args) == -1:
+    if sync_script("inference.enqueue", _ENQUEUE)(keys=keys, args=args) == -1:
         raise _overloaded()
 
 
 async def asend(request: InferenceRequest) -> None:
     """`send` from the event loop (Redis only)."""
-    from .replies import _aredis
-
     keys, args = _payload(request)
-    if await _enqueue_script(_aredis())(keys=keys, args=args) == -1:
+    if await async_script("inference.enqueue", _ENQUEUE)(keys=keys, args=args) == -1:
         raise _overloaded()
 
 
