@@ -1,13 +1,14 @@
 """Public ids: `<prefix>_<26 chars>`, time-ordered like a ULID.
 
 48 bits of milliseconds then 80 random bits, in Crockford base32, lower-case.
-Sorting ids sorts by creation time, which makes cursor pagination on `id` match
+Sorting ids sorts by creation time (strictly, within one process), which makes cursor pagination on `id` match
 `created_at` order without a second column.
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -21,9 +22,24 @@ def _encode(value: int, length: int) -> str:
     return "".join(reversed(chars))
 
 
+_lock = threading.Lock()
+_last = 0
+
+
 def new_id(prefix: str) -> str:
+    """A fresh id; within one process, ids sort in the order they were made.
+
+    ULID's monotonic rule: an id made in the same millisecond as the one before
+    (or while the clock stepped back) is the previous value plus one, so rows
+    created in a burst still list in creation order.
+    """
+    global _last
     millis = time.time_ns() // 1_000_000
-    value = (millis << 80) | secrets.randbits(80)
+    with _lock:
+        value = (millis << 80) | secrets.randbits(80)
+        if value <= _last:
+            value = _last + 1
+        _last = value
     return f"{prefix}_{_encode(value, 26)}"
 
 
