@@ -132,13 +132,13 @@ class Subscription:
             message = self.pubsub.get_message(timeout=1)
             if not message or message["type"] != "message":
                 continue
-            reply = Reply.from_json(json.loads(message["data"]))
-            found.append(reply)
-            if reply.type == "delta" and on_delta is not None:
-                on_delta(found)
-            if reply.type in ("done", "error"):
-                self.pubsub.close()
-                return found
+            for reply in Reply.batch_from_json(json.loads(message["data"])):
+                found.append(reply)
+                if reply.type == "delta" and on_delta is not None:
+                    on_delta(found)
+                if reply.type in ("done", "error"):
+                    self.pubsub.close()
+                    return found
         raise AssertionError(f"no final reply: {found}")
 
 

@@ -79,22 +79,36 @@ class RedisChannel:
     def __init__(self, url: str) -> None:
         import redis
 
+        self.url = url
         self.client: Any = redis.Redis.from_url(url, socket_keepalive=True)
         self.routes: dict[str, str] = {}
 
     def publish(self, messages: list[Message]) -> None:
         # One round trip for everything waiting: replies of many requests, and the usage
         # reports of those that ended (after their last reply, in the same pipeline).
+        # Replies for one gateway process go as one message (a JSON array): at 32
+        # streams that is one PUBLISH, and one message for the gateway to read, per
+        # flush instead of 32.
         pipe = self.client.pipeline(transaction=False)
         ended: list[str] = []
+        usage: list[bytes] = []
+        batches: dict[str, list[dict[str, Any]]] = {}
         for request_id, kind, data in messages:
             if kind == END:
                 ended.append(request_id)
                 if data.get("usage") is not None:
-                    pipe.xadd(USAGE_STREAM, {"report": orjson.dumps(data["usage"])})
+                    usage.append(orjson.dumps(data["usage"]))
                 continue
-            channel = reply_channel(request_id, self.routes.get(request_id))
-            pipe.publish(channel, encode(request_id, kind, data))
+            route = self.routes.get(request_id)
+            if route is None:  # a request of its own channel: one reply per message
+                pipe.publish(reply_channel(request_id), encode(request_id, kind, data))
+                continue
+            reply = {"type": kind, "request_id": request_id, "data": data}
+            batches.setdefault(route, []).append(reply)
+        for route, replies in batches.items():
+            pipe.publish(route, orjson.dumps(replies[0] if len(replies) == 1 else replies))
+        for report in usage:
+            pipe.xadd(USAGE_STREAM, {"report": report})
         pipe.execute()
         for request_id in ended:  # only once sent: a retried batch must route the same way
             self.routes.pop(request_id, None)
@@ -223,8 +237,11 @@ class Outbox:
         cancel_check_s: float = 0.005,
         heartbeat_s: float = 5.0,
         stream_interval_s: float = 0.0,
+        on_cancelled: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         self.channel = channel
+        #: Called (on the outbox thread) whenever the set of cancelled requests changes.
+        self.on_cancelled = on_cancelled
         self.cancel_check_s = cancel_check_s
         self.heartbeat_s = heartbeat_s
         #: A request's deltas after its first are published at most this often, merged.
@@ -250,6 +267,10 @@ class Outbox:
         elif kind == START or request_id in self._last:
             self._last[request_id] = time.monotonic()
         self._queue.put((request_id, kind, data))
+
+    def send_many(self, messages: list[Message]) -> None:
+        for request_id, kind, data in messages:
+            self.send(request_id, kind, data)
 
     def route(self, request_id: str, reply_to: str | None) -> None:
         """Send this request's replies to `reply_to` (its gateway process's channel)."""
@@ -365,13 +386,16 @@ class Outbox:
     def _poll_cancels(self) -> None:
         with self._watch_lock:
             watched = list(self._watched)
-        if not watched:
-            if self.cancelled:
-                self.cancelled = frozenset()
-            return
-        try:
-            found = self.channel.cancelled(watched)
-        except Exception:
-            log.exception("inference.cancel_check_failed")
-            return
-        self.cancelled = frozenset(found)
+        found: Collection[str] = ()
+        if watched:
+            try:
+                found = self.channel.cancelled(watched)
+            except Exception:
+                log.exception("inference.cancel_check_failed")
+                return
+        if found or self.cancelled:
+            cancelled = frozenset(found)
+            if cancelled != self.cancelled:
+                self.cancelled = cancelled
+                if self.on_cancelled is not None:
+                    self.on_cancelled(cancelled)

@@ -66,7 +66,12 @@ def reply_channel(request_id: str, reply_to: str | None = None) -> str:
 
 
 def process_channel(process_id: str) -> str:
-    """A web process's reply channel: every request it sends names it as `reply_to`."""
+    """A web process's reply channel: every request it sends names it as `reply_to`.
+
+    A message on it is one reply's JSON object, or a JSON array of replies (of
+    any of the process's requests, each request's in order): a worker sends
+    everything it has for one process in one message.
+    """
     return f"atelier:inference:process:{process_id}"
 
 
@@ -182,6 +187,11 @@ class Reply:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Reply:
         return cls(**data)
+
+    @classmethod
+    def batch_from_json(cls, data: dict[str, Any] | list[dict[str, Any]]) -> list[Reply]:
+        """One message of a reply channel: a reply, or (on a `process_channel`) a list."""
+        return [cls(**item) for item in data] if isinstance(data, list) else [cls(**data)]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Public ids: `<prefix>_<26 chars>`, time-ordered like a ULID.
 
 48 bits of milliseconds then 80 random bits, in Crockford base32, lower-case.
-Sorting ids sorts by creation time (strictly, within one process), which makes cursor pagination on `id` match
-`created_at` order without a second column.
+Sorting ids sorts by creation time (strictly, within one process), which makes
+cursor pagination on `id` match `created_at` order without a second column.
 """
 
 from __future__ import annotations

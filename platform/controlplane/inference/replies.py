@@ -247,10 +247,11 @@ class ReplyHub:
                     message = await pubsub.get_message(timeout=30.0)
                     if message is None or message["type"] != "message":
                         continue
-                    reply = _decode(message["data"])
-                    inbox = self._queues.get(reply.request_id)
-                    if inbox is not None:
-                        inbox.put(reply)
+                    # One reply, or a worker's batch of replies for this process.
+                    for reply in Reply.batch_from_json(orjson.loads(message["data"])):
+                        inbox = self._queues.get(reply.request_id)
+                        if inbox is not None:
+                            inbox.put(reply)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the connection dropped: subscribe again

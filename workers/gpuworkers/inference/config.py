@@ -38,6 +38,9 @@ class Settings:
     #: 20 ms (50 updates a second) reads as smooth; measured at 32 concurrent streams
     #: on a small model, 5 ms spent a quarter of the throughput on messages.
     stream_interval_ms: float = 20.0
+    #: With Redis, publish replies and poll cancellations from a child process
+    #: (`gpuworkers.outbox_process`) instead of a thread that shares the engine's GIL.
+    outbox_process: bool = True
     #: A started request silent this long gets a `heartbeat` reply (the gateway's
     #: INFERENCE_SILENCE_SECONDS must be longer).
     heartbeat_s: float = 5.0
@@ -81,6 +84,7 @@ class Settings:
             stream_interval_ms=max(
                 0.0, number("INFERENCE_STREAM_INTERVAL_MS", cls.stream_interval_ms)
             ),
+            outbox_process=env.get("INFERENCE_OUTBOX_PROCESS", "1").strip() != "0",
             heartbeat_s=max(0.05, number("INFERENCE_HEARTBEAT_SECONDS", cls.heartbeat_s)),
             device=optional("INFERENCE_DEVICE"),
             dtype=optional("INFERENCE_DTYPE"),

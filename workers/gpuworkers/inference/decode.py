@@ -19,7 +19,8 @@ from gpuworkers.inference.jobs import Job
 from gpuworkers.inference.models import Loaded
 from gpuworkers.inference.sampling import Logprobs, Plan, Random, choose, plan, row_seed
 from gpuworkers.inference.text import Decode, TextState, decoder
-from gpuworkers.replies import Outbox
+from gpuworkers.outbox_process import ProcessOutbox
+from gpuworkers.replies import Message, Outbox
 from jobcontracts.inference import CANCELLED, DELTA, LENGTH, STOP
 
 
@@ -70,7 +71,7 @@ class Row:
 
 
 class DecodeBatch:
-    def __init__(self, loaded: Loaded, outbox: Outbox) -> None:
+    def __init__(self, loaded: Loaded, outbox: Outbox | ProcessOutbox) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -199,7 +200,7 @@ class DecodeBatch:
     def _advance(self, rows: list[Row], tokens: torch.Tensor, lp: Logprobs | None) -> list[int]:
         ids: list[int] = tokens.tolist()
         finished: list[int] = []
-        deltas: list[tuple[str, dict[str, Any]]] = []
+        deltas: list[Message] = []
         entries: dict[int, dict[str, Any]] = {}
         if lp is not None:
             for k, row_index in enumerate(lp.rows):
@@ -230,9 +231,9 @@ class DecodeBatch:
                 if row.pending_logprobs:
                     data["logprobs"] = row.pending_logprobs
                     row.pending_logprobs = []
-                deltas.append((row.job.request_id, data))
-        for request_id, data in deltas:
-            self.outbox.send(request_id, DELTA, data)
+                deltas.append((row.job.request_id, DELTA, data))
+        if deltas:
+            self.outbox.send_many(deltas)
         return finished
 
     def _end(self, row: Row, finish: str) -> str:

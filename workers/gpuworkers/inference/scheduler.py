@@ -46,7 +46,8 @@ from gpuworkers.inference.jobs import (
 )
 from gpuworkers.inference.models import ModelError, ModelKey
 from gpuworkers.inference.prepare import Tokenizers, prepare
-from gpuworkers.replies import Outbox, ReplyChannel
+from gpuworkers.outbox_process import ProcessOutbox
+from gpuworkers.replies import Outbox, RedisChannel, ReplyChannel
 from jobcontracts.inference import DONE, ERROR, START, InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,24 @@ class Stats:
     peak_rows: int = 0
 
 
+def outbox_for(channel: ReplyChannel, settings: Settings) -> Outbox | ProcessOutbox:
+    """The engine's outbox: in a child process for Redis (off the decode loop's GIL),
+    a thread otherwise (embedded files, in-memory tests)."""
+    options: dict[str, Any] = {
+        "cancel_check_s": settings.cancel_check_ms / 1000,
+        "heartbeat_s": settings.heartbeat_s,
+        "stream_interval_s": settings.stream_interval_ms / 1000,
+    }
+    if settings.outbox_process and isinstance(channel, RedisChannel):
+        channel.close()  # never used here: the child opens its own
+        return ProcessOutbox(channel.url, **options)
+    return Outbox(channel, **options)
+
+
 class Engine:
     def __init__(self, settings: Settings, channel: ReplyChannel, *, start: bool = True) -> None:
         self.settings = settings
-        self.outbox = Outbox(
-            channel,
-            cancel_check_s=settings.cancel_check_ms / 1000,
-            heartbeat_s=settings.heartbeat_s,
-            stream_interval_s=settings.stream_interval_ms / 1000,
-        )
+        self.outbox = outbox_for(channel, settings)
         self.tokenizers = Tokenizers(settings)
         self.device = models.pick_device(settings)
         self.dtype = models.pick_dtype(settings, self.device)
