@@ -103,6 +103,16 @@ def redis_keys(url: str) -> set[bytes]:
     return set()
 
 
+def redis_pid(url: str) -> int | None:
+    """The Redis server's process id, when it runs on this machine (for its CPU time)."""
+    with contextlib.suppress(redis.RedisError, KeyError, ValueError):
+        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+        pid = int(client.info("server")["process_id"])
+        if Path(f"/proc/{pid}").exists():
+            return pid
+    return None
+
+
 def redis_delete_new(url: str, before: set[bytes]) -> int:
     """Delete the keys that appeared in our Redis db since `before` (cache, broker, results)."""
     with contextlib.suppress(redis.RedisError):

@@ -44,7 +44,7 @@ from typing import Any
 # Shared, not copied: the stack (throw-away database, server and workers), the api_auth
 # helpers (sign-up, report metadata) and the worker bench's bare baseline.
 from _http import LeanClient
-from _stack import manage, platform_database, started_stack, tree_cpu
+from _stack import manage, platform_database, redis_pid, started_stack, tree_cpu
 from api_auth import BIN, REPO, git_commit, machine_info, sign_up, stop_server, tail
 from inference_worker import PROMPT, make_request, pct, run_bare
 
@@ -63,7 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per request (32)")
     p.add_argument("--repeats", type=int, default=50, help="requests at concurrency 1 (50)")
     p.add_argument("--concurrency", type=int, default=32, help="clients for the c=32 rows")
-    p.add_argument("--each", type=int, default=8, help="requests per client at c=32 (8)")
+    p.add_argument("--each", type=int, default=4, help="requests per client per c=32 round (4)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="c=32 rounds, each between two bare batches of 32; the row is their median (6)",
+    )
+    p.add_argument(
+        "--concurrent-only",
+        action="store_true",
+        help="only the c=32 rows (for iterating on throughput; c=1 targets are not measured)",
+    )
     p.add_argument("--threads", type=int, default=1, help="TORCH_NUM_THREADS, both sides (1)")
     p.add_argument("--hidden", type=int, default=256, help="the local Llama's hidden size (256)")
     p.add_argument("--layers", type=int, default=4, help="the local Llama's layers (4)")
@@ -168,7 +179,7 @@ async def one(client: Caller, tokens: int, *, stream: bool) -> dict[str, Any]:
         }
     body.update(stream=True, stream_options={"include_usage": True})
     ttft = first_chunk = None
-    produced = 0
+    produced = chunks = 0
     async for status, line in client.lines(body):  # read to the end: the connection is reused
         if status != 200:
             raise SystemExit(f"streaming POST answered {status}: {line}")
@@ -179,6 +190,7 @@ async def one(client: Caller, tokens: int, *, stream: bool) -> dict[str, Any]:
             continue
         chunk = json.loads(payload)
         choices = chunk.get("choices") or ()
+        chunks += bool(choices)
         if first_chunk is None and choices:
             first_chunk = time.perf_counter() - started
         if ttft is None and any(c.get("text") for c in choices):
@@ -190,6 +202,7 @@ async def one(client: Caller, tokens: int, *, stream: bool) -> dict[str, Any]:
         "ttft": ttft,
         "first_chunk": first_chunk,
         "tokens": produced,
+        "chunks": chunks,
         "processing_ms": None,
         "queue_ms": None,
     }
@@ -273,6 +286,11 @@ async def measure_platform(
         rows: dict[str, Any] = {}
         for stream in (False, True):
             suffix = " stream" if stream else ""
+            if args.concurrent_only:
+                rows[f"platform c={args.concurrency}{suffix}"] = await concurrent_rounds(
+                    args, client, pids, loaded, stream=stream
+                )
+                continue
             # c=1, interleaved with the bare model in this process: request, bare call,
             # request, ... so both see the same machine (it is shared and noisy).
             # Also the worker's own engine in this process (no HTTP, no Redis, no worker
@@ -299,28 +317,54 @@ async def measure_platform(
                 "engine": engine_paired,
             }
 
-            async def loop(stream: bool = stream) -> list[dict[str, Any]]:
-                return [await one(client, args.tokens, stream=stream) for _ in range(args.each)]
-
-            # The bare batch of 32 right before and right after, as this row's baseline.
-            bracket = [bare_batch(loaded, args)]
-            before = cpu_now(pids)
-            started = time.perf_counter()
-            done = await asyncio.gather(*(loop() for _ in range(args.concurrency)))
-            wall = time.perf_counter() - started
-            after = cpu_now(pids)
-            bracket.append(bare_batch(loaded, args))
-            flat = [r for client_rows in done for r in client_rows]
-            cpu = {k: round((after[k] - before[k]) / len(flat) * 1000, 2) for k in before}
-            rows[f"platform c={args.concurrency}{suffix}"] = {
-                "calls": flat,
-                "wall": wall,
-                "cpu": cpu,
-                "bare32": [rate for rates in bracket for rate in rates],
-            }
+            rows[f"platform c={args.concurrency}{suffix}"] = await concurrent_rounds(
+                args, client, pids, loaded, stream=stream
+            )
         return rows
     finally:
         await client.close()
+
+
+async def concurrent_rounds(
+    args: argparse.Namespace, client: Caller, pids: dict[str, int], loaded: Any, *, stream: bool
+) -> dict[str, Any]:
+    """`rounds` x (32 clients sending `each` requests back to back), each round between
+    two bare batches of 32: its throughput against their mean. The machine's speed
+    drifts by 2x within a minute; a ratio per round, and their median, follows it.
+    """
+
+    async def loop() -> list[dict[str, Any]]:
+        return [await one(client, args.tokens, stream=stream) for _ in range(args.each)]
+
+    calls: list[dict[str, Any]] = []
+    walls: list[float] = []
+    bare32: list[float] = []
+    ratios: list[float] = []
+    cpu_s: dict[str, float] = {}
+    after_bare = bare_batch(loaded, args, rounds=1)[0]
+    for _ in range(args.rounds):
+        before_bare = after_bare
+        before = cpu_now(pids)
+        started = time.perf_counter()
+        done = await asyncio.gather(*(loop() for _ in range(args.concurrency)))
+        wall = time.perf_counter() - started
+        after = cpu_now(pids)
+        for k in before:
+            cpu_s[k] = cpu_s.get(k, 0.0) + after[k] - before[k]
+        after_bare = bare_batch(loaded, args, rounds=1)[0]
+        baseline = (before_bare + after_bare) / 2
+        flat = [r for client_rows in done for r in client_rows]
+        calls += flat
+        walls.append(wall)
+        bare32.append(baseline)
+        ratios.append(sum(c["tokens"] for c in flat) / wall / baseline)
+    return {
+        "calls": calls,
+        "wall": sum(walls),
+        "cpu": {k: round(v / len(calls) * 1000, 2) for k, v in cpu_s.items()},
+        "bare32": bare32,
+        "ratios": ratios,
+    }
 
 
 def bare_batch(loaded: Any, args: argparse.Namespace, rounds: int = 3) -> list[float]:
@@ -409,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                         "inference": worker.pid,
                         "control": stack.worker.pid,
                     }
+                    server = redis_pid(args.redis)
+                    if server is not None:
+                        pids["redis"] = server
                     measured = asyncio.run(
                         measure_platform(args, stack.port, key, pids, loaded, engine)
                     )
@@ -452,10 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         row["first_chunk_p50_ms"] = statistics.median(firsts) * 1000 if firsts else None
         produced = sum(c["tokens"] for c in calls)
         row["tokens_per_request"] = produced / len(calls)
+        if any("chunks" in c for c in calls):
+            row["chunks_per_stream_p50"] = statistics.median(c["chunks"] for c in calls)
         if value["wall"] is not None:
             row["tokens_per_s"] = produced / value["wall"]
-            row["bare_batch32_bracket_tokens_per_s"] = statistics.median(value["bare32"])
-            row["vs_bare_batch32"] = row["tokens_per_s"] / statistics.median(value["bare32"])
+            row["bare_batch32_per_round_tokens_per_s"] = value["bare32"]
+            row["vs_bare_batch32_per_round"] = [round(r, 3) for r in value["ratios"]]
+            row["vs_bare_batch32"] = statistics.median(value["ratios"])
             row["vs_bare_batch32_at_start"] = row["tokens_per_s"] / bare32["tokens_per_s"]
         else:
             row["tokens_per_s"] = produced / sum(c["latency"] for c in calls)
@@ -486,18 +536,19 @@ def main(argv: list[str] | None = None) -> int:
                 c["processing_ms"] - c["queue_ms"] for c in proc
             )
         parts["first_chunk_p50_ms"] = row["first_chunk_p50_ms"]
+        parts["chunks_per_stream_p50"] = row.get("chunks_per_stream_p50")
         parts["cpu_ms_per_request"] = value["cpu"]
         breakdown[name] = parts
         row["breakdown"] = parts
         rows.append(row)
 
-    c1 = next(r for r in rows if r["name"] == "platform c=1")
-    c1s = next(r for r in rows if r["name"] == "platform c=1 stream")
+    c1 = next((r for r in rows if r["name"] == "platform c=1"), {})
+    c1s = next((r for r in rows if r["name"] == "platform c=1 stream"), {})
     c32 = next(r for r in rows if r["name"] == f"platform c={args.concurrency}")
     c32s = next(r for r in rows if r["name"] == f"platform c={args.concurrency} stream")
     targets = {
-        "overhead_p50_c1_ms": (c1["overhead_p50_ms"], TARGET_OVERHEAD_P50_MS, "<="),
-        "overhead_p99_c1_ms": (c1["overhead_p99_ms"], TARGET_OVERHEAD_P99_MS, "<="),
+        "overhead_p50_c1_ms": (c1.get("overhead_p50_ms"), TARGET_OVERHEAD_P50_MS, "<="),
+        "overhead_p99_c1_ms": (c1.get("overhead_p99_ms"), TARGET_OVERHEAD_P99_MS, "<="),
         "c32_vs_bare_batch32": (c32["vs_bare_batch32"], TARGET_C32_RATIO, ">="),
         "c32_stream_vs_bare_batch32": (c32s["vs_bare_batch32"], TARGET_C32_RATIO, ">="),
         "ttft_overhead_c1_ms": (c1s.get("ttft_overhead_ms"), TARGET_TTFT_OVERHEAD_MS, "<="),
@@ -547,17 +598,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     for row in rows:
-        if "bare_batch32_bracket_tokens_per_s" in row:
+        if "vs_bare_batch32_per_round" in row:
             print(
-                f"{row['name']}: bare batch of {args.concurrency} right before and after it: "
-                f"median {row['bare_batch32_bracket_tokens_per_s']:.0f} tokens/s (at the start "
-                f"of the run: {bare32['tokens_per_s']:.0f}; ratio against it "
+                f"{row['name']}: {args.rounds} rounds of {args.concurrency} x {args.each} "
+                "requests, each against the mean of the bare batches of "
+                f"{args.concurrency} right before and after it: ratios "
+                + " ".join(f"{r:.2f}" for r in row["vs_bare_batch32_per_round"])
+                + " (bare: "
+                + " ".join(f"{b:.0f}" for b in row["bare_batch32_per_round_tokens_per_s"])
+                + f" tokens/s; against the run's first bare batches: "
                 f"{row['vs_bare_batch32_at_start']:.2f})"
             )
     print("\nwhere the time goes (medians, ms):")
     print(
         f"{'':26}{'queue':>10}{'view':>10}{'gen+reply':>10}{'outside':>10}{'1st chunk':>10}"
-        "   CPU ms/request: web, inference, control, client"
+        f"{'chunks':>8}"
+        "   CPU ms/request: " + ", ".join(next(iter(breakdown.values()))["cpu_ms_per_request"])
     )
     for name, parts in breakdown.items():
         print(
@@ -565,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{cell(parts.get('openai_processing_ms'), '10.1f')}"
             f"{cell(parts.get('view_minus_queue_ms'), '10.2f')}"
             f"{cell(parts.get('outside_view_ms'), '10.2f')}"
-            f"{cell(parts.get('first_chunk_p50_ms'), '10.2f')}   "
+            f"{cell(parts.get('first_chunk_p50_ms'), '10.2f')}"
+            f"{cell(parts.get('chunks_per_stream_p50'), '8.0f')}   "
             + ", ".join(f"{v:.1f}" for v in parts["cpu_ms_per_request"].values())
         )
     for h in bare_halves:
@@ -593,7 +650,9 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": 0,
             "repeats_c1": args.repeats,
             "concurrency": args.concurrency,
-            "requests_per_client": args.each,
+            "requests_per_client_per_round": args.each,
+            "rounds_c32": args.rounds,
+            "concurrent_only": args.concurrent_only,
             "torch_threads": args.threads,
             "client": args.client,
             "web_concurrency": args.workers,

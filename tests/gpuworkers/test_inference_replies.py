@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import redis
 
 from gpuworkers.replies import FileChannel, MemoryChannel, Outbox, RedisChannel
@@ -42,6 +43,48 @@ def test_later_deltas_are_merged_in_order_and_everything_else_goes_at_once() -> 
         "logprobs": [{"token": "b"}, {"token": "c"}, {"token": "d"}],
     }
     assert replies[3].data == {"index": 1, "text": "x"}
+
+
+def test_another_request_s_urgent_reply_does_not_flush_a_stream_s_held_deltas() -> None:
+    channel = MemoryChannel()
+    outbox = Outbox(channel, stream_interval_s=0.3)
+    outbox.start()
+
+    def wait_for(request_id: str, count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(channel.replies[request_id]) < count and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    try:
+        outbox.send("a", "delta", {"index": 0, "text": "1"})  # a's first delta: at once
+        wait_for("a", 1)
+        outbox.send("a", "delta", {"index": 0, "text": "2"})  # held for a's interval
+        outbox.send("b", "start", {})
+        outbox.send("b", "done", {"choices": []})
+        channel.wait_final("b", timeout=5)
+        # b's replies went at once; a's later delta is still waiting to be merged.
+        held = [r.data["text"] for r in channel.replies["a"]]
+        outbox.send("a", "delta", {"index": 0, "text": "3"})
+        outbox.send("a", "done", {"choices": []})
+        channel.wait_final("a", timeout=5)
+    finally:
+        outbox.close()
+    assert held == ["1"]
+    replies = channel.replies["a"]
+    assert [(r.type, r.data.get("text")) for r in replies] == [
+        ("delta", "1"),
+        ("delta", "23"),
+        ("done", None),
+    ]
+
+
+def test_the_merge_interval_grows_with_the_streams_open() -> None:
+    outbox = Outbox(MemoryChannel(), stream_interval_s=0.02, stream_interval_max_s=0.08)
+    assert outbox._interval() == 0.02
+    outbox._streaming.update(f"r{i}" for i in range(16))
+    assert outbox._interval() == pytest.approx(0.04)
+    outbox._streaming.update(f"s{i}" for i in range(64))
+    assert outbox._interval() == pytest.approx(0.08)  # capped
 
 
 def test_cancel_keys_are_read_for_watched_requests_only() -> None:

@@ -49,12 +49,14 @@ class ProcessOutbox:
         cancel_check_s: float = 0.005,
         heartbeat_s: float = 5.0,
         stream_interval_s: float = 0.0,
+        stream_interval_max_s: float = 0.0,
     ) -> None:
         self.url = url
         self.options = {
             "cancel_check_s": cancel_check_s,
             "heartbeat_s": heartbeat_s,
             "stream_interval_s": stream_interval_s,
+            "stream_interval_max_s": stream_interval_max_s,
         }
         #: Replaced (never mutated) by the reader thread: read without a lock.
         self.cancelled: frozenset[str] = frozenset()

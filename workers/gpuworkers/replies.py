@@ -54,6 +54,10 @@ Message = tuple[str, str, dict[str, Any]]
 END = "end"
 
 
+#: Streams open at which a stream's merge interval starts to grow (see `Outbox`).
+STREAMS_PER_INTERVAL = 8
+
+
 def encode(request_id: str, kind: str, data: dict[str, Any]) -> bytes:
     """A `Reply`'s JSON without `dataclasses.asdict` (which deep-copies every delta)."""
     return orjson.dumps({"type": kind, "request_id": request_id, "data": data})
@@ -237,9 +241,13 @@ class Outbox:
         cancel_check_s: float = 0.005,
         heartbeat_s: float = 5.0,
         stream_interval_s: float = 0.0,
+        stream_interval_max_s: float = 0.0,
         on_cancelled: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         self.channel = channel
+        #: With more than `STREAMS_PER_INTERVAL` streams open, the interval grows with
+        #: their number, up to this: fewer, larger messages when the worker is busiest.
+        self.stream_interval_max_s = max(stream_interval_s, stream_interval_max_s)
         #: Called (on the outbox thread) whenever the set of cancelled requests changes.
         self.on_cancelled = on_cancelled
         self.cancel_check_s = cancel_check_s
@@ -300,12 +308,15 @@ class Outbox:
     def _run(self) -> None:
         last_check = last_beat = next_flush = 0.0
         pending: list[Message] = []
-        urgent = False
+        #: Requests with something urgent waiting: sent at once, their earlier deltas with
+        #: it. Other streams' later deltas wait for the flush (at 32 requests something is
+        #: urgent nearly every step: flushing all of it then sent one delta per token).
+        hot: set[str] = set()
         while True:
             stop = False
             now = time.monotonic()
             if pending:
-                timeout = max(0.0, next_flush - now)
+                timeout = 0.0 if hot else max(0.0, next_flush - now)
             else:
                 # Idle (nothing to watch): sleep longer; a new request's first reply wakes us.
                 timeout = self.cancel_check_s if self._watched else min(0.5, self.heartbeat_s)
@@ -313,16 +324,22 @@ class Outbox:
                 item = self._queue.get(timeout=timeout)
                 while item is not None:  # everything already waiting goes in one round trip
                     pending.append(item)
-                    urgent = urgent or self._urgent(item)
+                    if self._urgent(item):
+                        hot.add(item[0])
                     item = self._queue.get_nowait()
                 stop = True
             except queue.Empty:
                 pass
             now = time.monotonic()
-            if pending and (urgent or stop or now >= next_flush):
+            if pending and (stop or now >= next_flush):
                 self._publish(self._merge(pending))
-                pending, urgent = [], False
-                next_flush = now + self.stream_interval_s
+                pending = []
+                hot.clear()
+                next_flush = now + self._interval()
+            elif hot:
+                self._publish(self._merge([m for m in pending if m[0] in hot]))
+                pending = [m for m in pending if m[0] not in hot]
+                hot.clear()
             if stop:
                 return
             now = time.monotonic()
@@ -332,6 +349,12 @@ class Outbox:
             if now - last_beat >= min(1.0, self.heartbeat_s / 2):
                 last_beat = now
                 self._heartbeats(now)
+
+    def _interval(self) -> float:
+        """How long later deltas wait to be merged: `stream_interval_s`, longer (up to
+        `stream_interval_max_s`) as more streams are open than `STREAMS_PER_INTERVAL`."""
+        load = len(self._streaming) / STREAMS_PER_INTERVAL
+        return min(self.stream_interval_max_s, self.stream_interval_s * max(1.0, load))
 
     def _publish(self, batch: list[Message]) -> None:
         for attempt in range(3):

@@ -38,6 +38,10 @@ class Settings:
     #: 20 ms (50 updates a second) reads as smooth; measured at 32 concurrent streams
     #: on a small model, 5 ms spent a quarter of the throughput on messages.
     stream_interval_ms: float = 20.0
+    #: With more than 8 streams open the interval grows in proportion (32 streams: 4x),
+    #: up to this: each update carries more tokens when the worker is busiest, and the
+    #: messages (worker, Redis, gateway, client) do not take the CPU the model needs.
+    stream_interval_max_ms: float = 80.0
     #: With Redis, publish replies and poll cancellations from a child process
     #: (`gpuworkers.outbox_process`) instead of a thread that shares the engine's GIL.
     outbox_process: bool = True
@@ -83,6 +87,9 @@ class Settings:
             cancel_check_ms=max(0.5, number("INFERENCE_CANCEL_CHECK_MS", cls.cancel_check_ms)),
             stream_interval_ms=max(
                 0.0, number("INFERENCE_STREAM_INTERVAL_MS", cls.stream_interval_ms)
+            ),
+            stream_interval_max_ms=max(
+                0.0, number("INFERENCE_STREAM_INTERVAL_MAX_MS", cls.stream_interval_max_ms)
             ),
             outbox_process=env.get("INFERENCE_OUTBOX_PROCESS", "1").strip() != "0",
             heartbeat_s=max(0.05, number("INFERENCE_HEARTBEAT_SECONDS", cls.heartbeat_s)),

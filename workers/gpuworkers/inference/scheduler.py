@@ -104,6 +104,7 @@ def outbox_for(channel: ReplyChannel, settings: Settings) -> Outbox | ProcessOut
         "cancel_check_s": settings.cancel_check_ms / 1000,
         "heartbeat_s": settings.heartbeat_s,
         "stream_interval_s": settings.stream_interval_ms / 1000,
+        "stream_interval_max_s": settings.stream_interval_max_ms / 1000,
     }
     if settings.outbox_process and isinstance(channel, RedisChannel):
         channel.close()  # never used here: the child opens its own
