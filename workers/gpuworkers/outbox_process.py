@@ -27,7 +27,7 @@ import multiprocessing
 import pickle
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -61,6 +61,7 @@ class ProcessOutbox:
         #: Replaced (never mutated) by the reader thread: read without a lock.
         self.cancelled: frozenset[str] = frozenset()
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._process: Any = None
         self._out: Connection | None = None
         self._closed = False
@@ -93,8 +94,33 @@ class ProcessOutbox:
 
     # -- calls, forwarded in order --------------------------------------------------------
 
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """This thread's calls inside are written to the child in one go, at the end.
+
+        Each write to the pipe lets go of the GIL, and getting it back can wait up to
+        the interpreter's switch interval (5 ms) behind another thread: the engine
+        writes once per iteration, the intake once per burst of requests."""
+        if getattr(self._local, "ops", None) is not None:  # nested: the outer one writes
+            yield
+            return
+        self._local.ops = []
+        try:
+            yield
+        finally:
+            ops, self._local.ops = self._local.ops, None
+            if ops:
+                self._write(ops)
+
     def _call(self, *ops: tuple[str, tuple[Any, ...]]) -> None:
-        payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL)
+        buffered = getattr(self._local, "ops", None)
+        if buffered is not None:
+            buffered.extend(ops)
+            return
+        self._write(ops)
+
+    def _write(self, ops: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        payload = pickle.dumps(tuple(ops), protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             if self._closed:
                 return

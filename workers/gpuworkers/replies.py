@@ -20,6 +20,7 @@ carries the usage report, and forgets the request's route.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -279,6 +280,11 @@ class Outbox:
     def send_many(self, messages: list[Message]) -> None:
         for request_id, kind, data in messages:
             self.send(request_id, kind, data)
+
+    def batched(self) -> contextlib.AbstractContextManager[None]:
+        """`ProcessOutbox` groups a thread's calls into one write; here every call is a
+        queue put already."""
+        return contextlib.nullcontext()
 
     def route(self, request_id: str, reply_to: str | None) -> None:
         """Send this request's replies to `reply_to` (its gateway process's channel)."""

@@ -1,7 +1,8 @@
 """Requests from the Redis list straight into the engine (see `jobcontracts.inference`).
 
-One thread per inference worker BRPOPs `request_queue(queue)` and submits each
-request to the engine, holding at most `capacity` requests at once: past that it
+One thread per inference worker BRPOPs `request_queue(queue)` (then RPOPs what
+else is waiting, up to its room) and submits each burst to the engine together,
+holding at most `capacity` requests at once: past that it
 stops taking, and the rest wait in Redis for any worker with room (the gateway
 refuses more than INFERENCE_MAX_QUEUED waiting, with a 503). A request taken by
 a worker that then dies is not redelivered: its caller's gateway sees the reply
@@ -22,6 +23,9 @@ import orjson
 from jobcontracts.inference import ERROR, InferenceRequest, request_queue
 
 log = logging.getLogger(__name__)
+
+#: Requests taken off the list in one go (one BRPOP, then one RPOP of the rest).
+BURST = 64
 
 
 class Intake:
@@ -72,35 +76,54 @@ class Intake:
             if item is None:
                 self._room.release()
                 continue
-            self._take(item[1])
+            self._take([item[1], *self._more(client)])
 
-    def _take(self, raw: bytes) -> None:
+    def _more(self, client: Any) -> list[bytes]:
+        """Whatever else is waiting, up to the room left, in one more round trip: a burst
+        of requests is tokenized and handed to the engine together."""
+        extra = 0
+        while extra < BURST - 1 and self._room.acquire(blocking=False):
+            extra += 1
+        if not extra:
+            return []
+        try:
+            more: list[bytes] = client.rpop(self.key, extra) or []
+        except Exception:
+            log.exception("inference.intake_failed")
+            more = []
+        for _ in range(extra - len(more)):
+            self._room.release()
+        return more
+
+    def _take(self, raws: list[bytes]) -> None:
         engine = self._engine()
-        try:
-            payload = orjson.loads(raw)
-            request = InferenceRequest.from_json(payload)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            self._room.release()
-            self._refuse(engine, raw, error)
+        requests: list[InferenceRequest] = []
+        for raw in raws:
+            try:
+                requests.append(InferenceRequest.from_json(orjson.loads(raw)))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                self._room.release()
+                self._refuse(engine, raw, error)
+        if not requests:
             return
         try:
-            ticket = engine.submit(request)
-        except Exception as error:  # whatever it was, the caller hears now, not at timeout
-            self._room.release()
-            log.exception("inference.request_crashed", extra={"request_id": request.request_id})
-            engine.outbox.route(request.request_id, request.reply_to)
-            engine.outbox.send(
-                request.request_id,
-                ERROR,
-                {
-                    "status": 500,
-                    "code": "inference_failed",
-                    "message": f"inference failed: {error}",
-                },
-            )
-            engine.outbox.finish(request.request_id, None)
+            tickets = engine.submit_many(requests)
+        except Exception as error:  # whatever it was, the callers hear now, not at timeout
+            log.exception("inference.requests_crashed", extra={"requests": len(requests)})
+            data = {
+                "status": 500,
+                "code": "inference_failed",
+                "message": f"inference failed: {error}",
+            }
+            with engine.outbox.batched():
+                for request in requests:
+                    self._room.release()
+                    engine.outbox.route(request.request_id, request.reply_to)
+                    engine.outbox.send(request.request_id, ERROR, data)
+                    engine.outbox.finish(request.request_id, None)
             return
-        ticket.add_done_callback(lambda _ticket: self._room.release())
+        for ticket in tickets:
+            ticket.add_done_callback(lambda _ticket: self._room.release())
 
     @staticmethod
     def _refuse(engine: Any, raw: bytes, error: Exception) -> None:

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,44 @@ class Engine:
 
     def submit(self, request: InferenceRequest) -> Ticket:
         """Queue a request; never blocks on the models. The ticket resolves when it ends."""
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Sequence[InferenceRequest]) -> list[Ticket]:
+        """Queue requests taken together (a burst off the Redis list): tokenized on this
+        thread, their routes handed to the outbox in one write, and given to the engine
+        at once. Every handoff to the outbox process can wait for the GIL behind the
+        decode loop, so a burst pays for one, not two per request."""
+        with self._cond:
+            self._incoming += len(requests)  # the engine waits a moment for these
+        try:
+            # Routes (and refusals) reach the outbox before any job is visible to the
+            # engine: a `start` can never overtake its route.
+            with self.outbox.batched():
+                taken = [self._take(request) for request in requests]
+        finally:
+            with self._cond:
+                self._incoming -= len(requests)
+        jobs = [job for _, job in taken if job is not None]
+        overloaded: list[Job] = []
+        if jobs:
+            with self._cond:
+                for job in jobs:
+                    if self._waiting >= self.settings.max_queue:
+                        overloaded.append(job)
+                        continue
+                    self._waiting += 1
+                    self._inbox.append(job)
+                self._cond.notify()
+        if overloaded:
+            error = ModelError(503, "overloaded", "the model is overloaded: retry in a moment")
+            with self.outbox.batched():
+                for job in overloaded:
+                    self.outbox.unwatch(job.request_id)
+                    self._error(job.request_id, error)
+                    job.ticket.resolve(OVERLOADED)
+        return [ticket for ticket, _ in taken]
+
+    def _take(self, request: InferenceRequest) -> tuple[Ticket, Job | None]:
         ticket = Ticket(request.request_id)
         # Replies go to the caller's process channel; the request's end (with its usage
         # report, if it ran) follows its last reply through the outbox, in order.
@@ -150,33 +189,18 @@ class Engine:
         ticket.add_done_callback(lambda t: self.outbox.finish(t.request_id, t.usage))
         if request.deadline and time.time() > request.deadline:
             ticket.resolve(DROPPED)  # the caller has given up: nothing to answer, nothing to bill
-            return ticket
-        with self._cond:
-            self._incoming += 1
+            return ticket, None
         try:
             prepared = prepare(request, self.tokenizers)
-        except ModelError as error:
+        except Exception as error:  # one bad request never takes its burst down with it
+            if not isinstance(error, ModelError):
+                log.exception("inference.prepare_failed", extra={"request_id": request.request_id})
+                error = ModelError(500, "inference_failed", f"inference failed: {error}")
             self._error(request.request_id, error)
             ticket.resolve(REFUSED)
-            return ticket
-        finally:
-            with self._cond:
-                self._incoming -= 1
-        job = Job(request, prepared, ticket)
-        with self._cond:
-            overloaded = self._waiting >= self.settings.max_queue
-            if not overloaded:
-                self._waiting += 1
-                self.outbox.watch(job.request_id)
-                self._inbox.append(job)
-                self._cond.notify()
-        if overloaded:
-            self._error(
-                request.request_id,
-                ModelError(503, "overloaded", "the model is overloaded: retry in a moment"),
-            )
-            ticket.resolve(OVERLOADED)
-        return ticket
+            return ticket, None
+        self.outbox.watch(request.request_id)
+        return ticket, Job(request, prepared, ticket)
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -206,15 +230,17 @@ class Engine:
                         return
                     jobs, self._inbox = self._inbox, []
                     incoming = self._incoming
-                try:
-                    worked, wake_in = self._iterate(jobs, incoming)
-                except Exception:  # never let the thread die with requests waiting on it
-                    log.exception("inference.engine_failed")
+                # Everything this iteration hands the outbox goes in one write.
+                with self.outbox.batched():
                     try:
-                        self._fail_everything()
-                    except Exception:
-                        log.exception("inference.engine_cleanup_failed")
-                    worked, wake_in = False, 0.01
+                        worked, wake_in = self._iterate(jobs, incoming)
+                    except Exception:  # never let the thread die with requests waiting on it
+                        log.exception("inference.engine_failed")
+                        try:
+                            self._fail_everything()
+                        except Exception:
+                            log.exception("inference.engine_cleanup_failed")
+                        worked, wake_in = False, 0.01
                 if not worked:
                     with self._cond:
                         if not self._inbox and not self._closing:
