@@ -112,6 +112,13 @@ class ProcessOutbox:
             if ops:
                 self._write(ops)
 
+    def flush(self) -> None:
+        """Write what this thread's `batched` block holds so far (it stays batched)."""
+        ops = getattr(self._local, "ops", None)
+        if ops:
+            self._local.ops = []
+            self._write(ops)
+
     def _call(self, *ops: tuple[str, tuple[Any, ...]]) -> None:
         buffered = getattr(self._local, "ops", None)
         if buffered is not None:

@@ -281,6 +281,9 @@ class Outbox:
         for request_id, kind, data in messages:
             self.send(request_id, kind, data)
 
+    def flush(self) -> None:
+        """See `ProcessOutbox.flush`: nothing is held here."""
+
     def batched(self) -> contextlib.AbstractContextManager[None]:
         """`ProcessOutbox` groups a thread's calls into one write; here every call is a
         queue put already."""

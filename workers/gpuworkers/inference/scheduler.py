@@ -521,6 +521,8 @@ class Engine:
         items = [(job, i) for job in chosen for i in range(len(job.prepared.prompts))]
         self.stats.prefills += 1
         self._finished(slot, batch, batch.prefill(items))
+        # The first tokens (time to first token) go now, not after this iteration's step.
+        self.outbox.flush()
 
     def _finished(self, slot: Slot, batch: DecodeBatch, rows: list[Row]) -> None:
         for row in rows:
