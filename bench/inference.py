@@ -88,7 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("BENCH_INFERENCE_REDIS_URL", "redis://127.0.0.1:6379/7"),
         help="Redis db 7 (tests use 15, api_auth 14, ingest 13, train 9)",
     )
-    p.add_argument("--workers", type=int, default=1, help="WEB_CONCURRENCY (1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="WEB_CONCURRENCY (2, as docker-compose.yml and deploy/k8s run the web)",
+    )
     p.add_argument(
         "--client",
         choices=("lean", "httpx"),
