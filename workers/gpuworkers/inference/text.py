@@ -19,7 +19,11 @@ REPLACEMENT = "\ufffd"
 
 def decoder(tokenizer: Any) -> Decode:
     """`tokenizer.decode(ids, skip_special_tokens=True)`, through the Rust tokenizer
-    directly when that gives the same text (no clean-up pass configured)."""
+    directly when that gives the same text (no clean-up pass configured).
+
+    One token's text is remembered (at most the vocabulary): a streamed sequence
+    decodes the token it has just emitted once per new token (`Detokenizer.add`).
+    """
     backend = getattr(tokenizer, "_tokenizer", None)
     if (
         backend is not None
@@ -27,15 +31,25 @@ def decoder(tokenizer: Any) -> Decode:
         and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
     ):
 
-        def fast(ids: list[int]) -> str:
+        def run(ids: list[int]) -> str:
             return str(backend.decode(ids, skip_special_tokens=True))
 
-        return fast
+    else:
 
-    def slow(ids: list[int]) -> str:
-        return str(tokenizer.decode(ids, skip_special_tokens=True))
+        def run(ids: list[int]) -> str:
+            return str(tokenizer.decode(ids, skip_special_tokens=True))
 
-    return slow
+    single: dict[int, str] = {}
+
+    def decode(ids: list[int]) -> str:
+        if len(ids) != 1:
+            return run(ids)
+        found = single.get(ids[0])
+        if found is None:
+            found = single[ids[0]] = run(ids)
+        return found
+
+    return decode
 
 
 class Detokenizer:
