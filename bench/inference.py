@@ -61,7 +61,7 @@ TARGET_TTFT_OVERHEAD_MS = 5.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--tokens", type=int, default=32, help="max_tokens per request (32)")
-    p.add_argument("--repeats", type=int, default=50, help="requests at concurrency 1 (50)")
+    p.add_argument("--repeats", type=int, default=100, help="requests at concurrency 1 (100)")
     p.add_argument("--concurrency", type=int, default=32, help="clients for the c=32 rows")
     p.add_argument("--each", type=int, default=4, help="requests per client per c=32 round (4)")
     p.add_argument(
