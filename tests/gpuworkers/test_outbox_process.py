@@ -28,6 +28,7 @@ from jobcontracts.inference import (
     process_channel,
     reply_channel,
 )
+from tests.support.usage import usage_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,18 +68,7 @@ class Listener:
 
 
 def usage(request_id: str) -> UsageReport:
-    return UsageReport(
-        request_id=request_id,
-        organization_id="org-test",
-        api_key_id=None,
-        model="m",
-        kind="completion",
-        prompt_tokens=3,
-        completion_tokens=4,
-        status="completed",
-        latency_ms=1.0,
-        at=time.time(),
-    )
+    return usage_report(request_id=request_id, kind="completion", prompt_tokens=3)
 
 
 def stream_reports(client: Any, ids: set[str]) -> list[str]:
@@ -93,7 +83,7 @@ def stream_reports(client: Any, ids: set[str]) -> list[str]:
 def test_replies_for_one_gateway_process_go_as_one_message_in_order(client: Any) -> None:
     web = process_channel(uuid.uuid4().hex)
     listener = Listener(client, web)
-    outbox = ProcessOutbox(os.environ["REDIS_URL"])
+    outbox = ProcessOutbox(os.environ["REDIS_URL"], {})
     ids = [f"req-{uuid.uuid4().hex[:8]}" for _ in range(3)]
     try:
         for rid in ids:
@@ -135,7 +125,7 @@ def test_a_request_without_a_gateway_channel_gets_single_replies_on_its_own(
 
 
 def test_a_cancel_key_reaches_the_engine_side_and_clears_when_unwatched(client: Any) -> None:
-    outbox = ProcessOutbox(os.environ["REDIS_URL"], cancel_check_s=0.005)
+    outbox = ProcessOutbox(os.environ["REDIS_URL"], {"cancel_check_s": 0.005})
     rid = f"req-{uuid.uuid4().hex[:8]}"
     try:
         outbox.watch(rid)
@@ -185,7 +175,7 @@ def test_replies_handed_over_before_the_worker_dies_are_still_published(client: 
         sys.path[:0] = [{os.path.join(REPO, "workers")!r}, {REPO!r}]
         from gpuworkers.outbox_process import ProcessOutbox
         from tests.gpuworkers.test_outbox_process import usage
-        outbox = ProcessOutbox({os.environ["REDIS_URL"]!r})
+        outbox = ProcessOutbox({os.environ["REDIS_URL"]!r}, {{}})
         print(outbox.pid, flush=True)
         outbox.route({rid!r}, {web!r})
         outbox.send({rid!r}, "start", {{}})
@@ -217,7 +207,7 @@ def test_replies_handed_over_before_the_worker_dies_are_still_published(client: 
 def test_a_killed_outbox_process_is_replaced_on_the_next_reply(client: Any) -> None:
     web = process_channel(uuid.uuid4().hex)
     listener = Listener(client, web)
-    outbox = ProcessOutbox(os.environ["REDIS_URL"])
+    outbox = ProcessOutbox(os.environ["REDIS_URL"], {})
     try:
         first = outbox.pid
         assert first is not None

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from gpuworkers.replies import Message, Outbox, RedisChannel
+from gpuworkers.replies import Message, Outbox, OutboxOptions, RedisChannel
 from jobcontracts.inference import UsageReport
 
 log = logging.getLogger(__name__)
@@ -42,22 +42,10 @@ _SPAWN = multiprocessing.get_context("spawn")
 class ProcessOutbox:
     """`Outbox`'s interface; the outbox itself runs in a child process."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        cancel_check_s: float = 0.005,
-        heartbeat_s: float = 5.0,
-        stream_interval_s: float = 0.0,
-        stream_interval_max_s: float = 0.0,
-    ) -> None:
+    def __init__(self, url: str, options: OutboxOptions) -> None:
+        """`options`: the timing of the child's `Outbox`."""
         self.url = url
-        self.options = {
-            "cancel_check_s": cancel_check_s,
-            "heartbeat_s": heartbeat_s,
-            "stream_interval_s": stream_interval_s,
-            "stream_interval_max_s": stream_interval_max_s,
-        }
+        self.options = options
         #: Replaced (never mutated) by the reader thread: read without a lock.
         self.cancelled: frozenset[str] = frozenset()
         self._lock = threading.Lock()
@@ -193,7 +181,7 @@ class ProcessOutbox:
                 return
 
 
-def _serve(url: str, options: dict[str, Any], ops: Connection, cancels: Connection) -> None:
+def _serve(url: str, options: OutboxOptions, ops: Connection, cancels: Connection) -> None:
     """The child: an `Outbox` on a `RedisChannel`, fed by the engine process's pipe."""
     # Ctrl-C reaches the whole process group: the worker closes us when it stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import orjson
 
@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 Message = tuple[str, str, dict[str, Any]]
 #: Not a reply: the request has ended; data {"usage": UsageReport JSON or None}.
 END = "end"
+
+
+class OutboxOptions(TypedDict, total=False):
+    """`Outbox`'s timing, in seconds (also what a `ProcessOutbox` hands its child)."""
+
+    cancel_check_s: float
+    heartbeat_s: float
+    stream_interval_s: float
+    stream_interval_max_s: float
 
 
 #: Streams open at which a stream's merge interval starts to grow (see `Outbox`).

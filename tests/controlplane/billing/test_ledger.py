@@ -14,8 +14,8 @@ from controlplane.billing.ledger import Entry, ledger_append, ledger_append_many
 from controlplane.billing.models import AppendOnlyError, LedgerEntry, Meter
 from controlplane.datasets.models import DatasetVersion, File
 from controlplane.inference.tasks import record_usage
-from jobcontracts.inference import UsageReport
 from tests.support.people import Person
+from tests.support.usage import usage_report
 
 pytestmark = pytest.mark.django_db
 AT = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)
@@ -26,17 +26,8 @@ def entries(person: Person) -> list[LedgerEntry]:
 
 
 def report(person: Person, request_id: str = "chatcmpl-1") -> dict[str, Any]:
-    return UsageReport(
-        request_id=request_id,
-        organization_id=person.organization.pk,
-        api_key_id=None,
-        model="atelier-tiny-llama",
-        kind="chat",
-        prompt_tokens=12,
-        completion_tokens=30,
-        status="completed",
-        latency_ms=4.0,
-        at=AT.timestamp(),
+    return usage_report(
+        request_id=request_id, organization_id=person.organization.pk, at=AT.timestamp()
     ).to_json()
 
 

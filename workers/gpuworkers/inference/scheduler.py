@@ -48,7 +48,7 @@ from gpuworkers.inference.jobs import (
 from gpuworkers.inference.models import ModelError, ModelKey
 from gpuworkers.inference.prepare import Tokenizers, prepare
 from gpuworkers.outbox_process import ProcessOutbox
-from gpuworkers.replies import Outbox, RedisChannel, ReplyChannel
+from gpuworkers.replies import Outbox, OutboxOptions, RedisChannel, ReplyChannel
 from jobcontracts.inference import DONE, ERROR, START, InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Stats:
 def outbox_for(channel: ReplyChannel, settings: Settings) -> Outbox | ProcessOutbox:
     """The engine's outbox: in a child process for Redis (off the decode loop's GIL),
     a thread otherwise (embedded files, in-memory tests)."""
-    options: dict[str, Any] = {
+    options: OutboxOptions = {
         "cancel_check_s": settings.cancel_check_ms / 1000,
         "heartbeat_s": settings.heartbeat_s,
         "stream_interval_s": settings.stream_interval_ms / 1000,
@@ -109,7 +109,7 @@ def outbox_for(channel: ReplyChannel, settings: Settings) -> Outbox | ProcessOut
     }
     if settings.outbox_process and isinstance(channel, RedisChannel):
         channel.close()  # never used here: the child opens its own
-        return ProcessOutbox(channel.url, **options)
+        return ProcessOutbox(channel.url, options)
     return Outbox(channel, **options)
 
 
