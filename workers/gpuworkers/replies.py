@@ -68,9 +68,13 @@ class OutboxOptions(TypedDict, total=False):
 STREAMS_PER_INTERVAL = 8
 
 
+def wire(request_id: str, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A `Reply` as sent, without `dataclasses.asdict` (which deep-copies every delta)."""
+    return {"type": kind, "request_id": request_id, "data": data}
+
+
 def encode(request_id: str, kind: str, data: dict[str, Any]) -> bytes:
-    """A `Reply`'s JSON without `dataclasses.asdict` (which deep-copies every delta)."""
-    return orjson.dumps({"type": kind, "request_id": request_id, "data": data})
+    return orjson.dumps(wire(request_id, kind, data))
 
 
 class ReplyChannel(Protocol):
@@ -117,8 +121,7 @@ class RedisChannel:
             if route is None:  # a request of its own channel: one reply per message
                 pipe.publish(reply_channel(request_id), encode(request_id, kind, data))
                 continue
-            reply = {"type": kind, "request_id": request_id, "data": data}
-            batches.setdefault(route, []).append(reply)
+            batches.setdefault(route, []).append(wire(request_id, kind, data))
         for route, replies in batches.items():
             pipe.publish(route, orjson.dumps(replies[0] if len(replies) == 1 else replies))
         for report in usage:

@@ -118,9 +118,7 @@ class Intake:
             with engine.outbox.batched():
                 for request in requests:
                     self._room.release()
-                    engine.outbox.route(request.request_id, request.reply_to)
-                    engine.outbox.send(request.request_id, ERROR, data)
-                    engine.outbox.finish(request.request_id, None)
+                    _answer(engine, request.request_id, request.reply_to, data)
             return
         for ticket in tickets:
             ticket.add_done_callback(lambda _ticket: self._room.release())
@@ -137,11 +135,16 @@ class Intake:
         )
         if isinstance(request_id, str):
             reply_to = payload.get("reply_to") if isinstance(payload, dict) else None
-            engine.outbox.route(request_id, reply_to if isinstance(reply_to, str) else None)
             data = {
                 "status": 400,
                 "code": "invalid_request",
                 "message": f"invalid request: {error}",
             }
-            engine.outbox.send(request_id, ERROR, data)
-            engine.outbox.finish(request_id, None)
+            _answer(engine, request_id, reply_to if isinstance(reply_to, str) else None, data)
+
+
+def _answer(engine: Any, request_id: str, reply_to: str | None, error: dict[str, Any]) -> None:
+    """A request the engine never took: its error reply, and its end (nothing to bill)."""
+    engine.outbox.route(request_id, reply_to)
+    engine.outbox.send(request_id, ERROR, error)
+    engine.outbox.finish(request_id, None)
