@@ -46,7 +46,7 @@ def upload_out(upload: Upload) -> dict[str, Any]:
         "expires_at": unix(upload.expires_at),
         "filename": upload.filename,
         "purpose": upload.purpose,
-        "status": upload.status,
+        "status": upload.current_status(),
         "file": file_out(upload.file) if upload.file else None,
     }
 

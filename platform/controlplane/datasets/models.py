@@ -6,9 +6,11 @@ client's filename, which is kept only as metadata.
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 
 from django.db import models
+from django.utils import timezone
 
 from controlplane.core.ids import (
     new_access_id,
@@ -91,10 +93,27 @@ class Upload(OrganizationOwned):
     objects = OrganizationScopedManager["Upload"]()
 
     class Meta(OrganizationOwned.Meta):
-        pass
+        indexes = [
+            # The expiry reaper's scan: pending uploads by deadline.
+            models.Index(
+                fields=["expires_at"],
+                condition=models.Q(status="pending"),
+                name="upload_pending_expiry",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.filename} ({self.id}, {self.status})"
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """Pending past its deadline: expired, whether or not the reaper has recorded it yet."""
+        if self.status == UploadStatus.EXPIRED:
+            return True
+        return self.status == UploadStatus.PENDING and self.expires_at <= (now or timezone.now())
+
+    def current_status(self, now: datetime | None = None) -> str:
+        """The status a client sees: `expired` from `expires_at` on, not from the reaper's run."""
+        return UploadStatus.EXPIRED if self.is_expired(now) else self.status
 
 
 class UploadPart(OrganizationOwned):

@@ -123,6 +123,11 @@ def open_object(name: str) -> BinaryIO:
     return cast(BinaryIO, default_storage.open(name, "rb"))
 
 
+def delete(name: str) -> None:
+    """Remove an object; one already gone is fine, any other failure is raised."""
+    default_storage.delete(name)
+
+
 def delete_quietly(name: str) -> None:
     """Remove an object that may or may not exist (cleanup after a failure)."""
     # Best effort: the failure being cleaned up after is the one worth reporting.

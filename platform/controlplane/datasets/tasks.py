@@ -29,3 +29,16 @@ def validate_file(file_id: str, organization_id: str) -> str:
 )
 def build_version(version_id: str, organization_id: str) -> str:
     return services.version_build(version_id=version_id, organization_id=organization_id).status
+
+
+@shared_task(
+    name="controlplane.datasets.expire_uploads",
+    queue=queues.CONTROL,
+    acks_late=True,
+    soft_time_limit=240,
+    time_limit=300,
+    expires=300,
+)
+def expire_uploads() -> int:
+    """Beat, every few minutes: expire uploads past their deadline and delete their parts."""
+    return services.upload_expire_due()

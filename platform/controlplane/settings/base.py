@@ -15,4 +15,8 @@ from .security import *  # noqa: F403
 from .storage import *  # noqa: F403
 
 # Each concern names its periodic tasks; beat runs them all.
-CELERY_BEAT_SCHEDULE = {**CELERY_BEAT_SCHEDULE, **BILLING_BEAT_SCHEDULE}  # noqa: F405
+CELERY_BEAT_SCHEDULE = {
+    **CELERY_BEAT_SCHEDULE,  # noqa: F405
+    **BILLING_BEAT_SCHEDULE,  # noqa: F405
+    **DATASETS_BEAT_SCHEDULE,  # noqa: F405
+}

@@ -18,3 +18,12 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+#: How often beat expires uploads past their deadline and deletes their parts.
+UPLOAD_EXPIRE_EVERY_SECONDS = env.float("UPLOAD_EXPIRE_EVERY_SECONDS", default=300.0)
+DATASETS_BEAT_SCHEDULE = {
+    "datasets-expire-uploads": {
+        "task": "controlplane.datasets.expire_uploads",
+        "schedule": UPLOAD_EXPIRE_EVERY_SECONDS,
+    },
+}

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.core.files.storage import default_storage
+from django.db import connection, transaction
 from django.utils import timezone
 
-from controlplane.datasets.models import File, Upload
+from controlplane.celery import app as celery_app
+from controlplane.datasets.models import File, Upload, UploadPart
+from controlplane.datasets.services import upload_expire_due
+from controlplane.datasets.tasks import expire_uploads
 from tests.support.people import Person
 
 pytestmark = pytest.mark.django_db
@@ -196,3 +203,160 @@ def test_malformed_upload_creation_is_400(alice: Person, body: dict[str, Any], p
     response = alice.client.post("/v1/uploads", body, format="json")
     assert response.status_code == 400, response.content
     assert response.json()["error"]["param"] == param
+
+
+# --- expiry: quota, reading, the beat reaper --------------------------------------------------
+
+
+def expire(person: Person, upload_id: str) -> None:
+    Upload.objects.for_organization(person.organization).filter(pk=upload_id).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+
+def part_names(person: Person, upload_id: str) -> list[str]:
+    parts = UploadPart.objects.for_organization(person.organization).filter(upload_id=upload_id)
+    return list(parts.values_list("storage_name", flat=True))
+
+
+def test_an_expired_upload_stops_counting_against_the_quota(alice: Person, settings: Any) -> None:
+    settings.ORG_STORAGE_QUOTA_BYTES = 1000
+    stale = start(alice, content=b"x" * 800)
+    body = {"filename": "next.jsonl", "purpose": "fine-tune", "bytes": 300}
+    assert alice.client.post("/v1/uploads", body, format="json").status_code == 403
+
+    expire(alice, stale["id"])  # the deadline passed; the reaper has not run yet
+
+    response = alice.client.post("/v1/uploads", body, format="json")
+    assert response.status_code == 200, response.content
+
+
+def test_an_upload_reads_as_expired_once_its_deadline_passes(alice: Person) -> None:
+    upload = start(alice)
+    expire(alice, upload["id"])
+    assert alice.client.get(f"/v1/uploads/{upload['id']}").json()["status"] == "expired"
+
+
+def test_the_beat_task_expires_due_uploads_and_deletes_their_parts(alice: Person) -> None:
+    stale, live = start(alice), start(alice)
+    for upload in (stale, live):
+        for data in chunks():
+            assert send_part(alice, upload["id"], data).status_code == 200
+    stale_names, live_names = part_names(alice, stale["id"]), part_names(alice, live["id"])
+    assert all(default_storage.exists(name) for name in stale_names + live_names)
+    expire(alice, stale["id"])
+
+    assert expire_uploads() == 1
+
+    state = alice.client.get(f"/v1/uploads/{stale['id']}").json()
+    assert state["status"] == "expired"
+    assert state["parts"] == []
+    assert Upload.objects.for_organization(alice.organization).get(pk=stale["id"]).status == (
+        "expired"
+    )
+    assert not any(default_storage.exists(name) for name in stale_names)
+    # The live upload is untouched: pending, its parts stored, and it can still complete.
+    assert alice.client.get(f"/v1/uploads/{live['id']}").json()["status"] == "pending"
+    assert all(default_storage.exists(name) for name in live_names)
+    assert len(part_names(alice, live["id"])) == 3
+
+    assert expire_uploads() == 0  # the second run finds nothing to do
+    ids = [p["id"] for p in alice.client.get(f"/v1/uploads/{live['id']}").json()["parts"]]
+    assert complete(alice, live["id"], ids).status_code == 200
+
+
+def test_the_reaper_expires_every_organizations_uploads_in_batches(
+    alice: Person, charlie: Person
+) -> None:
+    ids = [start(alice)["id"] for _ in range(3)] + [start(charlie)["id"]]
+    for person, upload_id in zip([alice] * 3 + [charlie], ids, strict=True):
+        expire(person, upload_id)
+
+    assert upload_expire_due(batch_size=2) == 4
+    assert upload_expire_due(batch_size=2) == 0
+    statuses = (
+        Upload.objects.dangerously_unscoped().filter(pk__in=ids).values_list("status", flat=True)
+    )
+    assert set(statuses) == {"expired"}
+
+
+def test_an_expired_upload_refuses_parts_and_completion_before_and_after_the_reaper(
+    alice: Person,
+) -> None:
+    upload = start(alice, content=b"abc")
+    part = send_part(alice, upload["id"], b"abc").json()["id"]
+    expire(alice, upload["id"])
+    for _ in ("before the reaper", "after the reaper"):
+        for response in (
+            send_part(alice, upload["id"], b"x"),
+            complete(alice, upload["id"], [part]),
+        ):
+            assert response.status_code == 409
+            assert response.json()["error"]["code"] == "upload_expired"
+        upload_expire_due()
+    assert File.objects.for_organization(alice.organization).count() == 0
+
+
+def test_cancelling_an_expired_upload_is_409_and_discards_its_parts(alice: Person) -> None:
+    upload = start(alice)
+    send_part(alice, upload["id"], b"abc")
+    names = part_names(alice, upload["id"])
+    expire(alice, upload["id"])
+
+    response = alice.client.post(f"/v1/uploads/{upload['id']}/cancel")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "upload_expired"
+    assert not any(default_storage.exists(name) for name in names)
+    assert alice.client.get(f"/v1/uploads/{upload['id']}").json()["status"] == "expired"
+    assert upload_expire_due() == 0  # already done
+    assert alice.client.post(f"/v1/uploads/{upload['id']}/cancel").status_code == 409
+
+
+def test_outsider_gets_404_for_a_foreign_expired_upload(alice: Person, charlie: Person) -> None:
+    upload = start(alice)
+    expire(alice, upload["id"])
+    for state in ("expired", "reaped"):
+        assert charlie.client.get(f"/v1/uploads/{upload['id']}").status_code == 404, state
+        assert charlie.client.post(f"/v1/uploads/{upload['id']}/cancel").status_code == 404
+        upload_expire_due()
+
+
+def test_the_beat_schedule_runs_the_registered_expire_task(settings: Any) -> None:
+    entry = settings.CELERY_BEAT_SCHEDULE["datasets-expire-uploads"]
+    assert entry["task"] == expire_uploads.name
+    assert expire_uploads.name in celery_app.tasks
+    assert expire_uploads.queue == "control"
+    assert 0 < entry["schedule"] <= 300
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_concurrent_run_skips_an_upload_another_run_holds(alice: Person) -> None:
+    held, other = start(alice), start(alice)
+    expire(alice, held["id"])
+    expire(alice, other["id"])
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        try:
+            with transaction.atomic():
+                Upload.objects.for_organization(alice.organization).select_for_update().get(
+                    pk=held["id"]
+                )
+                locked.set()
+                release.wait(timeout=10)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert locked.wait(timeout=10)
+        started = time.monotonic()
+        assert upload_expire_due() == 1  # `other`, without waiting for `held`'s lock
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        thread.join()
+    assert upload_expire_due() == 1  # `held`, once free
+    assert upload_expire_due() == 0

@@ -9,7 +9,13 @@ from .files import (
     quota_reserve,
     size_check,
 )
-from .uploads import upload_add_part, upload_cancel, upload_complete, upload_create
+from .uploads import (
+    upload_add_part,
+    upload_cancel,
+    upload_complete,
+    upload_create,
+    upload_expire_due,
+)
 from .versions import dataset_create, version_build, version_create
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "upload_cancel",
     "upload_complete",
     "upload_create",
+    "upload_expire_due",
     "version_build",
     "version_create",
 ]

@@ -61,7 +61,11 @@ def purpose_check(purpose: str) -> str:
 
 def _stored_bytes(organization: Organization) -> int:
     files = File.objects.for_organization(organization).filter(deleted_at__isnull=True)
-    pending = Upload.objects.for_organization(organization).filter(status=UploadStatus.PENDING)
+    # An upload past its deadline can take no more parts and never completes: it stops
+    # counting at `expires_at`, not when the reaper gets round to deleting its parts.
+    pending = Upload.objects.for_organization(organization).filter(
+        status=UploadStatus.PENDING, expires_at__gt=timezone.now()
+    )
     return (files.aggregate(n=Sum("bytes"))["n"] or 0) + (
         pending.aggregate(n=Sum("bytes"))["n"] or 0
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import IO
 
+import structlog
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -20,6 +21,8 @@ from ..models import (
     UploadStatus,
 )
 from .files import filename_check, purpose_check, quota_reserve, schedule_validation, size_check
+
+log = structlog.get_logger(__name__)
 
 # --- uploads ----------------------------------------------------------------------------------
 
@@ -158,12 +161,98 @@ def _delete_all(names: list[str]) -> None:
         storage.delete_quietly(name)
 
 
-@transaction.atomic
 def upload_cancel(*, upload: Upload) -> Upload:
-    upload = Upload.objects.locked(upload)
-    _require_pending(upload)
-    upload.status = UploadStatus.CANCELLED
-    upload.save(update_fields=["status"])
-    names = [p.storage_name for p in upload.parts.all()]
-    transaction.on_commit(lambda: _delete_all(names))
-    return upload
+    """Cancel a pending upload and delete its parts.
+
+    An upload past its deadline is not cancelled but expired (409 `upload_expired`):
+    it is discarded with its parts right here, as the reaper would, so the answer is
+    true the moment it is given.
+    """
+    with transaction.atomic():
+        upload = Upload.objects.locked(upload)
+        if not upload.is_expired():
+            _require_pending(upload)
+            upload.status = UploadStatus.CANCELLED
+            upload.save(update_fields=["status"])
+            names = [p.storage_name for p in upload.parts.all()]
+            transaction.on_commit(lambda: _delete_all(names))
+            return upload
+        if upload.status == UploadStatus.PENDING:
+            _expire_locked([upload])
+    raise Conflict(
+        f"This upload expired at {upload.expires_at.isoformat()} and cannot be cancelled: "
+        "its parts are deleted and it no longer counts against your storage quota. "
+        "Start a new upload to send the file.",
+        code="upload_expired",
+    )
+
+
+# --- expiry -----------------------------------------------------------------------------------
+
+
+def upload_expire_due(*, now: datetime | None = None, batch_size: int = 200) -> int:
+    """Expire every pending upload past its `expires_at`; returns how many were expired.
+
+    Run by beat (task `controlplane.datasets.expire_uploads`), across all
+    organizations on purpose. Each upload gets status `expired`, its part objects
+    are deleted from storage and its part rows removed. (Quota stopped counting it
+    at `expires_at` already; see `files._stored_bytes`.)
+
+    Safe to run twice and concurrently: each batch locks its rows with
+    SKIP LOCKED, so concurrent runs split the work instead of waiting, and an
+    upload being written to (add part, complete, cancel hold its row lock) is
+    left for the next run. Objects are deleted before the rows naming them, inside
+    the locked transaction: a failed run leaves the upload pending, to be retried,
+    never an object no row points at.
+    """
+    now = now or timezone.now()
+    expired = 0
+    failed: set[str] = set()
+    while True:
+        with transaction.atomic():
+            batch = list(
+                Upload.objects.dangerously_unscoped()
+                .select_for_update(skip_locked=True)
+                .filter(status=UploadStatus.PENDING, expires_at__lte=now)
+                .exclude(pk__in=failed)
+                .order_by("expires_at", "pk")[:batch_size]
+            )
+            done = _expire_locked(batch)
+        expired += len(done)
+        failed.update(u.pk for u in batch if u.pk not in done)
+        if len(batch) < batch_size:
+            break
+    if expired or failed:
+        log.info("datasets.uploads_expired", expired=expired, failed=len(failed))
+    return expired
+
+
+def _expire_locked(uploads: list[Upload]) -> set[str]:
+    """Expire `uploads` (rows locked by the caller); returns the ids that were expired."""
+    names: dict[str, list[str]] = {u.pk: [] for u in uploads}
+    parts = UploadPart.objects.dangerously_unscoped().filter(upload_id__in=list(names))
+    for upload_id, name in parts.values_list("upload_id", "storage_name"):
+        names[upload_id].append(name)
+    done: set[str] = set()
+    for upload in uploads:
+        try:
+            for name in names[upload.pk]:
+                storage.delete(name)
+        except Exception:
+            # Left pending (quota ignores it already); the next run tries again.
+            log.exception(
+                "datasets.upload_expire_failed",
+                upload_id=upload.pk,
+                organization_id=upload.organization_id,
+            )
+            continue
+        done.add(upload.pk)
+    if done:
+        UploadPart.objects.dangerously_unscoped().filter(upload_id__in=done).delete()
+        Upload.objects.dangerously_unscoped().filter(
+            pk__in=done, status=UploadStatus.PENDING
+        ).update(status=UploadStatus.EXPIRED)
+        for upload in uploads:
+            if upload.pk in done:
+                upload.status = UploadStatus.EXPIRED
+    return done
