@@ -8,6 +8,14 @@ them (XACK + XDEL). A consumer killed between the commit and the acknowledgement
 leaves its entries pending; any consumer claims entries pending longer than
 `claim_idle_ms` (XAUTOCLAIM) and stores them again, which stores nothing twice:
 the request id is unique. So each report is stored exactly once.
+
+A poison entry (not a usage report, `at` in milliseconds, token counts no column
+holds, a row PostgreSQL refuses) must not hold back the good ones beside it, nor be
+claimed forever: each entry is checked before the batch's transaction, and what is
+refused is parked in `USAGE_DEAD_STREAM` (the original fields plus `reason`, `error`
+and the original `entry_id`) and acknowledged in the same MULTI. An unavailable
+database parks nothing: the batch stays pending and is retried. Operators list and
+replay dead letters with `atelier manage usage_dead_letters` (deploy/README.md).
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import redis
 import structlog
 from django.conf import settings
 from django.db import close_old_connections
+from prometheus_client import Counter
 
-from jobcontracts.inference import USAGE_GROUP, USAGE_STREAM
+from jobcontracts.inference import USAGE_GROUP, USAGE_STREAM, UsageReport
 
 from . import usage
 
@@ -42,25 +51,75 @@ def ensure_group(client: redis.Redis) -> None:
             raise
 
 
-def _payload(fields: dict[bytes, bytes]) -> dict[str, Any]:
+#: Where refused entries wait for an operator; trimmed (MAXLEN ~) to the newest ones.
+USAGE_DEAD_STREAM = f"{USAGE_STREAM}:dead"
+USAGE_DEAD_MAXLEN = 100_000
+
+DEAD_LETTERS = Counter(
+    "atelier_usage_dead_letter_total",
+    "Usage-stream entries parked in the dead-letter stream, by why they were refused.",
+    ["reason"],
+)
+for _reason in usage.REJECTION_REASONS:  # every series exists (at 0) from the start
+    DEAD_LETTERS.labels(reason=_reason)
+
+
+def _payload(fields: dict[bytes, bytes]) -> object:
+    raw = fields.get(b"report")
+    if raw is None:
+        raise usage.UsageReportInvalid(usage.MALFORMED, "the entry has no `report` field")
     try:
-        value = orjson.loads(fields.get(b"report", b""))
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise usage.UsageReportInvalid(usage.MALFORMED, f"`report` is not JSON: {exc}") from None
 
 
 def store(client: redis.Redis, entries: list[Entry]) -> dict[str, int]:
-    """Store a batch, then acknowledge it (never before the commit)."""
+    """Store a batch, then acknowledge it (never before the commit). Entries that are
+    refused (checked before the transaction, or by the database row by row) are parked
+    in the dead-letter stream and acknowledged with the rest. A database that is down
+    raises before anything is acknowledged or parked."""
     if not entries:
         return {}
-    counts = usage.usage_record_many([_payload(fields) for _, fields in entries])
+    reports: list[UsageReport] = []
+    by_request: dict[str, list[Entry]] = {}
+    dead: list[tuple[Entry, str, str]] = []
+    for entry in entries:
+        try:
+            report = usage.usage_report_parse(_payload(entry[1]))
+        except usage.UsageReportInvalid as exc:
+            dead.append((entry, exc.reason, str(exc)))
+            continue
+        reports.append(report)
+        by_request.setdefault(report.request_id, []).append(entry)
+    result = usage.usage_record_batch(reports)
+    for request_id, error in result.refused.items():
+        dead += [(entry, usage.DATABASE_REJECTED, error) for entry in by_request[request_id]]
     ids = [entry_id for entry_id, _ in entries]
-    pipe = client.pipeline(transaction=False)
+    # One MULTI: an entry is parked exactly when it is acknowledged, never one without
+    # the other (a consumer dying in between leaves both undone, to be claimed).
+    pipe = client.pipeline(transaction=True)
+    for (entry_id, fields), reason, error in dead:
+        letter: dict[Any, Any] = {
+            **fields,
+            b"reason": reason,
+            b"error": error[:1000],
+            b"entry_id": entry_id,
+        }
+        pipe.xadd(USAGE_DEAD_STREAM, letter, maxlen=USAGE_DEAD_MAXLEN, approximate=True)
     pipe.xack(USAGE_STREAM, USAGE_GROUP, *ids)
     pipe.xdel(USAGE_STREAM, *ids)
     pipe.execute()
-    return counts
+    for (entry_id, _), reason, error in dead:
+        DEAD_LETTERS.labels(reason=reason).inc()
+        log.warning(
+            "inference.usage_dead_lettered",
+            entry_id=entry_id.decode(),
+            reason=reason,
+            error=error,
+            dead_letter_stream=USAGE_DEAD_STREAM,
+        )
+    return {**result.counts, "dead_lettered": len(dead)}
 
 
 class UsageStreamConsumer:

@@ -141,3 +141,213 @@ def test_credits_that_run_out_mid_request_cover_what_they_can_and_the_rest_is_in
         Decimal("0.50"),
     )
     assert credit_balance(alice.organization) == Decimal("0.00")
+
+
+# --- poison reports: parked in the dead-letter stream, never holding back the rest ---------
+
+
+DEAD_STREAM = f"{USAGE_STREAM}:dead"
+
+
+@pytest.fixture
+def dead(stream: Any) -> Any:
+    stream.delete(DEAD_STREAM)
+    yield stream
+    stream.delete(DEAD_STREAM)
+
+
+def dead_lettered(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("atelier_usage_dead_letter_total", {"reason": reason}) or 0.0
+
+
+def parked(client: Any) -> dict[str, dict[str, str]]:
+    """The dead-letter stream, by the id each entry had on the usage stream."""
+    letters = {}
+    for _, fields in client.xrange(DEAD_STREAM):
+        text = {k.decode(): v.decode() for k, v in fields.items()}
+        letters[text["entry_id"]] = text
+    return letters
+
+
+def test_a_millisecond_timestamp_and_a_bigint_overflow_are_parked_and_the_good_reports_stored(
+    dead: Any, alice: Person
+) -> None:
+    before = {r: dead_lettered(r) for r in ("timestamp_out_of_range", "tokens_out_of_range")}
+    ids = {}
+    for name, body in (
+        ("good-0", report(alice, "req-good-0")),
+        ("ms", report(alice, "req-ms", at=1_764_000_000_000)),
+        ("good-1", report(alice, "req-good-1")),
+        ("huge", report(alice, "req-huge", completion=2**63)),  # beyond PostgreSQL bigint
+        ("good-2", report(alice, "req-good-2")),
+    ):
+        ids[name] = stream_id = dead.xadd(USAGE_STREAM, {"report": body}).decode()
+        assert stream_id
+
+    assert UsageStreamConsumer(name="control-1", block_ms=10).drain() == 5
+
+    assert stored(alice) == [("req-good-0", 10), ("req-good-1", 10), ("req-good-2", 10)]
+    assert ledgered(alice) == 6
+    assert dead.xpending(USAGE_STREAM, USAGE_GROUP)["pending"] == 0
+    assert dead.xlen(USAGE_STREAM) == 0
+    letters = parked(dead)
+    assert set(letters) == {ids["ms"], ids["huge"]}
+    assert letters[ids["ms"]]["reason"] == "timestamp_out_of_range"
+    assert letters[ids["huge"]]["reason"] == "tokens_out_of_range"
+    # The original report travels unchanged, for an operator to fix and replay.
+    assert orjson.loads(letters[ids["ms"]]["report"])["at"] == 1_764_000_000_000
+    assert orjson.loads(letters[ids["huge"]]["report"])["completion_tokens"] == 2**63
+    assert dead_lettered("timestamp_out_of_range") == before["timestamp_out_of_range"] + 1
+    assert dead_lettered("tokens_out_of_range") == before["tokens_out_of_range"] + 1
+
+    # Another consumer, claiming whatever is pending, finds nothing to store or park again.
+    time.sleep(0.06)
+    assert UsageStreamConsumer(name="control-2", block_ms=10, claim_idle_ms=50).drain() == 0
+    assert stored(alice) == [("req-good-0", 10), ("req-good-1", 10), ("req-good-2", 10)]
+    assert ledgered(alice) == 6
+    assert dead.xlen(DEAD_STREAM) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (b'{"request_id": "req-x"}', "malformed"),
+        (None, "malformed"),  # no `report` field at all
+    ],
+)
+def test_an_entry_that_is_not_a_usage_report_is_parked_as_malformed(
+    dead: Any, alice: Person, body: bytes | None, reason: str
+) -> None:
+    fields = {"report": body} if body is not None else {"other": b"x"}
+    entry_id = dead.xadd(USAGE_STREAM, fields).decode()
+    dead.xadd(USAGE_STREAM, {"report": report(alice, "req-fine")})
+
+    assert UsageStreamConsumer(name="control-1", block_ms=10).drain() == 2
+
+    assert stored(alice) == [("req-fine", 10)]
+    assert parked(dead)[entry_id]["reason"] == reason
+    assert dead.xpending(USAGE_STREAM, USAGE_GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"at": time.time() * 1_000_000},  # microseconds
+        {"at": 86_400.0},  # 1970
+        {"at": time.time() + 5 * 366 * 86_400},  # five years ahead
+    ],
+)
+def test_a_report_dated_outside_the_sane_window_is_parked(
+    dead: Any, alice: Person, change: dict[str, Any]
+) -> None:
+    body = orjson.dumps({**orjson.loads(report(alice, "req-when")), **change})
+    entry_id = dead.xadd(USAGE_STREAM, {"report": body}).decode()
+    UsageStreamConsumer(name="control-1", block_ms=10).drain()
+    assert stored(alice) == []
+    assert parked(dead)[entry_id]["reason"] == "timestamp_out_of_range"
+
+
+def test_a_row_the_database_refuses_despite_validation_is_parked_and_the_rest_stored(
+    dead: Any, alice: Person
+) -> None:
+    from django.db import connection
+
+    # A rule of the database that validation does not know about (think: a column
+    # narrowed by a migration): the batch's INSERT fails for this one row.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "ALTER TABLE inference_usagerecord ADD CONSTRAINT test_no_poison "
+            "CHECK (request_id <> 'req-poison')"
+        )
+    before = dead_lettered("database_rejected")
+    entry_id = ""
+    for name in ("req-a", "req-poison", "req-b"):
+        added = dead.xadd(USAGE_STREAM, {"report": report(alice, name)}).decode()
+        entry_id = added if name == "req-poison" else entry_id
+
+    assert UsageStreamConsumer(name="control-1", block_ms=10).drain() == 3
+
+    assert stored(alice) == [("req-a", 10), ("req-b", 10)]
+    assert ledgered(alice) == 4
+    letters = parked(dead)
+    assert list(letters) == [entry_id]
+    assert letters[entry_id]["reason"] == "database_rejected"
+    assert "test_no_poison" in letters[entry_id]["error"]
+    assert dead_lettered("database_rejected") == before + 1
+    assert dead.xpending(USAGE_STREAM, USAGE_GROUP)["pending"] == 0
+
+
+def test_a_database_outage_parks_nothing_and_the_batch_is_stored_when_it_is_back(
+    dead: Any, alice: Person
+) -> None:
+    import psycopg
+    from django.db import OperationalError, connection
+
+    for i in range(3):
+        dead.xadd(USAGE_STREAM, {"report": report(alice, f"req-{i}")})
+    with connection.cursor() as cursor:
+        cursor.execute("SET lock_timeout = '100ms'")
+    # Another session holds a lock that blocks every INSERT into the usage table: to the
+    # consumer the database is unavailable (an OperationalError), not refusing a row.
+    db = settings.DATABASES["default"]
+    blocker = psycopg.connect(
+        host=db["HOST"], port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"]
+    )
+    try:
+        blocker.execute("LOCK TABLE inference_usagerecord IN SHARE MODE")
+        consumer = UsageStreamConsumer(name="control-1", block_ms=10, claim_idle_ms=50)
+        with pytest.raises(OperationalError):
+            consumer.drain()
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    assert stored(alice) == []
+    assert dead.xlen(DEAD_STREAM) == 0
+    assert dead.xpending(USAGE_STREAM, USAGE_GROUP)["pending"] == 3  # left for a retry
+
+    time.sleep(0.06)
+    assert consumer.drain() == 3
+    assert stored(alice) == [("req-0", 10), ("req-1", 10), ("req-2", 10)]
+    assert dead.xpending(USAGE_STREAM, USAGE_GROUP)["pending"] == 0
+    assert dead.xlen(DEAD_STREAM) == 0
+
+
+def test_an_operator_replays_a_dead_letter_once_its_cause_is_fixed(
+    dead: Any, alice: Person
+) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "ALTER TABLE inference_usagerecord ADD CONSTRAINT test_no_poison "
+            "CHECK (request_id <> 'req-poison')"
+        )
+    dead.xadd(USAGE_STREAM, {"report": report(alice, "req-poison")})
+    dead.xadd(USAGE_STREAM, {"report": b"garbage"})
+    consumer = UsageStreamConsumer(name="control-1", block_ms=10)
+    consumer.drain()
+    assert stored(alice) == []
+
+    listing = StringIO()
+    call_command("usage_dead_letters", stdout=listing)
+    assert "database_rejected" in listing.getvalue()
+    assert "malformed" in listing.getvalue()
+
+    with connection.cursor() as cursor:  # the fix
+        cursor.execute("ALTER TABLE inference_usagerecord DROP CONSTRAINT test_no_poison")
+    out = StringIO()
+    call_command("usage_dead_letters", "--replay", "--reason", "database_rejected", stdout=out)
+    assert "1 dead letter(s) replayed" in out.getvalue()
+    assert consumer.drain() == 1
+
+    assert stored(alice) == [("req-poison", 10)]
+    assert ledgered(alice) == 2
+    assert [f[b"reason"] for _, f in dead.xrange(DEAD_STREAM)] == [b"malformed"]
