@@ -22,8 +22,10 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """Raised by the limited `receive` once a body passes its limit. An app inside
+    `BodySizeLimit` that catches every Exception (to answer in OpenAI's shape) must let
+    this one through: the wrapper answers it with a 413 (issue 19: it was a 500)."""
 
 
 class BodySizeLimit:
@@ -70,7 +72,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _TooLarge
+                    raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -81,7 +83,7 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except BodyTooLarge:
             if not response_started:
                 await self._reject(headers, limit, send)
 

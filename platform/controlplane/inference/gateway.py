@@ -8,6 +8,7 @@ request by task name on `gpu.inference`; `collect` waits for the final reply.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -89,22 +90,46 @@ def model_ref(*, organization: Organization, model_id: str, kind: str) -> ModelR
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """What `model_ref` refused with, as plain data. Never the exception object itself:
+    raising one object again and again grows its `__traceback__` by every request's
+    frames, and with them each request's body (issue 19: ~1 MB a request)."""
+
+    error_class: type[ApiError]
+    message: str
+    status_code: int
+    code: str
+    param: str | None
+
+    @classmethod
+    def of(cls, error: ApiError) -> _Refusal:
+        return cls(type(error), str(error.detail), error.status_code, error.code, error.param)
+
+    def error(self) -> ApiError:
+        """A fresh exception per request, so nothing of one request outlives it."""
+        return self.error_class(
+            self.message, status_code=self.status_code, code=self.code, param=self.param
+        )
+
+
 class ModelRefCache:
     """What `model_ref` answered, per (organization, model id, kind), for the asyncio
     path: a hit costs no database query. Entries live API_KEY_CACHE_SECONDS and go at
     once with the organization's keys (`key_cache`): a change to a model, a deployment
-    or a base model invalidates through the same signals and Redis channel."""
+    or a base model invalidates through the same signals and Redis channel. A refusal
+    is kept as data (`_Refusal`) and raised as a new ApiError on each hit."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str, str], tuple[float, ModelRef | ApiError]] = {}
+        self._entries: dict[tuple[str, str, str], tuple[float, ModelRef | _Refusal]] = {}
         self._generation = 0
 
     def get(self, organization_id: str, model_id: str, kind: str) -> ModelRef | None:
         entry = self._entries.get((organization_id, model_id, kind))
         if entry is None or entry[0] < time.monotonic():
             return None
-        if isinstance(entry[1], ApiError):
-            raise entry[1]
+        if isinstance(entry[1], _Refusal):
+            raise entry[1].error()
         return entry[1]
 
     def token(self) -> int:
@@ -118,7 +143,8 @@ class ModelRefCache:
         if len(self._entries) > 10_000:
             self._entries.clear()
         expires = time.monotonic() + settings.API_KEY_CACHE_SECONDS
-        self._entries[(organization_id, model_id, kind)] = (expires, value)
+        kept = _Refusal.of(value) if isinstance(value, ApiError) else value
+        self._entries[(organization_id, model_id, kind)] = (expires, kept)
 
     def drop(self, organization_ids: set[str] | None) -> None:
         self._generation += 1
