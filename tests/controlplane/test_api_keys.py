@@ -5,9 +5,12 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from controlplane.accounts import keys
+from controlplane.accounts import keys, services
+from controlplane.accounts.authentication import Principal, principal_for
 from controlplane.accounts.models import APIKey
-from tests.support.people import Person, client_with
+from controlplane.core.errors import MissingScope
+from controlplane.tenancy.models import Membership
+from tests.support.people import SYSTEM, Person, client_with, join
 
 pytestmark = pytest.mark.django_db
 
@@ -128,6 +131,191 @@ def test_owner_can_create_a_key_for_a_teammate(alice: Person, bob: Person) -> No
     me = client_with(str(created["value"])).get("/v1/me").json()
     assert me["member_id"] == bob.membership.pk
     assert "organization.write" not in me["scopes"]  # bob's role caps the key
+
+
+# --- a key acts as its member: only someone who may manage that member's role manages it ---
+
+
+def _key_of(person: Person) -> APIKey:
+    return APIKey.objects.for_organization(person.organization).get(member=person.membership)
+
+
+def _principal(person: Person) -> Principal:
+    return principal_for(_key_of(person))
+
+
+def test_admin_cannot_bind_a_key_to_the_owner(alice: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+
+    response = admin.client.post(
+        "/v1/organization/api_keys",
+        {"name": "x", "member_id": alice.membership.pk, "scopes": ["all"]},
+        format="json",
+    )
+
+    assert response.status_code == 403
+    error = _error(response)
+    assert error["type"] == "permission_error"
+    assert error["code"] == "insufficient_role"
+    assert error["param"] == "member_id"
+    assert "'owner'" in str(error["message"])
+    assert "Omit 'member_id'" in str(error["message"])  # says what to change
+    assert (
+        APIKey.objects.for_organization(alice.organization).filter(member=alice.membership).count()
+        == 1
+    )  # only alice's own first key
+
+
+def test_admin_cannot_rotate_rename_or_revoke_the_owners_key(alice: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+    owners_key = _key_of(alice)
+    url = f"/v1/organization/api_keys/{owners_key.pk}"
+
+    rotate = admin.client.post(f"{url}/rotate", {"grace_period_seconds": 0}, format="json")
+    rename = admin.client.patch(url, {"name": "mine now"}, format="json")
+    revoke = admin.client.delete(url)
+
+    for response in (rotate, rename, revoke):
+        assert response.status_code == 403, response.content
+        assert _error(response)["code"] == "insufficient_role"
+        assert "'owner'" in str(_error(response)["message"])
+    owners_key.refresh_from_db()
+    assert (owners_key.rotated_at, owners_key.revoked_at, owners_key.name) == (
+        None,
+        None,
+        "Default key",
+    )
+    assert alice.client.get("/v1/me").status_code == 200
+    # Reading it is fine: it is in the admin's own organization.
+    assert admin.client.get(url).status_code == 200
+
+
+def test_admin_cannot_take_over_the_organization_through_the_owners_key(alice: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+    owners_key = _key_of(alice)
+
+    bound = admin.client.post(
+        "/v1/organization/api_keys",
+        {"name": "x", "member_id": alice.membership.pk},
+        format="json",
+    )
+    rotated = admin.client.post(f"/v1/organization/api_keys/{owners_key.pk}/rotate")
+    stolen = [r.json()["value"] for r in (bound, rotated) if r.status_code == 201]
+    # Then act with whatever was obtained: promote self, demote the real owner.
+    for client in [admin.client, *(client_with(value) for value in stolen)]:
+        client.patch(
+            f"/v1/organization/members/{admin.membership.pk}", {"role": "owner"}, format="json"
+        )
+        client.patch(
+            f"/v1/organization/members/{alice.membership.pk}", {"role": "viewer"}, format="json"
+        )
+
+    assert (bound.status_code, rotated.status_code) == (403, 403)
+    assert stolen == []
+    roles = dict(Membership.objects.for_organization(alice.organization).values_list("pk", "role"))
+    assert roles == {alice.membership.pk: "owner", admin.membership.pk: "admin"}
+    assert client_with(alice.key).get("/v1/me").json()["role"] == "owner"
+
+
+def test_a_service_key_cannot_bind_a_key_to_the_owner(alice: Person) -> None:
+    service = client_with(str(create_key(alice, service_account=True, scopes=["all"])["value"]))
+
+    response = service.post(
+        "/v1/organization/api_keys",
+        {"name": "x", "member_id": alice.membership.pk},
+        format="json",
+    )
+
+    assert response.status_code == 403
+    assert _error(response)["code"] == "insufficient_role"
+
+
+def test_a_foreign_member_id_stays_404_for_an_admin(alice: Person, charlie: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+
+    response = admin.client.post(
+        "/v1/organization/api_keys",
+        {"name": "x", "member_id": charlie.membership.pk},
+        format="json",
+    )
+
+    assert response.status_code == 404  # a foreign member stays invisible, never a 403
+
+
+def test_owner_can_bind_a_key_to_an_admin(alice: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+
+    created = create_key(alice, member_id=admin.membership.pk, scopes=["all"])
+
+    me = client_with(str(created["value"])).get("/v1/me").json()
+    assert (me["member_id"], me["role"]) == (admin.membership.pk, "admin")
+
+
+def test_admin_can_bind_rotate_and_revoke_a_developers_key(alice: Person, bob: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+
+    created = create_key(admin, member_id=bob.membership.pk, scopes=["inference"])
+    rotated = admin.client.post(
+        f"/v1/organization/api_keys/{created['id']}/rotate",
+        {"grace_period_seconds": 0},
+        format="json",
+    )
+    bobs_first = APIKey.objects.for_organization(alice.organization).get(
+        prefix=keys.parse_prefix(bob.key)
+    )
+    revoked = admin.client.delete(f"/v1/organization/api_keys/{bobs_first.pk}")
+
+    assert rotated.status_code == 201
+    # The new key still acts for bob, never for the admin who rotated it.
+    assert rotated.json()["member_id"] == bob.membership.pk
+    me = client_with(rotated.json()["value"]).get("/v1/me").json()
+    assert (me["member_id"], me["role"]) == (bob.membership.pk, "developer")
+    assert revoked.status_code == 200
+
+
+def test_an_admin_binds_rotates_and_revokes_their_own_keys(alice: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+
+    created = create_key(admin, member_id=admin.membership.pk)
+    rotated = admin.client.post(f"/v1/organization/api_keys/{created['id']}/rotate")
+
+    assert rotated.status_code == 201
+    assert rotated.json()["member_id"] == admin.membership.pk
+    revoked = client_with(rotated.json()["value"]).delete(
+        f"/v1/organization/api_keys/{rotated.json()['id']}"
+    )
+    assert revoked.status_code == 200
+
+
+def test_any_member_may_bind_a_key_to_themselves(alice: Person) -> None:
+    """Below admin no role holds `organization.write`, so the API refuses them on scope
+    first; the rule itself lets every member bind keys to themselves."""
+    for role in ("owner", "admin", "developer", "billing", "viewer"):
+        member = join(alice.organization, f"{role}@acme.test", role)
+        issued = services.api_key_create(
+            principal=_principal(member),
+            name="mine",
+            scopes=["models.read"],
+            member=member.membership,
+            expires_at=None,
+            actor=SYSTEM,
+        )
+
+        assert issued.api_key.member_id == member.membership.pk
+
+
+def test_a_developer_may_not_bind_a_key_to_another_developer(alice: Person, bob: Person) -> None:
+    dana = join(alice.organization, "dana@acme.test", "developer")
+
+    with pytest.raises(MissingScope, match="'developer'"):
+        services.api_key_create(
+            principal=_principal(bob),
+            name="x",
+            scopes=["models.read"],
+            member=dana.membership,
+            expires_at=None,
+            actor=SYSTEM,
+        )
 
 
 def test_expiry_in_the_past_is_400(alice: Person) -> None:
@@ -411,6 +599,51 @@ def test_last_used_at_moves_once_the_resolution_has_passed(alice: Person) -> Non
     alice.client.get("/v1/me")
 
     assert timezone.now() - qs.get().last_used_at < timedelta(seconds=10)
+
+
+def test_a_key_revoked_behind_the_caches_back_stops_once_the_ttl_since_its_read_has_passed(
+    alice: Person, settings: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost invalidation (a failed publish) is bounded by API_KEY_CACHE_SECONDS from
+    the database read, however often the cached copy is refreshed for `last_used_at`."""
+    import time
+    import types
+
+    from controlplane.accounts import keycache
+    from controlplane.accounts.authentication import cached_key
+
+    settings.API_KEY_CACHE_SECONDS = 60  # type: ignore[attr-defined]
+    settings.API_KEY_LAST_USED_RESOLUTION_SECONDS = 0  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while not keycache.key_cache.enabled and time.monotonic() < deadline:  # listener subscribing
+        time.sleep(0.05)
+    assert keycache.key_cache.enabled
+    now = [1000.0]  # the cache's clock, moved by hand: no sleeping through the TTL
+    monkeypatch.setattr(
+        keycache, "time", types.SimpleNamespace(monotonic=lambda: now[0], sleep=time.sleep)
+    )
+    keycache.key_cache.clear()
+    client = alice.client
+    assert client.get("/v1/me").status_code == 200  # read from the database at t=1000
+    # Revoked without the signal, as if the invalidation had never reached this process.
+    APIKey.objects.for_organization(alice.organization).filter(member=alice.membership).update(
+        revoked_at=timezone.now()
+    )
+
+    for t in (1010.0, 1020.0, 1030.0, 1040.0, 1050.0, 1059.0):
+        now[0] = t
+        # Stale within the TTL (that is what the TTL allows); each use rewrites last_used_at.
+        assert client.get("/v1/me").status_code == 200
+    now[0] = 1060.5
+
+    prefix = keys.parse_prefix(alice.key)
+    assert prefix is not None
+    assert keycache.key_cache.get(prefix) is None
+    assert keycache.key_cache.peek(prefix) is None  # the shared copy (inference) too
+    assert cached_key(alice.key) is None
+    response = client.get("/v1/me")
+    assert response.status_code == 401
+    assert _error(response)["code"] == "api_key_revoked"
 
 
 @pytest.mark.parametrize(

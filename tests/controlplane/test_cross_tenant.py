@@ -7,7 +7,14 @@ import re
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
 
-from tests.support.cross_tenant import BODY_REFERENCES, ENDPOINTS, BodyReference, Endpoint
+from tests.support.cross_tenant import (
+    BODY_REFERENCES,
+    ENDPOINTS,
+    OWNER_ONLY,
+    BodyReference,
+    Endpoint,
+    OwnerOnly,
+)
 from tests.support.people import Person
 
 pytestmark = pytest.mark.django_db
@@ -70,3 +77,31 @@ def _id_bearing_routes() -> set[str]:
 
 def test_every_id_bearing_endpoint_is_in_the_cross_tenant_registry() -> None:
     assert _id_bearing_routes() == {e.path for e in ENDPOINTS}
+
+
+@pytest.mark.parametrize("case", OWNER_ONLY, ids=lambda c: f"{c.method} {c.path}")
+def test_admin_gets_403_for_the_owners_keys_and_membership(alice: Person, case: OwnerOnly) -> None:
+    from tests.support.people import join
+
+    admin = join(alice.organization, "adam@acme.test", "admin")
+    path = case.path.replace("{id}", case.make(alice))
+    before = _organization_state(alice)
+
+    response = _call(admin, case.method, path, case.body(alice))
+
+    assert response.status_code == 403, response.content  # type: ignore[attr-defined]
+    error = response.json()["error"]  # type: ignore[attr-defined]
+    assert (error["type"], error["code"]) == ("permission_error", "insufficient_role")
+    assert "'owner'" in error["message"]
+    assert _organization_state(alice) == before
+
+
+def _organization_state(owner: Person) -> list[object]:
+    """Keys, members and the owner's identity, without `last_used_at` (every call moves
+    the caller's own)."""
+    keys = owner.client.get("/v1/organization/api_keys?limit=100").json()["data"]
+    return [
+        [{k: v for k, v in key.items() if k != "last_used_at"} for key in keys],
+        owner.client.get("/v1/organization/members?limit=100").json()["data"],
+        owner.client.get("/v1/me").json(),
+    ]

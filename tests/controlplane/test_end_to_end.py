@@ -140,7 +140,9 @@ def test_revocation_reaches_the_server_process_at_once(
         time.sleep(0.05)
 
     api_key_revoke(
-        api_key=APIKey.objects.for_organization(alice.organization).get(), actor=SYSTEM
+        api_key=APIKey.objects.for_organization(alice.organization).get(),
+        principal=None,
+        actor=SYSTEM,
     )  # in this process: the server learns it over Redis
     started = time.monotonic()
     status = 200

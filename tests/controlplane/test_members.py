@@ -153,6 +153,39 @@ def test_admin_cannot_demote_an_owner(alice: Person) -> None:
     assert alice.membership.role == "owner"
 
 
+def test_admin_cannot_promote_themselves_to_owner(alice: Person) -> None:
+    admin = join(alice.organization, "adam@acme.test", "admin")
+
+    response = admin.client.patch(
+        f"/v1/organization/members/{admin.membership.pk}", {"role": "owner"}, format="json"
+    )
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "insufficient_role"
+    admin.membership.refresh_from_db()
+    assert admin.membership.role == "admin"
+
+
+def test_a_key_bound_to_an_admin_by_the_owner_acts_as_that_admin_only(alice: Person) -> None:
+    """The owner may bind a key to an admin; holding it is being that admin, not owner."""
+    admin = join(alice.organization, "adam@acme.test", "admin")
+    created = alice.client.post(
+        "/v1/organization/api_keys",
+        {"name": "for adam", "member_id": admin.membership.pk},
+        format="json",
+    )
+    assert created.status_code == 201
+    as_admin = client_with(created.json()["value"])
+
+    demote = as_admin.patch(
+        f"/v1/organization/members/{alice.membership.pk}", {"role": "viewer"}, format="json"
+    )
+
+    assert demote.status_code == 403
+    alice.membership.refresh_from_db()
+    assert alice.membership.role == "owner"
+
+
 def test_last_owner_cannot_be_demoted_or_removed(alice: Person) -> None:
     url = f"/v1/organization/members/{alice.membership.pk}"
 

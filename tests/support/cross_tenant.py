@@ -388,3 +388,33 @@ BODY_REFERENCES: list[BodyReference] = [
         prepare=_as_data_partner,
     ),
 ]
+
+
+@dataclass(frozen=True)
+class OwnerOnly:
+    """A write on an owner's key or membership that an admin of the same organization
+    may not make: a key acts as its member, so holding the owner's would make the admin
+    owner. It is in the admin's own organization, so it is a 403 naming the role (never
+    the 404 of a foreign id), and nothing changes.
+
+    `make` readies the owner's object and returns the value for the path's `{id}`.
+    """
+
+    method: str
+    path: str
+    make: Callable[[Person], str] = lambda owner: ""
+    body: Callable[[Person], dict[str, Any]] = lambda owner: {}
+
+
+OWNER_ONLY: list[OwnerOnly] = [
+    OwnerOnly(
+        "POST",
+        "/v1/organization/api_keys",
+        body=lambda owner: {"name": "x", "member_id": owner.membership.pk},
+    ),
+    OwnerOnly("PATCH", "/v1/organization/api_keys/{id}", make_api_key, lambda _: {"name": "x"}),
+    OwnerOnly("DELETE", "/v1/organization/api_keys/{id}", make_api_key),
+    OwnerOnly("POST", "/v1/organization/api_keys/{id}/rotate", make_api_key),
+    OwnerOnly("PATCH", "/v1/organization/members/{id}", member_of, lambda _: {"role": "viewer"}),
+    OwnerOnly("DELETE", "/v1/organization/members/{id}", member_of),
+]

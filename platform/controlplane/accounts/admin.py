@@ -83,5 +83,6 @@ class APIKeyAdmin(AuditedAdmin):
         actor = Actor.from_request(request)
         live = list(queryset.filter(revoked_at__isnull=True))
         for key in live:
-            api_key_revoke(api_key=key, actor=actor)  # audited, with the staff user as actor
+            # Staff act outside any organization role; audited, with the staff user as actor.
+            api_key_revoke(api_key=key, principal=None, actor=actor)
         self.message_user(request, f"Revoked {len(live)} key(s).", messages.SUCCESS)

@@ -206,14 +206,19 @@ class ApiKeyDetailApi(OrganizationApi):
         api_key = self.get_owned(APIKey, key_id, label="API key")
         data = validated(self.InputSerializer, request.data)
         api_key = services.api_key_rename(
-            api_key=api_key, name=data["name"], actor=Actor.from_request(request)
+            api_key=api_key,
+            name=data["name"],
+            principal=self.principal,
+            actor=Actor.from_request(request),
         )
         return Response(api_key_out(api_key))
 
     @extend_schema(responses={200: dict})
     def delete(self, request: Request, key_id: str) -> Response:
         api_key = self.get_owned(APIKey, key_id, label="API key")
-        services.api_key_revoke(api_key=api_key, actor=Actor.from_request(request))
+        services.api_key_revoke(
+            api_key=api_key, principal=self.principal, actor=Actor.from_request(request)
+        )
         return Response(
             {"object": "organization.api_key.deleted", "id": api_key.pk, "deleted": True}
         )

@@ -97,10 +97,15 @@ class ApiKeyAuthentication(BaseAuthentication):
     @staticmethod
     def _verify(token: str) -> APIKey:
         prefix = _prefix(token)
-        cache_token = key_cache.token()
-        api_key = key_cache.get(prefix)
-        cached = api_key is not None
-        if api_key is None:
+        hit = key_cache.get(prefix)
+        cached = hit is not None
+        if hit is not None:
+            # Storing the refreshed copy back keeps the hit's read time: the TTL is not
+            # renewed by use, so a missed invalidation is bounded by it (keycache.py).
+            api_key: APIKey | None = hit.api_key
+            cache_token = hit.token
+        else:
+            cache_token = key_cache.token()
             try:
                 api_key = (
                     APIKey.objects.dangerously_unscoped()  # the key is how we learn the tenant

@@ -17,6 +17,12 @@ them the moment anything that decides access changes:
 Writes that skip signals (`QuerySet.update()`) are not seen until the TTL ends;
 the code uses them only for `last_used_at`. Expiry is checked on every request
 from the cached row, so an expired key stops working on time.
+
+The TTL counts from the database read, not from the last store: an entry carries
+the time its row was read, and storing a refreshed copy (our own `last_used_at`
+write) keeps that time. So whatever is missed (a failed publish, a write that
+skips signals) is served for at most API_KEY_CACHE_SECONDS after the read, even for
+a key in constant use.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 import structlog
@@ -43,10 +49,36 @@ CHANNEL = "atelier:auth:invalidate"
 EVERYONE = "*"
 
 
+class Token(NamedTuple):
+    """What a cached copy is as fresh as: the invalidation generation and the
+    (monotonic) time before the database read it comes from."""
+
+    generation: int
+    read_at: float
+
+
+class Hit(NamedTuple):
+    """A fresh copy of a cached key, and the token to store a changed copy back with."""
+
+    api_key: APIKey
+    token: Token
+
+
+class _Entry(NamedTuple):
+    read_at: float  # when the row was read from the database: the TTL counts from here
+    organization_id: str
+    blob: bytes  # the pickled key
+    shared: APIKey  # a read-only copy of it
+
+
+def _fresh(entry: _Entry | None) -> bool:
+    return entry is not None and time.monotonic() < entry.read_at + settings.API_KEY_CACHE_SECONDS
+
+
 class KeyCache:
     def __init__(self) -> None:
-        #: prefix → (expires, organization id, pickled key, a read-only copy of it).
-        self._entries: dict[str, tuple[float, str, bytes, APIKey]] = {}
+        #: prefix → the cached key, with when it was read from the database.
+        self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()
@@ -68,16 +100,19 @@ class KeyCache:
         self._ensure_listener()
         return self._listening.is_set()
 
-    def get(self, prefix: str) -> APIKey | None:
+    def get(self, prefix: str) -> Hit | None:
+        """A copy of the cached key, if it was read from the database less than
+        API_KEY_CACHE_SECONDS ago; to store a changed copy, put() it with `hit.token`."""
         if not self.enabled:
             return None
         with self._lock:
             entry = self._entries.get(prefix)
-        if entry is None or entry[0] < time.monotonic():
+            generation = self._generation
+        if entry is None or not _fresh(entry):
             return None
         # A fresh copy per request: views may change the objects they are handed.
-        api_key: APIKey = pickle.loads(entry[2])  # noqa: S301 - bytes this process pickled
-        return api_key
+        api_key: APIKey = pickle.loads(entry.blob)  # noqa: S301 - bytes this process pickled
+        return Hit(api_key, Token(generation, entry.read_at))
 
     def peek(self, prefix: str) -> APIKey | None:
         """`get` without the copy, for callers that only read the key (the asyncio
@@ -85,23 +120,26 @@ class KeyCache:
         if not self.enabled:
             return None
         entry = self._entries.get(prefix)
-        if entry is None or entry[0] < time.monotonic():
+        if entry is None or not _fresh(entry):
             return None
-        return entry[3]
+        return entry.shared
 
-    def token(self) -> int:
+    def token(self) -> Token:
         """Take before reading the database; hand to put() with what was read."""
-        return self._generation
+        return Token(self._generation, time.monotonic())
 
-    def put(self, api_key: APIKey, token: int) -> None:
+    def put(self, api_key: APIKey, token: Token) -> None:
+        """Store `api_key` as read at `token.read_at`: from the database (a token from
+        token()), or a cached copy changed here (the token of its Hit), which so keeps
+        its original read time and never lives past it plus the TTL."""
         if not self.enabled:
             return
-        expires = time.monotonic() + settings.API_KEY_CACHE_SECONDS
         blob = pickle.dumps(api_key)
         shared: APIKey = pickle.loads(blob)  # noqa: S301 - just pickled here
+        entry = _Entry(token.read_at, api_key.organization_id, blob, shared)
         with self._lock:
-            if token == self._generation:  # else an invalidation came in since the read
-                entry = (expires, api_key.organization_id, blob, shared)
+            # Else an invalidation came in since the read: what was read may be stale.
+            if token.generation == self._generation and _fresh(entry):
                 self._entries[api_key.prefix] = entry
 
     # --- invalidation -------------------------------------------------------------------
@@ -113,7 +151,7 @@ class KeyCache:
             return
         with self._lock:
             self._generation += 1
-            for prefix in [p for p, e in self._entries.items() if e[1] in ids]:
+            for prefix in [p for p, e in self._entries.items() if e.organization_id in ids]:
                 del self._entries[prefix]
         for listener in self.listeners:
             listener(ids)

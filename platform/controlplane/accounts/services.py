@@ -13,9 +13,9 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from controlplane.audit.services import Actor, audit_record
-from controlplane.core.errors import ApiError, Conflict
+from controlplane.core.errors import ApiError, Conflict, MissingScope
 from controlplane.tenancy.models import Membership, Organization
-from controlplane.tenancy.roles import Role
+from controlplane.tenancy.roles import Role, can_manage_role
 
 from . import keys
 from .models import APIKey, User
@@ -74,6 +74,60 @@ def scopes_validate(*, scopes: list[str], granter: frozenset[str] | None) -> lis
                 code="scope_escalation",
             )
     return sorted(set(scopes))
+
+
+def api_key_member_check(
+    *, principal: Principal | None, member: Membership | None, action: str, param: str | None = None
+) -> None:
+    """Refuse (403) to create, rotate, rename or revoke a key for `member` unless the
+    caller may manage that member's role.
+
+    A key acts with its member's role, so whoever holds a key bound to a member is
+    that member: issuing one for an owner to an admin would let the admin act as
+    owner (promote themselves, demote the owner). The rule is the one for roles
+    (`can_manage_role`: only owners manage owners); anyone may manage keys bound to
+    themselves. A service key (no member) acts like an admin, so its keys are
+    managed by whoever may manage admins. `principal` None is staff or the system
+    (the Django admin, shells), which act outside any role. Call it inside the
+    write's transaction with `member` as just read, so a concurrent role change
+    cannot slip between the check and the write.
+    """
+    if principal is None:
+        return
+    own = principal.membership
+    if member is not None and own is not None and member.pk == own.pk:
+        return
+    target = member.role if member is not None else Role.ADMIN
+    if can_manage_role(principal.role, target):
+        return
+    who = "A service key" if own is None else f"A member with the '{principal.role}' role"
+    whose = (
+        f"a member with the '{target}' role"
+        if member is not None
+        else "a service account (which acts like an admin)"
+    )
+    if action == "create":
+        what = f"create keys for {whose}"
+        fix = "Ask an owner" if own is None else "Omit 'member_id' to bind the key to yourself"
+    else:
+        what = f"{action} a key that belongs to {whose}"
+        fix = "Ask an owner, or the key's own member"
+    raise MissingScope(
+        f"{who} cannot {what}: a key acts with its member's role; only owners "
+        f"manage owners, and only owners and admins manage other members. {fix}.",
+        param=param,
+        code="insufficient_role",
+    )
+
+
+def _locked_member(api_key: APIKey) -> Membership | None:
+    if api_key.member_id is None:
+        return None
+    return (
+        Membership.objects.for_organization(api_key.organization_id)
+        .select_for_update()
+        .get(pk=api_key.member_id)
+    )
 
 
 def _issue(
@@ -164,6 +218,9 @@ def api_key_create(
     scopes = scopes_validate(scopes=scopes, granter=principal.scopes)
     if expires_at is not None and expires_at <= timezone.now():
         raise ApiError("'expires_at' must be in the future.", param="expires_at")
+    if member is not None:
+        member = Membership.objects.locked(member)  # the role as of this transaction
+    api_key_member_check(principal=principal, member=member, action="create", param="member_id")
     issued = _issue(
         organization=principal.organization,
         name=name,
@@ -188,7 +245,11 @@ def api_key_create(
 
 
 @transaction.atomic
-def api_key_rename(*, api_key: APIKey, name: str, actor: Actor) -> APIKey:
+def api_key_rename(
+    *, api_key: APIKey, name: str, principal: Principal | None, actor: Actor
+) -> APIKey:
+    api_key = APIKey.objects.locked(api_key)
+    api_key_member_check(principal=principal, member=_locked_member(api_key), action="rename")
     old = api_key.name
     api_key.name = name
     api_key.save(update_fields=["name"])
@@ -203,9 +264,13 @@ def api_key_rename(*, api_key: APIKey, name: str, actor: Actor) -> APIKey:
 
 
 @transaction.atomic
-def api_key_revoke(*, api_key: APIKey, actor: Actor) -> APIKey:
-    """Revoke at once. Idempotent: revoking a revoked key changes nothing."""
+def api_key_revoke(*, api_key: APIKey, principal: Principal | None, actor: Actor) -> APIKey:
+    """Revoke at once. Idempotent: revoking a revoked key changes nothing.
+
+    `principal` None: staff or the system, outside any role (see api_key_member_check).
+    """
     locked = APIKey.objects.locked(api_key)
+    api_key_member_check(principal=principal, member=_locked_member(locked), action="revoke")
     if locked.revoked_at is None:
         locked.revoked_at = timezone.now()
         locked.save(update_fields=["revoked_at"])
@@ -227,7 +292,9 @@ def api_key_rotate(
 
     The old key keeps working for the grace period (default
     API_KEY_ROTATION_GRACE_SECONDS, 24 h; 0 ends it now), so deployments can
-    switch over without downtime.
+    switch over without downtime. The new key stays bound to the old key's member
+    (never the caller), and only someone who may manage that member rotates it:
+    the caller receives the new value, so rotating is as strong as creating.
     """
     grace = (
         settings.API_KEY_ROTATION_GRACE_SECONDS
@@ -235,6 +302,8 @@ def api_key_rotate(
         else grace_period_seconds
     )
     locked = APIKey.objects.locked(api_key)
+    member = _locked_member(locked)
+    api_key_member_check(principal=principal, member=member, action="rotate")
     if locked.revoked_at is not None:
         raise Conflict("A revoked key cannot be rotated; create a new key.", code="key_revoked")
     if locked.rotated_at is not None:
@@ -248,7 +317,7 @@ def api_key_rotate(
         organization=locked.organization,
         name=locked.name,
         scopes=locked.scopes,
-        member=locked.member,
+        member=member,
         created_by=principal.user,
         expires_at=locked.expires_at,
     )
