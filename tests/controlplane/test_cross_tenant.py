@@ -97,11 +97,12 @@ def test_admin_gets_403_for_the_owners_keys_and_membership(alice: Person, case: 
 
 
 def _organization_state(owner: Person) -> list[object]:
-    """Keys, members and the owner's identity, without `last_used_at` (every call moves
-    the caller's own)."""
+    """Keys, members, the owner's identity and each key's limits, without `last_used_at`
+    (every call moves the caller's own)."""
     keys = owner.client.get("/v1/organization/api_keys?limit=100").json()["data"]
     return [
         [{k: v for k, v in key.items() if k != "last_used_at"} for key in keys],
         owner.client.get("/v1/organization/members?limit=100").json()["data"],
         owner.client.get("/v1/me").json(),
+        [owner.client.get(f"/v1/organization/api_keys/{key['id']}/limits").json() for key in keys],
     ]

@@ -415,6 +415,12 @@ OWNER_ONLY: list[OwnerOnly] = [
     OwnerOnly("PATCH", "/v1/organization/api_keys/{id}", make_api_key, lambda _: {"name": "x"}),
     OwnerOnly("DELETE", "/v1/organization/api_keys/{id}", make_api_key),
     OwnerOnly("POST", "/v1/organization/api_keys/{id}/rotate", make_api_key),
+    OwnerOnly(
+        "PUT",
+        "/v1/organization/api_keys/{id}/limits",
+        make_api_key,
+        lambda _: {"requests_per_day": 1},
+    ),
     OwnerOnly("PATCH", "/v1/organization/members/{id}", member_of, lambda _: {"role": "viewer"}),
     OwnerOnly("DELETE", "/v1/organization/members/{id}", member_of),
 ]

@@ -130,6 +130,17 @@ def _locked_member(api_key: APIKey) -> Membership | None:
     )
 
 
+def api_key_manage_check(
+    *, principal: Principal | None, api_key: APIKey, action: str
+) -> Membership | None:
+    """Lock `api_key`'s member and refuse (403) unless the caller may manage it (see
+    api_key_member_check): for writes to a key made outside this module, such as its
+    rate limits. Call it inside the write's transaction. Returns the locked member."""
+    member = _locked_member(api_key)
+    api_key_member_check(principal=principal, member=member, action=action)
+    return member
+
+
 def _issue(
     *,
     organization: Organization,

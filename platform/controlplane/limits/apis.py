@@ -55,7 +55,12 @@ class KeyLimitsApi(OrganizationApi):
     def put(self, request: Request, key_id: str) -> Response:
         api_key = self.get_owned(APIKey, key_id, label="API key")
         data = validated(self.InputSerializer, request.data)
-        services.key_limits_set(api_key=api_key, values=data, actor=Actor.from_request(request))
+        services.key_limits_set(
+            api_key=api_key,
+            values=data,
+            actor=Actor.from_request(request),
+            principal=self.principal,
+        )
         return Response(key_limits_out(api_key))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from django.core.mail import send_mail
@@ -12,12 +12,16 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from controlplane.accounts.models import APIKey
+from controlplane.accounts.services import api_key_manage_check
 from controlplane.audit.services import Actor, audit_record
 from controlplane.tenancy.models import Membership, Organization
 from controlplane.tenancy.roles import Role
 
 from .budgets import BudgetSpec
 from .models import Budget, BudgetAlert, BudgetPeriod, KeyLimits
+
+if TYPE_CHECKING:
+    from controlplane.accounts.authentication import Principal
 
 log = structlog.get_logger(__name__)
 
@@ -26,8 +30,19 @@ SYSTEM = Actor(type="system")
 
 
 @transaction.atomic
-def key_limits_set(*, api_key: APIKey, values: dict[str, int | None], actor: Actor) -> KeyLimits:
-    """Set a key's own rate limits (None: back to the plan's). Audited; caches drop at once here."""
+def key_limits_set(
+    *,
+    api_key: APIKey,
+    values: dict[str, int | None],
+    actor: Actor,
+    principal: Principal | None,
+) -> KeyLimits:
+    """Set a key's own rate limits (None: back to the plan's). Audited; caches drop at once here.
+
+    Only for a key whose member the caller may manage (`principal` None: staff or the
+    system): an admin throttling the owner's key to one request a day locks the owner out.
+    """
+    api_key_manage_check(principal=principal, api_key=api_key, action="change the limits of")
     row, _ = KeyLimits.objects.for_organization(api_key.organization_id).get_or_create(
         organization_id=api_key.organization_id, api_key=api_key
     )
