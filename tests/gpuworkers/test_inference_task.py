@@ -71,7 +71,8 @@ def test_the_gpu_worker_leaves_inference_to_inference_workers() -> None:
 
 def test_engine_settings_come_from_the_environment(tmp_path: Path) -> None:
     assert Settings.from_env({"ATELIER_DATA_DIR": str(tmp_path)}) == Settings(
-        cache_dir=data_dir({"ATELIER_DATA_DIR": str(tmp_path)}) / "inference-cache"
+        cache_dir=data_dir({"ATELIER_DATA_DIR": str(tmp_path)}) / "inference-cache",
+        usage_spool_dir=tmp_path / "spool" / "usage",
     )
     settings = Settings.from_env(
         {
@@ -84,9 +85,11 @@ def test_engine_settings_come_from_the_environment(tmp_path: Path) -> None:
             "INFERENCE_DTYPE": "bfloat16",
             "TORCH_NUM_THREADS": "2",
             "INFERENCE_CACHE_DIR": str(tmp_path),
+            "INFERENCE_USAGE_SPOOL_DIR": str(tmp_path / "usage"),
         }
     )
     assert (settings.max_batch, settings.batch_wait_ms, settings.max_queue) == (8, 0.5, 3)
     assert (settings.memory_budget_mb, settings.max_adapters) == (512.0, 2)
     assert (settings.device, settings.dtype, settings.torch_threads) == ("cpu", "bfloat16", 2)
     assert settings.cache_dir == tmp_path
+    assert settings.usage_spool_dir == tmp_path / "usage"

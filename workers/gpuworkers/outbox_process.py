@@ -17,6 +17,9 @@ child exits when it reads `None` (`close`) or end-of-file: if the worker dies,
 the child still publishes what it was handed, then stops. If the child dies,
 the next write starts a new one; replies lost with it end their requests at the
 gateway's silence deadline (a clean 503), as a dead worker's would.
+
+The child's `Outbox` spools usage reports it cannot publish to `spool_dir`
+(see `gpuworkers.usage_spool`): on disk, they outlive both processes.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from gpuworkers.replies import Message, Outbox, OutboxOptions, RedisChannel
+from gpuworkers.usage_spool import UsageSpool, spool_dir_from_env
 from jobcontracts.inference import UsageReport
 
 log = logging.getLogger(__name__)
@@ -42,10 +47,13 @@ _SPAWN = multiprocessing.get_context("spawn")
 class ProcessOutbox:
     """`Outbox`'s interface; the outbox itself runs in a child process."""
 
-    def __init__(self, url: str, options: OutboxOptions) -> None:
-        """`options`: the timing of the child's `Outbox`."""
+    def __init__(self, url: str, options: OutboxOptions, *, spool_dir: Path | None = None) -> None:
+        """`options`: the timing of the child's `Outbox`; `spool_dir`: where it keeps the
+        usage reports Redis did not take (default `spool_dir_from_env()`)."""
         self.url = url
         self.options = options
+        self.spool_dir = spool_dir if spool_dir is not None else spool_dir_from_env()
+        UsageSpool(self.spool_dir).close()  # an unusable spool fails here, at start-up
         #: Replaced (never mutated) by the reader thread: read without a lock.
         self.cancelled: frozenset[str] = frozenset()
         self._lock = threading.Lock()
@@ -60,7 +68,7 @@ class ProcessOutbox:
         cancels_read, cancels_write = _SPAWN.Pipe(duplex=False)
         self._process = _SPAWN.Process(
             target=_serve,
-            args=(self.url, self.options, ops_read, cancels_write),
+            args=(self.url, self.options, self.spool_dir, ops_read, cancels_write),
             name="inference-outbox",
             daemon=True,
         )
@@ -155,8 +163,9 @@ class ProcessOutbox:
     def unwatch(self, request_id: str) -> None:
         self._call(("unwatch", (request_id,)))
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Publish everything sent so far, then stop the child."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Publish everything sent so far, then stop the child (it waits up to 5 s for
+        its outbox: longer here, so usage is spooled before we give up on it)."""
         with self._lock:
             if self._closed:
                 return
@@ -181,7 +190,9 @@ class ProcessOutbox:
                 return
 
 
-def _serve(url: str, options: OutboxOptions, ops: Connection, cancels: Connection) -> None:
+def _serve(
+    url: str, options: OutboxOptions, spool_dir: Path, ops: Connection, cancels: Connection
+) -> None:
     """The child: an `Outbox` on a `RedisChannel`, fed by the engine process's pipe."""
     # Ctrl-C reaches the whole process group: the worker closes us when it stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -192,7 +203,7 @@ def _serve(url: str, options: OutboxOptions, ops: Connection, cancels: Connectio
         with contextlib.suppress(OSError):
             cancels.send_bytes(pickle.dumps(cancelled, protocol=pickle.HIGHEST_PROTOCOL))
 
-    outbox = Outbox(RedisChannel(url), on_cancelled=report, **options)
+    outbox = Outbox(RedisChannel(url), on_cancelled=report, spool=UsageSpool(spool_dir), **options)
     outbox.start()
     calls: dict[str, Callable[..., None]] = {
         "send": outbox.send,

@@ -16,6 +16,15 @@ A stream's deltas after its first may be merged over a few ms
 (`stream_interval_s`): one message per a few tokens instead of one per token.
 A request's end (`finish`) travels the same queue behind its last reply: it
 carries the usage report, and forgets the request's route.
+
+When Redis fails (down, failing over), the two kinds of message part ways. A
+usage report bills the customer and is never dropped: it goes to a durable
+`UsageSpool` on disk and is replayed, in order, once Redis answers again (also
+by the next outbox, if this worker dies first). Replies are only worth anything
+while their client still waits: a batch that still fails after a short retry is
+dropped, and while Redis keeps failing (retried with capped exponential backoff
+and jitter) new replies are dropped at once, so nothing piles up in memory and
+the engine, which only ever enqueues, never waits.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import contextlib
 import logging
 import os
 import queue
+import random
+import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -33,6 +44,7 @@ from typing import Any, Protocol, TypedDict
 
 import orjson
 
+from gpuworkers.usage_spool import UsageSpool
 from jobcontracts.broker import data_dir
 from jobcontracts.inference import (
     DELTA,
@@ -62,10 +74,17 @@ class OutboxOptions(TypedDict, total=False):
     heartbeat_s: float
     stream_interval_s: float
     stream_interval_max_s: float
+    retry_base_s: float
+    retry_max_s: float
 
 
 #: Streams open at which a stream's merge interval starts to grow (see `Outbox`).
 STREAMS_PER_INTERVAL = 8
+#: Tries of one batch while Redis answered the last time (a dropped connection
+#: reconnects on the second); while it keeps failing, one try per backoff.
+PUBLISH_ATTEMPTS = 2
+#: Spooled usage reports replayed per round trip.
+REPLAY_BATCH = 500
 
 
 def wire(request_id: str, kind: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -96,9 +115,20 @@ class RedisChannel:
 
     def __init__(self, url: str) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self.url = url
-        self.client: Any = redis.Redis.from_url(url, socket_keepalive=True)
+        # The outbox owns retrying (see `Outbox._publish`): one immediate reconnect here,
+        # never redis-py's default of seconds of backoff inside one call, and short
+        # timeouts, so an unreachable server is noticed in about a second.
+        self.client: Any = redis.Redis.from_url(
+            url,
+            socket_keepalive=True,
+            socket_connect_timeout=1.0,
+            socket_timeout=2.0,
+            retry=Retry(NoBackoff(), 1),
+        )
         self.routes: dict[str, str] = {}
 
     def publish(self, messages: list[Message]) -> None:
@@ -256,8 +286,23 @@ class Outbox:
         stream_interval_s: float = 0.0,
         stream_interval_max_s: float = 0.0,
         on_cancelled: Callable[[frozenset[str]], None] | None = None,
+        spool: UsageSpool | None = None,
+        retry_base_s: float = 0.1,
+        retry_max_s: float = 2.0,
     ) -> None:
         self.channel = channel
+        #: Where usage reports wait while the channel fails; None: they are logged and lost.
+        self.spool = spool
+        #: While the channel fails, it is retried after this, doubling up to `retry_max_s`.
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = max(retry_base_s, retry_max_s)
+        #: Consecutive failed tries (0: the channel answered the last one).
+        self._failures = 0
+        #: While failing, nothing is tried before this (monotonic); replies are dropped.
+        self._retry_at = 0.0
+        #: Reports wait in the spool: later ones are spooled behind them (kept in order).
+        self._spooled = False
+        self._dropped = 0
         #: With more than `STREAMS_PER_INTERVAL` streams open, the interval grows with
         #: their number, up to this: fewer, larger messages when the worker is busiest.
         self.stream_interval_max_s = max(stream_interval_s, stream_interval_max_s)
@@ -327,6 +372,8 @@ class Outbox:
         self.channel.close()
 
     def _run(self) -> None:
+        # A worker restarted while Redis was down finds the reports its predecessor spooled.
+        self._spooled = self._spool_size() > 0
         last_check = last_beat = next_flush = 0.0
         pending: list[Message] = []
         #: Requests with something urgent waiting: sent at once, their earlier deltas with
@@ -341,6 +388,8 @@ class Outbox:
             else:
                 # Idle (nothing to watch): sleep longer; a new request's first reply wakes us.
                 timeout = self.cancel_check_s if self._watched else min(0.5, self.heartbeat_s)
+            if self._spooled:  # wake for the next replay
+                timeout = min(timeout, max(0.0, self._retry_at - now))
             try:
                 item = self._queue.get(timeout=timeout)
                 while item is not None:  # everything already waiting goes in one round trip
@@ -364,7 +413,10 @@ class Outbox:
             if stop:
                 return
             now = time.monotonic()
-            if now - last_check >= self.cancel_check_s:
+            if self._spooled and now >= self._retry_at:
+                self._replay()
+                now = time.monotonic()
+            if now - last_check >= self.cancel_check_s and now >= self._retry_at:
                 last_check = now
                 self._poll_cancels()
             if now - last_beat >= min(1.0, self.heartbeat_s / 2):
@@ -378,13 +430,118 @@ class Outbox:
         return min(self.stream_interval_max_s, self.stream_interval_s * max(1.0, load))
 
     def _publish(self, batch: list[Message]) -> None:
-        for attempt in range(3):
+        """Publish a batch; if the channel fails, spool its usage and drop its replies."""
+        if self._spooled:  # behind the reports already waiting, never ahead of them
+            batch = self._spool_usage(batch)
+        if time.monotonic() < self._retry_at:
+            self._shed(batch)
+            return
+        attempts = 1 if self._failures else PUBLISH_ATTEMPTS
+        for attempt in range(attempts):
             try:
                 self.channel.publish(batch)
+            except Exception as exc:  # a dropped connection: redis-py reconnects on the next call
+                if attempt + 1 < attempts:
+                    time.sleep(0.05)
+                    continue
+                self._failed(exc)
+                self._shed(batch)
                 return
-            except Exception:  # a dropped connection: redis-py reconnects on the next call
-                log.exception("inference.reply_publish_failed", extra={"attempt": attempt})
-                time.sleep(0.05 * (attempt + 1))
+            self._answered()
+            return
+
+    def _answered(self) -> None:
+        if self._failures:
+            log.warning("inference.redis_recovered", extra={"dropped_replies": self._dropped})
+        self._failures = 0
+        self._retry_at = 0.0
+        self._dropped = 0
+
+    def _failed(self, exc: Exception) -> None:
+        """The channel failed: try again after a capped, jittered exponential backoff."""
+        self._failures += 1
+        if self._failures == 1:
+            log.warning("inference.redis_unavailable", extra={"error": repr(exc)})
+        delay = min(self.retry_max_s, self.retry_base_s * 2 ** min(self._failures - 1, 30))
+        # Jitter: workers that lost the same Redis do not all come back in step.
+        self._retry_at = time.monotonic() + random.uniform(delay / 2, delay)  # noqa: S311
+
+    @staticmethod
+    def _usage_of(batch: list[Message]) -> list[dict[str, Any]]:
+        return [data["usage"] for _, kind, data in batch if kind == END and data.get("usage")]
+
+    def _spool_usage(self, batch: list[Message]) -> list[Message]:
+        """The batch without its usage reports, which are now in the spool (if it took them)."""
+        reports = self._usage_of(batch)
+        if not reports or not self._spool_write(reports):
+            return batch
+        return [(r, END, {"usage": None}) if kind == END else (r, kind, d) for r, kind, d in batch]
+
+    def _shed(self, batch: list[Message]) -> None:
+        """The channel is failing: usage to the spool, replies dropped (their clients time
+        out), the ended requests' routes forgotten."""
+        reports = self._usage_of(batch)
+        if reports and not self._spool_write(reports):
+            log.error("inference.usage_lost", extra={"reports": reports})
+        for request_id, kind, _ in batch:
+            if kind == END:
+                self.channel.routes.pop(request_id, None)
+            else:
+                self._dropped += 1
+
+    def _spool_write(self, reports: list[dict[str, Any]]) -> bool:
+        if self.spool is None:
+            return False
+        try:
+            self.spool.append([orjson.dumps(report) for report in reports])
+        except sqlite3.Error:
+            log.exception("inference.usage_spool_failed")
+            return False
+        self._spooled = True
+        return True
+
+    def _spool_size(self) -> int:
+        if self.spool is None:
+            return 0
+        try:
+            return len(self.spool)
+        except sqlite3.Error:
+            log.exception("inference.usage_spool_failed")
+            return 0
+
+    def _replay(self) -> None:
+        """Send the oldest spooled reports; delete them once the channel took them."""
+        assert self.spool is not None
+        try:
+            rows = self.spool.head(REPLAY_BATCH)
+        except sqlite3.Error:
+            log.exception("inference.usage_spool_failed")
+            self._retry_at = time.monotonic() + self.retry_max_s
+            return
+        if not rows:
+            self._spooled = False
+            return
+        messages: list[Message] = []
+        for _, raw in rows:
+            try:
+                report = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                report = None
+            if not isinstance(report, dict):  # never written by us: not worth a stuck spool
+                log.error("inference.usage_spool_unreadable", extra={"report": raw[:200]})
+                continue
+            messages.append((str(report.get("request_id", "")), END, {"usage": report}))
+        try:
+            self.channel.publish(messages)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._answered()
+        try:
+            self.spool.remove([row_id for row_id, _ in rows])
+        except sqlite3.Error:  # replayed again later: the control plane stores each request once
+            log.exception("inference.usage_spool_failed")
+        log.info("inference.usage_replayed", extra={"reports": len(rows)})
 
     def _urgent(self, message: Message) -> bool:
         """Everything but a request's later deltas is published at once: start, done,
@@ -434,8 +591,8 @@ class Outbox:
         if watched:
             try:
                 found = self.channel.cancelled(watched)
-            except Exception:
-                log.exception("inference.cancel_check_failed")
+            except Exception as exc:
+                self._failed(exc)  # no polling (or log line) every few ms while Redis is down
                 return
         if found or self.cancelled:
             cancelled = frozenset(found)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpuworkers.usage_spool import spool_dir_from_env
 from jobcontracts.broker import data_dir
 
 
@@ -56,6 +57,8 @@ class Settings:
     torch_threads: int | None = None
     #: Local copies of models and adapters that live in object storage.
     cache_dir: Path = Path(tempfile.gettempdir()) / "atelier-inference"
+    #: Usage reports Redis did not take wait here (on disk) to be replayed.
+    usage_spool_dir: Path = field(default_factory=spool_dir_from_env)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,4 +100,5 @@ class Settings:
             dtype=optional("INFERENCE_DTYPE"),
             torch_threads=max(1, int(threads)) if threads else None,
             cache_dir=Path(cache) if cache else data_dir(env) / "inference-cache",
+            usage_spool_dir=spool_dir_from_env(env),
         )

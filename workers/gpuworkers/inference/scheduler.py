@@ -49,6 +49,7 @@ from gpuworkers.inference.models import ModelError, ModelKey
 from gpuworkers.inference.prepare import Tokenizers, prepare
 from gpuworkers.outbox_process import ProcessOutbox
 from gpuworkers.replies import Outbox, OutboxOptions, RedisChannel, ReplyChannel
+from gpuworkers.usage_spool import UsageSpool
 from jobcontracts.inference import DONE, ERROR, START, InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,12 @@ def outbox_for(channel: ReplyChannel, settings: Settings) -> Outbox | ProcessOut
         "stream_interval_s": settings.stream_interval_ms / 1000,
         "stream_interval_max_s": settings.stream_interval_max_ms / 1000,
     }
-    if settings.outbox_process and isinstance(channel, RedisChannel):
+    if not isinstance(channel, RedisChannel):
+        return Outbox(channel, **options)
+    if settings.outbox_process:
         channel.close()  # never used here: the child opens its own
-        return ProcessOutbox(channel.url, options)
-    return Outbox(channel, **options)
+        return ProcessOutbox(channel.url, options, spool_dir=settings.usage_spool_dir)
+    return Outbox(channel, spool=UsageSpool(settings.usage_spool_dir), **options)
 
 
 class Engine:
