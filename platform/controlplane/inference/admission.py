@@ -12,9 +12,14 @@ Before a request is sent to a worker (`admit`):
    round trip when there are none); a hard budget that cannot cover it refuses
    with 429 `insufficient_quota`, after giving back the tokens charged in 3.
 
-After it ended (`settle`, off the latency path): the rate limit's token charge
-is corrected to the actual count and the reservation replaced by the actual
-cost. What the request is billed is not decided here: that is the usage
+After it ended (`settle`, off the latency path): the reservation is replaced by
+the actual cost and the rate limit's token charge corrected to the actual
+count. "Actual" is what the worker reported in the request's final reply, for
+both front doors alike: each feeds the replies it reads to an `Outcome`, and a
+request whose caller left before the end is settled once its worker's final
+reply comes (`asettle_reported`), never at a guess. Every exit after admission
+settles: a request that never reached a worker is settled at zero (its hold
+released). What the request is billed is not decided here: that is the usage
 report the worker sends, stored once and written to the ledger.
 
 The prompt is estimated at one token per four characters (what OpenAI's own
@@ -27,6 +32,7 @@ rate limits or budgets to share, so only steps 1 and 2 apply.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -34,6 +40,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import redis
+import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q
@@ -45,7 +53,11 @@ from controlplane.core.errors import ApiError
 from controlplane.limits import budgets, ratelimit
 from controlplane.limits.resolve import alimits_for, limits_for
 from controlplane.payments.access import ainference_refusal, inference_refusal
-from jobcontracts.inference import InferenceRequest
+from jobcontracts.inference import InferenceRequest, Reply
+
+from .replies import ReplyTimeout, Subscription
+
+log = structlog.get_logger(__name__)
 
 #: Seconds a model's looked-up prices are reused (a new price applies this much later).
 PRICE_CACHE_SECONDS = 30.0
@@ -73,12 +85,6 @@ def _estimate(request: InferenceRequest) -> tuple[int, int]:
     if request.kind in ("chat", "completion"):
         return prompt, request.params.max_tokens * max(1, request.params.n) * prompts
     return prompt, 0
-
-
-def estimated_usage(request: InferenceRequest) -> dict[str, int]:
-    """The most a request may have used, for settling one whose actual usage is unknown."""
-    prompt, completion = _estimate(request)
-    return {"prompt_tokens": prompt, "completion_tokens": completion}
 
 
 def _load_prices(model: str, at: datetime) -> tuple[Decimal, Decimal]:
@@ -177,8 +183,10 @@ def admit(request: InferenceRequest) -> Admission:
             api_key_id=key_id,
             max_cost=_max_cost(request, prices),
         )
-    except budgets.InsufficientQuota:
-        ratelimit.adjust(decision, 0)  # refused: it used none of the tokens it was charged
+    except Exception:
+        # Refused (or Redis failed): it used none of the tokens it was charged.
+        with contextlib.suppress(redis.RedisError):
+            ratelimit.adjust(decision, 0)
         raise
     return Admission(request, decision, reservation, prices)
 
@@ -205,25 +213,101 @@ async def aadmit(request: InferenceRequest, organization: Any) -> Admission:
             api_key_id=key_id,
             max_cost=_max_cost(request, prices),
         )
-    except budgets.InsufficientQuota:
-        await ratelimit.aadjust(decision, 0)
+    except Exception:
+        with contextlib.suppress(redis.RedisError):
+            await ratelimit.aadjust(decision, 0)
         raise
     return Admission(request, decision, reservation, prices)
 
 
+class Outcome:
+    """What a request's worker has said, as far as settling goes: both front doors feed
+    it every reply they read, and settle at its `usage`.
+
+    `sent`: the request reached the worker queue (before that nothing can have run);
+    `ended`: its final reply (`done` or `error`) was read; `usage`: what that reply
+    reported (None: nothing reported, nothing used).
+    """
+
+    __slots__ = ("ended", "sent", "usage")
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.ended = False
+        self.usage: dict[str, Any] | None = None
+
+    def seen(self, reply: Reply) -> Reply:
+        if reply.type in ("done", "error"):
+            self.ended = True
+            self.usage = reply.data.get("usage")
+        return reply
+
+
 def settle(admission: Admission, usage: dict[str, Any] | None) -> None:
-    """Correct the token charge and the budget hold to what the request used (its
-    reply's usage; None: nothing known, e.g. the worker was lost: charged nothing)."""
+    """Correct the budget hold and the token charge to what the request used (the usage
+    its worker reported; None: nothing reported, e.g. never sent or the worker was lost:
+    charged nothing). The budget goes first: a rate-limit correction that fails (the
+    window forgets it within its span) must not cost the spend."""
     if admission.decision is None or admission.reservation is None:
         return
     tokens, cost = _cost(usage, admission.prices)
-    ratelimit.adjust(admission.decision, tokens)
     budgets.settle(admission.reservation, cost)
+    try:
+        ratelimit.adjust(admission.decision, tokens)
+    except redis.RedisError as error:
+        _adjust_failed(admission, error)
 
 
 async def asettle(admission: Admission, usage: dict[str, Any] | None) -> None:
     if admission.decision is None or admission.reservation is None:
         return
     tokens, cost = _cost(usage, admission.prices)
-    await ratelimit.aadjust(admission.decision, tokens)
     await budgets.asettle(admission.reservation, cost)
+    try:
+        await ratelimit.aadjust(admission.decision, tokens)
+    except redis.RedisError as error:
+        _adjust_failed(admission, error)
+
+
+def _adjust_failed(admission: Admission, error: Exception) -> None:
+    log.warning(
+        "inference.ratelimit_adjust_failed",
+        request_id=admission.request.request_id,
+        organization_id=admission.request.organization_id,
+        error=repr(error),
+    )
+
+
+async def asettle_reported(
+    admission: Admission, outcome: Outcome, subscription: Subscription | None
+) -> None:
+    """Settle a request that is over for its caller at the usage its worker reports,
+    then close its reply subscription. The one way both front doors settle a request
+    whose replies they read on the event loop.
+
+    Sent but its final reply not read (the caller left and the request was
+    cancelled): the worker still ends it with a reply carrying the tokens it used;
+    wait for that, within the subscription's deadlines, rather than guess. A worker
+    that stays silent past them reported nothing: settled at zero, as is a request
+    that was never sent. Never raises (a failure is logged).
+    """
+    try:
+        if subscription is not None and outcome.sent and not outcome.ended:
+            async for reply in subscription.areplies():
+                outcome.seen(reply)
+    except ReplyTimeout:
+        pass  # the worker is gone: it used what it reported, or nothing
+    except Exception as error:  # the reply channel failed: settle at what was read
+        log.warning(
+            "inference.final_reply_unread",
+            request_id=admission.request.request_id,
+            error=repr(error),
+        )
+    finally:
+        if subscription is not None:
+            with contextlib.suppress(Exception):
+                await subscription.aclose()
+    try:
+        await asettle(admission, outcome.usage)
+    except Exception:  # budgets.asettle kept the spend; an alert could not be recorded
+        log.exception("inference.settle_failed", request_id=admission.request.request_id)

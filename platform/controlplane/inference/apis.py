@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import redis
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
@@ -22,12 +23,26 @@ from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from controlplane.core.errors import ApiError
 from controlplane.core.serializers import validated_reusing
 from controlplane.tenancy.apis_base import OrganizationApi
 from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply
 
 from . import admission, gateway, inputs
 from .replies import ReplyTimeout, Subscription, cancel
+
+
+def transport_unavailable() -> ApiError:
+    """503 for a request admitted but not handed to a worker: Redis (the request queue
+    or the reply channel) failed. Its budget hold is released by the caller's settle."""
+    error = ApiError(
+        "The inference service could not take the request: its message broker did not "
+        "answer. Nothing ran and nothing was charged; retry in a moment.",
+        status_code=503,
+        code="service_unavailable",
+    )
+    error.retry_after = 1  # type: ignore[attr-defined]
+    return error
 
 
 def _usage(data: dict[str, Any]) -> dict[str, int]:
@@ -145,14 +160,15 @@ class InferenceApi(OrganizationApi):
             for name, value in STREAM_HEADERS.items():
                 response[name] = value
         else:
+            outcome = admission.Outcome()
             try:
-                reply = gateway.collect(inference, timeout)
+                reply = _collect(inference, timeout, outcome)
             except Exception as exc:
-                admission.settle(admitted, None)
+                admission.settle(admitted, outcome.usage)
                 # The rate-limit state goes on the error response too (error_parts).
                 exc.headers = admitted.headers  # type: ignore[attr-defined]
                 raise
-            admission.settle(admitted, reply.data.get("usage"))
+            admission.settle(admitted, outcome.usage)
             response = Response(self.body(inference, reply, data))
         for name, value in admitted.headers().items():
             response[name] = value
@@ -160,51 +176,74 @@ class InferenceApi(OrganizationApi):
         return response
 
 
+def _collect(inference: InferenceRequest, timeout: float, outcome: admission.Outcome) -> Reply:
+    """Send and wait for the final reply (blocking), every reply seen by `outcome` (what
+    is settled). Raises ApiError on failure: the worker's, a lost worker, Redis down."""
+    try:
+        with Subscription(
+            inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
+        ) as subscription:
+            gateway.send(inference)
+            outcome.sent = True
+            try:
+                for reply in subscription.replies():
+                    outcome.seen(reply)
+                    if reply.type == "done":
+                        return reply
+                    if reply.type == "error":
+                        raise gateway.failure(reply)
+            except ReplyTimeout as exc:
+                raise gateway.lost(exc.started, inference.request_id) from None
+    except redis.RedisError as exc:
+        raise transport_unavailable() from exc
+    raise gateway.lost(False, inference.request_id)
+
+
 #: nginx: do not hold the events back.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error_event(error: ApiError) -> bytes:
+    return _event({"error": {"message": str(error.detail), "code": error.code}})
 
 
 async def _sse(
     inference: InferenceRequest, timeout: float, chunks: Any, admitted: admission.Admission
 ) -> AsyncIterator[bytes]:
     """Server-sent events from the reply channel; cancels the generation if the client
-    leaves (the ASGI server cancels this generator) before the worker is done."""
+    leaves (the ASGI server cancels this generator) before the worker is done. The
+    status (200) is sent before this runs: a failure to send is an error event."""
     subscription = Subscription(
         inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
     )
-    finished = False
-    usage: dict[str, Any] | None = None
+    outcome = admission.Outcome()
     try:
-        await subscription.aopen()
-        gateway.send(inference)
+        try:
+            await subscription.aopen()
+            gateway.send(inference)
+        except (redis.RedisError, ApiError) as exc:  # nothing ran: the finally releases it
+            yield _error_event(exc if isinstance(exc, ApiError) else transport_unavailable())
+            yield b"data: [DONE]\n\n"
+            return
+        outcome.sent = True
         for first in chunks.opening():
             yield _event(first)
         try:
             async for reply in subscription.areplies():
+                outcome.seen(reply)
                 if reply.type == "error":
-                    finished = True
-                    error = gateway.failure(reply)
-                    yield _event({"error": {"message": str(error.detail), "code": error.code}})
+                    yield _error_event(gateway.failure(reply))
                     break
-                if reply.type == "done":
-                    finished = True
-                    usage = reply.data.get("usage")
                 for chunk in chunks.on(reply):
                     yield _event(chunk)
         except ReplyTimeout as exc:
-            error = gateway.lost(exc.started, inference.request_id)
-            yield _event({"error": {"message": str(error.detail), "code": error.code}})
-            finished = True
+            yield _error_event(gateway.lost(exc.started, inference.request_id))
         yield b"data: [DONE]\n\n"
     finally:
-        if not finished:
-            cancel(inference.request_id)
-        await subscription.aclose()
-        # A stream cut short is settled at its reservation's cost: its actual usage
-        # reaches the ledger from the worker; the budget's hold just stays cautious.
-        await admission.asettle(
-            admitted, usage if finished else admission.estimated_usage(inference)
-        )
+        if outcome.sent and not outcome.ended:
+            cancel(inference.request_id)  # the client left: stop the generation
+        # At what the worker reports, waiting for its final reply if the client left.
+        await admission.asettle_reported(admitted, outcome, subscription)
 
 
 def _event(payload: dict[str, Any]) -> bytes:

@@ -25,14 +25,19 @@ views serve it) and while INFERENCE_FAST_PATH is on (the default).
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
+import redis
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
+from django.core.handlers.asgi import ASGIRequest
 from rest_framework import exceptions
 
 from controlplane.accounts.authentication import (
@@ -42,6 +47,7 @@ from controlplane.accounts.authentication import (
     principal_for,
 )
 from controlplane.accounts.keys import KEY_START
+from controlplane.core.asgi_limits import BodyTooLarge
 from controlplane.core.errors import ApiError, MissingScope, error_parts
 from controlplane.core.requestid import HEADER, request_id_from
 from controlplane.core.serializers import validated_reusing
@@ -51,6 +57,8 @@ from . import admission, apis, gateway
 from .replies import HubSubscription, ReplyTimeout, acancel, hub
 
 log = structlog.get_logger("controlplane.request")
+#: Where Django logs a refused Host (`response_for_exception`): the same filters apply.
+_host_log = logging.getLogger("django.security.DisallowedHost")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -105,16 +113,17 @@ class Call:
         self.started = time.perf_counter()
         self.status = 0
         self.extra_headers: dict[str, str] = {}
-        #: The request's final reply was seen, and the usage it gave.
-        self.sent = False
-        self.ended = False
-        self.usage: dict[str, Any] | None = None
+        #: Sent or not, its final reply seen or not, and the usage it gave: what is settled.
+        self.outcome = admission.Outcome()
         self.disconnected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
         try:
             await self._serve()
+        except BodyTooLarge:
+            self.status = 413
+            raise  # BodySizeLimit answers it (413, OpenAI's shape), as on every route
         except Exception as exc:  # every error in OpenAI's shape, as the DRF views answer
             if self.status:  # already streaming: nothing more can be said over HTTP
                 log.exception("inference.stream_failed")
@@ -134,6 +143,7 @@ class Call:
             structlog.contextvars.clear_contextvars()
 
     async def _serve(self) -> None:
+        self._host()
         body = await self._body()
         principal = await self._principal()
         structlog.contextvars.bind_contextvars(
@@ -171,11 +181,15 @@ class Call:
         subscription = HubSubscription(
             inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
         )
-        await subscription.aopen()  # before sending: no reply can come first
-        watcher = asyncio.ensure_future(self._watch_disconnect())
-        try:
-            await gateway.asend(inference)
-            self.sent = True
+        watcher: asyncio.Future[None] | None = None
+        try:  # from admission on, every exit settles the hold (released if nothing ran)
+            try:
+                await subscription.aopen()  # before sending: no reply can come first
+                await gateway.asend(inference)
+            except redis.RedisError as exc:
+                raise apis.transport_unavailable() from exc
+            self.outcome.sent = True
+            watcher = asyncio.ensure_future(self._watch_disconnect())
             chunks = self.api.chunks(inference, data)
             if chunks is None:
                 reply = await self._final(subscription, inference)
@@ -184,29 +198,25 @@ class Call:
             else:
                 await self._stream(subscription, inference, chunks)
         finally:
-            watcher.cancel()
-            _background(self._settle(subscription, admitted))
-
-    async def _settle(self, subscription: HubSubscription, admitted: admission.Admission) -> None:
-        """After the response: settle limits and budgets with what the request used. A
-        request cut short (the client left) still ends on the worker with its usage: wait
-        for it (within the silence deadline) rather than guess."""
-        never = asyncio.get_running_loop().create_future()
-        try:
-            while self.sent and not self.ended:
-                reply = await subscription.next_or(never)
-                if reply is not None:
-                    self._seen(reply)
-        except ReplyTimeout:
-            pass  # the worker is gone: it used what it reported, or nothing
-        finally:
-            await subscription.aclose()
-        try:
-            await admission.asettle(admitted, self.usage)
-        except Exception:  # Redis blinked: the holds expire on their own
-            log.exception("inference.settle_failed", request_id=subscription.request_id)
+            if watcher is not None:
+                watcher.cancel()
+            # After the response, at the usage the worker reports (see asettle_reported).
+            _background(admission.asettle_reported(admitted, self.outcome, subscription))
 
     # -- input ------------------------------------------------------------------------
+
+    def _host(self) -> None:
+        """Refuse a Host outside ALLOWED_HOSTS as Django does for every other URL
+        (CommonMiddleware's `get_host()`, a 400 through handler400): it is Django's own
+        code on this scope, so X-Forwarded-Host (USE_X_FORWARDED_HOST), ports and DEBUG's
+        localhost defaults are read the same. Before the key and the body are looked at."""
+        try:
+            ASGIRequest(self.scope, io.BytesIO()).get_host()
+        except DisallowedHost as exc:
+            _host_log.error(str(exc), extra={"status_code": 400})
+            raise ApiError("Bad request.", code="bad_request") from None
+        except UnicodeDecodeError:  # a query string that is not UTF-8: Django's 400 too
+            raise ApiError("Bad request.", code="bad_request") from None
 
     async def _body(self) -> bytes:
         parts = []
@@ -282,10 +292,7 @@ class Call:
         return self._seen(reply)
 
     def _seen(self, reply: Reply) -> Reply:
-        if reply.type in ("done", "error"):
-            self.ended = True
-            self.usage = reply.data.get("usage")
-        return reply
+        return self.outcome.seen(reply)
 
     async def _final(
         self, subscription: HubSubscription, inference: InferenceRequest

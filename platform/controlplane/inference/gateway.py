@@ -24,7 +24,7 @@ from controlplane.tenancy.models import Organization
 from jobcontracts import queues
 from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply, request_queue
 
-from .replies import ReplyTimeout, Subscription, cancel
+from .replies import cancel
 
 #: What each endpoint needs the model to do.
 TASK_FOR_KIND = {
@@ -293,23 +293,6 @@ def lost(started: bool, rid: str) -> ApiError:
     error = ApiError(message, status_code=503, code=code)
     error.retry_after = 1  # type: ignore[attr-defined]
     return error
-
-
-def collect(request: InferenceRequest, timeout: float) -> Reply:
-    """Send and wait for the final reply (blocking). Raises ApiError on failure."""
-    with Subscription(
-        request.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
-    ) as subscription:
-        send(request)
-        try:
-            for reply in subscription.replies():
-                if reply.type == "done":
-                    return reply
-                if reply.type == "error":
-                    raise failure(reply)
-        except ReplyTimeout as exc:
-            raise lost(exc.started, request.request_id) from None
-    raise lost(False, request.request_id)
 
 
 def ensure_known(model_id: Any) -> str:

@@ -312,7 +312,9 @@ class HubSubscription(Subscription):
         return self._hub.channel
 
     async def aclose(self) -> None:
-        self._hub.unregister(self.request_id)
+        hub = getattr(self, "_hub", None)  # None: it was never opened
+        if hub is not None:
+            hub.unregister(self.request_id)
 
     async def _anext(self) -> Reply:
         reply = await self.next_or(asyncio.get_running_loop().create_future())

@@ -13,10 +13,23 @@ one admitted just below the line), whatever N and however many web processes.
 Money travels to Redis as integer nano-dollars (costs rounded *up*), so Lua's
 doubles stay exact up to $9M per period; budgets are capped at $1M.
 
+What a budget counts: the inference spend (prompt and completion tokens at the
+price book's prices) of the organization, or of the key for a key's budget, in
+the period; training, compression and storage are invoiced but not budgeted.
+The live path counts exactly that (a request's cost at settle) and the rebuild
+from the ledger counts the same meters (`spend.BUDGETED_METERS`, the one place
+the rule is written), so a rebuilt counter equals the live one.
+
 Redis is not the record: when a period's hash is missing (Redis lost it), its
 spend is rebuilt from the ledger (spend.ledger_spend) before the request is
 admitted. Reservations open at that moment are forgotten, which can only let
 through requests that were already running.
+
+A settle Redis cannot take (redis-py has already retried the connection) is not
+dropped: it is kept in the process and applied again by its next reserve or
+settle (`limits.budget_settle_deferred`, then `limits.budget_settle_recovered`);
+meanwhile its hold still counts against the budget, so the counter errs high,
+never low, and converges once Redis answers.
 """
 
 from __future__ import annotations
@@ -26,12 +39,14 @@ import math
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
+import redis
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -69,7 +84,7 @@ for i = 1, n do
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, 100)) do
     local held = redis.call('HGET', h, 'r:' .. id)
     if held and held ~= 'x' then
-      redis.call('HINCRBY', h, 'reserved', -tonumber(held))
+      redis.call('HINCRBY', h, 'reserved', 0 - tonumber(held))  -- not -x: Redis refuses '-0'
       redis.call('HSET', h, 'r:' .. id, 'x')
     end
     redis.call('ZREM', z, id)
@@ -110,7 +125,7 @@ for i = 1, #KEYS / 2 do
     local held = redis.call('HGET', h, 'r:' .. id)
     if held then
       if held ~= 'x' then
-        redis.call('HINCRBY', h, 'reserved', -tonumber(held))
+        redis.call('HINCRBY', h, 'reserved', 0 - tonumber(held))  -- not -x: Redis refuses '-0'
         redis.call('ZREM', z, id)
       end
       redis.call('HDEL', h, 'r:' .. id)
@@ -378,13 +393,15 @@ def rebuild(target: Held) -> None:
 
 
 def ledger_spend_for(target: Held) -> Decimal:
-    from .spend import ledger_spend
+    """What the ledger says the budget's period spent, counting what a budget counts."""
+    from .spend import BUDGETED_METERS, ledger_spend
 
     return ledger_spend(
         organization_id=target.spec.organization_id,
         api_key_id=target.spec.api_key_id,
         start=target.period_start,
         end=target.period_end,
+        meters=BUDGETED_METERS,
     )
 
 
@@ -446,6 +463,8 @@ def reserve(
     reservation = _new_reservation(organization_id, api_key_id, max_cost, held)
     if not held:
         return reservation
+    if _deferred:
+        _retry_deferred()
     keys, args = _reserve_args(held, reservation.id, max_cost)
     script = sync_script("budgets.reserve", _RESERVE)
     for _ in range(3):
@@ -477,6 +496,8 @@ async def areserve(
     reservation = _new_reservation(organization_id, api_key_id, max_cost, held)
     if not held:
         return reservation
+    if _deferred:
+        await _aretry_deferred()
     keys, args = _reserve_args(held, reservation.id, max_cost)
     script = async_script("budgets.reserve", _RESERVE)
     for _ in range(3):
@@ -513,22 +534,156 @@ def settle(reservation: Reservation, actual_cost: Decimal) -> None:
     spend. Crossing an alert threshold records the alert (audit event, email to
     owners and billing members) once per budget period. One round trip, plus
     database writes only when a threshold is crossed.
+
+    Never loses the spend to Redis: when Redis cannot take the settle, it is
+    deferred (a `limits.budget_settle_deferred` warning) and applied by the
+    process's next reserve or settle; it raises only for a negative cost (and
+    should recording an alert fail, after the spend was counted).
     """
     if not reservation.held:
         return
     keys, args = _settle_args(reservation, actual_cost)
-    reply = sync_script("budgets.settle", _SETTLE)(keys=keys, args=args)
+    if _deferred:
+        _retry_deferred()
+    try:
+        reply = sync_script("budgets.settle", _SETTLE)(keys=keys, args=args)
+    except redis.RedisError as error:
+        _defer(reservation, actual_cost, error)
+        return
     _alerts(reservation, reply)
 
 
 async def asettle(reservation: Reservation, actual_cost: Decimal) -> None:
-    """`settle` for asyncio code (alerts, rare, are written in a thread)."""
+    """`settle` for asyncio code (alerts, rare, are written in a thread). Same contract."""
     if not reservation.held:
         return
     keys, args = _settle_args(reservation, actual_cost)
-    reply = await async_script("budgets.settle", _SETTLE)(keys=keys, args=args)
+    if _deferred:
+        await _aretry_deferred()
+    try:
+        reply = await async_script("budgets.settle", _SETTLE)(keys=keys, args=args)
+    except redis.RedisError as error:
+        _defer(reservation, actual_cost, error)
+        return
     if any(len(row) > 1 for row in reply):
         await sync_to_async(_alerts, thread_sensitive=False)(reservation, reply)
+
+
+# --- settles Redis could not take -------------------------------------------------------
+
+#: Most settles a process keeps for later (each is a few hundred bytes).
+DEFERRED_MAX = 10_000
+#: Longest wait between two tries of a deferred settle (seconds).
+DEFERRED_BACKOFF_MAX = 30.0
+
+
+@dataclass
+class _Deferred:
+    reservation: Reservation
+    cost: Decimal
+    #: time.monotonic() before which it is not tried again (the first try: at once).
+    next_try: float = 0.0
+    backoff: float = 1.0
+
+    @property
+    def useless(self) -> bool:
+        """Its periods' keys are gone (a day after the period): nothing to settle into."""
+        last = max(h.period_end.timestamp() for h in self.reservation.held)
+        return time.time() > last + 86_400
+
+
+_deferred: deque[_Deferred] = deque()
+
+
+def _defer(reservation: Reservation, cost: Decimal, error: Exception) -> None:
+    fields = {
+        "organization_id": reservation.organization_id,
+        "api_key_id": reservation.api_key_id,
+        "reservation_id": reservation.id,
+        "cost": str(cost),
+        "error": f"{type(error).__name__}: {error}",
+    }
+    if len(_deferred) >= DEFERRED_MAX:
+        # Its hold expires after LIMITS_RESERVATION_TTL_SECONDS; a rebuild from the
+        # ledger (which has the request's usage) is then the only correction.
+        log.error("limits.budget_settle_dropped", deferred=len(_deferred), **fields)
+        return
+    _deferred.append(_Deferred(reservation, cost))
+    log.warning("limits.budget_settle_deferred", deferred=len(_deferred), **fields)
+
+
+def _due() -> list[_Deferred]:
+    """The deferred settles to try now, taken off the queue (the others stay)."""
+    now, due = time.monotonic(), list[_Deferred]()
+    for _ in range(len(_deferred)):
+        try:
+            item = _deferred.popleft()
+        except IndexError:  # another thread took the rest
+            break
+        if item.useless:
+            log.error(
+                "limits.budget_settle_abandoned",
+                organization_id=item.reservation.organization_id,
+                reservation_id=item.reservation.id,
+                cost=str(item.cost),
+            )
+        elif item.next_try <= now:
+            due.append(item)
+        else:
+            _deferred.append(item)
+    return due
+
+
+def _failed_again(items: Sequence[_Deferred]) -> None:
+    now = time.monotonic()
+    for item in items:
+        item.next_try = now + item.backoff
+        item.backoff = min(item.backoff * 2, DEFERRED_BACKOFF_MAX)
+        _deferred.append(item)
+
+
+def _recovered(item: _Deferred, reply: Sequence[Sequence[int]]) -> None:
+    log.info(
+        "limits.budget_settle_recovered",
+        organization_id=item.reservation.organization_id,
+        reservation_id=item.reservation.id,
+        cost=str(item.cost),
+    )
+    try:  # another request's reserve or settle runs this: its alert must not fail them
+        _alerts(item.reservation, reply)
+    except Exception:
+        log.exception("limits.budget_alert_failed", reservation_id=item.reservation.id)
+
+
+def _retry_deferred() -> None:
+    """Apply the due deferred settles (idempotent: each counts once, whatever happened)."""
+    due = _due()
+    script = sync_script("budgets.settle", _SETTLE)
+    for i, item in enumerate(due):
+        keys, args = _settle_args(item.reservation, item.cost)
+        try:
+            reply = script(keys=keys, args=args)
+        except redis.RedisError:
+            _failed_again(due[i:])  # still unreachable: the rest would fail the same way
+            return
+        _recovered(item, reply)
+
+
+async def _aretry_deferred() -> None:
+    """`_retry_deferred` on the event loop."""
+    due = _due()
+    script = async_script("budgets.settle", _SETTLE)
+    for i, item in enumerate(due):
+        keys, args = _settle_args(item.reservation, item.cost)
+        try:
+            reply = await script(keys=keys, args=args)
+        except redis.RedisError:
+            _failed_again(due[i:])
+            return
+        if any(len(row) > 1 for row in reply):
+            await sync_to_async(_recovered, thread_sensitive=False)(item, reply)
+        else:
+            _recovered(item, reply)  # no alert: no database
 
 
 @dataclass(frozen=True)

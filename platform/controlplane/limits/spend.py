@@ -13,15 +13,30 @@ credited to a partner) are not spend.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from datetime import datetime
 from decimal import Decimal
 
 import structlog
 from django.db.models import Q, Sum
 
-from controlplane.billing.models import EARNING_METERS, WILDCARD, LedgerEntry, PriceBookEntry
+from controlplane.billing.models import (
+    EARNING_METERS,
+    WILDCARD,
+    LedgerEntry,
+    Meter,
+    PriceBookEntry,
+)
 
 log = structlog.get_logger(__name__)
+
+#: What a budget counts: inference spend only (prompt and completion tokens). Budgets
+#: are enforced where inference is admitted: a request reserves its maximum cost and
+#: settles its actual cost, and that live count is all a budget's counter holds.
+#: Training, compression and storage are invoiced, not budgeted (a hard budget never
+#: refuses inference because of a fine-tuning job it had no say over). The rebuild
+#: from the ledger counts these meters and no others, so it equals the live counter.
+BUDGETED_METERS: frozenset[str] = frozenset({Meter.PROMPT_TOKENS, Meter.COMPLETION_TOKENS})
 
 
 def _price_at(
@@ -42,9 +57,15 @@ def _price_at(
 
 
 def ledger_spend(
-    *, organization_id: str, api_key_id: str | None, start: datetime, end: datetime
+    *,
+    organization_id: str,
+    api_key_id: str | None,
+    start: datetime,
+    end: datetime,
+    meters: Collection[str] | None = None,
 ) -> Decimal:
-    """USD spent in [start, end) by the organization, or by one key when `api_key_id` is set.
+    """USD spent in [start, end) by the organization, or by one key when `api_key_id` is set,
+    on every meter that is spend, or only on `meters` (budgets: BUDGETED_METERS).
 
     Exact for prices that change inside the range: the range is cut at every
     price change of each (meter, model) and each piece summed at its own price.
@@ -54,6 +75,8 @@ def ledger_spend(
         .filter(occurred_at__gte=start, occurred_at__lt=end)
         .exclude(meter__in=EARNING_METERS)
     )
+    if meters is not None:
+        entries = entries.filter(meter__in=list(meters))
     if api_key_id is not None:
         entries = entries.filter(api_key_id=api_key_id)
     total = Decimal(0)
