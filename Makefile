@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 export PORT
 
-.PHONY: install run demo test lint bench clean
+.PHONY: install run superuser demo test lint bench clean
+
+# Local runs choose the local settings; anything started without DJANGO_SETTINGS_MODULE
+# gets controlplane.settings.production, which refuses to start unconfigured.
+run superuser: export DJANGO_SETTINGS_MODULE ?= controlplane.settings.local
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +29,10 @@ run: install
 	$(BIN)/atelier manage install_demo_models
 	@$(BIN)/atelier manage banner
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start -p $(PORT)
+
+## make superuser: a staff login for the admin of a `make run`
+superuser: install
+	$(BIN)/atelier manage createsuperuser
 
 ## make demo: a customer's journey through the public API, against a running `make run`
 demo: install

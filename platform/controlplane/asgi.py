@@ -8,7 +8,7 @@ from django.core.asgi import get_asgi_application
 
 from controlplane.core.asgi_limits import ASGIApp, BodySizeLimit
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.local")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.production")
 
 django_application = get_asgi_application()
 

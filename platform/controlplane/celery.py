@@ -6,7 +6,8 @@ from celery import Celery
 
 from jobcontracts import queues
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.local")
+# Production unless told otherwise (see manage.py).
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.production")
 
 app = Celery("controlplane")
 app.config_from_object("django.conf:settings", namespace="CELERY")

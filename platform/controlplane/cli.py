@@ -122,7 +122,9 @@ def beat_argv() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.local")
+    # Production unless told otherwise (`make run` picks controlplane.settings.local): it
+    # refuses to start without SECRET_KEY, ALLOWED_HOSTS, … instead of running with DEBUG.
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.production")
     if not args or args[0] in {"-h", "--help", "help"}:
         print(USAGE)
         return

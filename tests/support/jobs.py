@@ -109,3 +109,13 @@ class Worker:
         report = Report(self.job_id, self.attempt, self.seq, kind, time.time(), data)
         self.seq += 1
         return report_apply(report.to_json())
+
+    def uri(self, *names: str) -> str:
+        """A URI under the job's own storage prefix (its spec's `output_uri`), as a worker
+        names its checkpoints and final artifact: reports naming anything else are refused."""
+        from controlplane.datasets.storage import object_uri
+        from controlplane.jobs.dispatch import job_prefix
+        from controlplane.jobs.models import FineTuningJob
+
+        job = FineTuningJob.objects.dangerously_unscoped().get(pk=self.job_id)
+        return "/".join([object_uri(job_prefix(job)), *names])

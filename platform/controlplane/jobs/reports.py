@@ -4,12 +4,19 @@ Each report is identified by `(job_id, attempt, seq)`. Reports that leave a
 trace are stored as a JobEvent under that key (unique), so a report delivered
 twice changes nothing the second time. Reports of an attempt that is no longer
 the job's current one (a worker presumed dead that was not) are ignored.
+
+A report's storage URIs (checkpoints, the final artifact) must lie under the
+job's own prefix, the `output_uri` its spec gave the worker: they become model
+artifacts that are served and resumed from, so a URI naming another
+organization's objects, another bucket or scheme, or climbing out with `..` is
+refused (recorded as a warning event, not applied).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import structlog
 from django.db import IntegrityError, transaction
@@ -17,13 +24,14 @@ from django.utils import timezone
 
 from controlplane.billing import meters
 from controlplane.datasets import catalog
+from controlplane.datasets.storage import object_uri
 from controlplane.inference.deployments import deployment_ensure_serverless
 from controlplane.modelregistry.services import customer_model_register
 from jobcontracts import training as contract
 
 from . import dispatch
 from .events import event_add, job_fail
-from .models import FineTuningJob, JobCheckpoint, JobStatus
+from .models import EventLevel, FineTuningJob, JobCheckpoint, JobStatus
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +138,86 @@ def _succeeded(job: FineTuningJob, d: dict[str, Any]) -> None:
             )
 
 
+#: The report kinds that name stored objects, and the field that does; paused's is optional.
+_URI_FIELDS = {
+    contract.CHECKPOINT: "uri",
+    contract.SUCCEEDED: "artifact_uri",
+    contract.PAUSED: "checkpoint_uri",
+}
+
+
+def uri_under(uri: str, prefix: str) -> bool:
+    """Whether `uri` names an object strictly below the "directory" URI `prefix`.
+
+    Same scheme and bucket (or host), no query or fragment, and a path that
+    continues `prefix`'s path with one or more plain segments: none empty, `.`
+    or `..`, and none hiding a slash, backslash or NUL behind percent-encoding.
+    """
+    try:
+        got, root = urlsplit(uri), urlsplit(prefix)
+    except ValueError:
+        return False
+    if got.scheme.lower() != root.scheme.lower() or got.netloc != root.netloc:
+        return False
+    if got.query or got.fragment or "?" in uri or "#" in uri:
+        return False
+    base = root.path.rstrip("/") + "/"
+    if not got.path.startswith(base):
+        return False
+    for segment in got.path[len(base) :].split("/"):
+        name = unquote(segment)
+        if name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+            return False
+    return True
+
+
+def _foreign_uri(job: FineTuningJob, report: contract.Report) -> tuple[str, str] | None:
+    """(field, prefix) when the report's storage URI is not the job's own, else None."""
+    field = _URI_FIELDS.get(report.kind)
+    if field is None:
+        return None
+    uri = report.data.get(field)
+    if uri is None and report.kind == contract.PAUSED:
+        return None
+    prefix = object_uri(dispatch.job_prefix(job))
+    if isinstance(uri, str) and uri_under(uri, prefix):
+        return None
+    return field, prefix
+
+
+def _refuse(job: FineTuningJob, report: contract.Report, field: str, prefix: str) -> str:
+    """Record a refused report as a warning event (under its key: a redelivery is a duplicate).
+
+    The event (which the customer reads) names the field; the log, for operators, also
+    the URI and the prefix it should have been under.
+    """
+    try:
+        with transaction.atomic():
+            event_add(
+                job,
+                f"A worker report ({report.kind}) was refused: its {field} is not under this "
+                "job's storage prefix. Nothing of it was applied.",
+                level=EventLevel.WARN,
+                data={"refused_kind": report.kind, "field": field},
+                attempt=report.attempt,
+                seq=report.seq,
+            )
+    except IntegrityError:
+        return "duplicate"
+    log.warning(
+        "jobs.report_refused",
+        job_id=job.pk,
+        organization_id=job.organization_id,
+        attempt=report.attempt,
+        seq=report.seq,
+        kind=report.kind,
+        field=field,
+        uri=repr(report.data.get(field))[:1000],
+        prefix=prefix,
+    )
+    return "refused"
+
+
 def report_apply(payload: dict[str, Any]) -> str:
     """Apply one worker report. Returns what happened (for logs and tests)."""
     report = contract.Report.from_json(payload)
@@ -152,6 +240,9 @@ def report_apply(payload: dict[str, Any]) -> str:
                 dispatch.renew_lease(job)
                 job.save(update_fields=["lease_expires_at", "updated_at"])
             return "heartbeat"
+        foreign = _foreign_uri(job, report)
+        if foreign is not None:
+            return _refuse(job, report, *foreign)
         level, type_, message, data = _message(report, job)
         try:
             with transaction.atomic():

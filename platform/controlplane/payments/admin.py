@@ -71,7 +71,9 @@ class StripeInvoiceAdmin(ReadOnlyAdmin):
 
 @admin.register(StripeEvent)
 class StripeEventAdmin(ReadOnlyAdmin):
-    list_display = ("id", "type", "outcome", "organization", "created", "received_at")
+    # outcome "failed" (filter on it): applying the event failed for good, `failure` says why;
+    # Stripe was answered 200 and will not send it again (see payments.webhooks).
+    list_display = ("id", "type", "outcome", "failure", "organization", "created", "received_at")
     list_filter = ("type", "outcome")
-    search_fields = ("id", "organization__id")
+    search_fields = ("id", "organization__id", "failure")
     list_select_related = ("organization",)

@@ -17,7 +17,7 @@ from rest_framework.response import Response
 
 from controlplane.billing.credits import credit_balance
 from controlplane.billing.models import CreditGrant
-from controlplane.core.errors import ApiError, error_body
+from controlplane.core.errors import ApiError, error_body, error_parts
 from controlplane.core.pagination import list_response, paginate
 from controlplane.core.serializers import StrictInputSerializer, unix, validated
 from controlplane.tenancy.apis_base import OrganizationApi
@@ -159,7 +159,12 @@ def _refuse(message: str, status: int = 400, code: str = "invalid_webhook") -> J
 @csrf_exempt
 @require_POST
 def stripe_webhook(request: HttpRequest) -> JsonResponse:
-    """Stripe's events. No API key: the Stripe-Signature header over the raw body is the proof."""
+    """Stripe's events. No API key: the Stripe-Signature header over the raw body is the proof.
+
+    200 once the event is recorded (applied, ignored, or failed for good: see
+    `webhooks`); 400 for a body that is not a signed event; 5xx for a transient
+    failure, which Stripe retries.
+    """
     if not gateway.enabled() or not settings.STRIPE_WEBHOOK_SECRET:
         return _refuse(
             "Stripe webhooks are not configured on this server (STRIPE_API_KEY or "
@@ -182,5 +187,10 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
     except ValueError as exc:
         log.warning("payments.webhook_refused", reason=str(exc))
         return _refuse(f"Webhook refused: {exc}. Nothing was changed.")
-    outcome, applied = webhooks.event_process(event)
+    try:
+        outcome, applied = webhooks.event_process(event)
+    except ApiError as exc:  # transient (permanent ones come back as "failed"): Stripe retries
+        status, body, _ = error_parts(exc)
+        return JsonResponse(body, status=status)
+    # 200 also for "failed": Stripe retries any other answer, and this one would fail again.
     return JsonResponse({"received": True, "outcome": outcome, "applied": applied})

@@ -52,6 +52,13 @@ class PaymentProviderError(ApiError):
     default_code = "payment_provider_error"
 
 
+class StripeObjectMissing(PaymentProviderError):
+    """Stripe answered 404 for an object we named: retrying will not make it appear."""
+
+    status_code = 404
+    default_code = "stripe_object_missing"
+
+
 def enabled() -> bool:
     return bool(settings.STRIPE_API_KEY)
 
@@ -87,14 +94,25 @@ def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Strip
             status_code=402,
             code=exc.code or "card_declined",
         ) from exc
-    except stripe.StripeError as exc:
-        log.warning("payments.stripe_error", action=what, error=str(exc), status=exc.http_status)
-        raise PaymentProviderError(
-            f"Stripe could not {what} ({type(exc).__name__}: {exc.user_message or exc}). "
-            "Retry later; nothing was charged twice.",
+    except stripe.InvalidRequestError as exc:
+        if exc.http_status != 404:
+            raise _provider_error(what, exc) from exc
+        log.warning("payments.stripe_object_missing", action=what, error=str(exc))
+        raise StripeObjectMissing(
+            f"Stripe has no such object; could not {what} ({exc.user_message or exc})."
         ) from exc
+    except stripe.StripeError as exc:
+        raise _provider_error(what, exc) from exc
     out: StripeObject = result.to_dict()
     return out
+
+
+def _provider_error(what: str, exc: stripe.StripeError) -> PaymentProviderError:
+    log.warning("payments.stripe_error", action=what, error=str(exc), status=exc.http_status)
+    return PaymentProviderError(
+        f"Stripe could not {what} ({type(exc).__name__}: {exc.user_message or exc}). "
+        "Retry later; nothing was charged twice.",
+    )
 
 
 def _p(**params: Any) -> Any:

@@ -68,11 +68,13 @@ TERMINAL_STATUSES = frozenset({SubscriptionStatus.CANCELED, SubscriptionStatus.I
 
 
 class Subscription(OrganizationOwned):
-    """The organization's subscription as Stripe last told us (API reply or webhook).
+    """The organization's subscription as Stripe last told us.
 
-    `state_at` is the Stripe time (Unix seconds) of the state stored here: an
-    event older than it is stale and ignored, so out-of-order deliveries cannot
-    roll the subscription back.
+    Every write stores the subscription as read from Stripe's API while this row
+    is locked (`services.subscription_sync`), never the copy inside a webhook
+    event, so the order in which events arrive cannot roll it back. `state_at` is
+    the latest Unix second a stored state was for (the event's `created`, or the
+    API call's time); it only grows, and keys idempotent subscription changes.
     """
 
     id = models.CharField(
@@ -168,6 +170,9 @@ class StripeEvent(models.Model):
         related_name="+",
     )
     outcome = models.CharField(max_length=200)  # what processing did, for people reading admin
+    #: Why a permanent failure (outcome "failed") could not be applied; Stripe is not asked to
+    #: retry it, so a person reads this in admin.
+    failure = models.TextField(blank=True, default="")
     payload = models.JSONField()
     received_at = models.DateTimeField(auto_now_add=True)
 

@@ -1,10 +1,10 @@
 """Payments writes: subscriptions (start, change, cancel, apply Stripe's state) and invoice push.
 
 Stripe is the source of truth. A subscription change is applied locally as soon
-as Stripe's API confirms it (the reply carries the new state), and again when
-the webhook for it arrives; both go through `subscription_apply`, which ignores
-a state older than the one stored (`Subscription.state_at`), so the order in
-which replies and events arrive does not matter.
+as Stripe's API confirms it, and again when the webhook for it arrives; both go
+through `subscription_sync`, which reads the subscription from Stripe while the
+local row is locked and stores what it read, so the order in which API calls
+and events arrive (or the second they were stamped with) does not matter.
 """
 
 from __future__ import annotations
@@ -83,41 +83,51 @@ def _locked_row(organization: Organization) -> Subscription:
 
 
 @transaction.atomic
-def subscription_apply(
-    *, organization: Organization, obj: dict[str, Any], at: int, source: str
+def subscription_sync(
+    *, organization: Organization, subscription_id: str, at: int, source: str
 ) -> str:
-    """Store Stripe's subscription object `obj`, as of Stripe time `at` (Unix seconds).
+    """Store Stripe's current state of subscription `subscription_id`; `at` (Unix seconds)
+    is when the change that prompted this happened (an event's `created`, an API call's time).
 
-    Returns what happened ("applied", "stale", "other_subscription"), for the
-    webhook's record. Stale means older than the stored state: ignored. A
-    cancelled subscription never comes back to life through a late event, and an
-    event about a subscription the organization has since replaced is ignored.
-    When the plan in force changes, the ledger's `plan_change` records it
+    Why a re-read instead of the copy in the event: Stripe does not deliver events
+    in order, stamps them to the second only, and gives subscriptions no version,
+    so two events of one second cannot be ordered from their payloads (a sequence
+    of our own would only record the order they arrived in, the order that is
+    wrong). Stripe's API, read while this organization's subscription row is
+    locked, is ordered: whichever sync commits last read Stripe last, so it stores
+    the newest state, and an old event only makes us store the current one again.
+
+    Returns what happened ("applied", "unchanged", "other_subscription", "stale"),
+    for the webhook's record. A cancelled subscription never comes back to life,
+    and an event about a subscription the organization has since replaced is
+    ignored. When the plan in force changes, the ledger's `plan_change` records it
     (Organization.plan and the PlanAssignment history that invoices prorate on),
     marked as billed by the subscription: the Stripe subscription is the one
     owner of the plan fee, and the monthly ledger invoice shows those plan days
     at 0. A subscription that ends returns the organization to the free plan,
-    billed by invoice.
+    billed by invoice. Blocking (a Stripe round trip, with the row locked).
+    Raises gateway.StripeObjectMissing if Stripe has no such subscription and
+    PaymentProviderError if Stripe cannot be reached (the lock is released).
     """
     row = _locked_row(organization)
+    obj = gateway.subscription_retrieve(subscription_id)
     sub_id = str(obj.get("id", ""))
     status = str(obj.get("status", ""))
-    if at < row.state_at:
-        return "stale"
     if row.stripe_subscription_id and row.stripe_subscription_id != sub_id:
         replacing = row.status in TERMINAL_STATUSES or row.status == SubscriptionStatus.NONE
         if not replacing or status in TERMINAL_STATUSES:
             return "other_subscription"
     revived = row.status in TERMINAL_STATUSES and status not in TERMINAL_STATUSES
     if row.stripe_subscription_id == sub_id and revived:
-        return "stale"
+        return "stale"  # Stripe never revives one; kept so a bad read cannot either
     item = _first_item(obj)
+    before = _state(row)
     row.stripe_subscription_id = sub_id
     row.status = status if status in SubscriptionStatus.values else SubscriptionStatus.UNPAID
     row.plan = _plan_code_of(obj) or row.plan
     row.current_period_end = _ts(obj.get("current_period_end") or item.get("current_period_end"))
     row.cancel_at_period_end = bool(obj.get("cancel_at_period_end"))
-    row.state_at = at
+    row.state_at = max(row.state_at, at)
     row.save()
     in_force = row.plan if row.status in PLAN_GRANTING else None
     billed_by = PlanBilledBy.SUBSCRIPTION
@@ -127,15 +137,27 @@ def subscription_apply(
         # A no-op unless the plan, or who bills it, changes. While the subscription grants
         # the plan, Stripe charges its fee, so the monthly invoice must not charge it too.
         plan_change(organization=organization, plan_code=in_force, at=_ts(at), billed_by=billed_by)
+    changed = _state(row) != before
     log.info(
-        "payments.subscription_applied",
+        "payments.subscription_synced",
         organization_id=organization.pk,
         subscription=sub_id,
         status=row.status,
         plan=row.plan,
+        changed=changed,
         source=source,
     )
-    return "applied"
+    return "applied" if changed else "unchanged"
+
+
+def _state(row: Subscription) -> tuple[Any, ...]:
+    return (
+        row.stripe_subscription_id,
+        row.status,
+        row.plan,
+        row.current_period_end,
+        row.cancel_at_period_end,
+    )
 
 
 def _paid_plan(code: str) -> Plan:
@@ -165,7 +187,7 @@ def subscription_set_plan(
     """Start a subscription to `plan_code`, or move the live one to it (Stripe prorates).
 
     Blocking (Stripe round trips): call from a request handler's thread or a task.
-    The new state is applied from Stripe's reply at once, and again, harmlessly,
+    The new state is read back from Stripe and stored at once, and again, harmlessly,
     when its webhook arrives.
     """
     plan = _paid_plan(plan_code)
@@ -203,7 +225,9 @@ def subscription_set_plan(
             plan_code=plan.code,
             key=f"atelier-subscription-start-{organization.pk}-{row.state_at}-{stripe_plan}",
         )
-    subscription_apply(organization=organization, obj=obj, at=now, source="api")
+    # Stored as Stripe has it now, like a webhook's: a reply applied as-is could land after
+    # (and undo) a newer state that an event's sync stored meanwhile.
+    subscription_sync(organization=organization, subscription_id=obj["id"], at=now, source="api")
     return subscription_get(organization)
 
 
@@ -221,7 +245,7 @@ def subscription_cancel(*, organization: Organization, at_period_end: bool = Tru
         obj = gateway.subscription_cancel_at_period_end(row.stripe_subscription_id, cancel=True)
     else:
         obj = gateway.subscription_cancel_now(row.stripe_subscription_id)
-    subscription_apply(organization=organization, obj=obj, at=now, source="api")
+    subscription_sync(organization=organization, subscription_id=obj["id"], at=now, source="api")
     return subscription_get(organization)
 
 

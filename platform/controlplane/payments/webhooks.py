@@ -2,8 +2,17 @@
 
 Each event is handled in one transaction that also inserts its `StripeEvent`
 row (keyed by Stripe's event id): a replay or a concurrent duplicate delivery
-finds the row (or blocks on its insert, then finds it) and changes nothing; a
-failure rolls back both, so Stripe's retry applies the event then.
+finds the row (or blocks on its insert, then finds it) and changes nothing.
+
+Failures are answered so that Stripe's retries help. Stripe retries every
+delivery not answered 2xx (4xx included) for days, so:
+- a transient failure (the database or Stripe's API unreachable) rolls back
+  both and is raised: the view answers 5xx and Stripe's retry applies the event;
+- a permanent one (the event's content fails our validation: an ApiError below
+  500, a missing or malformed field) would fail the same way on every retry, so
+  its effects are rolled back, the event is recorded with outcome `failed` and
+  the reason (admin, Stripe events), and the view answers 200; a redelivery is
+  then a duplicate.
 """
 
 from __future__ import annotations
@@ -15,11 +24,13 @@ from typing import Any
 
 import orjson
 import structlog
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from controlplane.billing.credits import credit_grant
 from controlplane.billing.invoicing import invoice_status_advance
 from controlplane.billing.models import CreditSource, Invoice, InvoiceStatus
+from controlplane.core.errors import ApiError
 from controlplane.tenancy.models import Organization
 
 from . import access, services
@@ -53,14 +64,14 @@ def _organization_for(obj: dict[str, Any]) -> Organization | None:
 
 
 def _subscription(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
-    return services.subscription_apply(
-        organization=org, obj=obj, at=int(event["created"]), source=f"webhook:{event['id']}"
+    # The event only says which subscription changed: its state is read from Stripe
+    # (services.subscription_sync says why), so events of one second apply in any order.
+    return services.subscription_sync(
+        organization=org,
+        subscription_id=str(obj["id"]),
+        at=int(event["created"]),
+        source=f"webhook:{event['id']}",
     )
-
-
-def _subscription_deleted(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
-    # Some senders (localstripe) leave the status as it was: deletion means canceled.
-    return _subscription(org, {**obj, "status": "canceled"}, event)
 
 
 def _when(event: dict[str, Any]) -> datetime:
@@ -116,7 +127,7 @@ Handler = Callable[[Organization, dict[str, Any], dict[str, Any]], str]
 HANDLERS: dict[str, Handler] = {
     "customer.subscription.created": _subscription,
     "customer.subscription.updated": _subscription,
-    "customer.subscription.deleted": _subscription_deleted,
+    "customer.subscription.deleted": _subscription,
     "invoice.paid": _invoice_paid,
     # Older API versions (and localstripe) send this instead of invoice.paid.
     "invoice.payment_succeeded": _invoice_paid,
@@ -145,15 +156,31 @@ def parse(payload: bytes) -> dict[str, Any]:
     return event
 
 
+def _permanent(exc: Exception) -> bool:
+    """Whether `exc` would recur on every retry of the same event (see the module docstring)."""
+    if isinstance(exc, ApiError):
+        return exc.status_code < 500  # 5xx: billing off, Stripe unreachable, retry later
+    return isinstance(exc, KeyError | TypeError | ValueError | ValidationError)
+
+
+def _reason(exc: Exception) -> str:
+    detail = exc.detail if isinstance(exc, ApiError) else exc
+    return f"{type(exc).__name__}: {detail}"[:2000]
+
+
 def event_process(event: dict[str, Any]) -> tuple[str, bool]:
-    """Apply one verified event once. Returns (outcome, whether this call applied it)."""
+    """Apply one verified event once. Returns (outcome, whether this call applied it).
+
+    Outcome `failed` (not applied, recorded with the reason) for a permanent
+    failure; a transient one is raised, with nothing recorded.
+    """
     if StripeEvent.objects.filter(pk=event["id"]).exists():
         return "duplicate", False
+    obj = event["data"]["object"]
+    handler = HANDLERS.get(event["type"])
+    org = _organization_for(obj) if handler else None
     try:
         with transaction.atomic():
-            obj = event["data"]["object"]
-            handler = HANDLERS.get(event["type"])
-            org = _organization_for(obj) if handler else None
             # Inserted first, in the same transaction as the effect: a concurrent duplicate
             # blocks on this primary key until the first commits, then fails and rolls back.
             record = StripeEvent.objects.create(
@@ -176,6 +203,10 @@ def event_process(event: dict[str, Any]) -> tuple[str, bool]:
         if StripeEvent.objects.filter(pk=event["id"]).exists():
             return "duplicate", False
         raise
+    except Exception as exc:
+        if not _permanent(exc):
+            raise
+        return _failed(event, org, exc), False
     log.info(
         "payments.webhook_processed",
         event_id=event["id"],
@@ -184,3 +215,31 @@ def event_process(event: dict[str, Any]) -> tuple[str, bool]:
         outcome=outcome,
     )
     return outcome, True
+
+
+def _failed(event: dict[str, Any], org: Organization | None, exc: Exception) -> str:
+    """Record a permanently failing event (its effects were rolled back): never run again."""
+    reason = _reason(exc)
+    try:
+        with transaction.atomic():
+            StripeEvent.objects.create(
+                id=event["id"],
+                type=event["type"],
+                created=event["created"],
+                organization=org,
+                outcome="failed",
+                failure=reason,
+                payload=event,
+            )
+    except IntegrityError:
+        if StripeEvent.objects.filter(pk=event["id"]).exists():
+            return "duplicate"  # a concurrent delivery recorded it first
+        raise
+    log.warning(
+        "payments.webhook_failed",
+        event_id=event["id"],
+        event_type=event["type"],
+        organization_id=org.pk if org else None,
+        error=reason,
+    )
+    return "failed"

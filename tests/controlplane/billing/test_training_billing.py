@@ -44,9 +44,13 @@ def test_a_succeeded_job_bills_its_trained_tokens_once(
     worker = Worker(job_id, attempt)
     with captured(execute=True):
         worker.report(contract.STARTED, total_steps=1)
-        worker.report(contract.SUCCEEDED, step=1, trained_tokens=1234, artifact_uri="file:///x")
+        worker.report(
+            contract.SUCCEEDED, step=1, trained_tokens=1234, artifact_uri=worker.uri("final")
+        )
         worker.seq -= 1  # the same success report delivered again
-        worker.report(contract.SUCCEEDED, step=1, trained_tokens=1234, artifact_uri="file:///x")
+        worker.report(
+            contract.SUCCEEDED, step=1, trained_tokens=1234, artifact_uri=worker.uri("final")
+        )
 
     rows = list(
         LedgerEntry.objects.for_organization(alice.organization).filter(meter=Meter.TRAINING_TOKENS)

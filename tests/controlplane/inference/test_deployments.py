@@ -353,12 +353,12 @@ def run_to_success(job_id: str, steps: int = 2) -> None:
     worker.report(contract.STARTED, total_steps=steps, resumed_from_step=0, device="cpu")
     for step in range(1, steps + 1):
         worker.report(contract.PROGRESS, step=step, total_steps=steps, trained_tokens=step * 10)
-    worker.report(contract.CHECKPOINT, step=1, uri="file:///ckpt/step-1", metrics={})
+    worker.report(contract.CHECKPOINT, step=1, uri=worker.uri("checkpoints", "step-1"), metrics={})
     report = worker.report(
         contract.SUCCEEDED,
         step=steps,
         trained_tokens=steps * 10,
-        artifact_uri="file:///final",
+        artifact_uri=worker.uri("final"),
         artifact_kind="lora",
     )
     assert report == "applied"
@@ -382,7 +382,7 @@ def test_a_succeeded_job_s_model_is_deployed_serverless_at_once_and_its_checkpoi
         # A late duplicate of the success report changes nothing.
         late = Worker(job_id, 1)
         late.seq = 100
-        late.report(contract.SUCCEEDED, step=2, trained_tokens=20, artifact_uri="file:///final")
+        late.report(contract.SUCCEEDED, step=2, trained_tokens=20, artifact_uri=late.uri("final"))
 
     job = alice.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "succeeded"

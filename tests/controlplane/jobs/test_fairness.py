@@ -39,7 +39,9 @@ def finish(job_id: str, captured: Any) -> None:
     worker = Worker(job_id, attempt)
     with captured(execute=True):
         worker.report(contract.STARTED, total_steps=1)
-        worker.report(contract.SUCCEEDED, step=1, trained_tokens=5, artifact_uri="file:///x")
+        worker.report(
+            contract.SUCCEEDED, step=1, trained_tokens=5, artifact_uri=worker.uri("final")
+        )
 
 
 def test_a_tenant_with_50_jobs_does_not_starve_tenants_with_one(

@@ -100,13 +100,16 @@ def run_to_success(job_id: str, attempt: int = 1, steps: int = 4) -> Worker:
             trained_tokens=step * 10,
         )
     worker.report(
-        contract.CHECKPOINT, step=2, uri="file:///ckpt/step-2", metrics={"train_loss": 1.0}
+        contract.CHECKPOINT,
+        step=2,
+        uri=worker.uri("checkpoints", "step-2"),
+        metrics={"train_loss": 1.0},
     )
     worker.report(
         contract.SUCCEEDED,
         step=steps,
         trained_tokens=steps * 10,
-        artifact_uri="file:///final",
+        artifact_uri=worker.uri("final"),
         artifact_kind="lora",
         artifact_files=["adapter_model.safetensors"],
     )
@@ -174,7 +177,7 @@ def test_trained_tokens_are_recorded_once_even_if_a_late_attempt_succeeds_again(
         run_to_success(job_id)
         late = Worker(job_id, 1)
         late.seq = 100
-        late.report(contract.SUCCEEDED, step=4, trained_tokens=999, artifact_uri="file:///other")
+        late.report(contract.SUCCEEDED, step=4, trained_tokens=999, artifact_uri=late.uri("final"))
         stale = Worker(job_id, 0)
         assert (
             stale.report(contract.SUCCEEDED, step=4, trained_tokens=999, artifact_uri="x")
@@ -200,7 +203,7 @@ def test_a_silent_worker_loses_its_lease_and_the_job_resumes_from_its_checkpoint
     first = Worker(job_id, 1)
     first.report(contract.STARTED, total_steps=10)
     first.report(contract.PROGRESS, step=3, total_steps=10)
-    first.report(contract.CHECKPOINT, step=3, uri="file:///ckpt/step-3", metrics={})
+    first.report(contract.CHECKPOINT, step=3, uri=first.uri("checkpoints", "step-3"), metrics={})
     assert job_of(alice, job_id)["status"] == "running"
     purge_broker()
 
@@ -214,7 +217,7 @@ def test_a_silent_worker_loses_its_lease_and_the_job_resumes_from_its_checkpoint
     assert job["attempt"] == 2
     (spec,) = sent_specs()
     assert spec.attempt == 2
-    assert spec.resume_from == "file:///ckpt/step-3"
+    assert spec.resume_from == first.uri("checkpoints", "step-3")
     # The old worker, should it still be alive, is fenced out.
     assert first.report(contract.PROGRESS, step=4, total_steps=10) == "stale"
     events = alice.client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
@@ -294,13 +297,13 @@ def test_cancel_pause_and_resume_follow_the_job_state(
     assert pausing.status_code == 409
     assert pausing.json()["error"]["code"] == "job_pausing"
 
-    worker.report(contract.PAUSED, step=5, checkpoint_uri="file:///ckpt/step-5")
+    worker.report(contract.PAUSED, step=5, checkpoint_uri=worker.uri("checkpoints", "step-5"))
     purge_broker()
     with django_capture_on_commit_callbacks(execute=True):
         resumed = alice.client.post(f"{url}/resume")
     assert resumed.status_code == 200
     (spec,) = sent_specs()
-    assert (spec.attempt, spec.resume_from) == (2, "file:///ckpt/step-5")
+    assert (spec.attempt, spec.resume_from) == (2, worker.uri("checkpoints", "step-5"))
 
     with django_capture_on_commit_callbacks(execute=True):
         assert alice.client.post(f"{url}/cancel").json()["status"] == "cancelled"

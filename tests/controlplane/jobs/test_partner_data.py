@@ -43,7 +43,7 @@ def test_a_granted_partner_version_trains_and_credits_the_partner_once(
         worker.report(contract.STARTED, total_steps=2)
         for _ in range(2):  # a duplicated success report credits nothing more
             worker.report(
-                contract.SUCCEEDED, step=2, trained_tokens=50_000, artifact_uri="file:///x"
+                contract.SUCCEEDED, step=2, trained_tokens=50_000, artifact_uri=worker.uri("final")
             )
             worker.seq += 5
 

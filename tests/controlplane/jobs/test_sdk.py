@@ -48,7 +48,12 @@ def test_the_openai_sdk_creates_lists_retrieves_cancels_and_reads_events(
     worker = Worker(job.id, 1)
     worker.report(contract.STARTED, total_steps=3)
     worker.report(contract.PROGRESS, step=1, total_steps=3, train_loss=1.5)
-    worker.report(contract.CHECKPOINT, step=1, uri="file:///c1", metrics={"train_loss": 1.5})
+    worker.report(
+        contract.CHECKPOINT,
+        step=1,
+        uri=worker.uri("checkpoints", "c1"),
+        metrics={"train_loss": 1.5},
+    )
 
     got = sdk.fine_tuning.jobs.retrieve(job.id)
     assert got.status == "running"

@@ -1,18 +1,28 @@
-"""POST /v1/stripe/webhook: signatures on the raw body, exactly-once, out-of-order safety."""
+"""POST /v1/stripe/webhook: signatures on the raw body, exactly-once, out-of-order safety.
+
+Subscription events are applied by reading the subscription back from Stripe, so
+those tests make their subscriptions in localstripe (through the gateway, which
+stores nothing here) and deliver signed events about them.
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.db import OperationalError
+from rest_framework.test import APIClient
 
-from controlplane.billing.models import CreditGrant
+from controlplane.billing.models import CreditGrant, Plan
+from controlplane.payments import gateway, webhooks
 from controlplane.payments.models import Dunning, StripeCustomer, StripeEvent, Subscription
 from controlplane.tenancy.models import Organization
-from tests.support.localstripe import API_KEY, WEBHOOK_SECRET
+from tests.support.localstripe import API_KEY, WEBHOOK_SECRET, LocalStripe
 from tests.support.people import Person
+from tests.support.processes import free_port
 
 from . import events
 from .events import body_of, deliver, post, sign
@@ -32,6 +42,36 @@ def customer(alice: Person) -> str:
     return "cus_alice"
 
 
+@pytest.fixture
+def stripe_customer(alice: Person, stripe_settings: LocalStripe) -> str:
+    """Alice's customer in localstripe, with a card that pays."""
+    customer = gateway.customer_for(alice.organization)
+    stripe_settings.card(customer)
+    return customer
+
+
+def stripe_subscription(person: Person, customer: str, plan: str = "pro") -> dict[str, Any]:
+    """A subscription started in Stripe only: nothing is stored here until an event says so."""
+    return gateway.subscription_create(
+        customer=customer,
+        plan_id=gateway.plan_sync(Plan.objects.get(code=plan)),
+        organization_id=person.organization.pk,
+        plan_code=plan,
+        key=f"test-{uuid.uuid4().hex}",
+    )
+
+
+def change_plan(sub: dict[str, Any], plan: str) -> dict[str, Any]:
+    """Move the subscription to `plan` in Stripe; Stripe's new state of it."""
+    return gateway.subscription_update_plan(
+        subscription_id=sub["id"],
+        item_id=sub["items"]["data"][0]["id"],
+        plan_id=gateway.plan_sync(Plan.objects.get(code=plan)),
+        plan_code=plan,
+        key=f"test-{uuid.uuid4().hex}",
+    )
+
+
 def plan_of(person: Person) -> str:
     return Organization.objects.get(pk=person.organization.pk).plan
 
@@ -41,16 +81,15 @@ def subscription_of(person: Person) -> Subscription:
 
 
 def test_subscription_created_moves_the_organization_to_the_plan(
-    alice: Person, customer: str
+    alice: Person, stripe_customer: str
 ) -> None:
-    response = deliver(
-        events.event("customer.subscription.created", events.subscription("sub_1", customer))
-    )
+    sub = stripe_subscription(alice, stripe_customer)
+    response = deliver(events.event("customer.subscription.created", sub))
     assert response.status_code == 200, response.content
     assert response.json()["outcome"] == "applied"
     assert plan_of(alice) == "pro"
     row = subscription_of(alice)
-    assert (row.status, row.plan, row.stripe_subscription_id) == ("active", "pro", "sub_1")
+    assert (row.status, row.plan, row.stripe_subscription_id) == ("active", "pro", sub["id"])
 
 
 def test_tampered_body_is_refused_and_changes_nothing(alice: Person, customer: str) -> None:
@@ -129,14 +168,15 @@ def test_without_stripe_configured_the_webhook_refuses_with_503(settings: Any) -
 
 
 def test_replayed_event_is_acknowledged_and_has_no_second_effect(
-    alice: Person, customer: str
+    alice: Person, stripe_customer: str
 ) -> None:
-    evt = events.event("customer.subscription.created", events.subscription("sub_1", customer))
+    sub = stripe_subscription(alice, stripe_customer)
+    evt = events.event("customer.subscription.created", sub)
     assert deliver(evt).json()["applied"] is True
     # Someone changes the plan meanwhile; a replay of the old event must not undo it.
     later = events.event(
         "customer.subscription.updated",
-        events.subscription("sub_1", customer, plan="enterprise"),
+        change_plan(sub, "enterprise"),
         created=evt["created"] + 5,
     )
     assert deliver(later).status_code == 200
@@ -148,81 +188,160 @@ def test_replayed_event_is_acknowledged_and_has_no_second_effect(
 
 
 def test_out_of_order_subscription_updates_keep_the_newest_state(
-    alice: Person, customer: str
+    alice: Person, stripe_customer: str
 ) -> None:
     t = int(time.time())
+    sub = stripe_subscription(alice, stripe_customer)
+    created_pro = events.event("customer.subscription.created", sub, created=t)
     to_enterprise = events.event(
-        "customer.subscription.updated",
-        events.subscription("sub_1", customer, plan="enterprise"),
-        created=t + 10,
-    )
-    created_pro = events.event(
-        "customer.subscription.created", events.subscription("sub_1", customer), created=t
+        "customer.subscription.updated", change_plan(sub, "enterprise"), created=t + 10
     )
     assert deliver(to_enterprise).json()["outcome"] == "applied"
     late = deliver(created_pro)
     assert late.status_code == 200
-    assert late.json()["outcome"] == "stale"
+    assert late.json()["outcome"] == "unchanged"
     assert plan_of(alice) == "enterprise"
     assert subscription_of(alice).plan == "enterprise"
-    assert StripeEvent.objects.get(pk=created_pro["id"]).outcome == "stale"
+    assert StripeEvent.objects.get(pk=created_pro["id"]).outcome == "unchanged"
 
 
-def test_a_late_update_cannot_revive_a_deleted_subscription(alice: Person, customer: str) -> None:
+def test_same_second_events_delivered_in_reverse_order_leave_the_newest_state(
+    alice: Person, stripe_customer: str
+) -> None:
+    # Stripe stamps events to the second: these two cannot be ordered by `created`.
     t = int(time.time())
-    deliver(
-        events.event(
-            "customer.subscription.created", events.subscription("sub_1", customer), created=t
-        )
+    sub = stripe_subscription(alice, stripe_customer)
+    created_pro = events.event("customer.subscription.created", sub, created=t)
+    to_enterprise = events.event(
+        "customer.subscription.updated", change_plan(sub, "enterprise"), created=t
     )
-    deliver(
-        events.event(
-            "customer.subscription.deleted",
-            events.subscription("sub_1", customer, status="canceled"),
-            created=t + 20,
-        )
-    )
+    assert deliver(to_enterprise).json()["outcome"] == "applied"
+    late = deliver(created_pro)
+    assert late.status_code == 200
+    assert late.json()["applied"] is True
+    row = subscription_of(alice)
+    assert (row.plan, row.status) == ("enterprise", "active")
+    assert plan_of(alice) == "enterprise"
+
+
+def test_same_second_cancellation_and_its_withdrawal_in_reverse_order_keep_the_withdrawal(
+    alice: Person, stripe_customer: str
+) -> None:
+    t = int(time.time())
+    sub = stripe_subscription(alice, stripe_customer)
+    deliver(events.event("customer.subscription.created", sub, created=t))
+    scheduled = gateway.subscription_cancel_at_period_end(sub["id"], cancel=True)
+    withdrawn = gateway.subscription_cancel_at_period_end(sub["id"], cancel=False)
+    deliver(events.event("customer.subscription.updated", withdrawn, created=t + 1))
+    deliver(events.event("customer.subscription.updated", scheduled, created=t + 1))
+    assert subscription_of(alice).cancel_at_period_end is False
+
+
+def test_a_late_update_cannot_revive_a_deleted_subscription(
+    alice: Person, stripe_customer: str
+) -> None:
+    t = int(time.time())
+    sub = stripe_subscription(alice, stripe_customer)
+    deliver(events.event("customer.subscription.created", sub, created=t))
+    canceled = gateway.subscription_cancel_now(sub["id"])
+    deliver(events.event("customer.subscription.deleted", canceled, created=t + 20))
     # An update from before the deletion, and one stamped the same second, arrive late.
     for created in (t + 10, t + 20):
-        evt = events.event(
-            "customer.subscription.updated", events.subscription("sub_1", customer), created=created
-        )
-        assert deliver(evt).json()["outcome"] == "stale"
+        evt = events.event("customer.subscription.updated", sub, created=created)
+        assert deliver(evt).json()["outcome"] == "unchanged"
     assert subscription_of(alice).status == "canceled"
     assert plan_of(alice) == "free"
 
 
-def test_deletion_of_a_replaced_subscription_is_ignored(alice: Person, customer: str) -> None:
+def test_deletion_of_a_replaced_subscription_is_ignored(
+    alice: Person, stripe_customer: str
+) -> None:
     t = int(time.time())
-    deliver(
-        events.event(
-            "customer.subscription.created", events.subscription("sub_old", customer), created=t
-        )
-    )
-    deliver(
-        events.event(
-            "customer.subscription.deleted",
-            events.subscription("sub_old", customer, status="canceled"),
-            created=t + 1,
-        )
-    )
-    deliver(
-        events.event(
-            "customer.subscription.created",
-            events.subscription("sub_new", customer, plan="enterprise"),
-            created=t + 2,
-        )
-    )
+    old = stripe_subscription(alice, stripe_customer)
+    deliver(events.event("customer.subscription.created", old, created=t))
+    old_canceled = gateway.subscription_cancel_now(old["id"])
+    deliver(events.event("customer.subscription.deleted", old_canceled, created=t + 1))
+    new = stripe_subscription(alice, stripe_customer, "enterprise")
+    deliver(events.event("customer.subscription.created", new, created=t + 2))
     # Stripe retries the old deletion later: the new subscription stays.
-    retry = events.event(
-        "customer.subscription.deleted",
-        events.subscription("sub_old", customer, status="canceled"),
-        created=t + 3,
-    )
+    retry = events.event("customer.subscription.deleted", old_canceled, created=t + 3)
     assert deliver(retry).json()["outcome"] == "other_subscription"
     row = subscription_of(alice)
-    assert (row.stripe_subscription_id, row.status, row.plan) == ("sub_new", "active", "enterprise")
+    assert (row.stripe_subscription_id, row.status, row.plan) == (new["id"], "active", "enterprise")
     assert plan_of(alice) == "enterprise"
+
+
+def test_an_event_that_fails_validation_is_recorded_failed_answered_200_and_not_rerun(
+    alice: Person, stripe_customer: str, stripe_settings: LocalStripe
+) -> None:
+    # A subscription to a plan Stripe has and Atelier does not: applying it raises ApiError.
+    plan_id = f"plan-unknown-{uuid.uuid4().hex[:8]}"
+    stripe_settings.post(
+        "/v1/plans",
+        id=plan_id,
+        amount="100",
+        currency="usd",
+        interval="month",
+        **{"product[name]": "not an Atelier plan"},
+    )
+    sub = gateway.subscription_create(
+        customer=stripe_customer,
+        plan_id=plan_id,
+        organization_id=alice.organization.pk,
+        plan_code="platinum",
+        key=f"test-{uuid.uuid4().hex}",
+    )
+    evt = events.event("customer.subscription.created", sub)
+    response = deliver(evt)
+    assert response.status_code == 200, response.content
+    assert response.json() == {"received": True, "outcome": "failed", "applied": False}
+    record = StripeEvent.objects.get(pk=evt["id"])
+    assert record.outcome == "failed"
+    assert record.failure.startswith("ApiError: ")
+    assert "platinum" in record.failure
+    # Nothing of it was applied, and delivering it again does not run it again.
+    assert not Subscription.objects.for_organization(alice.organization).exists()
+    assert plan_of(alice) == "free"
+    again = deliver(evt)
+    assert again.status_code == 200
+    assert again.json() == {"received": True, "outcome": "duplicate", "applied": False}
+    assert StripeEvent.objects.get(pk=evt["id"]).outcome == "failed"
+
+
+def test_stripe_unreachable_while_applying_answers_503_so_stripe_retries(
+    alice: Person, stripe_customer: str, settings: Any
+) -> None:
+    sub = stripe_subscription(alice, stripe_customer)
+    evt = events.event("customer.subscription.created", sub)
+    reachable = settings.STRIPE_API_BASE
+    settings.STRIPE_API_BASE = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    settings.STRIPE_MAX_NETWORK_RETRIES = 0
+    response = deliver(evt)
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "payment_provider_error"
+    assert not StripeEvent.objects.filter(pk=evt["id"]).exists()
+    # Stripe's retry, once Stripe answers again, applies it.
+    settings.STRIPE_API_BASE = reachable
+    assert deliver(evt).json()["outcome"] == "applied"
+    assert plan_of(alice) == "pro"
+
+
+def test_a_database_failure_in_a_handler_is_a_500_and_the_retry_applies_it(
+    alice: Person, customer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_down(*args: Any) -> str:
+        raise OperationalError("the database went away")
+
+    evt = events.event("invoice.payment_failed", events.invoice("in_db", customer))
+    body = body_of(evt)
+    monkeypatch.setitem(webhooks.HANDLERS, "invoice.payment_failed", database_down)
+    response = APIClient(raise_request_exception=False).post(
+        events.URL, data=body, content_type="application/json", HTTP_STRIPE_SIGNATURE=sign(body)
+    )
+    assert response.status_code == 500
+    assert not StripeEvent.objects.filter(pk=evt["id"]).exists()
+    monkeypatch.undo()
+    assert deliver(evt).json()["outcome"] == "dunning_started"
 
 
 def test_events_of_unknown_customers_are_recorded_and_ignored(alice: Person) -> None:
@@ -310,11 +429,10 @@ def test_payment_intents_that_are_not_credit_purchases_grant_nothing(
 
 
 def test_an_outsiders_customer_id_only_touches_the_outsider(
-    alice: Person, charlie: Person, customer: str
+    alice: Person, charlie: Person, stripe_customer: str, stripe_settings: LocalStripe
 ) -> None:
-    StripeCustomer.objects.create(organization=charlie.organization, stripe_id="cus_charlie")
-    deliver(
-        events.event("customer.subscription.created", events.subscription("sub_c", "cus_charlie"))
-    )
+    outsider = gateway.customer_for(charlie.organization)
+    stripe_settings.card(outsider)
+    deliver(events.event("customer.subscription.created", stripe_subscription(charlie, outsider)))
     assert plan_of(charlie) == "pro"
     assert plan_of(alice) == "free"

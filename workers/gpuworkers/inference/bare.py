@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gpuworkers import safeload
 from gpuworkers.inference.config import Settings
 from gpuworkers.inference.models import pick_device, pick_dtype
 
@@ -44,7 +45,8 @@ def load(folder: Path, *, task: str = "causal_lm", settings: Settings | None = N
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
     model_class: Any = AutoModelForCausalLM if task == "causal_lm" else AutoModel
-    model = model_class.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+    safeload.require_safetensors(folder)
+    model = model_class.from_pretrained(str(folder), dtype=dtype, **safeload.pretrained_kwargs())
     model.requires_grad_(False)
     model.eval()
     model.to(device)

@@ -2,8 +2,9 @@
 
 Everything loads with `from_pretrained(local_dir, use_safetensors=True)` (adapters:
 PEFT's `load_adapter` from a directory holding `adapter_model.safetensors`), never
-from a pickle. A model in object storage is first copied to a local cache
-directory (keyed by URI; models and adapters are immutable once written).
+from a pickle: `gpuworkers.safeload` refuses a directory holding one, as training
+does. A model in object storage is first copied to a local cache directory (keyed
+by URI; models and adapters are immutable once written).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gpuworkers import storage
+from gpuworkers import safeload, storage
 from gpuworkers.inference.config import Settings
 
 #: Model kinds the engine serves.
@@ -210,9 +211,11 @@ def load(key: ModelKey, folder: Path, *, device: torch.device, dtype: torch.dtyp
     )
 
     started = time.perf_counter()
-    if not any(folder.glob("*.safetensors")):
-        raise ModelError(503, "model_unavailable", "the model has no safetensors weights")
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+    try:
+        safeload.require_safetensors(folder)
+    except safeload.UnsafeWeights as error:
+        raise ModelError(503, "model_unavailable", str(error)) from None
+    kwargs: dict[str, Any] = {"dtype": dtype, **safeload.pretrained_kwargs()}
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if key.kind == CAUSAL:
         model: Any = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
@@ -318,8 +321,12 @@ def attach_adapter(loaded: Loaded, uri: str, folder: Path) -> Adapter:
     between forwards: PEFT injects layers into the model)."""
     from peft import PeftModel
 
-    if not (folder / "adapter_model.safetensors").exists():
-        raise ModelError(503, "model_unavailable", "the adapter has no adapter_model.safetensors")
+    try:
+        safeload.require_safetensors(
+            folder, what="the adapter", weights="adapter_model.safetensors"
+        )
+    except safeload.UnsafeWeights as error:
+        raise ModelError(503, "model_unavailable", str(error)) from None
     name = adapter_name(uri)
     device = str(loaded.device)
     try:

@@ -1,7 +1,8 @@
 """Loading the base model (full or LoRA, causal LM or classifier) and saving weights.
 
 Everything goes through the ordinary `from_pretrained(local_dir)`: a base model or
-checkpoint on S3 is first copied to a local directory.
+checkpoint on S3 is first copied to a local directory. Safetensors only, as in
+inference: `gpuworkers.safeload` refuses a directory holding a pickle.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from gpuworkers import storage
+from gpuworkers import safeload, storage
 from gpuworkers.training.errors import TrainingError
 from jobcontracts.training import TrainingSpec
 
@@ -80,6 +81,13 @@ def local_dir(uri: str, *, what: str, cache: bool) -> Path:
     return final
 
 
+def _require_safetensors(folder: Path, what: str) -> None:
+    try:
+        safeload.require_safetensors(folder, what=what)
+    except safeload.UnsafeWeights as error:
+        raise TrainingError("unsafe_weights", str(error)) from None
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -88,6 +96,9 @@ def _mkdir(path: Path) -> Path:
 def load(
     spec: TrainingSpec, *, base_dir: Path, resume_dir: Path | None, device: torch.device
 ) -> Loaded:
+    _require_safetensors(base_dir, "the base model")
+    if resume_dir is not None:
+        _require_safetensors(resume_dir, "the checkpoint")
     torch.manual_seed(spec.hyperparameters.seed)  # new heads and LoRA matrices start the same
     tokenizer = AutoTokenizer.from_pretrained(resume_dir or base_dir)
     if tokenizer.pad_token is None:
@@ -99,7 +110,7 @@ def load(
     # fp32); full fine-tunes keep fp32 master weights and train under autocast.
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if lora and bf16 else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, **safeload.pretrained_kwargs()}
     if spec.task == "classification":
         model_class: Any = AutoModelForSequenceClassification
         kwargs.update(

@@ -25,7 +25,7 @@ class Command(BaseCommand):
             f"""
   Atelier is starting on {url}
     API            {url}/v1/        docs: {url}/docs
-    Admin          {url}/admin/     (create a staff login: .venv/bin/atelier manage createsuperuser)
+    Admin          {url}/admin/     (create a staff login: make superuser)
     Health         {url}/healthz    readiness: {url}/readyz
     Database       {database}
     Broker         {settings.CELERY_BROKER_URL}
