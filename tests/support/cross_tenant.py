@@ -14,6 +14,7 @@ from typing import Any
 from controlplane.accounts import services as account_services
 from controlplane.tenancy import services as tenancy_services
 
+from .budgets import monthly_budget
 from .people import SYSTEM, Person
 
 
@@ -212,22 +213,7 @@ def make_deployment(person: Person) -> str:
 
 
 def make_budget(person: Person) -> str:
-    from decimal import Decimal
-
-    from controlplane.limits.services import budget_create
-
-    return budget_create(
-        organization=person.organization,
-        api_key=None,
-        name="private",
-        amount=Decimal("10"),
-        kind="hard",
-        period="month",
-        period_days=None,
-        anchor=None,
-        alert_thresholds=[],
-        actor=SYSTEM,
-    ).pk
+    return monthly_budget(person, "10", kind="hard", name="private").pk
 
 
 def _own_processed_file(attacker: Person) -> dict[str, str]:

@@ -69,6 +69,17 @@ class ApiError(exceptions.APIException):
         self.param = param
 
 
+class Unavailable(ApiError):
+    """503: the service cannot take the request now; `Retry-After` says when to retry."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "service_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class Conflict(ApiError):
     status_code = status.HTTP_409_CONFLICT
     default_code = "conflict"

@@ -23,7 +23,7 @@ from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from controlplane.core.errors import ApiError
+from controlplane.core.errors import ApiError, Unavailable
 from controlplane.core.serializers import validated_reusing
 from controlplane.tenancy.apis_base import OrganizationApi
 from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply
@@ -35,14 +35,10 @@ from .replies import ReplyTimeout, Subscription, cancel
 def transport_unavailable() -> ApiError:
     """503 for a request admitted but not handed to a worker: Redis (the request queue
     or the reply channel) failed. Its budget hold is released by the caller's settle."""
-    error = ApiError(
+    return Unavailable(
         "The inference service could not take the request: its message broker did not "
-        "answer. Nothing ran and nothing was charged; retry in a moment.",
-        status_code=503,
-        code="service_unavailable",
+        "answer. Nothing ran and nothing was charged; retry in a moment."
     )
-    error.retry_after = 1  # type: ignore[attr-defined]
-    return error
 
 
 def _usage(data: dict[str, Any]) -> dict[str, int]:
@@ -85,9 +81,9 @@ def _finish(reason: Any) -> str:
 
 
 class InferenceApi(OrganizationApi):
-    """One endpoint's logic, shared by two front doors: this DRF view (the embedded
-    mode, the test client, the schema) and the asyncio path in front of Django
-    (`fastpath.py`, what `atelier web` serves with Redis)."""
+    """One endpoint's logic, shared by two front doors: this DRF view (the test
+    client, the schema, INFERENCE_FAST_PATH off) and the asyncio path in front of
+    Django (`fastpath.py`, what `atelier web` serves)."""
 
     scopes = {"read": "inference", "write": "inference"}
     parser_classes = [JSONParser]

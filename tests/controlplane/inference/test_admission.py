@@ -28,11 +28,11 @@ from controlplane.inference import admission
 from controlplane.limits import budgets
 from controlplane.limits.budgets import budgets_cache_clear
 from controlplane.limits.resolve import limits_cache_clear
-from controlplane.limits.services import budget_create
 from controlplane.payments import access
 from jobcontracts import queues
 from jobcontracts.inference import request_queue
-from tests.support.people import SYSTEM, Person
+from tests.support.budgets import monthly_budget
+from tests.support.people import Person
 from tests.support.plans import set_plan
 from tests.support.processes import asgi_server
 from tests.support.registry import base_model
@@ -123,18 +123,7 @@ def test_a_hard_budget_refuses_with_insufficient_quota_not_rate_limit_exceeded(
         effective_from=timezone.now() - timedelta(days=1),
         model="test-base",
     )
-    budget_create(
-        organization=alice.organization,
-        api_key=None,
-        name="tight",
-        amount=Decimal("0.05"),
-        kind="hard",
-        period="month",
-        period_days=None,
-        anchor=None,
-        alert_thresholds=[],
-        actor=SYSTEM,
-    )
+    monthly_budget(alice, "0.05", kind="hard", name="tight")
     # Admitted while the budget has room (its hold is given back: nothing ran) ...
     assert error(call(alice, max_tokens=1000)) == (503, "no_capacity")
     # ... then earlier requests spend it ($0.05, settled by the gateway as they end).

@@ -34,10 +34,10 @@ from controlplane.limits import budgets, redis_clients
 from controlplane.limits.budgets import BudgetSpec, budget_state, budgets_cache_clear
 from controlplane.limits.models import Budget
 from controlplane.limits.resolve import limits_cache_clear
-from controlplane.limits.services import budget_create
 from jobcontracts import queues
 from jobcontracts.inference import InferenceRequest, Reply, cancel_key, reply_channel, request_queue
-from tests.support.people import SYSTEM, Person
+from tests.support.budgets import monthly_budget
+from tests.support.people import Person
 from tests.support.processes import free_port
 from tests.support.registry import base_model
 
@@ -74,18 +74,7 @@ def _forget_event_loops() -> None:
 
 
 def _budget(person: Person) -> Budget:
-    budget = budget_create(
-        organization=person.organization,
-        api_key=None,
-        name="",
-        amount=D(100),
-        kind="soft",
-        period="month",
-        period_days=None,
-        anchor=None,
-        alert_thresholds=[],
-        actor=SYSTEM,
-    )
+    budget = monthly_budget(person, "100")
     # Read here, once: the asyncio code then needs no database thread.
     budgets.budgets_for(organization_id=person.organization.pk, api_key_id=None)
     return budget

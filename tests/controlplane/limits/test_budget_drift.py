@@ -31,30 +31,15 @@ from controlplane.limits import budgets, redis_clients
 from controlplane.limits.budgets import BudgetSpec, areserve, asettle, budget_state, reserve, settle
 from controlplane.limits.models import Budget
 from controlplane.limits.redis_clients import sync_client
-from controlplane.limits.services import budget_create
 from jobcontracts.inference import ModelRef, Params
-from tests.support.people import SYSTEM, Person
+from tests.support.budgets import monthly_budget
+from tests.support.people import Person
 from tests.support.processes import free_port
 from tests.support.usage import usage_report
 
 pytestmark = pytest.mark.django_db
 
 D = Decimal
-
-
-def _budget(person: Person, amount: str, *, key: str | None = None) -> Budget:
-    return budget_create(
-        organization=person.organization,
-        api_key=person.membership.api_keys.get(pk=key) if key else None,
-        name="",
-        amount=D(amount),
-        kind="soft",
-        period="month",
-        period_days=None,
-        anchor=None,
-        alert_thresholds=[],
-        actor=SYSTEM,
-    )
 
 
 def _state(budget: Budget) -> tuple[Decimal, Decimal]:
@@ -86,7 +71,7 @@ def _limits_redis_unreachable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
 def test_a_settle_redis_refuses_is_applied_by_the_next_reserve_and_the_counter_converges(
     alice: Person, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    budget = _budget(alice, "10")
+    budget = monthly_budget(alice, "10")
     held = reserve(organization_id=alice.organization.pk, api_key_id=None, max_cost=D("1"))
     with _limits_redis_unreachable(monkeypatch), capture_logs() as logs:
         settle(held, D("0.40"))  # kept, not raised, not lost
@@ -103,7 +88,7 @@ def test_a_settle_redis_refuses_is_applied_by_the_next_reserve_and_the_counter_c
 
 
 def test_an_asyncio_settle_redis_refuses_is_not_lost(alice: Person) -> None:
-    budget = _budget(alice, "10")
+    budget = monthly_budget(alice, "10")
     org = alice.organization.pk
     settle(reserve(organization_id=org, api_key_id=None, max_cost=D("0.01")), D(0))  # no thread
 
@@ -131,7 +116,7 @@ def test_an_asyncio_settle_redis_refuses_is_not_lost(alice: Person) -> None:
 def test_a_deferred_settle_waits_longer_each_time_redis_still_refuses(
     alice: Person, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    budget = _budget(alice, "10")
+    budget = monthly_budget(alice, "10")
     held = reserve(organization_id=alice.organization.pk, api_key_id=None, max_cost=D("1"))
     with _limits_redis_unreachable(monkeypatch):
         settle(held, D("0.40"))
@@ -149,7 +134,7 @@ def test_a_deferred_settle_waits_longer_each_time_redis_still_refuses(
 def test_a_zero_cost_hold_settles_and_an_expired_one_is_released(
     alice: Person, settings: Any
 ) -> None:
-    budget = _budget(alice, "10")
+    budget = monthly_budget(alice, "10")
     org = alice.organization.pk
     # A model without a price holds $0: giving back "-0" was refused by Redis.
     settle(reserve(organization_id=org, api_key_id=None, max_cost=D(0)), D(0))
@@ -163,7 +148,7 @@ def test_a_zero_cost_hold_settles_and_an_expired_one_is_released(
 def test_a_deferred_settle_of_a_long_closed_period_is_abandoned_not_kept_forever(
     alice: Person, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _budget(alice, "10")
+    monthly_budget(alice, "10")
     at = datetime.now(UTC) - timedelta(days=70)  # a period that ended over a day ago
     held = reserve(organization_id=alice.organization.pk, api_key_id=None, max_cost=D(1), at=at)
     with _limits_redis_unreachable(monkeypatch):
@@ -232,7 +217,7 @@ def test_a_rebuild_after_spend_of_every_kind_equals_the_live_counter(
         price_set(meter=meter, unit_price=D(price), effective_from=since)
     admission._prices.clear()
     key = alice.membership.api_keys.get().pk
-    org_budget, key_budget = _budget(alice, "100"), _budget(alice, "100", key=key)
+    org_budget, key_budget = monthly_budget(alice, "100"), monthly_budget(alice, "100", key=key)
 
     # Inference of every kind, live: reserved, settled, ledgered from the worker's report.
     _infer(alice, "chat", key, 120, 40)
