@@ -251,18 +251,22 @@ def test_a_report_dated_outside_the_sane_window_is_parked(
     assert parked(dead)[entry_id]["reason"] == "timestamp_out_of_range"
 
 
-def test_a_row_the_database_refuses_despite_validation_is_parked_and_the_rest_stored(
-    dead: Any, alice: Person
-) -> None:
+@pytest.fixture
+def poison_rule(db: None) -> None:
+    """A rule of the database that validation does not know about (think: a column
+    narrowed by a migration): an INSERT of the report `req-poison` fails."""
     from django.db import connection
 
-    # A rule of the database that validation does not know about (think: a column
-    # narrowed by a migration): the batch's INSERT fails for this one row.
     with connection.cursor() as cursor:
         cursor.execute(
             "ALTER TABLE inference_usagerecord ADD CONSTRAINT test_no_poison "
             "CHECK (request_id <> 'req-poison')"
         )
+
+
+def test_a_row_the_database_refuses_despite_validation_is_parked_and_the_rest_stored(
+    dead: Any, alice: Person, poison_rule: None
+) -> None:
     before = dead_lettered("database_rejected")
     entry_id = ""
     for name in ("req-a", "req-poison", "req-b"):
@@ -318,18 +322,13 @@ def test_a_database_outage_parks_nothing_and_the_batch_is_stored_when_it_is_back
 
 
 def test_an_operator_replays_a_dead_letter_once_its_cause_is_fixed(
-    dead: Any, alice: Person
+    dead: Any, alice: Person, poison_rule: None
 ) -> None:
     from io import StringIO
 
     from django.core.management import call_command
     from django.db import connection
 
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "ALTER TABLE inference_usagerecord ADD CONSTRAINT test_no_poison "
-            "CHECK (request_id <> 'req-poison')"
-        )
     dead.xadd(USAGE_STREAM, {"report": report(alice, "req-poison")})
     dead.xadd(USAGE_STREAM, {"report": b"garbage"})
     consumer = UsageStreamConsumer(name="control-1", block_ms=10)
