@@ -18,17 +18,14 @@ $(STAMP): pyproject.toml
 	# CPU install path: pin the CPU wheel of torch first, so `.[gpu]` (torch>=2.4) adds nothing
 	# and never pulls a multi-GB CUDA build. A GPU host installs `.[gpu]` with its own index.
 	$(BIN)/python -m pip install -q 'torch==2.13.0'
-	$(BIN)/python -m pip install -q -e '.[dev,gpu]'
+	$(BIN)/python -m pip install -q -e '.[dev,gpu,run]'
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-## make run: migrate, install the demo base models, then web + control worker + gpu worker + beat in the foreground (Ctrl-C stops all)
+## make run: a private PostgreSQL and Redis under .data/ (unless DATABASE_URL / REDIS_URL are set), migrate, install the demo base models, then every deploy/Procfile process in the foreground (Ctrl-C stops all)
 run: install
-	$(BIN)/atelier manage migrate --noinput
-	$(BIN)/atelier manage install_demo_models
-	@$(BIN)/atelier manage banner
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f deploy/Procfile -d . start -p $(PORT)
+	$(BIN)/atelier run
 
 ## make superuser: a staff login for the admin of a `make run`
 superuser: install

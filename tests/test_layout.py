@@ -1,17 +1,20 @@
-"""The repository layout: `platform/` and `workers/` are source roots, never packages.
+"""The repository layout: `platform/` and `workers/` are source roots, never packages;
+the control plane's apps are layered and import each other at module level only.
 
 A package named `platform` would shadow Python's standard `platform` module,
-which uuid, Django, Celery, redis-py and torch all import (ARCHITECTURE.md §2).
+which uuid, Django, Celery, redis-py and torch all import (ARCHITECTURE.md, "Layout").
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import platform
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ PACKAGES = {"controlplane": "platform", "gpuworkers": "workers", "jobcontracts":
 TOP_LEVEL = {
     "pyproject.toml",
     "README.md",
+    "ARCHITECTURE.md",
     "Makefile",
     "docker-compose.yml",
     "platform",
@@ -112,13 +116,8 @@ def test_top_level_holds_exactly_the_expected_entries() -> None:
     assert {e for e in TOP_LEVEL if e.startswith(".")} <= visible
 
 
-def test_models_and_migrations_agree(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "controlplane.settings.test",
-        # No server needed to compare models with migrations.
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-    }
+def test_models_and_migrations_agree() -> None:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "controlplane.settings.test"}
     done = subprocess.run(
         [sys.executable, "-m", "django", "makemigrations", "--check", "--dry-run"],
         capture_output=True,
@@ -126,5 +125,108 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
         timeout=120,
         check=False,
         env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+CONTROLPLANE = ROOT / "platform" / "controlplane"
+
+#: Function-local imports of control-plane modules that are allowed, (file, module) -> why.
+#: An app imports the apps below it at module level (pyproject's layers contract); a lower
+#: app that must reach an upper one sends a signal or calls what that one registered, and
+#: AppConfig.ready() wiring is allowed everywhere. Lazy imports are for optional or heavy
+#: dependencies, never for dodging an import cycle between apps.
+LAZY_IMPORTS_ALLOWED = {
+    ("cli.py", "controlplane.devservers"): "the `run` extra (psutil, server wheels) that only "
+    "`make run` installs, never production images",
+}
+
+
+def function_local_imports(path: Path, module: str) -> Iterator[tuple[int, str]]:
+    """(line, absolute name) of each control-plane import inside a function of `path`
+    (the source of `module`), relative ones resolved; `AppConfig.ready()` is skipped."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    seen: set[tuple[int, str]] = set()
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if path.name == "apps.py" and function.name == "ready":
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                target = ".".join(part for part in (base, node.module or "") if part)
+                if target.count(".") == 0 or not node.module:  # `from pkg import module`
+                    names = [f"{target}.{alias.name}" for alias in node.names]
+                else:
+                    names = [target]
+            else:
+                continue
+            seen.update((node.lineno, n) for n in names if n.split(".")[0] == "controlplane")
+    yield from sorted(seen)
+
+
+def app_of(name: str) -> str:
+    """`controlplane.billing.ledger` -> `billing`; top-level modules are their own part."""
+    return name.split(".")[1] if "." in name else name
+
+
+def test_no_app_imports_another_inside_a_function() -> None:
+    found = []
+    for path in sorted(CONTROLPLANE.rglob("*.py")):
+        relative = path.relative_to(CONTROLPLANE)
+        if "migrations" in relative.parts:
+            continue
+        parts = relative.with_suffix("").parts
+        module = ".".join(("controlplane", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+        for line, name in function_local_imports(path, module):
+            if app_of(name) == app_of(module) or (str(relative), name) in LAZY_IMPORTS_ALLOWED:
+                continue
+            found.append(f"{relative}:{line}: {name}")
+    assert found == [], "import these at module level, or invert the dependency: " + str(found)
+
+
+def test_function_local_imports_are_found_and_resolved(tmp_path: Path) -> None:
+    probe = tmp_path / "files.py"
+    probe.write_text(
+        "from controlplane.core import ids\n"
+        "def f():\n"
+        "    from controlplane.inference.deployments import x\n"
+        "    import controlplane.billing.ledger\n"
+        "    from ...jobs import reports\n"
+        "    from ..tasks import validate\n"
+        "    from controlplane import devservers\n"
+        "    from tokenizers import Tokenizer\n"
+    )
+    found = list(function_local_imports(probe, "controlplane.datasets.services.files"))
+    assert found == [
+        (3, "controlplane.inference.deployments"),
+        (4, "controlplane.billing.ledger"),
+        (5, "controlplane.jobs"),
+        (6, "controlplane.datasets.tasks"),
+        (7, "controlplane.devservers"),
+    ]
+    assert [app_of(name) for _, name in found] == [
+        "inference",
+        "billing",
+        "jobs",
+        "datasets",
+        "devservers",
+    ]
+
+
+def test_import_contracts_hold() -> None:
+    """pyproject's import-linter contracts, the apps' layers among them (also `make lint`)."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(["platform", "workers"])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,5 +1,6 @@
 """Started with no DJANGO_SETTINGS_MODULE, every entry point gets the production settings,
-which refuse to start without their required variables (`make run` picks the local ones)."""
+which refuse to start without their required variables (`make run` picks the local ones,
+and gives them its private PostgreSQL and Redis)."""
 
 from __future__ import annotations
 
@@ -60,11 +61,36 @@ def test_with_a_secret_key_but_no_allowed_hosts_it_names_allowed_hosts(tmp_path:
     assert "ALLOWED_HOSTS must be set in production" in done.stderr
 
 
-def test_the_local_settings_are_still_one_variable_away(tmp_path: Path) -> None:
+def test_the_local_settings_start_on_the_urls_make_run_gives_them(tmp_path: Path) -> None:
     done = run_bare(
         tmp_path,
         ENTRY_POINTS["manage.py"],
         DJANGO_SETTINGS_MODULE="controlplane.settings.local",
+        DATABASE_URL="postgres://postgres@127.0.0.1:9/never-reached",
+        REDIS_URL="redis://127.0.0.1:9/0",
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no issues" in done.stdout
+
+
+def test_the_local_settings_without_make_run_name_the_database_url(tmp_path: Path) -> None:
+    done = run_bare(
+        tmp_path,
+        ENTRY_POINTS["manage.py"],
+        DJANGO_SETTINGS_MODULE="controlplane.settings.local",
+        REDIS_URL="redis://127.0.0.1:9/0",
+    )
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "DATABASE_URL is not set. `make run` starts a private PostgreSQL" in done.stderr
+
+
+def test_a_sqlite_database_url_is_refused(tmp_path: Path) -> None:
+    done = run_bare(
+        tmp_path,
+        ENTRY_POINTS["manage.py"],
+        DJANGO_SETTINGS_MODULE="controlplane.settings.local",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        REDIS_URL="redis://127.0.0.1:9/0",
+    )
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "DATABASE_URL must name a PostgreSQL database" in done.stderr

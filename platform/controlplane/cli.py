@@ -12,12 +12,18 @@ the environment and replaces itself with the real server (exec), so signals
     atelier worker inference # Celery worker for gpu.inference: threads pool, one engine
     atelier beat             # Celery beat (periodic tasks)
     atelier manage ARGS...   # Django's manage.py
+    atelier run              # `make run`: migrate, then every process of deploy/Procfile
+                             # (honcho), on a private PostgreSQL and Redis unless
+                             # DATABASE_URL / REDIS_URL name servers (controlplane.devservers)
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from jobcontracts import queues
 from jobcontracts.broker import data_dir
@@ -120,6 +126,59 @@ def beat_argv() -> list[str]:
     ]
 
 
+def run(port: str) -> int:
+    """`make run`: the private servers (what the environment does not name), migrations,
+    the demo models, then deploy/Procfile under honcho. Ctrl-C or SIGTERM stops honcho's
+    processes first, then the servers. Returns honcho's exit status."""
+    # The `run` extra (psutil, the server wheels): not in production images.
+    from controlplane import devservers
+
+    honcho: subprocess.Popen[bytes] | None = None
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        if honcho is not None and honcho.poll() is None:
+            # Honcho stops its processes once, however often asked (a terminal's Ctrl-C
+            # reaches it too); passing SIGINT on keeps its exit status 130.
+            honcho.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    try:
+        servers = devservers.start(data_dir(), os.environ)
+    except devservers.DevServerError as error:
+        print(f"atelier run: {error}", file=sys.stderr)
+        return 1
+    try:
+        for server in servers.servers:
+            where = server.url.rsplit("@", 1)[-1]  # no password in the log
+            print(f"atelier run: private {server.name} (pid {server.pid}) on {where}", flush=True)
+        env = {**os.environ, **servers.env}
+        # The Procfile's `atelier ...` commands: this interpreter's bin/ first on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        manage = [sys.executable, "-m", "controlplane.cli", "manage"]
+        for step in (["migrate", "--noinput"], ["install_demo_models"], ["banner"]):
+            if stopping:
+                return 128 + stopping[0]
+            done = subprocess.run([*manage, *step], env=env, check=False)  # noqa: S603
+            if done.returncode != 0:
+                return done.returncode
+        if stopping:
+            return 128 + stopping[0]
+        root = Path(__file__).resolve().parents[2]
+        procfile = str(root / "deploy" / "Procfile")
+        honcho = subprocess.Popen(  # noqa: S603 - fixed argv
+            [sys.executable, "-m", "honcho", "-f", procfile, "-d", str(root), "start", "-p", port],
+            env=env,
+            # Should this process be killed outright, honcho still stops its processes.
+            preexec_fn=devservers.die_with_parent(signal.SIGTERM),
+        )
+        return honcho.wait()
+    finally:
+        servers.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     # Production unless told otherwise (`make run` picks controlplane.settings.local): it
@@ -135,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         _exec(worker_argv(rest[0]))
     elif command == "beat":
         _exec(beat_argv())
+    elif command == "run" and not rest:
+        raise SystemExit(run(os.environ.get("PORT", "8000")))
     elif command == "manage":
         from django.core.management import execute_from_command_line
 

@@ -3,7 +3,6 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from controlplane.accounts import apis as accounts
-from controlplane.audit import apis as audit
 from controlplane.billing import apis as billing
 from controlplane.core import apis as core
 from controlplane.core import health
@@ -25,7 +24,7 @@ v1 = [
     path("v1/schema", SpectacularAPIView.as_view(), name="schema"),
     path("v1/signup", accounts.SignupApi.as_view(), name="signup"),
     path("v1/me", accounts.MeApi.as_view(), name="me"),
-    path("v1/invitations/accept", tenancy.InvitationAcceptApi.as_view(), name="invitation-accept"),
+    path("v1/invitations/accept", accounts.InvitationAcceptApi.as_view(), name="invitation-accept"),
     path("v1/organization", tenancy.OrganizationDetailApi.as_view(), name="organization"),
     path("v1/organization/members", tenancy.MemberListInviteApi.as_view(), name="members"),
     path(
@@ -50,7 +49,7 @@ v1 = [
         accounts.ApiKeyRotateApi.as_view(),
         name="api-key-rotate",
     ),
-    path("v1/organization/audit_logs", audit.AuditLogListApi.as_view(), name="audit-logs"),
+    path("v1/organization/audit_logs", tenancy.AuditLogListApi.as_view(), name="audit-logs"),
     path(
         "v1/organization/inference_usage",
         deployments.InferenceUsageListApi.as_view(),

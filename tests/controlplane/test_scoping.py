@@ -13,6 +13,7 @@ from controlplane.billing.models import (
     LedgerEntry,
     PlanAssignment,
 )
+from controlplane.core.scoping import OrganizationOwned, UnscopedQueryError
 from controlplane.datasets.models import (
     AccessGrant,
     Dataset,
@@ -29,7 +30,6 @@ from controlplane.limits.models import Budget, BudgetAlert, KeyLimits
 from controlplane.modelregistry.models import CustomerModel, FileEstimate
 from controlplane.payments.models import Dunning, StripeCustomer, StripeInvoice, Subscription
 from controlplane.tenancy.models import Invitation, Membership
-from controlplane.tenancy.scoping import OrganizationOwned, UnscopedQueryError
 from tests.support.people import Person
 
 pytestmark = pytest.mark.django_db

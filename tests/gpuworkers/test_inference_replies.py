@@ -1,5 +1,5 @@
 """The outbox: replies in order, a stream's later deltas merged, cancel keys read for
-watched requests, heartbeats for silent ones; the Redis and file channels."""
+watched requests, heartbeats for silent ones; the Redis channel."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import json
 import os
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
 
-from gpuworkers.replies import FileChannel, MemoryChannel, Outbox, RedisChannel
+from gpuworkers.replies import MemoryChannel, Outbox, RedisChannel
 from jobcontracts.inference import cancel_key, reply_channel
 
 
@@ -133,15 +132,3 @@ def test_redis_channel_publishes_on_the_reply_channel_and_reads_cancel_keys() ->
         client.delete(cancel_key(request_id))
         pubsub.close()
         channel.close()
-
-
-def test_file_channel_appends_json_lines_and_reads_cancel_files(tmp_path: Path) -> None:
-    channel = FileChannel(tmp_path / "replies")
-    channel.publish([("r9", "start", {}), ("r9", "delta", {"index": 0, "text": "é"})])
-    channel.publish([("r9", "done", {"choices": []})])
-    lines = (tmp_path / "replies" / "r9.jsonl").read_text().splitlines()
-    assert [json.loads(line)["type"] for line in lines] == ["start", "delta", "done"]
-    assert json.loads(lines[1])["data"]["text"] == "é"
-    assert channel.cancelled(["r9"]) == set()
-    (tmp_path / "replies" / cancel_key("r9")).touch()
-    assert channel.cancelled(["r9"]) == {"r9"}

@@ -43,6 +43,8 @@ print("ok")
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(ROOT / "workers"),
             "ATELIER_DATA_DIR": str(tmp_path),
+            # Named, never reached: importing the app and routing a task connect to nothing.
+            "REDIS_URL": "redis://127.0.0.1:9/0",
         },
     )
     assert done.returncode == 0, done.stdout + done.stderr

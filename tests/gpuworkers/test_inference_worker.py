@@ -1,7 +1,7 @@
 """A real `atelier worker inference` process: requests pushed on the Redis request list
-(or sent by task name), replies on Redis pub/sub (or in a file when embedded), cancel
-through the cancel key, and each request's usage report read as the control plane
-receives it: off the usage stream with Redis, off the `control` queue when embedded."""
+(or sent by task name), replies on Redis pub/sub, cancel through the cancel key, and
+each request's usage report read as the control plane receives it, off the usage
+stream."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Exchange, Queue
 
 from jobcontracts import queues
 from jobcontracts.broker import celery_config
@@ -40,14 +39,11 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-BROKER_VARS = ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
 
 
 @contextmanager
 def inference_worker(log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     full = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    if "REDIS_URL" not in env:
-        full = {k: v for k, v in full.items() if k not in BROKER_VARS}
     full.update(
         PYTHONPATH=str(ROOT / "workers"),
         PYTHONUNBUFFERED="1",
@@ -78,24 +74,6 @@ def client_app(environ: dict[str, str]) -> Celery:
     app = Celery("inference-test-client", fixups=[])
     app.conf.update(celery_config(environ))
     return app
-
-
-def usage_report(app: Celery, request_id: str, timeout: float = 30) -> UsageReport:
-    queue = Queue(queues.CONTROL, Exchange(queues.CONTROL), routing_key=queues.CONTROL)
-    deadline = time.monotonic() + timeout
-    with app.connection_for_read() as connection, connection.SimpleQueue(queue) as control:
-        while time.monotonic() < deadline:
-            try:
-                message = control.get(timeout=1)
-            except control.Empty:
-                continue
-            message.ack()
-            if message.headers.get("task") != queues.CONTROL_USAGE_REPORT:
-                continue
-            report = UsageReport.from_json(message.decode()[0][0])
-            if report.request_id == request_id:
-                return report
-    raise AssertionError(f"no usage report for {request_id}")
 
 
 def stream_usage(client: Any, request_id: str, timeout: float = 30) -> list[UsageReport]:
@@ -221,30 +199,3 @@ def test_the_cancel_key_stops_a_stream_on_the_worker_sent_by_task_name(redis_wor
     assert 2 <= produced < 240
     [usage] = stream_usage(client, req.request_id)
     assert (usage.status, usage.completion_tokens) == ("cancelled", produced)
-
-
-def test_embedded_worker_appends_replies_to_a_file_and_reports_usage(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    environ = {"ATELIER_DATA_DIR": str(data)}
-    app = client_app(environ)  # kombu's filesystem broker, as `make run` uses
-    req = request(model_ref(varied_model_dir()), max_tokens=6, stream=True)
-    replies_file = data / "replies" / f"{req.request_id}.jsonl"
-
-    with inference_worker(tmp_path / "worker.log", ATELIER_DATA_DIR=str(data)):
-        app.send_task(queues.INFER, args=[req.to_json()], queue=queues.GPU_INFERENCE)
-        deadline = time.monotonic() + 60
-        replies: list[Reply] = []
-        while time.monotonic() < deadline:
-            if replies_file.exists():
-                lines = replies_file.read_text().splitlines()
-                replies = [Reply.from_json(json.loads(line)) for line in lines]
-                if replies and replies[-1].type in ("done", "error"):
-                    break
-            time.sleep(0.1)
-        usage = usage_report(app, req.request_id)
-
-    assert replies[0].type == "start"
-    assert replies[-1].type == "done", replies
-    text = "".join(r.data["text"] for r in replies if r.type == "delta")
-    assert text == replies[-1].data["choices"][0]["text"]
-    assert usage.completion_tokens == replies[-1].data["usage"]["completion_tokens"] == 6

@@ -36,8 +36,28 @@ print("ok")
         env={
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(ROOT / "workers"),
-            "ATELIER_DATA_DIR": str(tmp_path),  # no broker configured: the filesystem one
+            "ATELIER_DATA_DIR": str(tmp_path),
+            # Named, never reached: importing the app and routing a task connect to nothing.
+            "REDIS_URL": "redis://127.0.0.1:9/0",
         },
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_gpu_worker_without_a_broker_says_to_set_redis_url(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import gpuworkers.celery"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT / "workers"),
+            "ATELIER_DATA_DIR": str(tmp_path),
+        },
+    )
+    assert done.returncode != 0
+    assert "No broker: set REDIS_URL (or CELERY_BROKER_URL)" in done.stderr

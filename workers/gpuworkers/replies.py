@@ -1,13 +1,10 @@
 """Where an inference worker's replies and usage reports go, and where it reads cancellations.
 
-With `REDIS_URL` set, replies are published on the Redis pub/sub channel
+Replies are published on the Redis (`REDIS_URL`) pub/sub channel
 `reply_channel(request_id, reply_to)` (the gateway process's channel, or the
 request's own), a request's usage report is an entry on the stream
 `USAGE_STREAM`, and a cancellation is the Redis key `cancel_key(request_id)`.
-Embedded (no Redis), replies are JSON lines appended to
-`{data_dir}/replies/{request_id}.jsonl`, usage reports are Celery tasks on the
-control queue, and a cancellation is a file named `cancel_key(request_id)` in
-that folder. See `jobcontracts.inference`.
+See `jobcontracts.inference`.
 
 The scheduler never waits on the network: it hands replies to an `Outbox`,
 whose thread publishes everything that is waiting in one pipelined round trip
@@ -39,13 +36,11 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
-from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
 import orjson
 
 from gpuworkers.usage_spool import UsageSpool
-from jobcontracts.broker import data_dir
 from jobcontracts.inference import (
     DELTA,
     DONE,
@@ -171,46 +166,6 @@ class RedisChannel:
         self.client.close()
 
 
-def send_usage_task(usage: dict[str, Any]) -> None:
-    """Embedded: a usage report is a Celery task on the control queue."""
-    from gpuworkers.celery import app
-    from jobcontracts import queues
-
-    app.send_task(queues.CONTROL_USAGE_REPORT, args=[usage], queue=queues.CONTROL)
-
-
-class FileChannel:
-    """Embedded: one JSON-lines file of replies per request, cancellation by file."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.routes: dict[str, str] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def publish(self, messages: list[Message]) -> None:
-        lines: dict[str, list[bytes]] = defaultdict(list)
-        usage: list[dict[str, Any]] = []
-        for request_id, kind, data in messages:
-            if kind == END:
-                if data.get("usage") is not None:
-                    usage.append(data["usage"])
-                continue
-            lines[request_id].append(encode(request_id, kind, data) + b"\n")
-        for request_id, chunk in lines.items():
-            # One write per request and batch: a tailing reader never sees half a line
-            # (O_APPEND writes of a few KB are atomic on local filesystems).
-            with (self.folder / f"{request_id}.jsonl").open("ab") as out:
-                out.write(b"".join(chunk))
-        for report in usage:
-            send_usage_task(report)
-
-    def cancelled(self, request_ids: Collection[str]) -> set[str]:
-        return {r for r in request_ids if (self.folder / cancel_key(r)).exists()}
-
-    def close(self) -> None:
-        pass
-
-
 class MemoryChannel:
     """In-process replies for tests and the bare benchmark: kept per request, in order."""
 
@@ -265,9 +220,12 @@ class MemoryChannel:
 def channel_from_env(environ: Mapping[str, str] | None = None) -> ReplyChannel:
     env = os.environ if environ is None else environ
     url = env.get("REDIS_URL")
-    if url:
-        return RedisChannel(url)
-    return FileChannel(data_dir(env) / "replies")
+    if not url:
+        raise RuntimeError(
+            "An inference worker needs Redis: set REDIS_URL (e.g. redis://HOST:6379/0). "
+            "`make run` starts a private Redis and sets it."
+        )
+    return RedisChannel(url)
 
 
 class Outbox:

@@ -1,9 +1,9 @@
 """Broker configuration read from the environment, shared by every Celery app.
 
-With `REDIS_URL` set the broker is Redis. With nothing configured it falls back
-to kombu's filesystem transport under the data directory, so `make run` needs no
-server. Both the Django control plane and the Django-free GPU workers call this,
-so they always agree on where messages go.
+The broker is the Redis named by `CELERY_BROKER_URL`, or else `REDIS_URL` (which
+`make run` sets to its private Redis when nothing is configured). Both the Django
+control plane and the Django-free GPU workers call this, so they always agree on
+where messages go.
 """
 
 from __future__ import annotations
@@ -20,10 +20,19 @@ def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("ATELIER_DATA_DIR", str(default)))
 
 
+class BrokerNotConfigured(RuntimeError):
+    """Neither CELERY_BROKER_URL nor REDIS_URL is set."""
+
+
 def celery_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Celery settings (lower-case names) for the broker named by the environment."""
     env = os.environ if environ is None else environ
     broker_url = env.get("CELERY_BROKER_URL") or env.get("REDIS_URL")
+    if not broker_url:
+        raise BrokerNotConfigured(
+            "No broker: set REDIS_URL (or CELERY_BROKER_URL), e.g. redis://HOST:6379/0. "
+            "`make run` starts a private Redis and sets it."
+        )
     config: dict[str, Any] = {
         "task_serializer": "json",
         "result_serializer": "json",
@@ -34,26 +43,9 @@ def celery_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": "control",
     }
-    if broker_url:
-        config["broker_url"] = broker_url
-        config["result_backend"] = env.get("CELERY_RESULT_BACKEND", broker_url)
-        # Redis re-delivers an unacknowledged message after this long: it must
-        # exceed the longest task (training tasks checkpoint and re-queue).
-        config["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
-        return config
-    folder = data_dir(env) / "broker"
-    for sub in ("queue", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    config["broker_url"] = "filesystem://"
-    config["broker_transport_options"] = {
-        "data_folder_in": str(folder / "queue"),
-        "data_folder_out": str(folder / "queue"),
-        "processed_folder": str(folder / "processed"),
-        # Broadcast/control exchanges; kombu's default is ./control in the working directory.
-        "control_folder": str(folder / "control"),
-        "store_processed": False,
-    }
-    results = data_dir(env) / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    config["result_backend"] = f"file://{results}"
+    config["broker_url"] = broker_url
+    config["result_backend"] = env.get("CELERY_RESULT_BACKEND", broker_url)
+    # Redis re-delivers an unacknowledged message after this long: it must
+    # exceed the longest task (training tasks checkpoint and re-queue).
+    config["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
     return config

@@ -1,40 +1,37 @@
 """The inference contract: a request the gateway sends an inference worker, and its replies.
 
-Requests. With Redis (`REDIS_URL`), the gateway LPUSHes `InferenceRequest.to_json()`
-(JSON) onto the list `request_queue("gpu.inference")` and inference workers BRPOP
+Requests. The gateway LPUSHes `InferenceRequest.to_json()` (JSON) onto the Redis
+(`REDIS_URL`) list `request_queue("gpu.inference")` and inference workers BRPOP
 it: one Redis round trip each way, where a Celery task costs several milliseconds
 of publishing, consuming and pool hand-off per request (measured: bench/README.md)
-— more than the whole latency budget of a proxied call. Embedded (no Redis, one
-host), the request is the only argument of Celery task `queues.INFER` on queue
-`gpu.inference` (the filesystem broker). Neither is ever redelivered: a caller
-waits seconds, and a request run twice would be billed twice.
+— more than the whole latency budget of a proxied call. A client may also send the
+request by task name, as the only argument of Celery task `queues.INFER` on queue
+`gpu.inference`. Neither is ever redelivered: a caller waits seconds, and a
+request run twice would be billed twice.
 
 Replies do not go through the broker (too slow for token streaming): the worker
-publishes `Reply` messages, JSON, carrying their `request_id`:
-
-- with Redis: on pub/sub channel `reply_channel(request_id, reply_to)`: the
-  gateway process's own channel, subscribed once when the process starts (so no
-  subscribe round trip per request, and no message can be missed), or for
-  callers without one a per-request channel subscribed *before* sending;
-- embedded: lines appended to the file `{ATELIER_DATA_DIR}/replies/{request_id}.jsonl`,
-  which the gateway tails.
+publishes `Reply` messages, JSON, carrying their `request_id`, on the pub/sub
+channel `reply_channel(request_id, reply_to)`: the gateway process's own channel,
+subscribed once when the process starts (so no subscribe round trip per request,
+and no message can be missed), or for callers without one a per-request channel
+subscribed *before* sending.
 
 While a started request has nothing else to say (a long non-streamed generation),
 the worker sends a `heartbeat` every few seconds, so a gateway can tell a busy
 worker from a dead one by silence.
 
-Cancellation goes the other way: the gateway sets the key (Redis) or creates the
-file (embedded) named by `cancel_key(request_id)`; the worker checks it between
+Cancellation goes the other way: the gateway sets the Redis key
+`cancel_key(request_id)`; the worker checks it between
 decoding steps and stops that sequence, reporting the tokens produced so far.
 
 Usage: for every request it ran (completed, cancelled or failed part-way), the
-worker reports exactly one `UsageReport`: with Redis, an entry on the stream
+worker reports exactly one `UsageReport`: an entry on the Redis stream
 `USAGE_STREAM` (XADD, pipelined with the final reply), which the control plane
 reads in batches through a consumer group and acknowledges only after the rows
-are committed; embedded, Celery task `queues.CONTROL_USAGE_REPORT` on the control
-queue. Either way the control plane stores it under a unique `request_id`, so a
-report delivered twice (a consumer killed between commit and acknowledgement)
-counts once.
+are committed (a report can also be sent by task name, Celery task
+`queues.CONTROL_USAGE_REPORT` on the control queue). Either way the control plane
+stores it under a unique `request_id`, so a report delivered twice (a consumer
+killed between commit and acknowledgement) counts once.
 """
 
 from __future__ import annotations

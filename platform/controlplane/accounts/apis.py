@@ -1,4 +1,5 @@
-"""Sign-up, the caller's identity, and API keys (`/v1/organization/api_keys`)."""
+"""Sign-up, joining by invitation, the caller's identity, and API keys
+(`/v1/organization/api_keys`)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from controlplane.audit.services import Actor
 from controlplane.core.errors import ApiError
 from controlplane.core.pagination import list_response, paginate
 from controlplane.core.serializers import StrictInputSerializer, unix, validated
-from controlplane.tenancy.apis_base import OrganizationApi
 from controlplane.tenancy.models import ORGANIZATION_KINDS, Membership
 from controlplane.tenancy.roles import MANAGERS
-from controlplane.tenancy.serializers import organization_out
+from controlplane.tenancy.serializers import member_out, organization_out
 
 from . import services
+from .apis_base import PrincipalApi
 from .models import APIKey
 from .selectors import api_keys_with_status
 
@@ -98,7 +99,39 @@ class SignupApi(APIView):
         )
 
 
-class MeApi(OrganizationApi):
+class InvitationAcceptApi(APIView):
+    """Accept an invitation with its emailed token; returns a first API key for the new member."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "invite_accept"
+
+    class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "InvitationAcceptRequest"
+
+        token = serializers.CharField(max_length=200)
+        password = serializers.CharField(max_length=256, trim_whitespace=False)
+
+    @extend_schema(request=InputSerializer, responses={201: dict}, auth=[])
+    def post(self, request: Request) -> Response:
+        data = validated(self.InputSerializer, request.data)
+        membership, issued = services.invitation_accept(
+            token=data["token"], password=data["password"], actor=Actor.from_request(request)
+        )
+        return Response(
+            {
+                "object": "organization.member",
+                "member": member_out(membership),
+                "organization": organization_out(membership.organization),
+                "api_key": api_key_out(issued.api_key, value=issued.value),
+            },
+            status=201,
+        )
+
+
+class MeApi(PrincipalApi):
     """Who the key is: its organization, member, role and effective scopes."""
 
     scopes = {"read": None}
@@ -119,7 +152,7 @@ class MeApi(OrganizationApi):
         )
 
 
-class ApiKeyListCreateApi(OrganizationApi):
+class ApiKeyListCreateApi(PrincipalApi):
     scopes = {"read": "organization.read", "write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
@@ -188,7 +221,7 @@ class ApiKeyListCreateApi(OrganizationApi):
             )
 
 
-class ApiKeyDetailApi(OrganizationApi):
+class ApiKeyDetailApi(PrincipalApi):
     scopes = {"read": "organization.read", "write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):
@@ -224,7 +257,7 @@ class ApiKeyDetailApi(OrganizationApi):
         )
 
 
-class ApiKeyRotateApi(OrganizationApi):
+class ApiKeyRotateApi(PrincipalApi):
     scopes = {"write": "organization.write"}
 
     class InputSerializer(StrictInputSerializer):

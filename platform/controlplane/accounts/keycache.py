@@ -95,8 +95,6 @@ class KeyCache:
     def enabled(self) -> bool:
         if settings.API_KEY_CACHE_SECONDS <= 0:
             return False
-        if not settings.REDIS_URL:
-            return True  # one process, local invalidation only (make run's embedded mode)
         self._ensure_listener()
         return self._listening.is_set()
 
@@ -181,8 +179,6 @@ class KeyCache:
         self.invalidate([EVERYONE])
 
     def _publish(self, ids: list[str]) -> None:
-        if not settings.REDIS_URL:
-            return
         try:
             if self._publisher is None:
                 self._publisher = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)

@@ -18,7 +18,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 
 from controlplane.core.ids import new_key_id, new_user_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 from . import keys
 

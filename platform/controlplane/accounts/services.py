@@ -1,4 +1,5 @@
-"""Writes for users and API keys. Keyword-only, transactional, audited."""
+"""Writes for users (sign-up, joining by invitation) and API keys. Keyword-only,
+transactional, audited."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.contrib.auth import authenticate
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
@@ -14,6 +16,7 @@ from django.utils import timezone
 
 from controlplane.audit.services import Actor, audit_record
 from controlplane.core.errors import ApiError, Conflict, MissingScope
+from controlplane.tenancy import services as tenancy_services
 from controlplane.tenancy.models import Membership, Organization
 from controlplane.tenancy.roles import Role, can_manage_role
 
@@ -377,3 +380,29 @@ def member_first_key(*, membership: Membership, actor: Actor) -> IssuedKey:
         details={"name": issued.api_key.name, "scopes": ["all"], "member_id": membership.pk},
     )
     return issued
+
+
+@transaction.atomic
+def invitation_accept(*, token: str, password: str, actor: Actor) -> tuple[Membership, IssuedKey]:
+    """Join the organization an emailed invitation names: an existing account proves its
+    password, a new one is created.
+
+    Returns the membership and the member's first API key (all scopes, bounded by role).
+    """
+    invitation = tenancy_services.invitation_pending_locked(token=token)
+    user = User.objects.filter(email__iexact=invitation.email).first()
+    if user is None:
+        password_check(password=password, email=invitation.email)
+        user = User.objects.create_user(email=invitation.email, password=password)
+    elif authenticate(username=user.email, password=password) is None:
+        raise ApiError(
+            "An account with this email exists: give its password to accept.",
+            status_code=401,
+            param="password",
+            code="invalid_password",
+        )
+    actor = replace(actor, type="user", id=user.pk, email=user.email)
+    membership = tenancy_services.invitation_join(
+        invitation=invitation, user_id=user.pk, email=user.email, actor=actor
+    )
+    return membership, member_first_key(membership=membership, actor=actor)

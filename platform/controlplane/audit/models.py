@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db import models
 
 from controlplane.core.ids import new_audit_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 
 class ActorType(models.TextChoices):

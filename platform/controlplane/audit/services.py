@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from django.db import models
 from django.http import HttpRequest
 
 from controlplane.core.net import client_ip
-from controlplane.tenancy.models import Organization
 
 from .models import ActorType, AuditLog
+
+
+@runtime_checkable
+class KeyCaller(Protocol):
+    """What API-key authentication puts on `request.user` (accounts' `Principal`; audit
+    sits below accounts, which records through it, and never imports it)."""
+
+    @property
+    def api_key(self) -> models.Model: ...
+    @property
+    def user(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -27,8 +37,6 @@ class Actor:
     @classmethod
     def from_request(cls, request: HttpRequest) -> Actor:
         """Whoever made `request`: a key's member, a service key, or a staff user (admin)."""
-        from controlplane.accounts.authentication import Principal
-
         seen = cls(
             type=ActorType.SYSTEM,
             ip_address=client_ip(request),
@@ -36,7 +44,7 @@ class Actor:
             request_id=str(getattr(request, "request_id", "")),
         )
         principal = getattr(request, "user", None)
-        if isinstance(principal, Principal):
+        if isinstance(principal, KeyCaller):
             key_id = principal.api_key.pk
             user = principal.user
             if user is not None:
@@ -60,7 +68,7 @@ _TARGET_TYPES = {
 
 def audit_record(
     *,
-    organization: Organization | str,
+    organization: models.Model | str,
     actor: Actor,
     action: str,
     target: models.Model | None = None,

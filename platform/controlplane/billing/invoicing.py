@@ -9,10 +9,11 @@ in `draft` (e.g. Stripe was down the first time).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from django.db import transaction
@@ -27,6 +28,31 @@ from .models import Invoice, InvoiceLine, InvoiceStatus, Plan, PlanAssignment
 from .rating import Line, month_bounds, rate_period, usage_lines_all
 
 log = structlog.get_logger(__name__)
+
+
+class InvoicePush(Protocol):
+    def __call__(self, *, organization: Organization, invoice: Invoice) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Collector:
+    """Who collects stored invoices. Payments registers Stripe's at start-up
+    (`PaymentsConfig.ready`): billing sits below payments and never imports it."""
+
+    #: Whether invoices can be handed over now (Stripe: STRIPE_API_KEY is set).
+    enabled: Callable[[], bool]
+    #: Hand one invoice over, idempotently: the processor's invoice id, or None when
+    #: the invoice charges nothing.
+    push: InvoicePush
+
+
+_collector: Collector | None = None
+
+
+def invoice_collector_set(collector: Collector) -> None:
+    """Register the one invoice collector (payments' Stripe push)."""
+    global _collector
+    _collector = collector
 
 
 @dataclass(frozen=True)
@@ -100,8 +126,8 @@ def invoice_status_advance(
 def invoice_push(*, organization: Organization, invoice: Invoice) -> bool:
     """Hand a stored invoice to Stripe; True once Stripe holds it (or it charges nothing).
 
-    The one interface to controlplane.payments.services.invoice_push (idempotent
-    there: items keyed by line id), which stores the Stripe id and moves the
+    The one interface to the registered `Collector` (payments.services.invoice_push,
+    idempotent there: items keyed by line id), which stores the Stripe id and moves the
     status on as Stripe reports it (`paid` when collected at once, else `open`;
     a Stripe invoice left in draft leaves ours `draft`, so the next run retries).
     An invoice with nothing to charge becomes `paid`. Statuses only move forward
@@ -110,12 +136,11 @@ def invoice_push(*, organization: Organization, invoice: Invoice) -> bool:
     STRIPE_API_KEY) the invoice stays `draft` and the next run retries; Stripe
     errors propagate to the caller.
     """
-    from controlplane.payments import gateway, services
-
-    if not gateway.enabled():
+    collector = _collector
+    if collector is None or not collector.enabled():
         log.info("billing.invoice_push_skipped", invoice_id=invoice.pk, reason="stripe_off")
         return False
-    stripe_id = services.invoice_push(organization=organization, invoice=invoice)
+    stripe_id = collector.push(organization=organization, invoice=invoice)
     if stripe_id is None:
         invoice_status_advance(
             organization=organization, invoice_id=invoice.pk, status=InvoiceStatus.PAID, pushed=True

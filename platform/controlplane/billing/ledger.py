@@ -17,19 +17,38 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
+from controlplane.accounts.models import APIKey
+
 from .models import Meter
 
-if TYPE_CHECKING:
-    from controlplane.inference.models import UsageRecord
-
 log = structlog.get_logger(__name__)
+
+
+class InferenceUsage(Protocol):
+    """What the ledger reads of one stored inference request's usage (inference's
+    `UsageRecord`: billing sits below inference and never imports it)."""
+
+    @property
+    def organization_id(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def api_key_id(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -122,24 +141,7 @@ ON CONFLICT (idempotency_key) DO NOTHING
 """
 
 
-#: Elsewhere (the embedded mode's SQLite): one row per execution, same conflict rule.
-_INSERT_ROW = """
-INSERT INTO billing_ledgerentry (
-    organization_id, idempotency_key, meter, model, quantity, occurred_at, source,
-    api_key_id, member_id, project_id, reference, unit_price, per_units
-)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (idempotency_key) DO NOTHING
-"""
-
-
 def _insert(cursor: object, batch: Sequence[tuple[object, ...]]) -> int:
-    if connection.vendor != "postgresql":
-        new = 0
-        for row in batch:
-            cursor.execute(_INSERT_ROW, row)  # type: ignore[attr-defined]
-            new += max(0, int(cursor.rowcount))  # type: ignore[attr-defined]
-        return new
     columns = [list(column) for column in zip(*batch, strict=True)]
     cursor.execute(_INSERT, columns)  # type: ignore[attr-defined]
     return int(cursor.rowcount)  # type: ignore[attr-defined]
@@ -248,8 +250,6 @@ def member_of_key(api_key_id: str | None) -> str | None:
     """The membership id an API key acts for (None for a service key or no key)."""
     if not api_key_id:
         return None
-    from controlplane.accounts.models import APIKey
-
     return (
         APIKey.objects.dangerously_unscoped()
         .filter(pk=api_key_id)
@@ -258,7 +258,7 @@ def member_of_key(api_key_id: str | None) -> str | None:
     )
 
 
-def inference_usage_to_ledger(record: UsageRecord) -> int:
+def inference_usage_to_ledger(record: InferenceUsage) -> int:
     """Ledger the tokens of one stored `UsageRecord` (called inside its transaction)."""
     return ledger_append_many(
         inference_entries(
@@ -274,7 +274,7 @@ def inference_usage_to_ledger(record: UsageRecord) -> int:
     )
 
 
-def inference_usage_many_to_ledger(records: Sequence[UsageRecord]) -> int:
+def inference_usage_many_to_ledger(records: Sequence[InferenceUsage]) -> int:
     """Ledger a batch of `UsageRecord`s (the usage stream's consumer), in its transaction.
 
     One query for the keys' members, one INSERT per BILLING_LEDGER_BATCH_SIZE
@@ -283,8 +283,6 @@ def inference_usage_many_to_ledger(records: Sequence[UsageRecord]) -> int:
     """
     if not records:
         return 0
-    from controlplane.accounts.models import APIKey
-
     keys = {r.api_key_id for r in records if r.api_key_id}
     members = dict(
         APIKey.objects.dangerously_unscoped().filter(pk__in=keys).values_list("pk", "member_id")

@@ -127,9 +127,6 @@ def storage_meter_day(*, day: date) -> int:
     creation while ready; model artifacts carry no size in the registry yet and
     are not metered. Returns how many entries were new.
     """
-    if connection.vendor != "postgresql":  # the embedded SQLite mode: nothing to meter
-        log.warning("billing.storage_meter_needs_postgresql", day=day.isoformat())
-        return 0
     start = datetime.combine(day, time.min, tzinfo=UTC)
     params: dict[str, Any] = {
         "day": day.isoformat(),

@@ -15,7 +15,7 @@ from django.db import models
 from django.db.models.functions import Now
 
 from controlplane.core.ids import new_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 WILDCARD = "*"
 

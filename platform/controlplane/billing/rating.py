@@ -83,22 +83,7 @@ def usage_lines_all(*, start: datetime, end: datetime) -> dict[str, list[Line]]:
     return _usage_lines(start=start, end=end, org=None)
 
 
-def needs_postgresql(what: str) -> None:
-    """Rating is set-based PostgreSQL SQL; the embedded SQLite mode (`make run` with
-    nothing configured) records usage and the ledger but cannot rate it: say so."""
-    if connection.vendor != "postgresql":
-        from controlplane.core.errors import ApiError
-
-        raise ApiError(
-            f"{what} needs PostgreSQL; this server runs on the embedded SQLite database. "
-            "Set DATABASE_URL to a PostgreSQL database to rate usage.",
-            status_code=501,
-            code="needs_postgresql",
-        )
-
-
 def _usage_lines(*, start: datetime, end: datetime, org: str | None) -> dict[str, list[Line]]:
-    needs_postgresql("Rating usage (invoices and their preview)")
     out: dict[str, list[Line]] = defaultdict(list)
     with connection.cursor() as cursor:
         cursor.execute(_RATE, {"start": start, "end": end, "org": org})

@@ -13,6 +13,8 @@ from django.core.files.storage import default_storage
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
+from controlplane.celery import app
+
 log = structlog.get_logger(__name__)
 
 
@@ -27,8 +29,6 @@ def _database() -> None:
 
 
 def _broker() -> None:
-    from controlplane.celery import app
-
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
 

@@ -22,7 +22,7 @@ from controlplane.core.ids import (
     new_upload_id,
     new_usage_id,
 )
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 PURPOSES = ("fine-tune", "batch", "distillation", "evals", "user_data")
 

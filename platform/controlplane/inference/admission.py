@@ -25,9 +25,6 @@ report the worker sends, stored once and written to the ledger.
 The prompt is estimated at one token per four characters (what OpenAI's own
 rate limiter does): the web process has no tokenizer, and the estimate only
 sizes a reservation that the actual count then corrects.
-
-Without Redis (the embedded `make run`: one process, one user) there are no
-rate limits or budgets to share, so only steps 1 and 2 apply.
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ from typing import Any
 import redis
 import structlog
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
@@ -67,13 +63,12 @@ _prices: dict[str, tuple[float, tuple[Decimal, Decimal]]] = {}
 @dataclass
 class Admission:
     request: InferenceRequest
-    #: None: embedded mode, no limits (see the module's docstring).
-    decision: ratelimit.Decision | None
-    reservation: budgets.Reservation | None
+    decision: ratelimit.Decision
+    reservation: budgets.Reservation
     prices: tuple[Decimal, Decimal]  # USD per prompt token, per completion token
 
     def headers(self) -> dict[str, str]:
-        return self.decision.headers() if self.decision is not None else {}
+        return self.decision.headers()
 
 
 def _estimate(request: InferenceRequest) -> tuple[int, int]:
@@ -166,8 +161,6 @@ def admit(request: InferenceRequest) -> Admission:
     if refusal is not None:
         raise refusal
     _caps(plan_for(organization_id), request)
-    if not settings.REDIS_URL:
-        return Admission(request, None, None, (Decimal(0), Decimal(0)))
     limits = limits_for(organization_id=organization_id, api_key_id=key_id)
     prompt, completion = _estimate(request)
     decision = ratelimit.check(
@@ -248,8 +241,6 @@ def settle(admission: Admission, usage: dict[str, Any] | None) -> None:
     its worker reported; None: nothing reported, e.g. never sent or the worker was lost:
     charged nothing). The budget goes first: a rate-limit correction that fails (the
     window forgets it within its span) must not cost the spend."""
-    if admission.decision is None or admission.reservation is None:
-        return
     tokens, cost = _cost(usage, admission.prices)
     budgets.settle(admission.reservation, cost)
     try:
@@ -259,8 +250,6 @@ def settle(admission: Admission, usage: dict[str, Any] | None) -> None:
 
 
 async def asettle(admission: Admission, usage: dict[str, Any] | None) -> None:
-    if admission.decision is None or admission.reservation is None:
-        return
     tokens, cost = _cost(usage, admission.prices)
     await budgets.asettle(admission.reservation, cost)
     try:

@@ -18,8 +18,8 @@ and replies arrive through the process's one pub/sub subscription
 (`replies.ReplyHub`). A client that disconnects cancels its generation,
 streaming or not.
 
-Used only with Redis (the embedded mode has one process and no pub/sub; the DRF
-views serve it) and while INFERENCE_FAST_PATH is on (the default).
+Used while INFERENCE_FAST_PATH is on (the default); off, the DRF views serve
+the four URLs.
 """
 
 from __future__ import annotations
@@ -92,7 +92,6 @@ class InferenceRouter:
             scope["type"] == "http"
             and scope["method"] == "POST"
             and scope["path"] in ROUTES
-            and settings.REDIS_URL
             and settings.INFERENCE_FAST_PATH
         ):
             await Call(ROUTES[scope["path"]], scope, receive, send).run()

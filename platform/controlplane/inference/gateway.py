@@ -15,7 +15,7 @@ import orjson
 from django.conf import settings
 
 from controlplane.accounts.keycache import key_cache
-from controlplane.core.errors import ApiError
+from controlplane.core.errors import ApiError, Unavailable
 from controlplane.core.ids import new_id
 from controlplane.limits.redis_clients import async_script, sync_script
 from controlplane.modelregistry.models import BaseModel, CustomerModel
@@ -213,14 +213,11 @@ return redis.call('LPUSH', KEYS[1], ARGV[1])
 
 
 def _overloaded() -> ApiError:
-    error = ApiError(
+    return Unavailable(
         "The inference service is at capacity: too many requests are waiting for a worker. "
         "Retry in a moment.",
-        status_code=503,
         code="overloaded",
     )
-    error.retry_after = 1  # type: ignore[attr-defined]
-    return error
 
 
 def _payload(request: InferenceRequest) -> tuple[list[str], list[Any]]:
@@ -231,22 +228,14 @@ def _payload(request: InferenceRequest) -> tuple[list[str], list[Any]]:
 
 def send(request: InferenceRequest) -> None:
     """Hand the request to an inference worker: the Redis request list (see
-    jobcontracts.inference), or embedded a Celery task on the filesystem broker."""
-    if not settings.REDIS_URL:
-        from controlplane.celery import app
-
-        # ignore_result: replies come on the reply channel; no result-backend subscription.
-        app.send_task(
-            queues.INFER, args=[request.to_json()], queue=queues.GPU_INFERENCE, ignore_result=True
-        )
-        return
+    jobcontracts.inference)."""
     keys, args = _payload(request)
     if sync_script("inference.enqueue", _ENQUEUE)(keys=keys, args=args) == -1:
         raise _overloaded()
 
 
 async def asend(request: InferenceRequest) -> None:
-    """`send` from the event loop (Redis only)."""
+    """`send` from the event loop."""
     keys, args = _payload(request)
     if await async_script("inference.enqueue", _ENQUEUE)(keys=keys, args=args) == -1:
         raise _overloaded()
@@ -290,9 +279,7 @@ def lost(started: bool, rid: str) -> ApiError:
     else:
         message = "No inference worker took the request in time; retry shortly."
         code = "no_capacity"
-    error = ApiError(message, status_code=503, code=code)
-    error.retry_after = 1  # type: ignore[attr-defined]
-    return error
+    return Unavailable(message, code=code)
 
 
 def ensure_known(model_id: Any) -> str:

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import models
 
 from controlplane.core.ids import new_deployment_id, new_inference_usage_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 
 class DeploymentType(models.TextChoices):

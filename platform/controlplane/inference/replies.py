@@ -1,9 +1,7 @@
 """The gateway's side of the reply channel (see jobcontracts.inference).
 
-With Redis, a request subscribes to its own pub/sub channel *before* the task is
-sent, so the first token cannot be missed, and reads replies until `done` or
-`error`. Embedded (`make run` with nothing configured, one host), replies are
-lines the worker appends to a file, which the gateway tails.
+A request subscribes to its own Redis pub/sub channel *before* the task is sent,
+so the first token cannot be missed, and reads replies until `done` or `error`.
 
 Two readers share that logic: a blocking one for plain responses (the web
 process runs sync views in threads) and an asyncio one for server-sent events,
@@ -18,7 +16,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,12 +23,10 @@ import redis
 import redis.asyncio as aredis
 from django.conf import settings
 
-from jobcontracts.broker import data_dir
 from jobcontracts.inference import Reply, cancel_key, process_channel, reply_channel
 
 _sync_client: redis.Redis | None = None
 _async_clients: dict[int, aredis.Redis] = {}
-_FILE_POLL_SECONDS = 0.002
 
 
 class ReplyTimeout(Exception):
@@ -58,27 +53,18 @@ def _aredis() -> aredis.Redis:
     return client
 
 
-def _reply_file(request_id: str) -> Path:
-    return data_dir() / "replies" / f"{request_id}.jsonl"
-
-
 def _decode(raw: bytes) -> Reply:
     return Reply.from_json(orjson.loads(raw))
 
 
 async def acancel(request_id: str) -> None:
-    """`cancel` from the event loop (Redis only)."""
+    """`cancel` from the event loop."""
     await _aredis().set(cancel_key(request_id), b"1", ex=600)
 
 
 def cancel(request_id: str) -> None:
     """Ask the worker to stop generating for this request (the caller went away)."""
-    if settings.REDIS_URL:
-        _redis().set(cancel_key(request_id), b"1", ex=600)
-    else:
-        path = data_dir() / "replies" / cancel_key(request_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+    _redis().set(cancel_key(request_id), b"1", ex=600)
 
 
 class Subscription:
@@ -92,7 +78,6 @@ class Subscription:
         self.started = False
         self._last = time.monotonic()
         self._pubsub: Any = None
-        self._file: Any = None
 
     def _wait_limit(self) -> float:
         now = time.monotonic()
@@ -109,36 +94,17 @@ class Subscription:
             self.started = True
         return reply
 
-    def _file_reply(self) -> Reply | None:
-        """The next whole line of the embedded reply file, if the worker has written one."""
-        line = self._file.readline()
-        if line.endswith(b"\n"):
-            return self._seen(_decode(line))
-        if line:  # a partial line: the worker is mid-write; read it again whole
-            self._file.seek(-len(line), 1)
-        return None
-
     # --- blocking -------------------------------------------------------------------------
 
     def open(self) -> Subscription:
-        if settings.REDIS_URL:
-            self._pubsub = _redis().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-            self._pubsub.subscribe(reply_channel(self.request_id))
-        else:
-            path = _reply_file(self.request_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-            self._file = path.open("rb")
+        self._pubsub = _redis().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._pubsub.subscribe(reply_channel(self.request_id))
         return self
 
     def close(self) -> None:
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 self._pubsub.close()
-        if self._file is not None:
-            self._file.close()
-            with contextlib.suppress(OSError):
-                _reply_file(self.request_id).unlink()
 
     def __enter__(self) -> Subscription:
         return self.open()
@@ -157,32 +123,21 @@ class Subscription:
     def _next(self) -> Reply:
         while True:
             limit = self._wait_limit()
-            if self._pubsub is not None:
-                message = self._pubsub.get_message(timeout=min(limit, 1.0))
-                if message is not None and message["type"] == "message":
-                    return self._seen(_decode(message["data"]))
-            else:
-                reply = self._file_reply()
-                if reply is not None:
-                    return reply
-                time.sleep(_FILE_POLL_SECONDS)
+            message = self._pubsub.get_message(timeout=min(limit, 1.0))
+            if message is not None and message["type"] == "message":
+                return self._seen(_decode(message["data"]))
 
     # --- asyncio ---------------------------------------------------------------------------
 
     async def aopen(self) -> Subscription:
-        if settings.REDIS_URL:
-            self._pubsub = _aredis().pubsub(ignore_subscribe_messages=True)
-            await self._pubsub.subscribe(reply_channel(self.request_id))
-        else:
-            self.open()
+        self._pubsub = _aredis().pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(reply_channel(self.request_id))
         return self
 
     async def aclose(self) -> None:
-        if self._pubsub is not None and settings.REDIS_URL:
+        if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
-        if self._file is not None:
-            self.close()
 
     async def areplies(self) -> AsyncIterator[Reply]:
         while True:
@@ -194,15 +149,9 @@ class Subscription:
     async def _anext(self) -> Reply:
         while True:
             limit = self._wait_limit()
-            if settings.REDIS_URL:
-                message = await self._pubsub.get_message(timeout=min(limit, 1.0))
-                if message is not None and message["type"] == "message":
-                    return self._seen(_decode(message["data"]))
-            else:
-                reply = self._file_reply()
-                if reply is not None:
-                    return reply
-                await asyncio.sleep(_FILE_POLL_SECONDS)
+            message = await self._pubsub.get_message(timeout=min(limit, 1.0))
+            if message is not None and message["type"] == "message":
+                return self._seen(_decode(message["data"]))
 
 
 class ReplyHub:

@@ -6,7 +6,6 @@ from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
-from django.conf import settings
 
 from jobcontracts import queues
 
@@ -30,13 +29,13 @@ _consumer: Any = None
 
 @worker_ready.connect
 def _start_usage_consumer(sender: Any = None, **_: Any) -> None:
-    """Every control worker reads the usage stream (with Redis), in a thread."""
+    """Every control worker reads the usage stream, in a thread."""
     global _consumer
     try:
         consumes = queues.CONTROL in sender.app.amqp.queues.consume_from
     except AttributeError:
         return
-    if not consumes or not settings.REDIS_URL or _consumer is not None:
+    if not consumes or _consumer is not None:
         return
     from .usage_stream import UsageStreamConsumer
 

@@ -27,6 +27,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from controlplane.billing.plans import plan_for
+from controlplane.celery import app
 from controlplane.datasets.storage import delete_quietly, object_uri
 from controlplane.tenancy.models import Organization
 from jobcontracts import queues
@@ -136,8 +137,6 @@ def build_spec(job: FineTuningJob) -> TrainingSpec:
 
 
 def _send(job: FineTuningJob, spec: dict[str, Any]) -> None:
-    from controlplane.celery import app
-
     write_signal(job, "run")
     app.send_task(queues.TRAIN, args=[spec], queue=queues.GPU_TRAINING, ignore_result=True)
     log.info("jobs.dispatched", job_id=job.pk, attempt=job.attempt)

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import models
 
 from controlplane.core.ids import new_checkpoint_id, new_job_event_id, new_job_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 
 class JobStatus(models.TextChoices):

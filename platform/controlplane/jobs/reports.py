@@ -25,13 +25,13 @@ from django.utils import timezone
 from controlplane.billing import meters
 from controlplane.datasets import catalog
 from controlplane.datasets.storage import object_uri
-from controlplane.inference.deployments import deployment_ensure_serverless
 from controlplane.modelregistry.services import customer_model_register
 from jobcontracts import training as contract
 
 from . import dispatch
 from .events import event_add, job_fail
 from .models import EventLevel, FineTuningJob, JobCheckpoint, JobStatus
+from .signals import fine_tuning_job_succeeded
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +114,7 @@ def _succeeded(job: FineTuningJob, d: dict[str, Any]) -> None:
         labels=job.labels,
     )
     job.fine_tuned_model = model.pk
-    deployment_ensure_serverless(organization=job.organization_id, model_id=model.pk)
+    fine_tuning_job_succeeded.send(sender=FineTuningJob, job=job, model=model)
     job.status = JobStatus.SUCCEEDED
     job.finished_at = timezone.now()
     job.lease_expires_at = None

@@ -19,6 +19,7 @@ from controlplane.datasets.models import DatasetVersion, File, FileStatus, Versi
 from controlplane.datasets.validation import OTHER_LABEL
 from controlplane.modelregistry.models import BaseModel
 from controlplane.modelregistry.selectors import model_for_organization
+from controlplane.modelregistry.tokens import count_dataset_tokens, training_price
 from controlplane.tenancy.models import Organization
 
 from . import dispatch, params
@@ -215,8 +216,6 @@ def job_create(
 def job_prepare(*, job_id: str) -> FineTuningJob:
     """Count the training tokens with the base model's tokenizer, price the job, queue it.
     Safe to run twice: only a job still `validating_files` is touched."""
-    from controlplane.modelregistry.tokens import count_dataset_tokens, training_price
-
     job = FineTuningJob.objects.dangerously_unscoped().select_related("base_model").get(pk=job_id)
     if job.status != JobStatus.VALIDATING_FILES:
         return job

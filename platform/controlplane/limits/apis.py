@@ -10,6 +10,7 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from controlplane.accounts.apis_base import PrincipalApi
 from controlplane.accounts.models import APIKey
 from controlplane.audit.services import Actor
 from controlplane.core.errors import ApiError
@@ -34,7 +35,7 @@ def _limit_field() -> serializers.IntegerField:
     )
 
 
-class KeyLimitsApi(OrganizationApi):
+class KeyLimitsApi(PrincipalApi):
     """GET a key's rate limits; PUT replaces its overrides (null or absent: the plan's value)."""
 
     scopes = {"read": "organization.read", "write": "organization.write"}
@@ -64,7 +65,7 @@ class KeyLimitsApi(OrganizationApi):
         return Response(key_limits_out(api_key))
 
 
-class RateLimitsApi(OrganizationApi):
+class RateLimitsApi(PrincipalApi):
     """The caller's key's limits and what is left of them. Counts as one request itself,
     so it answers with the same headers (and the same 429) as any limited endpoint."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.db import models
 
 from controlplane.core.ids import new_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 
 def new_key_limits_id() -> str:

@@ -16,7 +16,7 @@ from typing import Final
 from django.db import models
 
 from controlplane.core.ids import new_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 TASKS: Final = ("causal_lm", "classification", "embeddings")
 METHODS: Final = ("supervised", "dpo")
@@ -142,7 +142,8 @@ class FileEstimate(OrganizationOwned):
 
     class Meta(OrganizationOwned.Meta):
         constraints = [
-            # Two partial constraints rather than nulls_distinct=False: SQLite has no such option.
+            # A NULL max_seq_len (the model's own limit) is one more value here, not
+            # distinct from every other NULL: the second constraint covers it.
             models.UniqueConstraint(
                 fields=["file", "base", "max_seq_len"], name="one_estimate_per_limit"
             ),

@@ -28,6 +28,7 @@ from .models import (
     CustomerModel,
     ModelKind,
 )
+from .signals import customer_model_deleted
 
 log = structlog.get_logger(__name__)
 
@@ -151,10 +152,8 @@ def customer_model_delete(*, organization: Organization, model: CustomerModel) -
         return model
     model.deleted_at = timezone.now()
     model.save(update_fields=["deleted_at"])
-    # A deleted model is never served again: free any capacity deployed for it.
-    from controlplane.inference.deployments import deployments_delete_for_model
-
-    deployments_delete_for_model(organization=organization, model_id=model.pk)
+    # A deleted model is never served again: inference frees any capacity deployed for it.
+    customer_model_deleted.send(sender=CustomerModel, model=model)
     uri = model.uri.rstrip("/")
     shared = (
         models.filter(deleted_at__isnull=True)

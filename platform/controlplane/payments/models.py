@@ -9,7 +9,7 @@ from __future__ import annotations
 from django.db import models
 
 from controlplane.core.ids import new_id
-from controlplane.tenancy.scoping import OrganizationOwned, OrganizationScopedManager
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 
 # Migrations serialise defaults by import path, so each prefix has a named function.

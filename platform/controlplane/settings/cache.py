@@ -1,16 +1,20 @@
-"""Cache (throttles, shared state): Redis when REDIS_URL is set, else process memory."""
+"""Cache (throttles, shared state): the Redis named by REDIS_URL (or CACHE_URL)."""
+
+from django.core.exceptions import ImproperlyConfigured
 
 from .env import env
 
 REDIS_URL = env.str("REDIS_URL", default="")
+if not REDIS_URL:
+    raise ImproperlyConfigured(
+        "REDIS_URL is not set. `make run` starts a private Redis under the data directory "
+        "and sets it; anywhere else set REDIS_URL=redis://HOST:6379/0."
+    )
 
-if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": env.str("CACHE_URL", default=REDIS_URL),
-            "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="atelier"),
-        }
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": env.str("CACHE_URL", default=REDIS_URL),
+        "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="atelier"),
     }
-else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+}

@@ -1,27 +1,30 @@
-"""Database: DATABASE_URL, or an embedded SQLite file under the data directory."""
+"""Database: the PostgreSQL named by DATABASE_URL (`make run` starts a private one)."""
+
+from django.core.exceptions import ImproperlyConfigured
 
 from .env import DATA_DIR, env
 
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
-DATABASES = {
-    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'atelier.sqlite3'}"),
-}
-
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # Under ASGI every request may run on a different thread: a pool serves
-    # them without a connection per thread (Django 5.1+, psycopg 3).
-    DATABASES["default"].setdefault("OPTIONS", {})
-    DATABASES["default"]["OPTIONS"]["pool"] = {
-        "min_size": env.int("DATABASE_POOL_MIN", default=2),
-        "max_size": env.int("DATABASE_POOL_MAX", default=20),
-        "timeout": env.int("DATABASE_POOL_TIMEOUT", default=10),
-    }
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
-elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # WAL lets the web server and the control worker share the embedded file.
-    DATABASES["default"].setdefault("OPTIONS", {})
-    DATABASES["default"]["OPTIONS"].setdefault(
-        "init_command", "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+if not env.str("DATABASE_URL", default=""):
+    raise ImproperlyConfigured(
+        "DATABASE_URL is not set. `make run` starts a private PostgreSQL under the data "
+        "directory and sets it; anywhere else set "
+        "DATABASE_URL=postgres://USER:PASSWORD@HOST:5432/NAME."
     )
-    DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
+DATABASES = {"default": env.db_url("DATABASE_URL")}
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured(
+        "DATABASE_URL must name a PostgreSQL database (postgres://...): the ledger, "
+        "rating and usage queries are PostgreSQL SQL."
+    )
+
+# Under ASGI every request may run on a different thread: a pool serves
+# them without a connection per thread (Django 5.1+, psycopg 3).
+DATABASES["default"].setdefault("OPTIONS", {})
+DATABASES["default"]["OPTIONS"]["pool"] = {
+    "min_size": env.int("DATABASE_POOL_MIN", default=2),
+    "max_size": env.int("DATABASE_POOL_MAX", default=20),
+    "timeout": env.int("DATABASE_POOL_TIMEOUT", default=10),
+}
+DATABASES["default"]["CONN_MAX_AGE"] = 0

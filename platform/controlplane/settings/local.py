@@ -1,7 +1,18 @@
-"""`make run` on a laptop: embedded defaults (SQLite, filesystem broker, local files)."""
+"""`make run` on a laptop: DEBUG, local files, and the PostgreSQL and Redis that
+`atelier run` names in DATABASE_URL / REDIS_URL (its private servers unless you set
+them). A command run beside it (`make superuser`) finds the private servers in the
+data directory."""
 
-from .base import *  # noqa: F403
-from .env import env
+import os
+
+from controlplane.devservers import private_urls
+from jobcontracts.broker import data_dir
+
+for _name, _url in private_urls(data_dir()).items():
+    os.environ.setdefault(_name, _url)
+
+from .base import *  # noqa: E402, F403
+from .env import env  # noqa: E402
 
 DEBUG = env.bool("DEBUG", default=True)
 LOG_FORMAT = env.str("LOG_FORMAT", default="json")

@@ -5,7 +5,6 @@ Required: SECRET_KEY (or SECRET_KEY_FILE), ALLOWED_HOSTS, DATABASE_URL, REDIS_UR
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .base import *  # noqa: F403
 from .env import env
 
 
@@ -16,13 +15,20 @@ def _required(name: str) -> str:
     return str(value)
 
 
-DEBUG = False
-SECRET_KEY = _required("SECRET_KEY")
-if SECRET_KEY.startswith("django-insecure") or len(SECRET_KEY) < 50:
+# Checked before the shared settings are read (they refuse to load without a database
+# or Redis), so the first error names what production needs first.
+_SECRET_KEY = _required("SECRET_KEY")
+if _SECRET_KEY.startswith("django-insecure") or len(_SECRET_KEY) < 50:
     raise ImproperlyConfigured("SECRET_KEY must be a random value of at least 50 characters.")
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[]) or [_required("ALLOWED_HOSTS")]
+_ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[]) or [_required("ALLOWED_HOSTS")]
 _required("DATABASE_URL")
 _required("REDIS_URL")
+
+from .base import *  # noqa: E402, F403
+
+DEBUG = False
+SECRET_KEY = _SECRET_KEY
+ALLOWED_HOSTS = _ALLOWED_HOSTS
 
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
 SESSION_COOKIE_SECURE = True

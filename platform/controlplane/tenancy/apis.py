@@ -1,17 +1,17 @@
-"""The organization, its members (`/v1/organization/members`) and invitations."""
+"""The organization, its members (`/v1/organization/members`), invitations and audit log.
+
+Accepting an invitation makes an account and its first key: accounts serves it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
-from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
-from rest_framework.views import APIView
 
+from controlplane.audit.models import AuditLog
+from controlplane.audit.serializers import audit_log_out
 from controlplane.audit.services import Actor
 from controlplane.core.pagination import list_response, paginate
 from controlplane.core.serializers import StrictInputSerializer, validated
@@ -144,35 +144,21 @@ class InviteDetailApi(OrganizationApi):
         return Response({"object": "organization.invite.deleted", "id": invite_id, "deleted": True})
 
 
-class InvitationAcceptApi(APIView):
-    """Accept an invitation with its emailed token; returns a first API key for the new member."""
+#: Query parameters that filter the audit log, and the field each filters.
+_AUDIT_FILTERS = {"action": "action", "actor_id": "actor_id", "target_id": "target_id"}
 
-    authentication_classes: list[Any] = []
-    permission_classes = [AllowAny]
-    throttle_classes = [ScopedRateThrottle]
-    throttle_scope = "invite_accept"
 
-    class InputSerializer(StrictInputSerializer):
-        class Meta:
-            ref_name = "InvitationAcceptRequest"
+class AuditLogListApi(OrganizationApi):
+    """`/v1/organization/audit_logs`: who changed access, what, when and from where."""
 
-        token = serializers.CharField(max_length=200)
-        password = serializers.CharField(max_length=256, trim_whitespace=False)
+    scopes = {"read": "audit_logs.read"}
 
-    @extend_schema(request=InputSerializer, responses={201: dict}, auth=[])
-    def post(self, request: Request) -> Response:
-        from controlplane.accounts.apis import api_key_out
-
-        data = validated(self.InputSerializer, request.data)
-        membership, issued = services.invitation_accept(
-            token=data["token"], password=data["password"], actor=Actor.from_request(request)
-        )
-        return Response(
-            {
-                "object": "organization.member",
-                "member": member_out(membership),
-                "organization": organization_out(membership.organization),
-                "api_key": api_key_out(issued.api_key, value=issued.value),
-            },
-            status=201,
-        )
+    @extend_schema(responses={200: dict})
+    def get(self, request: Request) -> Response:
+        queryset = AuditLog.objects.for_organization(self.organization)
+        for param, field in _AUDIT_FILTERS.items():
+            value = request.query_params.get(param)
+            if value:
+                queryset = queryset.filter(**{field: value})
+        rows, has_more = paginate(queryset, request)
+        return list_response(rows, has_more, audit_log_out)

@@ -4,22 +4,45 @@ It authenticates the key, checks the scope the method needs, and hands the view
 `self.organization`. Objects are fetched only through `get_owned()`, which
 scopes by that organization: a foreign id is a 404, indistinguishable from an id
 that does not exist.
+
+The caller is whatever key authentication (accounts, `ApiKeyAuthentication`) put on
+`request.user`; this base needs only the `Caller` it describes. Endpoints that need the
+key itself derive from accounts' `PrincipalApi`.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from controlplane.accounts.authentication import Principal
 from controlplane.core.errors import MissingScope, NotFound
-from controlplane.tenancy.models import Organization
-from controlplane.tenancy.scoping import OrganizationOwned
+from controlplane.core.scoping import OrganizationOwned
+from controlplane.tenancy.models import Membership, Organization
 
 M = TypeVar("M", bound=OrganizationOwned)
+
+
+class Caller(Protocol):
+    """Who calls a tenant endpoint: accounts' `Principal` is one (tenancy sits below
+    accounts and never imports it)."""
+
+    @property
+    def organization(self) -> Organization: ...
+    @property
+    def membership(self) -> Membership | None: ...
+    @property
+    def user(self) -> AbstractBaseUser | None: ...
+    @property
+    def role(self) -> str | None: ...
+    @property
+    def scopes(self) -> frozenset[str]: ...
+    @property
+    def pk(self) -> str: ...
+
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -27,7 +50,7 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class HasRequiredScope(BasePermission):
     def has_permission(self, request: Request, view: Any) -> bool:
         needed = view.required_scope(request.method or "GET")
-        principal: Principal = request.user  # type: ignore[assignment]
+        principal: Caller = request.user  # type: ignore[assignment]
         if needed is not None and needed not in principal.scopes:
             bound = (
                 f" A key can do no more than its member's role ('{principal.role}') allows."
@@ -60,7 +83,7 @@ class OrganizationApi(APIView):
         return self.scopes[kind]
 
     @property
-    def principal(self) -> Principal:
+    def principal(self) -> Caller:
         return self.request.user  # type: ignore[return-value]
 
     @property

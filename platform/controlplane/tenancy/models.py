@@ -7,9 +7,9 @@ from django.db import models
 from django.db.models.functions import Lower
 
 from controlplane.core.ids import new_invite_id, new_member_id, new_org_id
+from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
 from .roles import Role
-from .scoping import OrganizationOwned, OrganizationScopedManager
 
 #: What an organization can be: a customer, a data partner, or both.
 ORGANIZATION_KINDS = ("customer", "data_partner")

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.contrib.auth import authenticate
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from controlplane.audit.services import Actor, audit_record
-from controlplane.core.errors import ApiError, Conflict, MissingScope, NotFound
+from controlplane.core.errors import Conflict, MissingScope, NotFound
 
 from .models import Invitation, InvitationStatus, Membership, Organization
 from .roles import Role, can_manage_role
-
-if TYPE_CHECKING:
-    from controlplane.accounts.services import IssuedKey
 
 
 def _token_hash(token: str) -> str:
@@ -142,15 +137,10 @@ def invitation_revoke(*, invitation: Invitation, actor: Actor) -> Invitation:
     return invitation
 
 
-@transaction.atomic
-def invitation_accept(*, token: str, password: str, actor: Actor) -> tuple[Membership, IssuedKey]:
-    """Join the organization: an existing account proves its password, a new one is created.
-
-    Returns the membership and the member's first API key (all scopes, bounded by role).
-    """
-    from controlplane.accounts.models import User
-    from controlplane.accounts.services import member_first_key, password_check
-
+def invitation_pending_locked(*, token: str) -> Invitation:
+    """The pending, unexpired invitation this emailed token opens, locked (SELECT … FOR
+    UPDATE) for accepting it: call inside the accepting transaction. Every miss is the
+    same 404, whether the token is unknown, expired or already used."""
     invalid = NotFound(
         "This invitation token is invalid, expired or already used.",
         param="token",
@@ -167,35 +157,34 @@ def invitation_accept(*, token: str, password: str, actor: Actor) -> tuple[Membe
         raise invalid from None
     if invitation.expires_at <= timezone.now():
         raise invalid
-    user = User.objects.filter(email__iexact=invitation.email).first()
-    if user is None:
-        password_check(password=password, email=invitation.email)
-        user = User.objects.create_user(email=invitation.email, password=password)
-    elif authenticate(username=user.email, password=password) is None:
-        raise ApiError(
-            "An account with this email exists: give its password to accept.",
-            status_code=401,
-            param="password",
-            code="invalid_password",
-        )
+    return invitation
+
+
+@transaction.atomic
+def invitation_join(
+    *, invitation: Invitation, user_id: str, email: str, actor: Actor
+) -> Membership:
+    """The account (`user_id`, `email`) joins the organization with the invited role and
+    the invitation closes (audited). Call in the transaction that locked it
+    (`invitation_pending_locked`): accounts' `invitation_accept` finds or makes the
+    account and issues its first key."""
     organization = invitation.organization
-    if organization.memberships.filter(user=user).exists():
+    if organization.memberships.filter(user_id=user_id).exists():
         raise Conflict("You are already a member of this organization.", code="already_member")
     membership = Membership.objects.create(
-        organization=organization, user=user, role=invitation.role
+        organization=organization, user_id=user_id, role=invitation.role
     )
     invitation.status = InvitationStatus.ACCEPTED
     invitation.accepted_at = timezone.now()
     invitation.save(update_fields=["status", "accepted_at"])
-    actor = replace(actor, type="user", id=user.pk, email=user.email)
     audit_record(
         organization=organization,
         actor=actor,
         action="member.added",
         target=membership,
-        details={"email": user.email, "role": membership.role, "invitation_id": invitation.pk},
+        details={"email": email, "role": membership.role, "invitation_id": invitation.pk},
     )
-    return membership, member_first_key(membership=membership, actor=actor)
+    return membership
 
 
 def _lock_owners(organization_id: str) -> list[Membership]:

@@ -301,6 +301,16 @@ def test_deleting_a_model_s_deployments_frees_it(alice: Person, model: str) -> N
     assert deployments.deployments_delete_for_model(organization=org, model_id=model) == 0
 
 
+def test_deleting_a_customer_model_deletes_its_deployment(alice: Person, model: str) -> None:
+    # The registry announces the deletion (it never imports inference); inference listens.
+    deploy(alice, model=model, type="dedicated", min_replicas=2)
+    assert len(active(alice)) == 1
+
+    assert alice.client.delete(f"/v1/models/{model}").status_code == 200
+
+    assert active(alice) == []
+
+
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_deploys_of_one_model_leave_one_and_409_the_others(alice: Person) -> None:
     import threading

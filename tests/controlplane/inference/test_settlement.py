@@ -131,7 +131,7 @@ class _Worker(threading.Thread):
         client.close()
 
 
-# --- the DRF views (embedded mode, the test client) -------------------------------------
+# --- the DRF views (the test client) ----------------------------------------------------
 
 
 @pytest.mark.django_db

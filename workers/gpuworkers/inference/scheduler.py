@@ -101,7 +101,7 @@ class Stats:
 
 def outbox_for(channel: ReplyChannel, settings: Settings) -> Outbox | ProcessOutbox:
     """The engine's outbox: in a child process for Redis (off the decode loop's GIL),
-    a thread otherwise (embedded files, in-memory tests)."""
+    a thread otherwise (in-memory tests)."""
     options: OutboxOptions = {
         "cancel_check_s": settings.cancel_check_ms / 1000,
         "heartbeat_s": settings.heartbeat_s,

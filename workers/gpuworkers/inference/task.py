@@ -1,7 +1,7 @@
 """The inference worker's entry points, around this process's one `Engine`.
 
-With Redis, requests arrive on a Redis list (`intake.Intake`, a thread started
-when the worker comes up); embedded, as the Celery task `gpuworkers.inference.run`
+Requests arrive on a Redis list (`intake.Intake`, a thread started when the
+worker comes up), or sent by task name as the Celery task `gpuworkers.inference.run`
 under the threads pool (`atelier worker inference`), each task thread handing
 its request to the engine and waiting for it to end. Either way the engine
 batches requests on the same model and reports each one's usage when it ends:
@@ -138,22 +138,19 @@ def _preload(sender: Any = None, **_: Any) -> None:
         log.info("inference.ready", extra={"seconds": round(time.monotonic() - started, 2)})
 
     url = os.environ.get("REDIS_URL", "")
-    if url:
-        global _intake
-        from gpuworkers.inference.intake import Intake
+    if not url:
+        raise RuntimeError("An inference worker needs Redis: set REDIS_URL.")
+    global _intake
+    from gpuworkers.inference.intake import Intake
 
-        _intake = Intake(
-            url=url,
-            queue=queues.GPU_INFERENCE,
-            capacity=int(os.environ.get("INFERENCE_CONCURRENCY", "64")),
-            engine=engine,
-            before_first=start,
-        )
-        _intake.start()
-        return
-    if os.environ.get("GPU_WORKER_PRELOAD", "1") == "0":
-        return
-    threading.Thread(target=start, name="inference-preload", daemon=True).start()
+    _intake = Intake(
+        url=url,
+        queue=queues.GPU_INFERENCE,
+        capacity=int(os.environ.get("INFERENCE_CONCURRENCY", "64")),
+        engine=engine,
+        before_first=start,
+    )
+    _intake.start()
 
 
 _intake: Any = None

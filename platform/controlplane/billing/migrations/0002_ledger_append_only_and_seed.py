@@ -27,29 +27,14 @@ DROP_APPEND_ONLY = """
 DROP TRIGGER IF EXISTS billing_ledger_append_only ON billing_ledgerentry;
 DROP FUNCTION IF EXISTS billing_ledger_append_only();
 """
-#: The embedded mode's SQLite (`make run` with nothing configured): the same refusal.
-SQLITE_APPEND_ONLY = [
-    f"""CREATE TRIGGER billing_ledger_no_{op.lower()} BEFORE {op} ON billing_ledgerentry
-    BEGIN SELECT RAISE(ABORT, 'billing_ledgerentry is append-only: {op} refused'); END;"""
-    for op in ("UPDATE", "DELETE")
-]
-SQLITE_DROP = [f"DROP TRIGGER IF EXISTS billing_ledger_no_{op};" for op in ("update", "delete")]
 
 
 def append_only(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(APPEND_ONLY, params=None)  # '%' is plpgsql's, not a placeholder
-    elif schema_editor.connection.vendor == "sqlite":
-        for statement in SQLITE_APPEND_ONLY:
-            schema_editor.execute(statement)
+    schema_editor.execute(APPEND_ONLY, params=None)  # '%' is plpgsql's, not a placeholder
 
 
 def drop_append_only(apps: Any, schema_editor: Any) -> None:
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(DROP_APPEND_ONLY, params=None)
-    elif schema_editor.connection.vendor == "sqlite":
-        for statement in SQLITE_DROP:
-            schema_editor.execute(statement)
+    schema_editor.execute(DROP_APPEND_ONLY, params=None)
 
 
 PLANS: dict[str, dict[str, Any]] = {

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
+
+from jobcontracts.broker import data_dir
 
 
 class Command(BaseCommand):
@@ -18,9 +21,10 @@ class Command(BaseCommand):
             host = "127.0.0.1"
         url = f"http://{host}:{os.environ.get('PORT', '8000')}"
         db = settings.DATABASES["default"]
-        database = (
-            db["NAME"] if db["ENGINE"].endswith("sqlite3") else f"{db['ENGINE']} {db['HOST']}"
-        )
+        database = f"PostgreSQL {db['HOST']}:{db['PORT']}/{db['NAME']}"
+        # The broker's password (the private Redis has one) stays out of the log.
+        broker = urlsplit(settings.CELERY_BROKER_URL)
+        broker_at = f"{broker.scheme}://{broker.netloc.rpartition('@')[2]}{broker.path}"
         self.stdout.write(
             f"""
   Atelier is starting on {url}
@@ -28,12 +32,13 @@ class Command(BaseCommand):
     Admin          {url}/admin/     (create a staff login: make superuser)
     Health         {url}/healthz    readiness: {url}/readyz
     Database       {database}
-    Broker         {settings.CELERY_BROKER_URL}
+    Broker         {broker_at}
+    Data           {data_dir()}
 
   Sign up and get an API key:
     curl -s {url}/v1/signup -H 'content-type: application/json' \\
       -d '{{"email":"you@example.com","password":"a long passphrase","organization_name":"Acme"}}'
   Then walk the whole product: make demo
-  Ctrl-C stops the web server and every worker.
+  Ctrl-C stops everything `make run` started.
 """
         )

@@ -10,12 +10,9 @@ the organization they hang from.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from django.db import models
-
-if TYPE_CHECKING:
-    from .models import Organization
 
 M = TypeVar("M", bound=models.Model)
 
@@ -32,7 +29,7 @@ class OrganizationScopedManager(models.Manager[M], Generic[M]):
             "(or dangerously_unscoped() where crossing tenants is the point)."
         )
 
-    def for_organization(self, organization: Organization | str) -> models.QuerySet[M]:
+    def for_organization(self, organization: models.Model | str) -> models.QuerySet[M]:
         if organization is None or organization == "":
             raise UnscopedQueryError(f"{self.model.__name__}: organization is empty.")
         return super().get_queryset().filter(organization=organization)
@@ -54,7 +51,8 @@ class OrganizationScopedManager(models.Manager[M], Generic[M]):
 
 
 class OrganizationOwned(models.Model):
-    """Base of every model that belongs to one organization."""
+    """Base of every model that belongs to one organization (`tenancy.Organization`, named
+    by label: core sits below every app and imports none of them)."""
 
     organization = models.ForeignKey(
         "tenancy.Organization", on_delete=models.CASCADE, related_name="%(class)ss"

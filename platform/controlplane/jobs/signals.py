@@ -1,0 +1,13 @@
+"""What fine-tuning jobs announce to the apps above them (Django signals; the
+pause/cancel signals a worker reads are `dispatch.write_signal`'s).
+
+Receivers run synchronously, inside the sender's transaction: one that raises rolls
+the change back with it.
+"""
+
+from django.dispatch import Signal
+
+#: A job succeeded and its final model is registered, inside the transaction that records
+#: it (a report applied twice sends it twice); sent with `job` and `model`. Inference
+#: makes the model callable, as a fine-tuned model answers as soon as its job is done.
+fine_tuning_job_succeeded = Signal()
