@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,6 +170,29 @@ def platform_database(
         with contextlib.suppress(Exception):
             database_recreate(args.postgres, args.database, create=False)
         redis_delete_new(args.redis, keys_before)
+
+
+@contextlib.contextmanager
+def private_servers(args: argparse.Namespace, tmpdir: Path | None = None) -> Iterator[None]:
+    """With `args.private_servers`: the PostgreSQL and Redis that `make run` starts when
+    nothing is configured (controlplane.devservers, from the `run` extra's wheels), in
+    a throw-away data directory; `args.postgres` and `args.redis` then name them. The
+    run reports which servers it measured (`args.servers`)."""
+    if not getattr(args, "private_servers", False):
+        args.servers = "system"
+        yield
+        return
+    from controlplane import devservers
+
+    with (
+        tempfile.TemporaryDirectory(prefix="atelier-bench-private-", dir=tmpdir) as data,
+        devservers.running(Path(data), {}) as servers,
+    ):
+        args.postgres = servers.env["DATABASE_URL"].rsplit("/", 1)[0]
+        args.redis = servers.env["REDIS_URL"]
+        args.servers = "private (make run)"
+        print(f"  private servers: PostgreSQL and Redis under {data}", flush=True)
+        yield
 
 
 @dataclass

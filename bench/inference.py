@@ -44,7 +44,14 @@ from typing import Any
 # Shared, not copied: the stack (throw-away database, server and workers), the api_auth
 # helpers (sign-up, report metadata) and the worker bench's bare baseline.
 from _http import LeanClient
-from _stack import manage, platform_database, redis_pid, started_stack, tree_cpu
+from _stack import (
+    manage,
+    platform_database,
+    private_servers,
+    redis_pid,
+    started_stack,
+    tree_cpu,
+)
 from api_auth import BIN, REPO, git_commit, machine_info, sign_up, stop_server, tail
 from inference_worker import PROMPT, make_request, pct, run_bare
 
@@ -105,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tmpdir", type=Path, default=None)
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "inference.json")
     p.add_argument("--check", action="store_true", help="exit 1 unless every target is met")
+    p.add_argument(
+        "--private-servers",
+        action="store_true",
+        help="the stack `make run` starts: its private PostgreSQL and Redis (controlplane."
+        "devservers) instead of --postgres/--redis",
+    )
     return p.parse_args(argv)
 
 
@@ -413,6 +426,11 @@ def start_inference_worker(env: dict[str, str], log: Path, threads: int) -> subp
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with private_servers(args, args.tmpdir):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ["TORCH_NUM_THREADS"] = str(args.threads)
     import torch
@@ -661,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": args.threads,
             "client": args.client,
             "web_concurrency": args.workers,
-            "redis": args.redis,
+            "servers": args.servers,  # system, or the private ones make run starts
+            "redis": args.redis if args.servers == "system" else "private",  # no password
             "env": args.env,
         },
         "bare_tokens_batch1": bare_tokens_1,
