@@ -11,9 +11,10 @@ Timed, one call after another on one connection (latency, not throughput):
 
 - `PING`, blocking and asyncio: the bare round trip, the baseline every number
   is compared with in the same run (the ratio moves much less than the μs);
-- `check` / `acheck` (one EVALSHA over six windows), and `adjust`;
+- `acheck` (one EVALSHA over six windows), and `aadjust` (the limits and budgets are
+  async only: the serving path is their one caller that counts);
 - `limits_for` from the in-process cache, and on a miss (plan + override queries);
-- budgets: `reserve` and `settle` with an organization and a key budget.
+- budgets: `areserve` and `asettle` with an organization and a key budget.
 
 Round trips are counted for real, twice: client-side, by counting the commands
 written on the limits' own Redis connections, and server-side, from the deltas
@@ -165,9 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from controlplane.accounts import services as account_services
     from controlplane.audit.services import Actor
     from controlplane.billing.models import Plan
+    from controlplane.core.redis_clients import async_client, sync_client
     from controlplane.limits import budgets, ratelimit, resolve
     from controlplane.limits.models import KeyLimits
-    from controlplane.limits.redis_clients import async_client, sync_client
     from controlplane.limits.services import budget_create
 
     Plan.objects.update_or_create(
@@ -198,43 +199,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     limits = resolve.limits_for(organization_id=org_id, api_key_id=key_id)
     assert len(ratelimit.windows_for(organization_id=org_id, api_key_id=key_id, limits=limits)) == 6
 
-    client = sync_client()
+    client = sync_client()  # INFO commandstats and the blocking PING baseline
     n = args.n
-    results: dict[str, Any] = {}
-
-    def one_check() -> ratelimit.Decision:
-        return ratelimit.check(organization_id=org_id, api_key_id=key_id, tokens=300, limits=limits)
-
-    # --- round trips, counted ----------------------------------------------------
-    one_check()  # the script is loaded (SCRIPT LOAD on NOSCRIPT) outside the count
-    before = server_commands(client)
-    counter = Counting(client.connection_pool, is_async=False)
-    rounds = 1000
-    for _ in range(rounds):
-        one_check()
-    client_side = counter.count / rounds
-    counter.stop()
-    after = server_commands(client)
-    calls = {k: after[k][0] - before.get(k, (0, 0))[0] for k in after}
-    evalsha_us = after.get("evalsha", (0, 0))[1] - before.get("evalsha", (0, 0))[1]
-    results["round_trips"] = {
-        "checks": rounds,
-        "client_side_per_check": client_side,
-        "server_evalsha_per_check_upper_bound": round(calls.get("evalsha", 0) / rounds, 3),
-        "server_eval_or_script_load": calls.get("eval", 0) + calls.get("script|load", 0),
-        # Not round trips: what Redis ran, the script's own GET/SET/TIME included.
-        "server_commands_executed_per_check_upper_bound": round(
-            (sum(calls.values()) - 1) / rounds,
-            2,  # -1: the INFO that read `after`
-        ),
-        "server_us_per_evalsha": round(evalsha_us / max(1, calls.get("evalsha", 0)), 1),
-    }
-
-    # --- blocking path -------------------------------------------------------------
-    results["ping_sync"] = stats_us(timed(client.ping, n))
-    results["check_sync"] = stats_us(timed(one_check, n))
-    decision = one_check()
-    results["adjust_sync"] = stats_us(timed(lambda: ratelimit.adjust(decision, 299), n // 4))
+    results: dict[str, Any] = {"ping_sync": stats_us(timed(client.ping, n))}
     results["limits_for_cached"] = stats_us(
         timed(lambda: resolve.limits_for(organization_id=org_id, api_key_id=key_id), n)
     )
@@ -247,8 +214,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return resolve.limits_for(organization_id=org_id, api_key_id=key_id)
 
     results["limits_for_miss"] = stats_us(timed(miss, max(200, n // 20)))
-
-    # --- budgets ---------------------------------------------------------------------
     for api_key in (None, signup.issued.api_key):
         budget_create(
             organization=signup.organization,
@@ -262,26 +227,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             alert_thresholds=[],
             actor=Actor(type="system"),
         )
-    held: list[budgets.Reservation] = []
+    budgets.budgets_for(organization_id=org_id, api_key_id=key_id)  # cached: no thread in the loop
 
-    def one_reserve() -> None:
-        held.append(
-            budgets.reserve(organization_id=org_id, api_key_id=key_id, max_cost=Decimal("0.002"))
-        )
-
-    results["reserve_sync"] = stats_us(timed(one_reserve, n // 4))
-    pending = iter(list(held))
-    results["settle_sync"] = stats_us(
-        timed(lambda: budgets.settle(next(pending), Decimal("0.001")), len(held) - 600)
-    )
-    counter = Counting(client.connection_pool, is_async=False)
-    for _ in range(rounds):
-        r = budgets.reserve(organization_id=org_id, api_key_id=key_id, max_cost=Decimal("0.002"))
-        budgets.settle(r, Decimal("0.001"))
-    results["round_trips"]["budget_reserve_plus_settle"] = counter.count / rounds
-    counter.stop()
-
-    # --- asyncio path ----------------------------------------------------------------
+    # The limits and budgets are async only (the serving path); one event loop, one client.
     async def asynchronous() -> None:
         aclient, _ = async_client()
 
@@ -290,25 +238,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 organization_id=org_id, api_key_id=key_id, tokens=300, limits=limits
             )
 
-        await one_acheck()
+        # --- round trips, counted ------------------------------------------------
+        await one_acheck()  # the script is loaded (SCRIPT LOAD on NOSCRIPT) outside the count
+        rounds = 1000
+        before = server_commands(client)
         counter = Counting(aclient.connection_pool, is_async=True)
         for _ in range(rounds):
             await one_acheck()
-        results["round_trips"]["client_side_per_acheck"] = counter.count / rounds
+        client_side = counter.count / rounds
         counter.stop()
+        after = server_commands(client)
+        calls = {k: after[k][0] - before.get(k, (0, 0))[0] for k in after}
+        evalsha_us = after.get("evalsha", (0, 0))[1] - before.get("evalsha", (0, 0))[1]
+        results["round_trips"] = {
+            "checks": rounds,
+            "client_side_per_check": client_side,
+            "server_evalsha_per_check_upper_bound": round(calls.get("evalsha", 0) / rounds, 3),
+            "server_eval_or_script_load": calls.get("eval", 0) + calls.get("script|load", 0),
+            # Not round trips: what Redis ran, the script's own GET/SET/TIME included.
+            "server_commands_executed_per_check_upper_bound": round(
+                (sum(calls.values()) - 1) / rounds,
+                2,  # -1: the INFO that read `after`
+            ),
+            "server_us_per_evalsha": round(evalsha_us / max(1, calls.get("evalsha", 0)), 1),
+        }
+
+        # --- timed -----------------------------------------------------------------
         results["ping_async"] = stats_us(await atimed(aclient.ping, n))
         results["check_async"] = stats_us(await atimed(one_acheck, n))
+        decision = await one_acheck()
+        results["adjust_async"] = stats_us(
+            await atimed(lambda: ratelimit.aadjust(decision, 299), n // 4)
+        )
         results["limits_for_cached_async"] = stats_us(
             await atimed(lambda: resolve.alimits_for(organization_id=org_id, api_key_id=key_id), n)
         )
+
+        # --- budgets -----------------------------------------------------------------
+        held: list[budgets.Reservation] = []
+
+        async def one_reserve() -> None:
+            held.append(
+                await budgets.areserve(
+                    organization_id=org_id, api_key_id=key_id, max_cost=Decimal("0.002")
+                )
+            )
+
+        results["reserve_async"] = stats_us(await atimed(one_reserve, n // 4))
+        pending = iter(list(held))
+        results["settle_async"] = stats_us(
+            await atimed(lambda: budgets.asettle(next(pending), Decimal("0.001")), len(held) - 600)
+        )
+        counter = Counting(aclient.connection_pool, is_async=True)
+        for _ in range(rounds):
+            r = await budgets.areserve(
+                organization_id=org_id, api_key_id=key_id, max_cost=Decimal("0.002")
+            )
+            await budgets.asettle(r, Decimal("0.001"))
+        results["round_trips"]["budget_reserve_plus_settle"] = counter.count / rounds
+        counter.stop()
         await aclient.aclose()
 
     asyncio.run(asynchronous())
 
     results["ratios"] = {
-        "check_sync_over_ping": round(
-            results["check_sync"]["median_us"] / results["ping_sync"]["median_us"], 2
-        ),
         "check_async_over_ping": round(
             results["check_async"]["median_us"] / results["ping_async"]["median_us"], 2
         ),
@@ -319,15 +312,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(results: dict[str, Any]) -> None:
     rows = [
         ("PING (sync)", "ping_sync"),
-        ("check, 6 windows (sync)", "check_sync"),
         ("PING (asyncio)", "ping_async"),
         ("acheck, 6 windows (asyncio)", "check_async"),
-        ("adjust (sync)", "adjust_sync"),
+        ("aadjust (asyncio)", "adjust_async"),
         ("limits_for, cached", "limits_for_cached"),
         ("alimits_for, cached", "limits_for_cached_async"),
         ("limits_for, miss (DB)", "limits_for_miss"),
-        ("reserve, 2 budgets (sync)", "reserve_sync"),
-        ("settle, 2 budgets (sync)", "settle_sync"),
+        ("areserve, 2 budgets (asyncio)", "reserve_async"),
+        ("asettle, 2 budgets (asyncio)", "settle_async"),
     ]
     print(f"{'operation':32} {'median μs':>10} {'p99 μs':>10} {'n':>7}")
     for label, name in rows:
@@ -335,8 +327,7 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{label:32} {s['median_us']:>10} {s['p99_us']:>10} {s['n']:>7}")
     rt = results["round_trips"]
     print()
-    print(f"round trips per check (client-side count): {rt['client_side_per_check']}")
-    print(f"round trips per acheck (client-side count): {rt['client_side_per_acheck']}")
+    print(f"round trips per acheck (client-side count): {rt['client_side_per_check']}")
     print(
         f"server EVALSHA per check (INFO commandstats, upper bound): "
         f"{rt['server_evalsha_per_check_upper_bound']}; commands Redis executed per check, "
@@ -345,10 +336,7 @@ def print_table(results: dict[str, Any]) -> None:
     )
     print(f"round trips for reserve + settle: {rt['budget_reserve_plus_settle']}")
     r = results["ratios"]
-    print(
-        f"check / PING median: sync {r['check_sync_over_ping']}x, "
-        f"asyncio {r['check_async_over_ping']}x"
-    )
+    print(f"acheck / PING median (asyncio): {r['check_async_over_ping']}x")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,3 +40,15 @@ def bob(alice: Person) -> Person:
 def charlie(db: None) -> Person:
     """An outsider: owner of another organization."""
     return sign_up("charlie@globex.test", "Globex")
+
+
+@pytest.fixture(autouse=True)
+def _close_the_database_thread() -> Iterator[None]:
+    # Code run by `asyncio.run` (not `async_to_sync`) does its thread-sensitive database
+    # look-ups on asgiref's one process-wide thread: close its connection after the test,
+    # or the test database could not be dropped.
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()

@@ -12,10 +12,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.productio
 
 django_application = get_asgi_application()
 
-from controlplane.inference.fastpath import InferenceRouter  # noqa: E402 - needs apps loaded
+from controlplane.serving.router import ServingRouter  # noqa: E402 - needs apps loaded
 
 application = BodySizeLimit(
-    InferenceRouter(cast(ASGIApp, django_application)),
+    ServingRouter(cast(ASGIApp, django_application)),
     default_limit=settings.MAX_REQUEST_BODY_BYTES,
     limits_by_prefix=getattr(settings, "REQUEST_BODY_LIMITS_BY_PREFIX", {}),
 )

@@ -8,10 +8,10 @@ from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
 from controlplane.datasets import catalog_apis as catalog
-from controlplane.inference import apis as inference
 from controlplane.inference import deployment_apis as deployments
 from controlplane.jobs import apis as jobs
 from controlplane.modelregistry import apis as models
+from controlplane.serving import schema as inference
 from controlplane.tenancy import apis as tenancy
 
 handler400 = "controlplane.core.errors.handler400"

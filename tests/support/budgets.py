@@ -1,9 +1,13 @@
-"""A monthly budget for a person's organization (or one of its keys), made through the service."""
+"""A monthly budget for a person's organization (or one of its keys), made through the
+service; and the budgets' reserve and settle as a sync caller runs them."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
+from asgiref.sync import async_to_sync
+
+from controlplane.limits.budgets import areserve, asettle
 from controlplane.limits.models import Budget
 from controlplane.limits.services import budget_create
 
@@ -30,3 +34,9 @@ def monthly_budget(
         alert_thresholds=[],
         actor=SYSTEM,
     )
+
+
+#: The async-only reserve and settle, blocking (`async_to_sync`: their database look-ups
+#: run on this thread, in the test's transaction).
+reserve = async_to_sync(areserve)
+settle = async_to_sync(asettle)

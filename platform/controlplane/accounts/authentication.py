@@ -8,11 +8,13 @@ the hash compare is constant-time; `last_used_at` is written at most once per
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
@@ -64,61 +66,99 @@ def _failed(message: str, code: str = "invalid_api_key") -> exceptions.Authentic
 
 
 class ApiKeyAuthentication(BaseAuthentication):
+    """DRF's side of `key_authenticate` (every tenant endpoint)."""
+
     def authenticate(self, request: Request) -> tuple[Principal, APIKey] | None:
-        self._refuse_keys_in_url(request)
         header = get_authorization_header(request)
-        if not header:
-            return None
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise _failed("Send your API key as 'Authorization: Bearer atl_live_…'.")
-        api_key = self._verify(token)
-        principal = principal_for(api_key)
-        structlog.contextvars.bind_contextvars(
-            organization_id=api_key.organization_id, api_key_id=api_key.pk
+        principal = key_authenticate(
+            header.decode("latin-1") if header else None, request.query_params.items()
         )
-        return principal, api_key
+        if principal is None:
+            return None
+        structlog.contextvars.bind_contextvars(
+            organization_id=principal.organization.pk, api_key_id=principal.api_key.pk
+        )
+        return principal, principal.api_key
 
     def authenticate_header(self, request: Request) -> str:
-        return 'Bearer realm="atelier"'
+        return AUTHENTICATE_HEADER
 
-    @staticmethod
-    def _refuse_keys_in_url(request: Request) -> None:
-        for name, value in request.query_params.items():
-            if name.lower() in _KEY_PARAMS or str(value).startswith(keys.KEY_START):
-                raise _failed(
-                    "API keys are not accepted in the URL, where they leak into logs and "
-                    "browser history. Send 'Authorization: Bearer <key>', and rotate a key "
-                    "that was ever put in a URL.",
-                    code="api_key_in_url",
-                )
 
-    @staticmethod
-    def _verify(token: str) -> APIKey:
-        prefix = _prefix(token)
-        hit = key_cache.get(prefix)
-        cached = hit is not None
-        if hit is not None:
-            # Storing the refreshed copy back keeps the hit's read time: the TTL is not
-            # renewed by use, so a missed invalidation is bounded by it (keycache.py).
-            api_key: APIKey | None = hit.api_key
-            cache_token = hit.token
-        else:
-            cache_token = key_cache.token()
-            try:
-                api_key = (
-                    APIKey.objects.dangerously_unscoped()  # the key is how we learn the tenant
-                    .select_related("organization", "member", "member__user")
-                    .get(prefix=prefix)
-                )
-            except APIKey.DoesNotExist:
-                api_key = None
-        now = timezone.now()
-        api_key = checked(token, api_key, now)
-        if _touch(api_key, now) or not cached:
-            key_cache.put(api_key, cache_token)
-        return api_key
+#: What a 401 names in WWW-Authenticate.
+AUTHENTICATE_HEADER = 'Bearer realm="atelier"'
+
+
+def key_authenticate(
+    authorization: str | None, query: Iterable[tuple[str, object]] = ()
+) -> Principal | None:
+    """The caller of a request, from its Authorization header (`Bearer <key>`); None when
+    there is none. Raises AuthenticationFailed for a key in the URL (`query`: the query
+    parameters), a header that is not a bearer token, and a key that does not verify.
+    Blocking: a cache miss, or a use to record, queries the database."""
+    token = _token(authorization, query)
+    return None if token is None else principal_for(_verify(token))
+
+
+async def akey_authenticate(
+    authorization: str | None, query: Iterable[tuple[str, object]] = ()
+) -> Principal | None:
+    """`key_authenticate` for the event loop: from this process's cache when that needs
+    no database (`cached_key`), else `key_authenticate`'s lookup in a thread."""
+    token = _token(authorization, query)
+    if token is None:
+        return None
+    api_key = cached_key(token)
+    if api_key is None:
+        api_key = await sync_to_async(_verify)(token)
+    return principal_for(api_key)
+
+
+def _token(authorization: str | None, query: Iterable[tuple[str, object]]) -> str | None:
+    _refuse_keys_in_url(query)
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _failed("Send your API key as 'Authorization: Bearer atl_live_…'.")
+    return token
+
+
+def _refuse_keys_in_url(query: Iterable[tuple[str, object]]) -> None:
+    for name, value in query:
+        if name.lower() in _KEY_PARAMS or str(value).startswith(keys.KEY_START):
+            raise _failed(
+                "API keys are not accepted in the URL, where they leak into logs and "
+                "browser history. Send 'Authorization: Bearer <key>', and rotate a key "
+                "that was ever put in a URL.",
+                code="api_key_in_url",
+            )
+
+
+def _verify(token: str) -> APIKey:
+    prefix = _prefix(token)
+    hit = key_cache.get(prefix)
+    cached = hit is not None
+    if hit is not None:
+        # Storing the refreshed copy back keeps the hit's read time: the TTL is not
+        # renewed by use, so a missed invalidation is bounded by it (keycache.py).
+        api_key: APIKey | None = hit.api_key
+        cache_token = hit.token
+    else:
+        cache_token = key_cache.token()
+        try:
+            api_key = (
+                APIKey.objects.dangerously_unscoped()  # the key is how we learn the tenant
+                .select_related("organization", "member", "member__user")
+                .get(prefix=prefix)
+            )
+        except APIKey.DoesNotExist:
+            api_key = None
+    now = timezone.now()
+    api_key = checked(token, api_key, now)
+    if _touch(api_key, now) or not cached:
+        key_cache.put(api_key, cache_token)
+    return api_key
 
 
 def _prefix(token: str) -> str:
@@ -133,9 +173,9 @@ def _prefix(token: str) -> str:
 
 def cached_key(token: str) -> APIKey | None:
     """The key for this token from this process's cache, checked, if that needs no
-    database (a hit whose last use is recent); None means: call `_verify` (in a thread).
-    Raises AuthenticationFailed as `_verify` does. For the asyncio inference path, which
-    only reads the key: the object is shared (`KeyCache.peek`), never to be changed."""
+    database (a hit whose last use is recent); None means: look it up (in a thread).
+    Raises AuthenticationFailed as the lookup does. For the event loop, which only
+    reads the key: the object is shared (`KeyCache.peek`), never to be changed."""
     api_key = key_cache.peek(_prefix(token))
     if api_key is None:
         return None

@@ -39,6 +39,8 @@ import structlog
 from django.conf import settings
 from django.db import transaction
 
+from controlplane.core.redis_clients import listening_client, sync_client
+
 if TYPE_CHECKING:
     from .models import APIKey
 
@@ -82,7 +84,6 @@ class KeyCache:
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()
-        self._publisher: redis.Redis | None = None
         self._pid = os.getpid()
         #: Bumped on every drop: a lookup that raced with an invalidation is not cached.
         self._generation = 0
@@ -180,9 +181,7 @@ class KeyCache:
 
     def _publish(self, ids: list[str]) -> None:
         try:
-            if self._publisher is None:
-                self._publisher = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
-            self._publisher.publish(CHANNEL, ",".join(ids))
+            sync_client().publish(CHANNEL, ",".join(ids))
         except redis.RedisError as exc:
             # Other processes then keep stale entries until their TTL: say so loudly.
             log.error("auth.invalidation_publish_failed", error=str(exc), organizations=ids)
@@ -208,10 +207,7 @@ class KeyCache:
         backoff = 0.5
         while True:
             try:
-                client = redis.Redis.from_url(
-                    settings.REDIS_URL, socket_timeout=5, health_check_interval=10
-                )
-                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = listening_client().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(CHANNEL)
                 # Anything published before we subscribed is unknown: start empty.
                 self.clear()

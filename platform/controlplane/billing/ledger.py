@@ -7,8 +7,7 @@ adds nothing and is not an error. Every function returns how many entries were n
 
 These functions run in the caller's transaction when there is one, so an entry
 commits (or rolls back) together with the record that caused it. They are
-synchronous: from asyncio, call `aledger_append` / `aledger_append_many`, which
-run them in a worker thread (one database round trip per batch).
+synchronous: the writers are Celery tasks and services, never the serving path.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
@@ -192,16 +190,6 @@ def ledger_append(
             idempotency_key=idempotency_key,
         )
     return new
-
-
-async def aledger_append_many(entries: Sequence[Entry]) -> int:
-    """`ledger_append_many` from an asyncio handler (runs in a thread; same contract)."""
-    return await sync_to_async(ledger_append_many, thread_sensitive=False)(entries)
-
-
-async def aledger_append(**kwargs: Any) -> int:
-    """`ledger_append` from an asyncio handler (runs in a thread; same contract)."""
-    return await sync_to_async(ledger_append, thread_sensitive=False)(**kwargs)
 
 
 def inference_entries(

@@ -9,8 +9,6 @@ clears it at once). The organization's current plan code is `Organization.plan`;
 
 from __future__ import annotations
 
-import threading
-import time
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -24,6 +22,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from controlplane.core.errors import ApiError
+from controlplane.core.ttlcache import TTLCache
 from controlplane.tenancy.models import Organization
 
 from .models import Plan, PlanAssignment, PlanBilledBy
@@ -86,13 +85,13 @@ def plans_ensure_defaults() -> None:
             default_plan(code).save(force_insert=True)
 
 
-_lock = threading.Lock()
-_cache: dict[str, tuple[float, Plan]] = {}
+_cache: TTLCache[str, Plan] = TTLCache(
+    lambda: float(getattr(settings, "BILLING_PLAN_CACHE_SECONDS", 30.0))
+)
 
 
 def plan_cache_clear() -> None:
-    with _lock:
-        _cache.clear()
+    _cache.clear()
 
 
 @receiver(post_save, sender=Plan)
@@ -102,20 +101,15 @@ def _plan_changed(**kwargs: Any) -> None:
 
 
 def _plan_by_code(code: str) -> Plan:
-    now = time.monotonic()
-    with _lock:
-        hit = _cache.get(code)
-    if hit is not None and hit[0] > now:
-        return hit[1]
+    hit = _cache.get(code)
+    if hit is not None:
+        return hit
     plan = Plan.objects.filter(code=code).first()
     if plan is None and code in DEFAULT_PLANS:
         plan = default_plan(code)
     if plan is None:
         plan = Plan.objects.filter(code=FALLBACK_PLAN).first() or default_plan(FALLBACK_PLAN)
-    ttl = float(getattr(settings, "BILLING_PLAN_CACHE_SECONDS", 30.0))
-    with _lock:
-        _cache[code] = (now + ttl, plan)
-    return plan
+    return _cache.put(code, plan)
 
 
 def plan_for(organization: Organization | str) -> Plan:
@@ -138,12 +132,10 @@ def plan_for(organization: Organization | str) -> Plan:
 async def aplan_for(organization: Organization | str) -> Plan:
     """`plan_for` for an asyncio request handler (the cache hit costs no thread hop's query)."""
     if isinstance(organization, Organization):
-        now = time.monotonic()
-        with _lock:
-            hit = _cache.get(organization.plan)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-    return await sync_to_async(plan_for, thread_sensitive=False)(organization)
+        hit = _cache.get(organization.plan)
+        if hit is not None:
+            return hit
+    return await sync_to_async(plan_for)(organization)
 
 
 @transaction.atomic

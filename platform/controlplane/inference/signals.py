@@ -1,7 +1,7 @@
 """A change to what a key may call drops the gateway's cached model lookups everywhere.
 
-The asyncio inference path caches `model_ref` answers per organization
-(`gateway.model_refs`); they are dropped with the organization's cached keys, in
+The serving path caches `model_ref` answers per organization
+(`serving.gateway.model_refs`); they are dropped with the organization's cached keys, in
 this process at once and in every other through the key cache's Redis channel.
 
 Deployments follow the apps below, which announce and never import inference: the model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
@@ -21,7 +22,7 @@ from controlplane.tenancy.apis_base import OrganizationApi
 from . import services
 from .budgets import MAX_AMOUNT
 from .models import Budget, BudgetKind, BudgetPeriod
-from .ratelimit import RateLimitExceeded, check
+from .ratelimit import RateLimitExceeded, acheck
 from .resolve import limits_for
 from .selectors import budget_out, key_limits_out, rate_limits_out
 
@@ -76,7 +77,7 @@ class RateLimitsApi(PrincipalApi):
         key = self.principal.api_key
         limits = limits_for(organization_id=key.organization_id, api_key_id=key.pk)
         try:
-            decision = check(
+            decision = async_to_sync(acheck)(
                 organization_id=key.organization_id, api_key_id=key.pk, tokens=0, limits=limits
             )
         except RateLimitExceeded as exc:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import calendar
 import math
 import secrets
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -55,9 +54,11 @@ from django.utils import timezone
 from rest_framework import status
 
 from controlplane.core.errors import ApiError
+from controlplane.core.redis_clients import async_script, sync_client, sync_script
+from controlplane.core.ttlcache import TTLCache
 
+from .keys import key
 from .models import Budget, BudgetKind, BudgetPeriod
-from .redis_clients import async_script, key, sync_script
 
 log = structlog.get_logger(__name__)
 
@@ -242,20 +243,20 @@ def spec_bounds(spec: BudgetSpec, at: datetime) -> tuple[datetime, datetime]:
 
 # --- which budgets cover a key (cached in-process) ------------------------------------
 
-_lock = threading.Lock()
-_cache: dict[tuple[str, str | None], tuple[float, tuple[BudgetSpec, ...]]] = {}
+_cache: TTLCache[tuple[str, str | None], tuple[BudgetSpec, ...]] = TTLCache(
+    lambda: settings.LIMITS_CACHE_SECONDS
+)
 
 
 def budgets_cache_clear() -> None:
-    with _lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def budgets_for(*, organization_id: str, api_key_id: str | None) -> tuple[BudgetSpec, ...]:
     """The organization's budgets and the key's own, cached for LIMITS_CACHE_SECONDS."""
     hit = _cache.get((organization_id, api_key_id))
-    if hit is not None and hit[0] > time.monotonic():
-        return hit[1]
+    if hit is not None:
+        return hit
     covering = Q(api_key__isnull=True)
     if api_key_id is not None:
         covering |= Q(api_key_id=api_key_id)
@@ -263,12 +264,7 @@ def budgets_for(*, organization_id: str, api_key_id: str | None) -> tuple[Budget
         BudgetSpec.of(b)
         for b in Budget.objects.for_organization(organization_id).filter(covering).order_by("pk")
     )
-    with _lock:
-        _cache[(organization_id, api_key_id)] = (
-            time.monotonic() + settings.LIMITS_CACHE_SECONDS,
-            specs,
-        )
-    return specs
+    return _cache.put((organization_id, api_key_id), specs)
 
 
 # --- reserve / settle -------------------------------------------------------------------
@@ -303,7 +299,7 @@ class Held:
 
 @dataclass(frozen=True)
 class Reservation:
-    """Money held for one request; hand it to `settle` once the request is done."""
+    """Money held for one request; hand it to `asettle` once the request is done."""
 
     id: str
     organization_id: str
@@ -438,7 +434,7 @@ def _new_reservation(
     )
 
 
-def reserve(
+async def areserve(
     *,
     organization_id: str,
     api_key_id: str | None,
@@ -448,7 +444,7 @@ def reserve(
     """Hold `max_cost` USD in every budget covering the key, or refuse.
 
     Contract: call before running the request with its *maximum* cost (the lead
-    computes it from the price book: prompt + max_tokens); then call `settle`
+    computes it from the price book: prompt + max_tokens); then call `asettle`
     exactly once with the actual cost, also when the request failed (cost 0).
     Raises `InsufficientQuota` (429 `insufficient_quota`, distinct from
     `rate_limit_exceeded`) when a hard budget has spent + reserved >= amount;
@@ -456,40 +452,12 @@ def reserve(
     (EVALSHA); two more per budget the first time a period is seen after Redis
     lost it (rebuilt from the ledger). No budgets: no round trip at all.
     `at` only decides the period (tests of rollover); Redis's clock runs the
-    reservation deadlines. Blocking: from asyncio call `areserve`.
+    reservation deadlines. A database look-up (the budgets, a rebuild) runs in the
+    process's database thread; sync callers use `async_to_sync(areserve)`.
     """
-    specs = budgets_for(organization_id=organization_id, api_key_id=api_key_id)
-    held = _held(specs, at or timezone.now())
-    reservation = _new_reservation(organization_id, api_key_id, max_cost, held)
-    if not held:
-        return reservation
-    if _deferred:
-        _retry_deferred()
-    keys, args = _reserve_args(held, reservation.id, max_cost)
-    script = sync_script("budgets.reserve", _RESERVE)
-    for _ in range(3):
-        reply = script(keys=keys, args=args)
-        admitted = _outcome(reply, held, reservation)
-        if admitted is not None:
-            return admitted
-        for target in _missing(held, reply):
-            rebuild(target)
-    raise RuntimeError("budget state vanished from Redis three times while reserving")
-
-
-async def areserve(
-    *,
-    organization_id: str,
-    api_key_id: str | None,
-    max_cost: Decimal,
-    at: datetime | None = None,
-) -> Reservation:
-    """`reserve` for asyncio handlers (redis.asyncio, same script; a rebuild runs in a thread)."""
-    hit = _cache.get((organization_id, api_key_id))
-    if hit is not None and hit[0] > time.monotonic():
-        specs = hit[1]
-    else:
-        specs = await sync_to_async(budgets_for, thread_sensitive=False)(
+    specs = _cache.get((organization_id, api_key_id))
+    if specs is None:
+        specs = await sync_to_async(budgets_for)(
             organization_id=organization_id, api_key_id=api_key_id
         )
     held = _held(specs, at or timezone.now())
@@ -497,7 +465,7 @@ async def areserve(
     if not held:
         return reservation
     if _deferred:
-        await _aretry_deferred()
+        await _retry_deferred()
     keys, args = _reserve_args(held, reservation.id, max_cost)
     script = async_script("budgets.reserve", _RESERVE)
     for _ in range(3):
@@ -506,7 +474,7 @@ async def areserve(
         if admitted is not None:
             return admitted
         for target in _missing(held, reply):
-            await sync_to_async(rebuild, thread_sensitive=False)(target)
+            await sync_to_async(rebuild)(target)
     raise RuntimeError("budget state vanished from Redis three times while reserving")
 
 
@@ -524,7 +492,7 @@ def _alerts(reservation: Reservation, reply: Sequence[Sequence[int]]) -> None:
             )
 
 
-def settle(reservation: Reservation, actual_cost: Decimal) -> None:
+async def asettle(reservation: Reservation, actual_cost: Decimal) -> None:
     """Replace a reservation by the request's actual cost (off the latency path).
 
     Contract: once per reservation, after the request ended, with its actual
@@ -544,29 +512,14 @@ def settle(reservation: Reservation, actual_cost: Decimal) -> None:
         return
     keys, args = _settle_args(reservation, actual_cost)
     if _deferred:
-        _retry_deferred()
-    try:
-        reply = sync_script("budgets.settle", _SETTLE)(keys=keys, args=args)
-    except redis.RedisError as error:
-        _defer(reservation, actual_cost, error)
-        return
-    _alerts(reservation, reply)
-
-
-async def asettle(reservation: Reservation, actual_cost: Decimal) -> None:
-    """`settle` for asyncio code (alerts, rare, are written in a thread). Same contract."""
-    if not reservation.held:
-        return
-    keys, args = _settle_args(reservation, actual_cost)
-    if _deferred:
-        await _aretry_deferred()
+        await _retry_deferred()
     try:
         reply = await async_script("budgets.settle", _SETTLE)(keys=keys, args=args)
     except redis.RedisError as error:
         _defer(reservation, actual_cost, error)
         return
     if any(len(row) > 1 for row in reply):
-        await sync_to_async(_alerts, thread_sensitive=False)(reservation, reply)
+        await sync_to_async(_alerts)(reservation, reply)
 
 
 # --- settles Redis could not take -------------------------------------------------------
@@ -655,22 +608,8 @@ def _recovered(item: _Deferred, reply: Sequence[Sequence[int]]) -> None:
         log.exception("limits.budget_alert_failed", reservation_id=item.reservation.id)
 
 
-def _retry_deferred() -> None:
+async def _retry_deferred() -> None:
     """Apply the due deferred settles (idempotent: each counts once, whatever happened)."""
-    due = _due()
-    script = sync_script("budgets.settle", _SETTLE)
-    for i, item in enumerate(due):
-        keys, args = _settle_args(item.reservation, item.cost)
-        try:
-            reply = script(keys=keys, args=args)
-        except redis.RedisError:
-            _failed_again(due[i:])  # still unreachable: the rest would fail the same way
-            return
-        _recovered(item, reply)
-
-
-async def _aretry_deferred() -> None:
-    """`_retry_deferred` on the event loop."""
     due = _due()
     script = async_script("budgets.settle", _SETTLE)
     for i, item in enumerate(due):
@@ -681,7 +620,7 @@ async def _aretry_deferred() -> None:
             _failed_again(due[i:])
             return
         if any(len(row) > 1 for row in reply):
-            await sync_to_async(_recovered, thread_sensitive=False)(item, reply)
+            await sync_to_async(_recovered)(item, reply)
         else:
             _recovered(item, reply)  # no alert: no database
 
@@ -697,8 +636,6 @@ class PeriodState:
 def budget_state(spec: BudgetSpec, *, at: datetime | None = None) -> PeriodState:
     """Spent and held in the budget's current period (Redis, or the ledger if Redis lost it)."""
     held = Held(spec, *spec_bounds(spec, at or timezone.now()))
-    from .redis_clients import sync_client
-
     values = sync_client().hmget(held.hash_key, ["spent", "reserved"])
     if values[0] is None:
         return PeriodState(held.period_start, held.period_end, ledger_spend_for(held), Decimal(0))

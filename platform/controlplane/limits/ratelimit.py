@@ -12,7 +12,7 @@ then refills continuously at L/W. Why GCRA rather than fixed or sliding windows:
 - its reset time is exact and is what OpenAI's `x-ratelimit-reset-*` headers
   mean ("time until the limit is back to its full capacity"): `TAT - now`;
 - tokens are just a weighted cost, and correcting a reservation afterwards
-  (`adjust`) is moving the TAT by the difference.
+  (`aadjust`) is moving the TAT by the difference.
 
 One Lua script checks *all* windows of the key and its organization and, only if
 every one admits the request, advances them all: one round trip (EVALSHA), no
@@ -34,8 +34,9 @@ from django.conf import settings
 from rest_framework import status
 
 from controlplane.core.errors import ApiError
+from controlplane.core.redis_clients import async_script
 
-from .redis_clients import async_script, key, sync_script
+from .keys import key
 
 MINUTE = 60.0
 DAY = 86_400.0
@@ -194,9 +195,9 @@ def _binding(states: Sequence[WindowState], unit: str) -> WindowState | None:
 
 @dataclass(frozen=True)
 class Decision:
-    """What one `check` found: the state of every window after this request.
+    """What one `acheck` found: the state of every window after this request.
 
-    `tokens` is what was reserved; hand the decision to `adjust` with the actual
+    `tokens` is what was reserved; hand the decision to `aadjust` with the actual
     count once the request is done.
     """
 
@@ -300,31 +301,18 @@ def _decide(
     return decision
 
 
-def check(*, organization_id: str, api_key_id: str | None, tokens: int, limits: Limits) -> Decision:
-    """Count one request (and `tokens` reserved) against every window of the key and org.
-
-    Contract: one Redis round trip (EVALSHA). Returns the Decision (for
-    `headers()` and, later, `adjust`); raises `RateLimitExceeded` (429
-    `rate_limit_exceeded`, with `retry_after` and `.headers()`) when any window
-    is used up — then nothing is charged to any window. `tokens` is the
-    request's estimate: prompt tokens + max_tokens (0 for a request that has no
-    tokens). Blocking: from asyncio code call `acheck`.
-    """
-    windows = windows_for(organization_id=organization_id, api_key_id=api_key_id, limits=limits)
-    if not windows:
-        return Decision(organization_id, api_key_id, tokens)
-    _too_large(windows, tokens)
-    keys, args = _check_args(windows, tokens)
-    reply = sync_script("ratelimit.check", _CHECK)(keys=keys, args=args)
-    return _decide(
-        reply, windows, organization_id=organization_id, api_key_id=api_key_id, tokens=tokens
-    )
-
-
 async def acheck(
     *, organization_id: str, api_key_id: str | None, tokens: int, limits: Limits
 ) -> Decision:
-    """`check` for asyncio request handlers (redis.asyncio, the same script, one round trip)."""
+    """Count one request (and `tokens` reserved) against every window of the key and org.
+
+    Contract: one Redis round trip (EVALSHA). Returns the Decision (for
+    `headers()` and, later, `aadjust`); raises `RateLimitExceeded` (429
+    `rate_limit_exceeded`, with `retry_after` and `.headers()`) when any window
+    is used up — then nothing is charged to any window. `tokens` is the
+    request's estimate: prompt tokens + max_tokens (0 for a request that has no
+    tokens). Sync callers (a DRF view) use `async_to_sync(acheck)`.
+    """
     windows = windows_for(organization_id=organization_id, api_key_id=api_key_id, limits=limits)
     if not windows:
         return Decision(organization_id, api_key_id, tokens)
@@ -350,7 +338,7 @@ def _adjust_args(decision: Decision, actual_tokens: int) -> tuple[list[str], lis
     return keys, args
 
 
-def adjust(decision: Decision, actual_tokens: int) -> None:
+async def aadjust(decision: Decision, actual_tokens: int) -> None:
     """Correct the tokens a request reserved to what it actually used (off the latency path).
 
     Contract: call once, after the request finished (or failed part-way), with
@@ -358,13 +346,6 @@ def adjust(decision: Decision, actual_tokens: int) -> None:
     (a bad estimate) charges the excess, which can push the window past its
     limit so that the next requests wait. Never refuses; one round trip or none.
     """
-    prepared = _adjust_args(decision, actual_tokens)
-    if prepared is not None:
-        sync_script("ratelimit.adjust", _ADJUST)(keys=prepared[0], args=prepared[1])
-
-
-async def aadjust(decision: Decision, actual_tokens: int) -> None:
-    """`adjust` for asyncio code."""
     prepared = _adjust_args(decision, actual_tokens)
     if prepared is not None:
         await async_script("ratelimit.adjust", _ADJUST)(keys=prepared[0], args=prepared[1])

@@ -8,31 +8,24 @@ within the TTL.
 
 from __future__ import annotations
 
-import threading
-import time
-
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from controlplane.billing.plans import plan_for
+from controlplane.core.ttlcache import TTLCache
 
 from .models import KeyLimits
 from .ratelimit import Limits
 
-_lock = threading.Lock()
-_cache: dict[tuple[str, str | None], tuple[float, Limits]] = {}
+_cache: TTLCache[tuple[str, str | None], Limits] = TTLCache(lambda: settings.LIMITS_CACHE_SECONDS)
 
 
 def limits_cache_clear() -> None:
-    with _lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def _cached(organization_id: str, api_key_id: str | None) -> Limits | None:
-    hit = _cache.get((organization_id, api_key_id))
-    if hit is not None and hit[0] > time.monotonic():
-        return hit[1]
-    return None
+    return _cache.get((organization_id, api_key_id))
 
 
 def _resolve(organization_id: str, api_key_id: str | None) -> Limits:
@@ -72,13 +65,7 @@ def limits_for(*, organization_id: str, api_key_id: str | None) -> Limits:
     hit = _cached(organization_id, api_key_id)
     if hit is not None:
         return hit
-    limits = _resolve(organization_id, api_key_id)
-    with _lock:
-        _cache[(organization_id, api_key_id)] = (
-            time.monotonic() + settings.LIMITS_CACHE_SECONDS,
-            limits,
-        )
-    return limits
+    return _cache.put((organization_id, api_key_id), _resolve(organization_id, api_key_id))
 
 
 async def alimits_for(*, organization_id: str, api_key_id: str | None) -> Limits:
@@ -86,6 +73,4 @@ async def alimits_for(*, organization_id: str, api_key_id: str | None) -> Limits
     hit = _cached(organization_id, api_key_id)
     if hit is not None:
         return hit
-    return await sync_to_async(limits_for, thread_sensitive=False)(
-        organization_id=organization_id, api_key_id=api_key_id
-    )
+    return await sync_to_async(limits_for)(organization_id=organization_id, api_key_id=api_key_id)

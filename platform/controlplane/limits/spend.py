@@ -27,6 +27,7 @@ from controlplane.billing.models import (
     Meter,
     PriceBookEntry,
 )
+from controlplane.billing.prices import price_in_force
 
 log = structlog.get_logger(__name__)
 
@@ -37,23 +38,6 @@ log = structlog.get_logger(__name__)
 #: refuses inference because of a fine-tuning job it had no say over). The rebuild
 #: from the ledger counts these meters and no others, so it equals the live counter.
 BUDGETED_METERS: frozenset[str] = frozenset({Meter.PROMPT_TOKENS, Meter.COMPLETION_TOKENS})
-
-
-def _price_at(
-    prices: list[PriceBookEntry], meter: str, model: str, at: datetime
-) -> PriceBookEntry | None:
-    def covers(p: PriceBookEntry) -> bool:
-        return (
-            p.meter == meter
-            and p.effective_from <= at
-            and (p.effective_to is None or at < p.effective_to)
-        )
-
-    own = [p for p in prices if p.model == model and model != WILDCARD and covers(p)]
-    if own:
-        return own[0]
-    anyone = [p for p in prices if p.model == WILDCARD and covers(p)]
-    return anyone[0] if anyone else None
 
 
 def ledger_spend(
@@ -110,7 +94,7 @@ def ledger_spend(
             ).aggregate(q=Sum("quantity"))["q"]
             if not quantity:
                 continue
-            price = _price_at(prices, meter, model, lo)
+            price = price_in_force(prices, meter, model, lo)
             if price is None:
                 log.warning(
                     "limits.unpriced_usage",

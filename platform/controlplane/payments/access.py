@@ -2,10 +2,10 @@
 
 `invoice.payment_failed` opens a `Dunning` row with a grace period
 (PAYMENTS_DUNNING_GRACE_DAYS); once it passes with the invoice still unpaid,
-`inference_refusal()` answers a 402 `billing_suspended` error naming the invoice
+`ainference_refusal()` answers a 402 `billing_suspended` error naming the invoice
 and where to pay it. `invoice.paid` resolves the row and service resumes.
 
-`inference_refusal()` runs on every inference request, so it never calls
+`ainference_refusal()` runs on every inference request, so it never calls
 Stripe and rarely the database: each process caches, per organization, the
 earliest open grace deadline for PAYMENTS_STANDING_CACHE_SECONDS. The cached
 value is a deadline, not a verdict, so the moment the grace period ends is
@@ -15,8 +15,6 @@ cache lifetime (in this process, at once: writes clear the entry on commit).
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,6 +25,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from controlplane.core.errors import ApiError
+from controlplane.core.ttlcache import TTLCache
 from controlplane.tenancy.models import Organization
 
 from .models import Dunning
@@ -45,16 +44,14 @@ class _Standing:
     currency: str = ""
 
 
-_cache: dict[str, tuple[float, _Standing]] = {}
-_lock = threading.Lock()
+_cache: TTLCache[str, _Standing] = TTLCache(lambda: settings.PAYMENTS_STANDING_CACHE_SECONDS)
 
 
 def standing_cache_clear(organization_id: str | None = None) -> None:
-    with _lock:
-        if organization_id is None:
-            _cache.clear()
-        else:
-            _cache.pop(organization_id, None)
+    if organization_id is None:
+        _cache.clear()
+    else:
+        _cache.pop(organization_id)
 
 
 def _load(organization_id: str) -> _Standing:
@@ -68,22 +65,6 @@ def _load(organization_id: str) -> _Standing:
         .first()
     )
     return _Standing(*row) if row else _Standing(None)
-
-
-def _cached(organization_id: str) -> _Standing | None:
-    hit = _cache.get(organization_id)
-    if hit is not None and hit[0] > time.monotonic():
-        return hit[1]
-    return None
-
-
-def _store(organization_id: str, standing: _Standing) -> _Standing:
-    with _lock:
-        _cache[organization_id] = (
-            time.monotonic() + settings.PAYMENTS_STANDING_CACHE_SECONDS,
-            standing,
-        )
-    return standing
 
 
 def _verdict(standing: _Standing, now: datetime | None) -> ApiError | None:
@@ -108,29 +89,21 @@ def _verdict(standing: _Standing, now: datetime | None) -> ApiError | None:
     )
 
 
-def inference_refusal(organization_id: str, *, now: datetime | None = None) -> ApiError | None:
+async def ainference_refusal(
+    organization_id: str, *, now: datetime | None = None
+) -> ApiError | None:
     """The error to answer an inference request with, or None to let it run.
 
     Contract for the request path: pass the authenticated organization's id;
     raise (or render) the returned ApiError (HTTP 402, type `billing_error`,
     code `billing_suspended`) before doing any work. Costs a dict lookup on a
     cache hit and one indexed query per organization per
-    PAYMENTS_STANDING_CACHE_SECONDS per process otherwise. `now` is for tests.
+    PAYMENTS_STANDING_CACHE_SECONDS per process otherwise (in the process's database
+    thread). Async only: its one caller is the serving path. `now` is for tests.
     """
-    standing = _cached(organization_id)
+    standing = _cache.get(organization_id)
     if standing is None:
-        standing = _store(organization_id, _load(organization_id))
-    return _verdict(standing, now)
-
-
-async def ainference_refusal(
-    organization_id: str, *, now: datetime | None = None
-) -> ApiError | None:
-    """`inference_refusal` for an asyncio handler: a cache hit costs no await or thread hop."""
-    standing = _cached(organization_id)
-    if standing is None:
-        loaded = await sync_to_async(_load, thread_sensitive=False)(organization_id)
-        standing = _store(organization_id, loaded)
+        standing = _cache.put(organization_id, await sync_to_async(_load)(organization_id))
     return _verdict(standing, now)
 
 

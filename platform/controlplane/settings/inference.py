@@ -19,5 +19,3 @@ INFERENCE_MAX_REPLICAS = env.int("INFERENCE_MAX_REPLICAS", default=8)
 #: Requests waiting for an inference worker (all workers' Redis queue) beyond which the
 #: gateway answers 503 `overloaded` at once instead of queueing without bound.
 INFERENCE_MAX_QUEUED = env.int("INFERENCE_MAX_QUEUED", default=1024)
-#: Serve the inference endpoints on the asyncio path in front of Django (Redis only).
-INFERENCE_FAST_PATH = env.bool("INFERENCE_FAST_PATH", default=True)

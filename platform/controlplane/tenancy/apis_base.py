@@ -47,21 +47,28 @@ class Caller(Protocol):
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def scope_require(caller: Caller, needed: str | None, *, method: str, path: str) -> None:
+    """Refuse (403 `missing_scope`) a caller without the scope `method path` needs (None:
+    none needed). The one scope check: every DRF endpoint's and the serving router's."""
+    if needed is None or needed in caller.scopes:
+        return
+    bound = (
+        f" A key can do no more than its member's role ('{caller.role}') allows."
+        if caller.role
+        else ""
+    )
+    raise MissingScope(
+        f"This API key lacks the '{needed}' scope needed for "
+        f"{method} {path}.{bound} Use a key that has that scope.",
+        code="missing_scope",
+    )
+
+
 class HasRequiredScope(BasePermission):
     def has_permission(self, request: Request, view: Any) -> bool:
-        needed = view.required_scope(request.method or "GET")
         principal: Caller = request.user  # type: ignore[assignment]
-        if needed is not None and needed not in principal.scopes:
-            bound = (
-                f" A key can do no more than its member's role ('{principal.role}') allows."
-                if principal.role
-                else ""
-            )
-            raise MissingScope(
-                f"This API key lacks the '{needed}' scope needed for "
-                f"{request.method} {request.path}.{bound} Use a key that has that scope.",
-                code="missing_scope",
-            )
+        method = request.method or "GET"
+        scope_require(principal, view.required_scope(method), method=method, path=request.path)
         return True
 
 

@@ -2,8 +2,9 @@
 
 Each refusal comes before anything reaches a worker. Admitted requests here find
 no worker and end as a quick 503 (`x-atelier-timeout`), which shows they passed.
-The in-process tests go through the DRF views; the real-server tests through the
-asyncio front door, including two web processes sharing one rate limit.
+The in-process tests go through the serving router (`tests.support.serving`, with
+committed rows: admission reads them in its own threads); the real-server tests through
+`atelier web`, including two web processes sharing one rate limit.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ from controlplane.accounts.models import APIKey
 from controlplane.billing.models import Meter
 from controlplane.billing.plans import plan_cache_clear
 from controlplane.billing.prices import price_set
-from controlplane.inference import admission
-from controlplane.limits import budgets
 from controlplane.limits.budgets import budgets_cache_clear
 from controlplane.limits.resolve import limits_cache_clear
 from controlplane.payments import access
+from controlplane.serving import admission
 from jobcontracts import queues
 from jobcontracts.inference import request_queue
-from tests.support.budgets import monthly_budget
+from tests.support.budgets import monthly_budget, reserve, settle
 from tests.support.people import Person
 from tests.support.plans import set_plan
 from tests.support.processes import asgi_server
 from tests.support.registry import base_model
+from tests.support.serving import serve
 
 CHAT = "/v1/chat/completions"
 QUICK = {"x-atelier-timeout": "0.3"}
@@ -51,14 +52,14 @@ def _fresh(db: None) -> Iterator[None]:
     for clear in (limits_cache_clear, budgets_cache_clear, plan_cache_clear):
         clear()
     access.standing_cache_clear()
-    admission._prices.clear()
+    admission.prices_cache_clear()
     yield
     redis.Redis.from_url(settings.REDIS_URL).delete(request_queue(queues.GPU_INFERENCE))
     access.standing_cache_clear()
 
 
 def call(person: Person, **extra: Any) -> Any:
-    return person.client.post(CHAT, body(**extra), format="json", HTTP_X_ATELIER_TIMEOUT="0.3")
+    return serve(CHAT, body(**extra), key=person.key, headers=QUICK)
 
 
 def error(response: Any) -> tuple[int, str]:
@@ -83,27 +84,30 @@ def suspend(person: Person) -> None:
     access.standing_cache_clear()
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_an_admitted_request_carries_its_rate_limit_headers_and_the_third_is_429(
     alice: Person,
 ) -> None:
     limit_key(alice, requests_per_minute=2)
     first, second = call(alice), call(alice)
     assert error(first) == (503, "no_capacity")  # admitted, then no worker
-    assert first["x-ratelimit-limit-requests"] == "2"
-    assert (first["x-ratelimit-remaining-requests"], second["x-ratelimit-remaining-requests"]) == (
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert (
+        first.headers["x-ratelimit-remaining-requests"],
+        second.headers["x-ratelimit-remaining-requests"],
+    ) == (
         "1",
         "0",
     )
     third = call(alice)
     assert error(third) == (429, "rate_limit_exceeded")
     assert "requests/min" in third.json()["error"]["message"]
-    assert third["x-ratelimit-remaining-requests"] == "0"
-    assert int(third["Retry-After"]) >= 1
+    assert third.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(third.headers["Retry-After"]) >= 1
     assert redis.Redis.from_url(settings.REDIS_URL).llen(request_queue(queues.GPU_INFERENCE)) <= 2
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_tokens_per_minute_count_the_prompt_estimate_and_every_token_it_may_produce(
     alice: Person,
 ) -> None:
@@ -113,7 +117,7 @@ def test_tokens_per_minute_count_the_prompt_estimate_and_every_token_it_may_prod
     assert error(call(alice, max_tokens=100)) == (503, "no_capacity")
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_a_hard_budget_refuses_with_insufficient_quota_not_rate_limit_exceeded(
     alice: Person,
 ) -> None:
@@ -127,16 +131,14 @@ def test_a_hard_budget_refuses_with_insufficient_quota_not_rate_limit_exceeded(
     # Admitted while the budget has room (its hold is given back: nothing ran) ...
     assert error(call(alice, max_tokens=1000)) == (503, "no_capacity")
     # ... then earlier requests spend it ($0.05, settled by the gateway as they end).
-    held = budgets.reserve(
-        organization_id=alice.organization.pk, api_key_id=None, max_cost=Decimal("0.05")
-    )
-    budgets.settle(held, Decimal("0.05"))
+    held = reserve(organization_id=alice.organization.pk, api_key_id=None, max_cost=Decimal("0.05"))
+    settle(held, Decimal("0.05"))
     refused = call(alice, max_tokens=10)
     assert error(refused) == (429, "insufficient_quota")
     assert "tight" in refused.json()["error"]["message"]
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_plan_caps_on_max_tokens_and_n_are_400s_naming_the_field(alice: Person) -> None:
     set_plan(alice.organization.plan, max_tokens_cap=64, max_n=2)
     refused = call(alice, max_tokens=65)
@@ -146,7 +148,7 @@ def test_plan_caps_on_max_tokens_and_n_are_400s_naming_the_field(alice: Person) 
     assert error(call(alice, max_tokens=64, n=2)) == (503, "no_capacity")
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_an_organization_suspended_for_an_unpaid_invoice_gets_402_and_others_are_served(
     alice: Person, charlie: Person
 ) -> None:

@@ -1,12 +1,12 @@
 """Issue 19 at the inference front door, through the real ASGI application
-(`controlplane.asgi.application`: the body limit, the asyncio fast path, Django behind):
+(`controlplane.asgi.application`: the body limit, the serving router, Django behind):
 
 - a request naming a missing model leaves nothing of itself behind (the cached
   "no such model" answer used to be one exception object, re-raised on every hit,
   whose traceback grew by each request's frames and their bodies);
 - a chunked body over the limit is a 413 in OpenAI's shape, read no further than
-  the limit and a chunk, on both front doors;
-- a Host outside ALLOWED_HOSTS is a 400 on the fast path as it is on Django.
+  the limit and a chunk;
+- a Host outside ALLOWED_HOSTS is a 400 on the serving path as it is on Django.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 
-from controlplane.inference.fastpath import ROUTES
+from controlplane.serving.endpoints import ENDPOINTS
 from tests.support.people import Person
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = "/v1/chat/completions"
-FRONT_DOORS = ["fast", "django"]
 
 
 @pytest.fixture
@@ -47,10 +46,6 @@ async def app(anyio_backend: str) -> AsyncIterator[Any]:
 
 def _client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
-def _front_door(door: str, settings: Any) -> None:
-    settings.INFERENCE_FAST_PATH = door == "fast"
 
 
 def _body(path: str, model: str, padding: int = 0) -> dict[str, Any]:
@@ -110,7 +105,7 @@ async def test_requests_for_a_missing_model_leave_nothing_of_themselves_behind(
 async def test_each_refusal_from_the_model_cache_is_a_fresh_error(
     app: Any, alice: Person, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from controlplane.inference import gateway
+    from controlplane.serving import gateway
 
     raised: list[BaseException] = []
     real_get = gateway.model_refs.get
@@ -140,12 +135,10 @@ async def test_each_refusal_from_the_model_cache_is_a_fresh_error(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("door", FRONT_DOORS)
-@pytest.mark.parametrize("path", sorted(ROUTES))
+@pytest.mark.parametrize("path", sorted(ENDPOINTS))
 async def test_an_oversized_chunked_body_is_413_read_no_further_than_the_limit(
-    app: Any, alice: Person, settings: Any, door: str, path: str
+    app: Any, alice: Person, settings: Any, path: str
 ) -> None:
-    _front_door(door, settings)
     chunk = b" " * 65536
     limit = settings.MAX_REQUEST_BODY_BYTES
     offered = 3 * limit // len(chunk)
@@ -176,7 +169,7 @@ async def test_an_oversized_chunked_body_is_413_read_no_further_than_the_limit(
 
 
 @pytest.mark.anyio
-async def test_a_chunked_body_under_the_limit_is_read_whole_on_the_fast_path(
+async def test_a_chunked_body_under_the_limit_is_read_whole_on_the_serving_path(
     app: Any, alice: Person
 ) -> None:
     async def body() -> AsyncIterator[bytes]:
@@ -193,7 +186,7 @@ async def test_a_chunked_body_under_the_limit_is_read_whole_on_the_fast_path(
     assert _openai_error(response)["code"] == "model_not_found"
 
 
-# --- item 8c: ALLOWED_HOSTS on the fast path ----------------------------------------------
+# --- item 8c: ALLOWED_HOSTS on the serving path ----------------------------------------------
 
 
 async def _answer_for_host(app: Any, key: str, path: str, host: str) -> tuple[int, Any]:
@@ -209,24 +202,22 @@ async def _answer_for_host(app: Any, key: str, path: str, host: str) -> tuple[in
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("path", sorted(ROUTES))
-async def test_a_host_outside_allowed_hosts_is_400_on_both_front_doors(
-    app: Any, alice: Person, settings: Any, path: str
+@pytest.mark.parametrize("path", sorted(ENDPOINTS))
+async def test_a_host_outside_allowed_hosts_is_400_as_django_answers_it(
+    app: Any, alice: Person, path: str
 ) -> None:
-    answers = {}
-    for door in FRONT_DOORS:
-        _front_door(door, settings)
-        for host in ("evil.example", "testserver.evil.example", "testserver"):
-            answers[door, host] = await _answer_for_host(app, alice.key, path, host)
-    assert answers["fast", "evil.example"] == (400, "bad_request")
-    assert answers["fast", "testserver.evil.example"] == (400, "bad_request")
-    assert answers["fast", "testserver"] == (404, "model_not_found")
-    for host in ("evil.example", "testserver.evil.example", "testserver"):
-        assert answers["fast", host] == answers["django", host], host
+    for host in ("evil.example", "testserver.evil.example"):
+        assert await _answer_for_host(app, alice.key, path, host) == (400, "bad_request")
+        # Django's own answer for a URL it serves (the uploads endpoint, also a POST).
+        assert await _answer_for_host(app, alice.key, "/v1/uploads", host) == (
+            400,
+            "bad_request",
+        ), host
+    assert await _answer_for_host(app, alice.key, path, "testserver") == (404, "model_not_found")
 
 
 @pytest.mark.anyio
-async def test_the_fast_path_reads_the_host_as_django_does(
+async def test_the_serving_path_reads_the_host_as_django_does(
     app: Any, alice: Person, settings: Any
 ) -> None:
     # DEBUG with no ALLOWED_HOSTS: Django's localhost defaults.

@@ -1,4 +1,6 @@
-"""Bad input to the inference endpoints: a clear error before anything reaches a worker."""
+"""Bad input to the inference endpoints: a clear error before anything reaches a worker.
+
+Through the serving router, in-process (`tests.support.serving`)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
+from django.conf import settings
 
+from jobcontracts import queues
+from jobcontracts.inference import request_queue
 from tests.support.jobs import purge_broker, sent_specs
 from tests.support.people import Person, client_with
 from tests.support.registry import base_model, customer_model
+from tests.support.serving import serve
 
 pytestmark = pytest.mark.django_db
 
@@ -23,10 +30,15 @@ def _models(db: None) -> Iterator[None]:
     base_model("test-embedder", family="bert", tasks=["embeddings"], context_length=512)
     yield
     purge_broker()
+    redis.Redis.from_url(settings.REDIS_URL).delete(request_queue(queues.GPU_INFERENCE))
 
 
 def post(person: Person, path: str, body: Any) -> Any:
-    return person.client.post(path, body, format="json")
+    return serve(path, body, key=person.key)
+
+
+def queued() -> int:
+    return int(redis.Redis.from_url(settings.REDIS_URL).llen(request_queue(queues.GPU_INFERENCE)))
 
 
 def chat(**extra: Any) -> dict[str, Any]:
@@ -61,10 +73,11 @@ def test_bad_chat_requests_are_400_naming_the_field(
     alice: Person, body: dict[str, Any], param: str
 ) -> None:
     response = post(alice, CHAT, body)
-    assert response.status_code == 400, response.content
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert param in (error["param"] or "") + error["message"]
     assert sent_specs() == []  # nothing reached a worker
+    assert queued() == 0
 
 
 def test_max_tokens_beyond_the_models_context_is_refused(alice: Person) -> None:
@@ -112,7 +125,7 @@ def test_bad_embedding_requests_are_400(alice: Person, body: dict[str, Any]) -> 
 
 
 def test_malformed_json_and_huge_prompts(alice: Person) -> None:
-    response = alice.client.post(CHAT, b"{nope", content_type="application/json")
+    response = serve(CHAT, content=b"{nope", key=alice.key)
     assert response.status_code == 400
     assert "error" in response.json()
     huge = chat(messages=[{"role": "user", "content": "x" * (10 * 1024 * 1024)}])
@@ -123,7 +136,7 @@ def test_malformed_json_and_huge_prompts(alice: Person) -> None:
 def test_keys_need_the_inference_scope_and_an_inference_key_can_do_nothing_else(
     alice: Person,
 ) -> None:
-    assert client_with(None).post(CHAT, chat(), format="json").status_code == 401
+    assert serve(CHAT, chat()).status_code == 401
     created = alice.client.post(
         "/v1/organization/api_keys", {"name": "app", "scopes": ["inference"]}, format="json"
     ).json()
@@ -133,13 +146,13 @@ def test_keys_need_the_inference_scope_and_an_inference_key_can_do_nothing_else(
     reader = alice.client.post(
         "/v1/organization/api_keys", {"name": "r", "scopes": ["read_only"]}, format="json"
     ).json()
-    response = client_with(reader["value"]).post(CHAT, chat(), format="json")
+    response = serve(CHAT, chat(), key=reader["value"])
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "missing_scope"
 
 
 def test_with_no_worker_the_caller_gets_a_clean_503_not_a_hang(alice: Person) -> None:
-    response = alice.client.post(CHAT, chat(), format="json", headers={"x-atelier-timeout": "0.5"})
+    response = serve(CHAT, chat(), key=alice.key, headers={"x-atelier-timeout": "0.5"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_capacity"
-    assert response["Retry-After"] == "1"
+    assert response.headers["Retry-After"] == "1"

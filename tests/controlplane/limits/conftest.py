@@ -8,8 +8,8 @@ from django.conf import settings
 
 from controlplane.billing.models import Plan
 from controlplane.billing.plans import plan_cache_clear
+from controlplane.core.redis_clients import sync_client
 from controlplane.limits.budgets import budgets_cache_clear
-from controlplane.limits.redis_clients import sync_client
 from controlplane.limits.resolve import limits_cache_clear
 
 

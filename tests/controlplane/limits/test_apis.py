@@ -6,11 +6,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 
 from controlplane.accounts import services as account_services
 from controlplane.billing.models import Plan
-from controlplane.limits.budgets import reserve, settle
 from controlplane.limits.models import Budget
+from tests.support.budgets import reserve, settle
 from tests.support.people import Person, client_with, join
 
 pytestmark = pytest.mark.django_db
@@ -301,7 +302,9 @@ def test_outsider_gets_404_for_a_foreign_budget_and_a_foreign_key(
 
 def test_a_hard_budget_refusal_is_insufficient_quota_not_rate_limited(alice: Person) -> None:
     from controlplane.limits.budgets import InsufficientQuota
-    from controlplane.limits.ratelimit import Limits, RateLimitExceeded, check
+    from controlplane.limits.ratelimit import Limits, RateLimitExceeded, acheck
+
+    check = async_to_sync(acheck)
 
     _create(alice, amount="1")
     r = reserve(organization_id=alice.organization.pk, api_key_id=None, max_cost=Decimal("1"))

@@ -5,7 +5,6 @@ an unreachable Redis is a real client pointed at a port nobody listens on."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,25 +15,27 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from asgiref.sync import async_to_sync
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 from structlog.testing import capture_logs
 
 from controlplane.billing.ledger import ledger_append
 from controlplane.billing.meters import compression_to_ledger, royalty_to_ledger, training_to_ledger
 from controlplane.billing.models import Meter, PriceBookEntry
 from controlplane.billing.prices import price_set
-from controlplane.inference import admission, gateway
+from controlplane.core import redis_clients
+from controlplane.core.redis_clients import sync_client
 from controlplane.inference.usage import usage_record
-from controlplane.limits import budgets, redis_clients
-from controlplane.limits.budgets import BudgetSpec, areserve, asettle, budget_state, reserve, settle
+from controlplane.limits import budgets
+from controlplane.limits.budgets import BudgetSpec, areserve, asettle, budget_state
 from controlplane.limits.models import Budget
-from controlplane.limits.redis_clients import sync_client
+from controlplane.serving import admission, gateway
 from jobcontracts.inference import ModelRef, Params
-from tests.support.budgets import monthly_budget
+from tests.support.budgets import monthly_budget, reserve, settle
 from tests.support.people import Person
 from tests.support.processes import free_port
+from tests.support.serving import isolated
 from tests.support.usage import usage_report
 
 pytestmark = pytest.mark.django_db
@@ -56,13 +57,17 @@ def _no_deferred_settles() -> Iterator[None]:
 
 @contextmanager
 def _limits_redis_unreachable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The process's blocking limits client points at a closed port (no retries: fast)."""
-    bad = redis.Redis(port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    """The limits' Redis client of every event loop is a real client pointed at a closed
+    port (no retries: fast)."""
+    port = free_port()
+
+    def unreachable() -> tuple[redis.asyncio.Redis, dict[str, Any]]:
+        retry = AsyncRetry(NoBackoff(), 0)
+        return redis.asyncio.Redis(port=port, socket_connect_timeout=0.5, retry=retry), {}
+
     with monkeypatch.context() as patch:
-        patch.setattr(redis_clients, "_sync", (os.getpid(), bad))
-        patch.setattr(redis_clients, "_sync_scripts", {})
+        patch.setattr(redis_clients, "async_client", unreachable)
         yield
-    bad.close()
 
 
 # --- a settle Redis refused -------------------------------------------------------------
@@ -120,13 +125,13 @@ def test_a_deferred_settle_waits_longer_each_time_redis_still_refuses(
     held = reserve(organization_id=alice.organization.pk, api_key_id=None, max_cost=D("1"))
     with _limits_redis_unreachable(monkeypatch):
         settle(held, D("0.40"))
-        budgets._retry_deferred()  # tried at once: still down
+        async_to_sync(budgets._retry_deferred)()  # tried at once: still down
     (item,) = budgets._deferred
     assert item.next_try > time.monotonic()  # not retried on every call while Redis is down
-    budgets._retry_deferred()  # not due yet
+    async_to_sync(budgets._retry_deferred)()  # not due yet
     assert _state(budget) == (D("0"), D("1"))
     item.next_try = 0.0
-    budgets._retry_deferred()
+    async_to_sync(budgets._retry_deferred)()
     assert _state(budget) == (D("0.40"), D("0"))
     assert not budgets._deferred
 
@@ -155,7 +160,7 @@ def test_a_deferred_settle_of_a_long_closed_period_is_abandoned_not_kept_forever
         settle(held, D("0.40"))
     assert len(budgets._deferred) == 1
     with capture_logs() as logs:
-        budgets._retry_deferred()
+        async_to_sync(budgets._retry_deferred)()
     assert not budgets._deferred
     assert [e["event"] for e in logs] == ["limits.budget_settle_abandoned"]
 
@@ -186,8 +191,12 @@ def _infer(person: Person, kind: str, key: str, prompt: int, completion: int) ->
         timeout=5.0,
         **texts,  # type: ignore[arg-type]
     )
-    admitted = admission.admit(request)
-    admission.settle(admitted, {"prompt_tokens": prompt, "completion_tokens": completion})
+    used = {"prompt_tokens": prompt, "completion_tokens": completion}
+
+    async def admit_and_settle() -> None:
+        await admission.asettle(await admission.aadmit(request, person.organization), used)
+
+    async_to_sync(isolated)(admit_and_settle())
     stored = usage_record(
         usage_report(
             request_id=request.request_id,
@@ -202,6 +211,7 @@ def _infer(person: Person, kind: str, key: str, prompt: int, completion: int) ->
     assert stored == "applied"
 
 
+@pytest.mark.django_db(transaction=True)  # admission reads prices and budgets in a thread
 def test_a_rebuild_after_spend_of_every_kind_equals_the_live_counter(
     alice: Person, charlie: Person, free_plan: object
 ) -> None:
@@ -215,7 +225,7 @@ def test_a_rebuild_after_spend_of_every_kind_equals_the_live_counter(
         (Meter.STORAGE_MB_DAY, "2"),
     ]:
         price_set(meter=meter, unit_price=D(price), effective_from=since)
-    admission._prices.clear()
+    admission.prices_cache_clear()
     key = alice.membership.api_keys.get().pk
     org_budget, key_budget = monthly_budget(alice, "100"), monthly_budget(alice, "100", key=key)
 

@@ -13,6 +13,7 @@ from django.core import mail
 
 from controlplane.audit.models import AuditLog
 from controlplane.billing.models import LedgerEntry, Meter, PriceBookEntry
+from controlplane.core.redis_clients import sync_client
 from controlplane.limits import budgets
 from controlplane.limits.budgets import (
     InsufficientQuota,
@@ -20,13 +21,11 @@ from controlplane.limits.budgets import (
     asettle,
     budget_state,
     period_bounds,
-    reserve,
-    settle,
 )
 from controlplane.limits.models import Budget, BudgetAlert
-from controlplane.limits.redis_clients import sync_client
 from controlplane.limits.services import budget_create
 from controlplane.limits.spend import ledger_spend
+from tests.support.budgets import reserve, settle
 from tests.support.people import SYSTEM, Person, join
 
 pytestmark = pytest.mark.django_db

@@ -10,18 +10,20 @@ import time
 import uuid
 
 import pytest
+from asgiref.sync import async_to_sync
 
+from controlplane.core.redis_clients import async_client, sync_client
 from controlplane.limits.ratelimit import (
     Decision,
     Limits,
     RateLimitExceeded,
     aadjust,
     acheck,
-    adjust,
-    check,
     format_reset,
 )
-from controlplane.limits.redis_clients import sync_client
+
+#: What a sync caller (a DRF view) does.
+check, adjust = async_to_sync(acheck), async_to_sync(aadjust)
 
 ORG = "org_test"
 KEY = "key_test"
@@ -176,19 +178,20 @@ def test_acheck_and_check_share_one_state() -> None:
 
 
 def _count_round_trips(client: object) -> list[int]:
-    """Counts commands sent on the limits' own Redis connections (real server, real replies)."""
+    """Counts commands sent on the limits' own asyncio Redis connections (real server,
+    real replies)."""
     calls = [0]
     pool = client.connection_pool  # type: ignore[attr-defined]
     original = pool.get_connection
 
-    def counting_get_connection(*args: object, **kwargs: object) -> object:
-        connection = original(*args, **kwargs)
+    async def counting_get_connection(*args: object, **kwargs: object) -> object:
+        connection = await original(*args, **kwargs)
         if not getattr(connection, "_counted", False):
             send = connection.send_packed_command
 
-            def counted(command: object, check_health: bool = True) -> None:
+            async def counted(command: object, check_health: bool = True) -> None:
                 calls[0] += 1
-                send(command, check_health)
+                await send(command, check_health)
 
             connection.send_packed_command = counted
             connection._counted = True
@@ -199,7 +202,6 @@ def _count_round_trips(client: object) -> list[int]:
 
 
 def test_one_check_is_one_round_trip_to_redis() -> None:
-    client = sync_client()
     limits = Limits(
         organization_requests_per_minute=1000,
         organization_tokens_per_minute=100_000,
@@ -208,13 +210,18 @@ def test_one_check_is_one_round_trip_to_redis() -> None:
         key_tokens_per_minute=100_000,
         key_requests_per_day=10_000,
     )
-    _check(limits, tokens=10)  # loads the script if Redis did not have it
+
+    async def fifty_checks() -> int:
+        one = {"organization_id": ORG, "api_key_id": KEY, "tokens": 10, "limits": limits}
+        await acheck(**one)  # loads the script if Redis did not have it
+        client, _ = async_client()
+        calls = _count_round_trips(client)
+        for _ in range(50):
+            await acheck(**one)
+        return calls[0]
+
     before = _evalsha_calls()
-    calls = _count_round_trips(client)
-    for _ in range(50):
-        _check(limits, tokens=10)
-    assert calls[0] == 50
-    del client.connection_pool.get_connection  # type: ignore[attr-defined]
+    assert asyncio.run(fifty_checks()) == 50
     assert _evalsha_calls() - before >= 50  # the server saw EVALSHA, not EVAL
 
 
@@ -223,7 +230,8 @@ def test_a_script_redis_does_not_have_is_loaded_on_noscript(
 ) -> None:
     # A script Redis has never seen (what a restart or SCRIPT FLUSH leaves), without
     # flushing the scripts of everyone else who shares this Redis server.
-    from controlplane.limits import ratelimit, redis_clients
+    from controlplane.core import redis_clients
+    from controlplane.limits import ratelimit
 
     source = ratelimit._CHECK + f"\n-- {uuid.uuid4()}\n"
     monkeypatch.setattr(ratelimit, "_CHECK", source)

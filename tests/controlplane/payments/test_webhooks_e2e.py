@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.utils import timezone
 
 from controlplane.billing.models import Invoice, InvoiceLine
@@ -101,7 +102,9 @@ def test_a_failed_invoice_payment_starts_dunning_through_stripes_webhook(
     assert dunning.resolved_at is None
     assert dunning.amount_due == 1200
     access.standing_cache_clear()
-    assert access.inference_refusal(org.pk) is None  # within the grace period
-    refusal = access.inference_refusal(org.pk, now=timezone.now() + timedelta(days=8))
+    assert async_to_sync(access.ainference_refusal)(org.pk) is None  # within the grace period
+    refusal = async_to_sync(access.ainference_refusal)(
+        org.pk, now=timezone.now() + timedelta(days=8)
+    )
     assert refusal is not None
     assert stripe_id in str(refusal.detail)

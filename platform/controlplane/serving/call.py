@@ -1,25 +1,20 @@
-"""The inference endpoints on asyncio, in front of Django: what `atelier web` serves.
+"""One inference request on the event loop, from its first byte to its settlement.
 
-A proxied model call must cost the caller a few milliseconds at most, and the
-Django request path costs more than that before a view runs: the middleware
-chain, DRF's request wrapping, and a thread hop for a sync view — which also
-holds a thread for the whole generation, so the thread pool caps concurrency.
-Measured (bench/README.md) it was most of the platform's overhead. So `POST`
-to the four inference URLs is answered here, on the event loop, and everything
-else goes to Django unchanged.
+In order: the Host (as Django checks it), the body, the API key and its
+`inference` scope (accounts' and tenancy's own checks), the input (the endpoint's
+serializer), the model (this process's cache, the database in a thread on a miss),
+admission (billing standing, plan caps, rate limits, the budget hold:
+`admission.aadmit`), the reply subscription (the process's `ReplyHub`), the send
+(one Redis round trip, `gateway.asend`), the response or the server-sent events,
+and, after the response, the settlement at the usage the worker reports
+(`admission.asettle_reported`). A client that disconnects cancels its generation,
+streaming or not. Every error is answered in OpenAI's shape (`core.errors.error_parts`).
 
-Nothing about the endpoints is reimplemented: the input serializers, the model
-resolution, the request building and the response bodies are the DRF views'
-own (`apis.py`, class methods), and errors go through `core.errors.error_parts`.
-What differs is only what must not block the loop: the API key and the model
-lookup come from this process's caches (the database, in a thread, on a miss),
-the request goes to the workers with one Redis round trip (`gateway.asend`),
-and replies arrive through the process's one pub/sub subscription
-(`replies.ReplyHub`). A client that disconnects cancels its generation,
-streaming or not.
-
-Used while INFERENCE_FAST_PATH is on (the default); off, the DRF views serve
-the four URLs.
+Database look-ups happen only on a cache miss, through `sync_to_async` in its default,
+thread-sensitive mode: outside Django's request handling that is one thread, and one
+database connection, per process, for every look-up of the serving path (the key, the
+model, standing, plan, limits, prices, budgets), as Django expects of its ORM; under
+`async_to_sync` (tests, sync callers) it is the caller's thread, in its transaction.
 """
 
 from __future__ import annotations
@@ -28,7 +23,6 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -41,37 +35,25 @@ from django.core.handlers.asgi import ASGIRequest
 from rest_framework import exceptions
 
 from controlplane.accounts.authentication import (
-    _KEY_PARAMS,
-    ApiKeyAuthentication,
-    cached_key,
-    principal_for,
+    AUTHENTICATE_HEADER,
+    Principal,
+    akey_authenticate,
 )
-from controlplane.accounts.keys import KEY_START
-from controlplane.core.asgi_limits import BodyTooLarge
-from controlplane.core.errors import ApiError, MissingScope, error_parts
+from controlplane.core.asgi_limits import BodyTooLarge, Receive, Scope, Send
+from controlplane.core.errors import ApiError, error_parts
 from controlplane.core.requestid import HEADER, request_id_from
 from controlplane.core.serializers import validated_reusing
+from controlplane.tenancy.apis_base import scope_require
+from controlplane.tenancy.models import Organization
 from jobcontracts.inference import InferenceRequest, ModelRef, Reply
 
-from . import admission, apis, gateway
-from .replies import HubSubscription, ReplyTimeout, acancel, hub
+from . import admission, gateway
+from .endpoints import STREAM_HEADERS, Endpoint, error_event, event, transport_unavailable
+from .replies import ReplyTimeout, Subscription, acancel, hub
 
 log = structlog.get_logger("controlplane.request")
 #: Where Django logs a refused Host (`response_for_exception`): the same filters apply.
 _host_log = logging.getLogger("django.security.DisallowedHost")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-ROUTES: dict[str, type[apis.InferenceApi]] = {
-    "/v1/chat/completions": apis.ChatCompletionsApi,
-    "/v1/completions": apis.CompletionsApi,
-    "/v1/embeddings": apis.EmbeddingsApi,
-    "/v1/classifications": apis.ClassificationsApi,
-}
 
 #: What Django's SecurityMiddleware would have added (settings permitting).
 _SECURITY_HEADERS = [
@@ -81,28 +63,10 @@ _SECURITY_HEADERS = [
 ]
 
 
-class InferenceRouter:
-    """ASGI: the inference POSTs here, everything else to `app` (Django)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] in ROUTES
-            and settings.INFERENCE_FAST_PATH
-        ):
-            await Call(ROUTES[scope["path"]], scope, receive, send).run()
-            return
-        await self.app(scope, receive, send)
-
-
 class Call:
     """One inference request on the event loop."""
 
-    def __init__(self, api: type[apis.InferenceApi], scope: Scope, receive: Receive, send: Send):
+    def __init__(self, api: type[Endpoint], scope: Scope, receive: Receive, send: Send):
         self.api = api
         self.scope = scope
         self.receive = receive
@@ -123,12 +87,12 @@ class Call:
         except BodyTooLarge:
             self.status = 413
             raise  # BodySizeLimit answers it (413, OpenAI's shape), as on every route
-        except Exception as exc:  # every error in OpenAI's shape, as the DRF views answer
+        except Exception as exc:  # every error in OpenAI's shape, as every DRF view answers
             if self.status:  # already streaming: nothing more can be said over HTTP
                 log.exception("inference.stream_failed")
             else:
                 if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
-                    exc.auth_header = 'Bearer realm="atelier"'  # type: ignore[union-attr]
+                    exc.auth_header = AUTHENTICATE_HEADER  # type: ignore[union-attr]
                 status, body, headers = error_parts(exc)
                 await self._respond(status, body, headers)
         finally:
@@ -148,17 +112,7 @@ class Call:
         structlog.contextvars.bind_contextvars(
             organization_id=principal.organization.pk, api_key_id=principal.api_key.pk
         )
-        if "inference" not in principal.scopes:
-            bound = (
-                f" A key can do no more than its member's role ('{principal.role}') allows."
-                if principal.role
-                else ""
-            )
-            raise MissingScope(
-                f"This API key lacks the 'inference' scope needed for POST "
-                f"{self.scope['path']}.{bound} Use a key that has that scope.",
-                code="missing_scope",
-            )
+        scope_require(principal, "inference", method="POST", path=self.scope["path"])
         self._content_type()
         try:
             data = orjson.loads(body)
@@ -177,7 +131,7 @@ class Call:
         )
         admitted = await admission.aadmit(inference, principal.organization)
         self.extra_headers = admitted.headers()
-        subscription = HubSubscription(
+        subscription = Subscription(
             inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
         )
         watcher: asyncio.Future[None] | None = None
@@ -186,7 +140,7 @@ class Call:
                 await subscription.aopen()  # before sending: no reply can come first
                 await gateway.asend(inference)
             except redis.RedisError as exc:
-                raise apis.transport_unavailable() from exc
+                raise transport_unavailable() from exc
             self.outcome.sent = True
             watcher = asyncio.ensure_future(self._watch_disconnect())
             chunks = self.api.chunks(inference, data)
@@ -233,27 +187,15 @@ class Call:
         if media != "application/json" and not media.endswith("+json"):
             raise exceptions.UnsupportedMediaType(media or "none")
 
-    async def _principal(self) -> Any:
+    async def _principal(self) -> Principal:
         query = self.scope.get("query_string", b"").decode("latin-1")
-        for pair in query.split("&") if query else []:
-            name, _, value = pair.partition("=")
-            if name.lower() in _KEY_PARAMS or value.startswith(KEY_START):
-                ApiKeyAuthentication._refuse_keys_in_url(_QueryOnly(name, value))  # type: ignore[arg-type]
-        header = self.headers.get(b"authorization")
-        if not header:
+        pairs = [pair.partition("=")[::2] for pair in query.split("&")] if query else []
+        principal = await akey_authenticate(_text(self.headers.get(b"authorization")), pairs)
+        if principal is None:
             raise exceptions.NotAuthenticated()
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise exceptions.AuthenticationFailed(
-                "Send your API key as 'Authorization: Bearer atl_live_…'.", code="invalid_api_key"
-            )
-        api_key = cached_key(token)
-        if api_key is None:  # not cached, or a use to record: the database, in a thread
-            api_key = await sync_to_async(ApiKeyAuthentication._verify)(token)
-        return principal_for(api_key)
+        return principal
 
-    async def _model(self, organization: Any, model_id: Any) -> ModelRef:
+    async def _model(self, organization: Organization, model_id: Any) -> ModelRef:
         model_id = gateway.ensure_known(model_id)
         refs = gateway.model_refs
         found = refs.get(organization.pk, model_id, self.api.kind)
@@ -279,12 +221,13 @@ class Call:
                 self.disconnected.set_result(None)
                 return
 
-    async def _next(self, subscription: HubSubscription, inference: InferenceRequest) -> Reply:
+    async def _next(self, subscription: Subscription, inference: InferenceRequest) -> Reply:
         """The next reply; CancelledError-free: raises _Gone if the client left."""
         try:
             reply = await subscription.next_or(self.disconnected)
         except ReplyTimeout as exc:
-            raise gateway.lost(exc.started, inference.request_id) from None
+            await acancel(inference.request_id)  # should it still be running, stop it
+            raise gateway.lost(exc.started) from None
         if reply is None:
             await acancel(inference.request_id)
             raise _Gone()
@@ -293,9 +236,7 @@ class Call:
     def _seen(self, reply: Reply) -> Reply:
         return self.outcome.seen(reply)
 
-    async def _final(
-        self, subscription: HubSubscription, inference: InferenceRequest
-    ) -> Reply | None:
+    async def _final(self, subscription: Subscription, inference: InferenceRequest) -> Reply | None:
         try:
             while True:
                 reply = await self._next(subscription, inference)
@@ -309,26 +250,26 @@ class Call:
             return None
 
     async def _stream(
-        self, subscription: HubSubscription, inference: InferenceRequest, chunks: Any
+        self, subscription: Subscription, inference: InferenceRequest, chunks: Any
     ) -> None:
-        await self._start(200, b"text/event-stream", apis.STREAM_HEADERS)
+        await self._start(200, b"text/event-stream", STREAM_HEADERS)
         finished = False
         try:
             for first in chunks.opening():
-                await self._chunk(apis._event(first))
+                await self._chunk(event(first))
             while not finished:
                 try:
                     reply = await self._next(subscription, inference)
                 except ApiError as error:  # lost worker, timeout: said in the stream
-                    await self._chunk(_error_event(error))
+                    await self._chunk(error_event(error))
                     break
                 if reply.type == "error":
                     finished = True
-                    await self._chunk(_error_event(gateway.failure(reply)))
+                    await self._chunk(error_event(gateway.failure(reply)))
                     break
                 finished = reply.type == "done"
                 for chunk in chunks.on(reply):
-                    await self._chunk(apis._event(chunk))
+                    await self._chunk(event(chunk))
             await self._chunk(b"data: [DONE]\n\n")
         except _Gone:
             if not finished:  # the client left mid-stream: stop the generation
@@ -371,15 +312,14 @@ def _background(work: Any) -> None:
     task.add_done_callback(_tasks.discard)
 
 
+async def settled() -> None:
+    """Once every settlement begun in this process (after its response) is done."""
+    while _tasks:
+        await asyncio.gather(*_tasks, return_exceptions=True)
+
+
 class _Gone(Exception):
     """The client disconnected."""
-
-
-class _QueryOnly:
-    """Enough of a DRF request for `_refuse_keys_in_url`."""
-
-    def __init__(self, name: str, value: str) -> None:
-        self.query_params = {name: value}
 
 
 def _timings(start: dict[str, Any]) -> dict[str, str]:
@@ -395,7 +335,3 @@ def _timings(start: dict[str, Any]) -> dict[str, str]:
 
 def _text(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
-
-
-def _error_event(error: ApiError) -> bytes:
-    return apis._event({"error": {"message": str(error.detail), "code": error.code}})

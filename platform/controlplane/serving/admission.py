@@ -1,6 +1,7 @@
 """Whether a request may run, and what it owes once it has: the billing side of a call.
 
-Before a request is sent to a worker (`admit`):
+Before a request is sent to a worker (`aadmit`, on the event loop: every step
+cached or one Redis round trip):
 1. a suspended organization (unpaid invoice past its grace period) is refused
    with 402 `billing_suspended` (`payments.access`, cached: no query);
 2. the plan's caps on `max_tokens` and `n` apply (`billing.plans`, cached);
@@ -12,12 +13,12 @@ Before a request is sent to a worker (`admit`):
    round trip when there are none); a hard budget that cannot cover it refuses
    with 429 `insufficient_quota`, after giving back the tokens charged in 3.
 
-After it ended (`settle`, off the latency path): the reservation is replaced by
-the actual cost and the rate limit's token charge corrected to the actual
-count. "Actual" is what the worker reported in the request's final reply, for
-both front doors alike: each feeds the replies it reads to an `Outcome`, and a
-request whose caller left before the end is settled once its worker's final
-reply comes (`asettle_reported`), never at a guess. Every exit after admission
+After it ended (`asettle_reported`, after the response): the reservation is
+replaced by the actual cost and the rate limit's token charge corrected to the
+actual count. "Actual" is what the worker reported in the request's final reply:
+the call feeds the replies it reads to an `Outcome`, and a request whose caller
+left before the end is settled once its worker's final reply comes, never at a
+guess. Every exit after admission
 settles: a request that never reached a worker is settled at zero (its hold
 released). What the request is billed is not decided here: that is the usage
 report the worker sends, stored once and written to the ledger.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -40,15 +40,16 @@ from typing import Any
 import redis
 import structlog
 from asgiref.sync import sync_to_async
-from django.db.models import Q
 from django.utils import timezone
 
-from controlplane.billing.models import WILDCARD, Meter, PriceBookEntry
-from controlplane.billing.plans import aplan_for, plan_for
+from controlplane.billing.models import Meter
+from controlplane.billing.plans import aplan_for
+from controlplane.billing.prices import unit_prices
 from controlplane.core.errors import ApiError
+from controlplane.core.ttlcache import TTLCache
 from controlplane.limits import budgets, ratelimit
-from controlplane.limits.resolve import alimits_for, limits_for
-from controlplane.payments.access import ainference_refusal, inference_refusal
+from controlplane.limits.resolve import alimits_for
+from controlplane.payments.access import ainference_refusal
 from jobcontracts.inference import InferenceRequest, Reply
 
 from .replies import ReplyTimeout, Subscription
@@ -57,7 +58,7 @@ log = structlog.get_logger(__name__)
 
 #: Seconds a model's looked-up prices are reused (a new price applies this much later).
 PRICE_CACHE_SECONDS = 30.0
-_prices: dict[str, tuple[float, tuple[Decimal, Decimal]]] = {}
+_prices: TTLCache[str, tuple[Decimal, Decimal]] = TTLCache(lambda: PRICE_CACHE_SECONDS)
 
 
 @dataclass
@@ -83,42 +84,20 @@ def _estimate(request: InferenceRequest) -> tuple[int, int]:
 
 
 def _load_prices(model: str, at: datetime) -> tuple[Decimal, Decimal]:
-    in_force = Q(effective_from__lte=at) & (Q(effective_to__isnull=True) | Q(effective_to__gt=at))
-    rows = PriceBookEntry.objects.filter(
-        in_force,
-        meter__in=[Meter.PROMPT_TOKENS, Meter.COMPLETION_TOKENS],
-        model__in=[model, WILDCARD],
-    )
-    found: dict[tuple[str, bool], Decimal] = {}
-    for row in rows:
-        found[(row.meter, row.model == model)] = row.unit_price / row.per_units
-
-    def price(meter: str) -> Decimal:
-        return found.get((meter, True), found.get((meter, False), Decimal(0)))
-
-    return price(Meter.PROMPT_TOKENS), price(Meter.COMPLETION_TOKENS)
+    prompt, completion = unit_prices(model, (Meter.PROMPT_TOKENS, Meter.COMPLETION_TOKENS), at)
+    return prompt, completion
 
 
-def _cached_prices(model: str) -> tuple[Decimal, Decimal] | None:
-    hit = _prices.get(model)
-    return hit[1] if hit is not None and hit[0] > time.monotonic() else None
-
-
-def _remember(model: str, prices: tuple[Decimal, Decimal]) -> tuple[Decimal, Decimal]:
-    _prices[model] = (time.monotonic() + PRICE_CACHE_SECONDS, prices)
-    return prices
-
-
-def prices_for(model: str) -> tuple[Decimal, Decimal]:
-    return _cached_prices(model) or _remember(model, _load_prices(model, timezone.now()))
+def prices_cache_clear() -> None:
+    _prices.clear()
 
 
 async def aprices_for(model: str) -> tuple[Decimal, Decimal]:
-    hit = _cached_prices(model)
+    """USD per prompt and per completion token of `model` in force (cached)."""
+    hit = _prices.get(model)
     if hit is not None:
         return hit
-    loaded = await sync_to_async(_load_prices, thread_sensitive=False)(model, timezone.now())
-    return _remember(model, loaded)
+    return _prices.put(model, await sync_to_async(_load_prices)(model, timezone.now()))
 
 
 def _caps(plan: Any, request: InferenceRequest) -> None:
@@ -133,7 +112,7 @@ def _caps(plan: Any, request: InferenceRequest) -> None:
             param="max_tokens",
             code="plan_limit_exceeded",
         )
-    if params.n > plan.max_n:
+    if plan.max_n is not None and params.n > plan.max_n:  # empty: no cap
         raise ApiError(
             f"n ({params.n}) is above your plan's cap of {plan.max_n} choices per request "
             f"({plan.name}).",
@@ -154,38 +133,8 @@ def _cost(usage: dict[str, Any] | None, prices: tuple[Decimal, Decimal]) -> tupl
     return prompt + completion, prompt * prices[0] + completion * prices[1]
 
 
-def admit(request: InferenceRequest) -> Admission:
-    """The checks before sending (blocking: the DRF views). Raises the refusal."""
-    organization_id, key_id = request.organization_id, request.api_key_id
-    refusal = inference_refusal(organization_id)
-    if refusal is not None:
-        raise refusal
-    _caps(plan_for(organization_id), request)
-    limits = limits_for(organization_id=organization_id, api_key_id=key_id)
-    prompt, completion = _estimate(request)
-    decision = ratelimit.check(
-        organization_id=organization_id,
-        api_key_id=key_id,
-        tokens=prompt + completion,
-        limits=limits,
-    )
-    prices = prices_for(request.model.id)
-    try:
-        reservation = budgets.reserve(
-            organization_id=organization_id,
-            api_key_id=key_id,
-            max_cost=_max_cost(request, prices),
-        )
-    except Exception:
-        # Refused (or Redis failed): it used none of the tokens it was charged.
-        with contextlib.suppress(redis.RedisError):
-            ratelimit.adjust(decision, 0)
-        raise
-    return Admission(request, decision, reservation, prices)
-
-
 async def aadmit(request: InferenceRequest, organization: Any) -> Admission:
-    """`admit` on the event loop (every step cached or one Redis round trip)."""
+    """The checks before sending. Raises the refusal."""
     organization_id, key_id = request.organization_id, request.api_key_id
     refusal = await ainference_refusal(organization_id)
     if refusal is not None:
@@ -207,6 +156,7 @@ async def aadmit(request: InferenceRequest, organization: Any) -> Admission:
             max_cost=_max_cost(request, prices),
         )
     except Exception:
+        # Refused (or Redis failed): it used none of the tokens it was charged.
         with contextlib.suppress(redis.RedisError):
             await ratelimit.aadjust(decision, 0)
         raise
@@ -214,8 +164,8 @@ async def aadmit(request: InferenceRequest, organization: Any) -> Admission:
 
 
 class Outcome:
-    """What a request's worker has said, as far as settling goes: both front doors feed
-    it every reply they read, and settle at its `usage`.
+    """What a request's worker has said, as far as settling goes: the call feeds it every
+    reply it reads, and settles at its `usage`.
 
     `sent`: the request reached the worker queue (before that nothing can have run);
     `ended`: its final reply (`done` or `error`) was read; `usage`: what that reply
@@ -236,20 +186,11 @@ class Outcome:
         return reply
 
 
-def settle(admission: Admission, usage: dict[str, Any] | None) -> None:
+async def asettle(admission: Admission, usage: dict[str, Any] | None) -> None:
     """Correct the budget hold and the token charge to what the request used (the usage
     its worker reported; None: nothing reported, e.g. never sent or the worker was lost:
     charged nothing). The budget goes first: a rate-limit correction that fails (the
     window forgets it within its span) must not cost the spend."""
-    tokens, cost = _cost(usage, admission.prices)
-    budgets.settle(admission.reservation, cost)
-    try:
-        ratelimit.adjust(admission.decision, tokens)
-    except redis.RedisError as error:
-        _adjust_failed(admission, error)
-
-
-async def asettle(admission: Admission, usage: dict[str, Any] | None) -> None:
     tokens, cost = _cost(usage, admission.prices)
     await budgets.asettle(admission.reservation, cost)
     try:
@@ -271,8 +212,7 @@ async def asettle_reported(
     admission: Admission, outcome: Outcome, subscription: Subscription | None
 ) -> None:
     """Settle a request that is over for its caller at the usage its worker reports,
-    then close its reply subscription. The one way both front doors settle a request
-    whose replies they read on the event loop.
+    then close its reply subscription. The one way a request is settled.
 
     Sent but its final reply not read (the caller left and the request was
     cancelled): the worker still ends it with a reply carrying the tokens it used;

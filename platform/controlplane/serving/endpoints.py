@@ -1,40 +1,27 @@
-"""OpenAI-compatible inference: chat completions, completions, embeddings, classifications.
-
-Thin views: validate the body, resolve the model the caller may call, hand the
-request to an inference worker (gateway.py) and shape its reply as OpenAI does.
-Streaming answers are server-sent events read from the reply channel on the
-event loop; a client that goes away cancels the generation on the worker.
+"""The four inference endpoints: the request each body makes, and the response or
+stream each reply makes, as OpenAI shapes them (chat completions, completions,
+embeddings) and as we do for classifications. Plain classes read by the call
+(`call.py`); their request serializers are in `inputs.py`.
 """
 
 from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
-import redis
-from django.conf import settings
-from django.http import StreamingHttpResponse
-from drf_spectacular.utils import extend_schema
-from rest_framework.parsers import JSONParser
-from rest_framework.request import Request
-from rest_framework.response import Response
 
 from controlplane.core.errors import ApiError, Unavailable
-from controlplane.core.serializers import validated_reusing
-from controlplane.tenancy.apis_base import OrganizationApi
 from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply
 
-from . import admission, gateway, inputs
-from .replies import ReplyTimeout, Subscription, cancel
+from . import gateway, inputs
 
 
 def transport_unavailable() -> ApiError:
     """503 for a request admitted but not handed to a worker: Redis (the request queue
-    or the reply channel) failed. Its budget hold is released by the caller's settle."""
+    or the reply channel) failed. Its budget hold is released by the settle."""
     return Unavailable(
         "The inference service could not take the request: its message broker did not "
         "answer. Nothing ran and nothing was charged; retry in a moment."
@@ -80,17 +67,14 @@ def _finish(reason: Any) -> str:
     return "stop" if reason == "cancelled" else str(reason or "stop")
 
 
-class InferenceApi(OrganizationApi):
-    """One endpoint's logic, shared by two front doors: this DRF view (the test
-    client, the schema, INFERENCE_FAST_PATH off) and the asyncio path in front of
-    Django (`fastpath.py`, what `atelier web` serves)."""
+class Endpoint:
+    """One inference endpoint: what its body asks the worker, and how its reply reads."""
 
-    scopes = {"read": "inference", "write": "inference"}
-    parser_classes = [JSONParser]
-    kind = ""
-    input_serializer: type[Any]
+    path: ClassVar[str]
+    kind: ClassVar[str] = ""
+    input_serializer: ClassVar[type[Any]]
     #: Sampling parameters apply (chat and completions).
-    sampled = False
+    sampled: ClassVar[bool] = False
 
     @classmethod
     def fields(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -133,116 +117,16 @@ class InferenceApi(OrganizationApi):
     ) -> dict[str, Any]:
         raise NotImplementedError
 
-    def handle(self, request: Request) -> Response | StreamingHttpResponse:
-        data = validated_reusing(self.input_serializer, request.data)
-        timeout = gateway.timeout_for(request.headers.get("x-atelier-timeout"))
-        started = time.perf_counter()
-        model = gateway.model_ref(
-            organization=self.organization, model_id=data["model"], kind=self.kind
-        )
-        inference = self.prepare(
-            data,
-            organization_id=self.organization.pk,
-            api_key_id=self.principal.pk if hasattr(self.principal, "pk") else None,
-            model=model,
-            timeout=timeout,
-        )
-        admitted = admission.admit(inference)
-        chunks = self.chunks(inference, data)
-        if chunks is not None:
-            response: Response | StreamingHttpResponse = StreamingHttpResponse(
-                _sse(inference, timeout, chunks, admitted), content_type="text/event-stream"
-            )
-            for name, value in STREAM_HEADERS.items():
-                response[name] = value
-        else:
-            outcome = admission.Outcome()
-            try:
-                reply = _collect(inference, timeout, outcome)
-            except Exception as exc:
-                admission.settle(admitted, outcome.usage)
-                # The rate-limit state goes on the error response too (error_parts).
-                exc.headers = admitted.headers  # type: ignore[attr-defined]
-                raise
-            admission.settle(admitted, outcome.usage)
-            response = Response(self.body(inference, reply, data))
-        for name, value in admitted.headers().items():
-            response[name] = value
-        response["openai-processing-ms"] = str(round((time.perf_counter() - started) * 1000))
-        return response
-
-
-def _collect(inference: InferenceRequest, timeout: float, outcome: admission.Outcome) -> Reply:
-    """Send and wait for the final reply (blocking), every reply seen by `outcome` (what
-    is settled). Raises ApiError on failure: the worker's, a lost worker, Redis down."""
-    try:
-        with Subscription(
-            inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
-        ) as subscription:
-            gateway.send(inference)
-            outcome.sent = True
-            try:
-                for reply in subscription.replies():
-                    outcome.seen(reply)
-                    if reply.type == "done":
-                        return reply
-                    if reply.type == "error":
-                        raise gateway.failure(reply)
-            except ReplyTimeout as exc:
-                raise gateway.lost(exc.started, inference.request_id) from None
-    except redis.RedisError as exc:
-        raise transport_unavailable() from exc
-    raise gateway.lost(False, inference.request_id)
-
 
 #: nginx: do not hold the events back.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _error_event(error: ApiError) -> bytes:
-    return _event({"error": {"message": str(error.detail), "code": error.code}})
+def error_event(error: ApiError) -> bytes:
+    return event({"error": {"message": str(error.detail), "code": error.code}})
 
 
-async def _sse(
-    inference: InferenceRequest, timeout: float, chunks: Any, admitted: admission.Admission
-) -> AsyncIterator[bytes]:
-    """Server-sent events from the reply channel; cancels the generation if the client
-    leaves (the ASGI server cancels this generator) before the worker is done. The
-    status (200) is sent before this runs: a failure to send is an error event."""
-    subscription = Subscription(
-        inference.request_id, total=timeout, silence=settings.INFERENCE_SILENCE_SECONDS
-    )
-    outcome = admission.Outcome()
-    try:
-        try:
-            await subscription.aopen()
-            gateway.send(inference)
-        except (redis.RedisError, ApiError) as exc:  # nothing ran: the finally releases it
-            yield _error_event(exc if isinstance(exc, ApiError) else transport_unavailable())
-            yield b"data: [DONE]\n\n"
-            return
-        outcome.sent = True
-        for first in chunks.opening():
-            yield _event(first)
-        try:
-            async for reply in subscription.areplies():
-                outcome.seen(reply)
-                if reply.type == "error":
-                    yield _error_event(gateway.failure(reply))
-                    break
-                for chunk in chunks.on(reply):
-                    yield _event(chunk)
-        except ReplyTimeout as exc:
-            yield _error_event(gateway.lost(exc.started, inference.request_id))
-        yield b"data: [DONE]\n\n"
-    finally:
-        if outcome.sent and not outcome.ended:
-            cancel(inference.request_id)  # the client left: stop the generation
-        # At what the worker reports, waiting for its final reply if the client left.
-        await admission.asettle_reported(admitted, outcome, subscription)
-
-
-def _event(payload: dict[str, Any]) -> bytes:
+def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -318,7 +202,7 @@ def _include_usage(data: dict[str, Any]) -> bool:
     return bool((data.get("stream_options") or {}).get("include_usage"))
 
 
-class _GenerationApi(InferenceApi):
+class _Generation(Endpoint):
     """Chat and text completions: the same request fields, stream and body, but for the
     objects' names and the shape of a choice."""
 
@@ -358,7 +242,8 @@ class _GenerationApi(InferenceApi):
         }
 
 
-class ChatCompletionsApi(_GenerationApi):
+class ChatCompletions(_Generation):
+    path = "/v1/chat/completions"
     kind = "chat"
     input_serializer = inputs.ChatInput
     source = ("messages", "messages")
@@ -374,14 +259,9 @@ class ChatCompletionsApi(_GenerationApi):
             "finish_reason": _finish(c.get("finish_reason")),
         }
 
-    @extend_schema(
-        request=inputs.ChatInput, responses={200: dict}, operation_id="create_chat_completion"
-    )
-    def post(self, request: Request) -> Response | StreamingHttpResponse:
-        return self.handle(request)
 
-
-class CompletionsApi(_GenerationApi):
+class Completions(_Generation):
+    path = "/v1/completions"
     kind = "completion"
     input_serializer = inputs.CompletionInput
     source = ("prompt", "inputs")
@@ -397,14 +277,9 @@ class CompletionsApi(_GenerationApi):
             "finish_reason": _finish(c.get("finish_reason")),
         }
 
-    @extend_schema(
-        request=inputs.CompletionInput, responses={200: dict}, operation_id="create_completion"
-    )
-    def post(self, request: Request) -> Response | StreamingHttpResponse:
-        return self.handle(request)
 
-
-class EmbeddingsApi(InferenceApi):
+class Embeddings(Endpoint):
+    path = "/v1/embeddings"
     kind = "embedding"
     input_serializer = inputs.EmbeddingInput
 
@@ -443,16 +318,11 @@ class EmbeddingsApi(InferenceApi):
             },
         }
 
-    @extend_schema(
-        request=inputs.EmbeddingInput, responses={200: dict}, operation_id="create_embedding"
-    )
-    def post(self, request: Request) -> Response | StreamingHttpResponse:
-        return self.handle(request)
 
-
-class ClassificationsApi(InferenceApi):
+class Classifications(Endpoint):
     """Our extension for classifier fine-tunes: `{model, input}` → labels with scores."""
 
+    path = "/v1/classifications"
     kind = "classification"
     input_serializer = inputs.ClassificationInput
 
@@ -479,10 +349,8 @@ class ClassificationsApi(InferenceApi):
             },
         }
 
-    @extend_schema(
-        request=inputs.ClassificationInput,
-        responses={200: dict},
-        operation_id="create_classification",
-    )
-    def post(self, request: Request) -> Response | StreamingHttpResponse:
-        return self.handle(request)
+
+#: Path → endpoint: what the router serves.
+ENDPOINTS: dict[str, type[Endpoint]] = {
+    e.path: e for e in (ChatCompletions, Completions, Embeddings, Classifications)
+}

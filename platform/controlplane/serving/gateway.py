@@ -1,8 +1,9 @@
 """From an OpenAI-shaped request to an inference worker and back.
 
 `model_ref` resolves what the caller may call (their organization's deployed
-models and every base model) into the worker's `ModelRef`; `send` publishes the
-request by task name on `gpu.inference`; `collect` waits for the final reply.
+models and every base model) into the worker's `ModelRef` (cached per process:
+`model_refs`); `build` makes the request and `asend` pushes it on the worker
+queue, one Redis round trip; `failure` and `lost` are the errors of a reply.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from django.conf import settings
 from controlplane.accounts.keycache import key_cache
 from controlplane.core.errors import ApiError, Unavailable
 from controlplane.core.ids import new_id
-from controlplane.limits.redis_clients import async_script, sync_script
-from controlplane.modelregistry.models import BaseModel, CustomerModel
+from controlplane.core.redis_clients import async_script
+from controlplane.inference.deployments import model_is_deployed
+from controlplane.modelregistry.models import BaseModel
 from controlplane.modelregistry.selectors import model_for_organization, model_not_found
 from controlplane.tenancy.models import Organization
 from jobcontracts import queues
 from jobcontracts.inference import InferenceRequest, ModelRef, Params, Reply, request_queue
-
-from .replies import cancel
 
 #: What each endpoint needs the model to do.
 TASK_FOR_KIND = {
@@ -45,12 +45,6 @@ def request_id(kind: str) -> str:
     return new_id(ID_PREFIX[kind]).replace("_", "-", 1)
 
 
-def _deployed(organization: Organization, model: CustomerModel) -> bool:
-    from . import deployments
-
-    return deployments.model_is_deployed(organization=organization, model=model)
-
-
 def model_ref(*, organization: Organization, model_id: str, kind: str) -> ModelRef:
     model = model_for_organization(organization=organization, model_id=model_id)
     task = TASK_FOR_KIND[kind]
@@ -67,7 +61,7 @@ def model_ref(*, organization: Organization, model_id: str, kind: str) -> ModelR
         )
     if model.task != task:
         raise _wrong_task(model_id, kind, [model.task])
-    if not _deployed(organization, model):
+    if not model_is_deployed(organization=organization, model=model):
         raise ApiError(
             f"The model '{model_id}' is not deployed: create a deployment first "
             "(POST /v1/deployments with this model).",
@@ -226,16 +220,9 @@ def _payload(request: InferenceRequest) -> tuple[list[str], list[Any]]:
     return keys, [orjson.dumps(request), settings.INFERENCE_MAX_QUEUED]
 
 
-def send(request: InferenceRequest) -> None:
-    """Hand the request to an inference worker: the Redis request list (see
-    jobcontracts.inference)."""
-    keys, args = _payload(request)
-    if sync_script("inference.enqueue", _ENQUEUE)(keys=keys, args=args) == -1:
-        raise _overloaded()
-
-
 async def asend(request: InferenceRequest) -> None:
-    """`send` from the event loop."""
+    """Hand the request to an inference worker: the Redis request list (see
+    jobcontracts.inference), unless INFERENCE_MAX_QUEUED already wait (503)."""
     keys, args = _payload(request)
     if await async_script("inference.enqueue", _ENQUEUE)(keys=keys, args=args) == -1:
         raise _overloaded()
@@ -271,8 +258,9 @@ def failure(reply: Reply) -> ApiError:
     return error
 
 
-def lost(started: bool, rid: str) -> ApiError:
-    cancel(rid)  # should it still be running somewhere, stop it
+def lost(started: bool) -> ApiError:
+    """The 503 of a request whose replies stopped (the caller cancels it, should it
+    still be running somewhere)."""
     if started:
         message = "The model stopped answering mid-request (its worker was lost); retry."
         code = "worker_lost"
