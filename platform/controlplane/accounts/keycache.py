@@ -40,6 +40,7 @@ from django.conf import settings
 from django.db import transaction
 
 from controlplane.core.redis_clients import listening_client, sync_client
+from controlplane.core.ttlcache import Token, TTLCache
 
 if TYPE_CHECKING:
     from .models import APIKey
@@ -49,14 +50,6 @@ log = structlog.get_logger(__name__)
 CHANNEL = "atelier:auth:invalidate"
 #: Published instead of organization ids when a change concerns every organization.
 EVERYONE = "*"
-
-
-class Token(NamedTuple):
-    """What a cached copy is as fresh as: the invalidation generation and the
-    (monotonic) time before the database read it comes from."""
-
-    generation: int
-    read_at: float
 
 
 class Hit(NamedTuple):
@@ -73,20 +66,15 @@ class _Entry(NamedTuple):
     shared: APIKey  # a read-only copy of it
 
 
-def _fresh(entry: _Entry | None) -> bool:
-    return entry is not None and time.monotonic() < entry.read_at + settings.API_KEY_CACHE_SECONDS
-
-
 class KeyCache:
     def __init__(self) -> None:
-        #: prefix → the cached key, with when it was read from the database.
-        self._entries: dict[str, _Entry] = {}
+        #: prefix → the cached key; a token() taken before the database read keeps a
+        #: lookup that raced with an invalidation out, and bounds the entry by its read.
+        self._entries: TTLCache[str, _Entry] = TTLCache(lambda: settings.API_KEY_CACHE_SECONDS)
         self._lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()
         self._pid = os.getpid()
-        #: Bumped on every drop: a lookup that raced with an invalidation is not cached.
-        self._generation = 0
         #: Other per-organization caches dropped with the keys (None: everything).
         self.listeners: list[Callable[[set[str] | None], None]] = []
 
@@ -104,14 +92,13 @@ class KeyCache:
         API_KEY_CACHE_SECONDS ago; to store a changed copy, put() it with `hit.token`."""
         if not self.enabled:
             return None
-        with self._lock:
-            entry = self._entries.get(prefix)
-            generation = self._generation
-        if entry is None or not _fresh(entry):
+        token = self._entries.token()  # before the look-up: a drop after it voids the hit
+        entry = self._entries.get(prefix)
+        if entry is None:
             return None
         # A fresh copy per request: views may change the objects they are handed.
         api_key: APIKey = pickle.loads(entry.blob)  # noqa: S301 - bytes this process pickled
-        return Hit(api_key, Token(generation, entry.read_at))
+        return Hit(api_key, token._replace(read_at=entry.read_at))
 
     def peek(self, prefix: str) -> APIKey | None:
         """`get` without the copy, for callers that only read the key (the asyncio
@@ -119,13 +106,11 @@ class KeyCache:
         if not self.enabled:
             return None
         entry = self._entries.get(prefix)
-        if entry is None or not _fresh(entry):
-            return None
-        return entry.shared
+        return None if entry is None else entry.shared
 
     def token(self) -> Token:
         """Take before reading the database; hand to put() with what was read."""
-        return Token(self._generation, time.monotonic())
+        return self._entries.token()
 
     def put(self, api_key: APIKey, token: Token) -> None:
         """Store `api_key` as read at `token.read_at`: from the database (a token from
@@ -136,10 +121,7 @@ class KeyCache:
         blob = pickle.dumps(api_key)
         shared: APIKey = pickle.loads(blob)  # noqa: S301 - just pickled here
         entry = _Entry(token.read_at, api_key.organization_id, blob, shared)
-        with self._lock:
-            # Else an invalidation came in since the read: what was read may be stale.
-            if token.generation == self._generation and _fresh(entry):
-                self._entries[api_key.prefix] = entry
+        self._entries.put(api_key.prefix, entry, token)
 
     # --- invalidation -------------------------------------------------------------------
 
@@ -148,17 +130,12 @@ class KeyCache:
         if EVERYONE in ids:
             self.clear()
             return
-        with self._lock:
-            self._generation += 1
-            for prefix in [p for p, e in self._entries.items() if e.organization_id in ids]:
-                del self._entries[prefix]
+        self._entries.drop_where(lambda _, entry: entry.organization_id in ids)
         for listener in self.listeners:
             listener(ids)
 
     def clear(self) -> None:
-        with self._lock:
-            self._generation += 1
-            self._entries.clear()
+        self._entries.clear()
         for listener in self.listeners:
             listener(None)
 

@@ -1,8 +1,8 @@
 """Rating: the ledger priced by the price book, per meter x model, for a period.
 
 Pricing is set-based SQL: ledger entries joined to the price-book row in force
-at each entry's `occurred_at` (a model-specific row beats the `*` row; a price
-stored on the entry, as royalties have, beats both), grouped in the database.
+at each entry's `occurred_at` (`prices.price_joins_sql`; a price stored on the
+entry, as royalties have, beats it), grouped in the database.
 A later price change adds a row for later times only, so it never changes what
 earlier events cost.
 
@@ -25,32 +25,26 @@ from controlplane.tenancy.models import Organization
 
 from .models import Meter, Plan, PlanAssignment, PlanBilledBy
 from .plans import _plan_by_code
+from .prices import price_joins_sql, price_sql
 
 CENT = Decimal("0.01")
 
 # Every ledger charge of one organization (or all, when org is NULL) in [start, end),
 # grouped by meter, model and the price that applied. Earnings (royalties) excluded.
-_RATE = """
+_RATE = f"""
 SELECT l.organization_id, l.meter, l.model,
-       COALESCE(l.unit_price, ps.unit_price, pw.unit_price) AS unit_price,
-       COALESCE(l.per_units, ps.per_units, pw.per_units) AS per_units,
-       COALESCE(ps.unit, pw.unit, '') AS unit,
+       COALESCE(l.unit_price, {price_sql("unit_price")}) AS unit_price,
+       COALESCE(l.per_units, {price_sql("per_units")}) AS per_units,
+       COALESCE({price_sql("unit")}, '') AS unit,
        SUM(l.quantity)::bigint AS quantity
 FROM billing_ledgerentry l
-LEFT JOIN billing_pricebookentry ps
-       ON ps.meter = l.meter AND ps.model = l.model AND ps.model <> '*'
-      AND ps.effective_from <= l.occurred_at
-      AND (ps.effective_to IS NULL OR l.occurred_at < ps.effective_to)
-LEFT JOIN billing_pricebookentry pw
-       ON pw.meter = l.meter AND pw.model = '*'
-      AND pw.effective_from <= l.occurred_at
-      AND (pw.effective_to IS NULL OR l.occurred_at < pw.effective_to)
+{price_joins_sql(meter="l.meter", model="l.model", at="l.occurred_at")}
 WHERE l.occurred_at >= %(start)s AND l.occurred_at < %(end)s
   AND l.meter <> 'royalty.tokens'
   AND (%(org)s::varchar IS NULL OR l.organization_id = %(org)s::varchar)
 GROUP BY 1, 2, 3, 4, 5, 6
 ORDER BY 1, 2, 3, 4
-"""
+"""  # noqa: S608 - the fragments are code, the values parameters
 
 
 @dataclass(frozen=True)

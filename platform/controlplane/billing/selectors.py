@@ -2,8 +2,8 @@
 
 Buckets are cut in the database (`date_bin` from `start_time`), grouped by the
 requested dimensions, and priced per entry by the price-book row in force at
-the entry's `occurred_at` (model-specific beats `*`; a price stored on the entry
-beats both): the same rule as rating.
+the entry's `occurred_at` (`prices.PriceInForce`; a price stored on the entry beats
+it): the same rule as rating.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import models
-from django.db.models import Case, Count, F, Func, OuterRef, Q, Subquery, Sum, Value, When
+from django.db.models import Count, F, Func, Q, Sum, Value
 from django.db.models.functions import Coalesce
 
 from controlplane.tenancy.models import Organization
 
-from .models import WILDCARD, LedgerEntry, Meter, PriceBookEntry
+from .models import LedgerEntry, Meter
+from .prices import PriceInForce
 
 WIDTHS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 #: group_by name in the API -> ledger column.
@@ -40,27 +41,13 @@ class DateBin(Func):
     output_field = models.DateTimeField()
 
 
-def _price_in_force(field: str) -> Subquery:
-    rows = (
-        PriceBookEntry.objects.filter(
-            meter=OuterRef("meter"),
-            effective_from__lte=OuterRef("occurred_at"),
-        )
-        .filter(Q(model=OuterRef("model")) | Q(model=WILDCARD))
-        .filter(Q(effective_to__isnull=True) | Q(effective_to__gt=OuterRef("occurred_at")))
-        .annotate(wild=Case(When(model=WILDCARD, then=1), default=0))
-        .order_by("wild")
-    )
-    return Subquery(rows.values(field)[:1])
-
-
 def priced(queryset: models.QuerySet[LedgerEntry]) -> models.QuerySet[LedgerEntry]:
     """Entries annotated with `cost`: quantity x price in force / per_units (exact)."""
     return queryset.annotate(
         cost=models.ExpressionWrapper(
             F("quantity")
-            * Coalesce(F("unit_price"), _price_in_force("unit_price"), Value(Decimal(0)))
-            / Coalesce(F("per_units"), _price_in_force("per_units"), Value(1)),
+            * Coalesce(F("unit_price"), PriceInForce("unit_price"), Value(Decimal(0)))
+            / Coalesce(F("per_units"), PriceInForce("per_units"), Value(1)),
             output_field=_PRICE,
         )
     )

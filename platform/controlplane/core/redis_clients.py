@@ -1,7 +1,9 @@
 """Every Redis client of the control plane is built here.
 
 - `sync_client()`: the process's blocking client, with timeouts; made again after a fork
-  (a connection must not be shared by two processes).
+  (a connection must not be shared by two processes). `blocks_for=` gives a caller that
+  blocks in Redis on purpose (the usage stream's XREADGROUP BLOCK) its own client, whose
+  reads wait that much longer.
 - `async_client()`: this event loop's asyncio client, with timeouts, and the scripts
   registered on it: a `redis.asyncio` connection belongs to the loop that opened it.
 - `async_listener()`: this event loop's asyncio client for pub/sub, whose reads wait as
@@ -28,7 +30,8 @@ import redis.asyncio
 from django.conf import settings
 
 _lock = threading.Lock()
-_sync: tuple[int, redis.Redis] | None = None
+#: blocks_for → (the pid that made it, the client).
+_sync: dict[float, tuple[int, redis.Redis]] = {}
 _sync_scripts: dict[str, Any] = {}
 _async: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, dict[str, Any]]
@@ -47,21 +50,25 @@ def _timeout() -> float:
     return float(settings.LIMITS_REDIS_TIMEOUT_SECONDS)
 
 
-def sync_client() -> redis.Redis:
-    global _sync
+def sync_client(*, blocks_for: float = 0.0) -> redis.Redis:
+    """The process's blocking client. `blocks_for`: how long the caller's commands wait
+    inside Redis on purpose (XREADGROUP BLOCK), which their reads may take on top of the
+    timeout; one client per value."""
     pid = os.getpid()
-    current = _sync
+    current = _sync.get(blocks_for)
     if current is not None and current[0] == pid:
         return current[1]
     with _lock:
-        if _sync is None or _sync[0] != pid:
+        current = _sync.get(blocks_for)
+        if current is None or current[0] != pid:
             timeout = _timeout()
             client = redis.Redis.from_url(
-                _url(), socket_timeout=timeout, socket_connect_timeout=timeout
+                _url(), socket_timeout=timeout + blocks_for, socket_connect_timeout=timeout
             )
-            _sync = (pid, client)
-            _sync_scripts.clear()
-        return _sync[1]
+            current = _sync[blocks_for] = (pid, client)
+            if not blocks_for:
+                _sync_scripts.clear()  # registered on the client this one replaces
+        return current[1]
 
 
 def sync_script(name: str, source: str) -> Any:

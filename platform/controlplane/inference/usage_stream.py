@@ -29,10 +29,10 @@ from typing import Any
 import orjson
 import redis
 import structlog
-from django.conf import settings
 from django.db import close_old_connections
 from prometheus_client import Counter
 
+from controlplane.core.redis_clients import sync_client
 from jobcontracts.inference import USAGE_GROUP, USAGE_STREAM, UsageReport
 
 from . import usage
@@ -126,14 +126,12 @@ class UsageStreamConsumer:
     def __init__(
         self,
         *,
-        url: str | None = None,
         name: str | None = None,
         batch: int = 500,
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         linger_s: float = 0.25,
     ) -> None:
-        self.client: redis.Redis = redis.Redis.from_url(url or settings.REDIS_URL)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.batch = batch
         self.block_ms = block_ms
@@ -149,25 +147,27 @@ class UsageStreamConsumer:
     def drain(self, *, block_ms: int | None = None) -> int:
         """One pass: claim stale entries of dead consumers, then read new ones. Returns
         how many entries were stored and acknowledged."""
-        ensure_group(self.client)
+        block = self.block_ms if block_ms is None else block_ms
+        client = sync_client(blocks_for=block / 1000)  # its reads outwait the BLOCK
+        ensure_group(client)
         done = 0
         if time.monotonic() - self._last_claim >= self.claim_idle_ms / 2000:
             self._last_claim = time.monotonic()
-            answer: Any = self.client.xautoclaim(
+            answer: Any = client.xautoclaim(
                 USAGE_STREAM, USAGE_GROUP, self.name, self.claim_idle_ms, "0-0", count=self.batch
             )
             entries = [(i, f) for i, f in answer[1] if f]  # deleted entries come back empty
-            store(self.client, entries)
+            store(client, entries)
             done += len(entries)
-        read: Any = self.client.xreadgroup(
+        read: Any = client.xreadgroup(
             USAGE_GROUP,
             self.name,
             {USAGE_STREAM: ">"},
             count=self.batch,
-            block=self.block_ms if block_ms is None else block_ms,
+            block=block,
         )
         for _stream, fresh in read or []:
-            store(self.client, fresh)
+            store(client, fresh)
             done += len(fresh)
         return done
 

@@ -19,6 +19,7 @@ from controlplane.accounts.keycache import key_cache
 from controlplane.core.errors import ApiError, Unavailable
 from controlplane.core.ids import new_id
 from controlplane.core.redis_clients import async_script
+from controlplane.core.ttlcache import Token, TTLCache
 from controlplane.inference.deployments import model_is_deployed
 from controlplane.modelregistry.models import BaseModel
 from controlplane.modelregistry.selectors import model_for_organization, model_not_found
@@ -115,38 +116,36 @@ class ModelRefCache:
     is kept as data (`_Refusal`) and raised as a new ApiError on each hit."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str, str], tuple[float, ModelRef | _Refusal]] = {}
-        self._generation = 0
+        self._cache: TTLCache[tuple[str, str, str], ModelRef | _Refusal] = TTLCache(
+            lambda: settings.API_KEY_CACHE_SECONDS
+        )
+
+    def token(self) -> Token:
+        return self._cache.token()
 
     def get(self, organization_id: str, model_id: str, kind: str) -> ModelRef | None:
-        entry = self._entries.get((organization_id, model_id, kind))
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        if isinstance(entry[1], _Refusal):
-            raise entry[1].error()
-        return entry[1]
-
-    def token(self) -> int:
-        return self._generation
+        found = self._cache.get((organization_id, model_id, kind))
+        if isinstance(found, _Refusal):
+            raise found.error()
+        return found
 
     def put(
-        self, organization_id: str, model_id: str, kind: str, value: ModelRef | ApiError, token: int
+        self,
+        organization_id: str,
+        model_id: str,
+        kind: str,
+        value: ModelRef | ApiError,
+        token: Token,
     ) -> None:
-        if token != self._generation or settings.API_KEY_CACHE_SECONDS <= 0:
-            return  # an invalidation came in while we read: do not keep what we read
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        expires = time.monotonic() + settings.API_KEY_CACHE_SECONDS
         kept = _Refusal.of(value) if isinstance(value, ApiError) else value
-        self._entries[(organization_id, model_id, kind)] = (expires, kept)
+        self._cache.put((organization_id, model_id, kind), kept, token)
 
     def drop(self, organization_ids: set[str] | None) -> None:
-        self._generation += 1
         if organization_ids is None:
-            self._entries.clear()
+            self._cache.clear()
             return
-        for key in [k for k in self._entries if k[0] in organization_ids]:
-            del self._entries[key]
+        ids = organization_ids
+        self._cache.drop_where(lambda key, _: key[0] in ids)
 
 
 model_refs = ModelRefCache()

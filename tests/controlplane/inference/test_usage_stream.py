@@ -350,3 +350,17 @@ def test_an_operator_replays_a_dead_letter_once_its_cause_is_fixed(
     assert stored(alice) == [("req-poison", 10)]
     assert ledgered(alice) == 2
     assert [f[b"reason"] for _, f in dead.xrange(DEAD_STREAM)] == [b"malformed"]
+
+
+def test_a_read_that_blocks_longer_than_the_redis_timeout_does_not_time_out(
+    stream: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controlplane.core import redis_clients
+
+    settings.LIMITS_REDIS_TIMEOUT_SECONDS = 0.2
+    monkeypatch.setattr(redis_clients, "_sync", {})  # clients built under this timeout
+    consumer = UsageStreamConsumer(name="idle", block_ms=600)
+
+    started = time.monotonic()
+    assert consumer.drain() == 0  # XREADGROUP BLOCK 600 ms on an empty stream
+    assert time.monotonic() - started >= 0.5

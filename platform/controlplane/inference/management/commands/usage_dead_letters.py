@@ -13,10 +13,9 @@ from __future__ import annotations
 from argparse import ArgumentParser
 from typing import Any
 
-import redis
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from controlplane.core.redis_clients import sync_client
 from controlplane.inference.usage_stream import USAGE_DEAD_STREAM
 from jobcontracts.inference import USAGE_STREAM
 
@@ -38,7 +37,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["discard"] and not (options["ids"] or options["reason"]):
             raise CommandError("--discard needs the ids to drop, or a --reason")
-        client: Any = redis.Redis.from_url(settings.REDIS_URL)
+        client: Any = sync_client()
         if options["ids"]:
             letters = []
             for entry_id in options["ids"]:
