@@ -351,4 +351,10 @@ def test_a_forward_failing_part_way_fails_its_requests_billed_for_what_they_used
     assert (usage.status, ticket.outcome) == ("failed", "failed")
     assert usage.prompt_tokens > 0
     assert usage.completion_tokens == 4  # one from the prefill, three from decode steps
+    # The error reply says the same, so the gateway settles the budget at what is billed.
+    assert error.data["usage"] == {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": 4,
+        "total_tokens": usage.prompt_tokens + 4,
+    }
     assert after.type == "done"  # the model still serves the next request

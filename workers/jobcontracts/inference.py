@@ -171,7 +171,8 @@ class Reply:
       embedding {"embeddings": [[float, …]]}; classification
       {"classifications": [{label, score, scores: {label: p}}]}; always
       {"usage": {prompt_tokens, completion_tokens, total_tokens}}.
-    - error: {"status", "code", "message"} (503 cold/overloaded, 400 bad input, 500).
+    - error: {"status", "code", "message"} (503 cold/overloaded, 400 bad input, 500), and
+      "usage" (as done's) when the request ran before it failed: what it is billed for.
     """
 
     type: str

@@ -219,9 +219,25 @@ class Engine:
         tests and health checks: read while the engine is idle)."""
         return [key for key, slot in list(self._slots.items()) if slot.loaded is not None]
 
-    def _error(self, request_id: str, error: ModelError) -> None:
-        data = {"status": error.status, "code": error.code, "message": error.message}
+    def _error(
+        self, request_id: str, error: ModelError, usage: dict[str, int] | None = None
+    ) -> None:
+        """The request's error reply. `usage`: what a request that ran is billed for (the
+        same as its usage report), so the gateway settles its budget at what the ledger
+        records; None for one that never ran."""
+        data: dict[str, Any] = {
+            "status": error.status,
+            "code": error.code,
+            "message": error.message,
+        }
+        if usage is not None:
+            data["usage"] = usage
         self.outbox.send(request_id, ERROR, data)
+
+    def _fail_started(self, slot: Slot, job: Job, failure: ModelError) -> None:
+        """A request that ran fails: its error says what it used, and it is billed that."""
+        self._error(job.request_id, failure, job.usage_data())
+        self._end(slot, job, FAILED, job.usage("failed"), started=True)
 
     # -- the engine thread ------------------------------------------------------------
 
@@ -634,8 +650,7 @@ class Engine:
         for job in list(slot.active):
             if job in slot.pending:  # an encoding job with inputs still to go
                 slot.pending.remove(job)
-            self._error(job.request_id, failure)
-            self._end(slot, job, FAILED, job.usage("failed"), started=True)
+            self._fail_started(slot, job, failure)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -646,8 +661,7 @@ class Engine:
                 for row in slot.batch.fail_all():
                     row.job.completion_tokens += len(row.tokens)
             for job in list(slot.active):
-                self._error(job.request_id, failure)
-                self._end(slot, job, FAILED, job.usage("failed"), started=True)
+                self._fail_started(slot, job, failure)
             for job in [j for j in slot.pending if j.started is None]:
                 self._error(job.request_id, failure)
                 self._end(slot, job, REFUSED, None, started=False)
