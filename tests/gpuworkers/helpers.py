@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +21,32 @@ from jobcontracts.training import (
     TrainingSpec,
 )
 from tests.support.models import minilm_dir, tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Named, never reached: importing the GPU workers' app and routing a task connect to nothing.
+UNREACHED_REDIS = "redis://127.0.0.1:9/0"
+
+
+def run_bare_worker_python(
+    code: str, data_dir: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -c code` as a GPU host runs it: only workers/ on the path (no Django, no
+    control plane), nothing in the environment but PATH, the data directory and `env`."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT / "workers"),
+            "ATELIER_DATA_DIR": str(data_dir),
+            **env,
+        },
+    )
+
 
 CHAT_ROWS = [
     {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,7 @@ from controlplane.cli import worker_argv
 from gpuworkers.inference.config import Settings
 from jobcontracts import queues
 from jobcontracts.broker import data_dir
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.gpuworkers.helpers import UNREACHED_REDIS, run_bare_worker_python
 
 
 def test_the_task_registers_on_the_inference_queue_without_importing_torch(
@@ -32,21 +29,7 @@ assert app.amqp.router.route({}, "gpuworkers.inference.run")["queue"].name == "g
 assert app.amqp.router.route({}, "gpuworkers.training.run")["queue"].name == "gpu.training"
 print("ok")
 """
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT / "workers"),
-            "ATELIER_DATA_DIR": str(tmp_path),
-            # Named, never reached: importing the app and routing a task connect to nothing.
-            "REDIS_URL": "redis://127.0.0.1:9/0",
-        },
-    )
+    done = run_bare_worker_python(code, tmp_path, REDIS_URL=UNREACHED_REDIS)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "ok"
 
