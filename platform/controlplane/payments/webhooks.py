@@ -183,14 +183,7 @@ def event_process(event: dict[str, Any]) -> tuple[str, bool]:
         with transaction.atomic():
             # Inserted first, in the same transaction as the effect: a concurrent duplicate
             # blocks on this primary key until the first commits, then fails and rolls back.
-            record = StripeEvent.objects.create(
-                id=event["id"],
-                type=event["type"],
-                created=event["created"],
-                organization=org,
-                outcome="processing",
-                payload=event,
-            )
+            record = _record(event, org, "processing")
             if handler is None:
                 outcome = "ignored_type"
             elif org is None:
@@ -217,20 +210,27 @@ def event_process(event: dict[str, Any]) -> tuple[str, bool]:
     return outcome, True
 
 
+def _record(
+    event: dict[str, Any], org: Organization | None, outcome: str, *, failure: str = ""
+) -> StripeEvent:
+    """The event's row, keyed by Stripe's event id: a second insert of one id fails."""
+    return StripeEvent.objects.create(
+        id=event["id"],
+        type=event["type"],
+        created=event["created"],
+        organization=org,
+        outcome=outcome,
+        failure=failure,
+        payload=event,
+    )
+
+
 def _failed(event: dict[str, Any], org: Organization | None, exc: Exception) -> str:
     """Record a permanently failing event (its effects were rolled back): never run again."""
     reason = _reason(exc)
     try:
         with transaction.atomic():
-            StripeEvent.objects.create(
-                id=event["id"],
-                type=event["type"],
-                created=event["created"],
-                organization=org,
-                outcome="failed",
-                failure=reason,
-                payload=event,
-            )
+            _record(event, org, "failed", failure=reason)
     except IntegrityError:
         if StripeEvent.objects.filter(pk=event["id"]).exists():
             return "duplicate"  # a concurrent delivery recorded it first
