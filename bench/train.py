@@ -752,7 +752,7 @@ def job_times(
     with psycopg.connect(f"{args.postgres}/{args.database}", connect_timeout=5) as conn:
         row = conn.execute(
             "SELECT created_at, queued_at, started_at, first_step_at, finished_at "
-            "FROM jobs_finetuningjob WHERE id = %s",
+            "FROM jobs_job WHERE id = %s",
             (job_id,),
         ).fetchone()
         events = conn.execute(

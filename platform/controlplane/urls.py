@@ -143,6 +143,29 @@ v1 = [
         jobs.JobCheckpointListApi.as_view(),
         name="fine-tuning-job-checkpoints",
     ),
+    path(
+        "v1/compression/jobs", jobs.CompressionJobListCreateApi.as_view(), name="compression-jobs"
+    ),
+    path(
+        "v1/compression/jobs/<str:job_id>",
+        jobs.CompressionJobDetailApi.as_view(),
+        name="compression-job-detail",
+    ),
+    path(
+        "v1/compression/jobs/<str:job_id>/cancel",
+        jobs.CompressionJobCancelApi.as_view(),
+        name="compression-job-cancel",
+    ),
+    path(
+        "v1/compression/jobs/<str:job_id>/events",
+        jobs.CompressionJobEventListApi.as_view(),
+        name="compression-job-events",
+    ),
+    path(
+        "v1/compression/jobs/<str:job_id>/report",
+        jobs.CompressionJobReportApi.as_view(),
+        name="compression-job-report",
+    ),
     path("v1/chat/completions", inference.ChatCompletionsApi.as_view(), name="chat-completions"),
     path("v1/completions", inference.CompletionsApi.as_view(), name="completions"),
     path("v1/embeddings", inference.EmbeddingsApi.as_view(), name="embeddings"),

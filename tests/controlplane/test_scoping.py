@@ -25,7 +25,7 @@ from controlplane.datasets.models import (
     UploadPart,
 )
 from controlplane.inference.models import Deployment, UsageRecord
-from controlplane.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
+from controlplane.jobs.models import Job, JobCheckpoint, JobEvent
 from controlplane.limits.models import Budget, BudgetAlert, KeyLimits
 from controlplane.modelregistry.models import CustomerModel, FileEstimate
 from controlplane.payments.models import Dunning, StripeCustomer, StripeInvoice, Subscription
@@ -49,7 +49,7 @@ OWNED = [
     PartnerUsage,
     CustomerModel,
     FileEstimate,
-    FineTuningJob,
+    Job,
     JobEvent,
     JobCheckpoint,
     Deployment,

@@ -171,17 +171,37 @@ def make_customer_model(person: Person) -> str:
 
 
 def make_job(person: Person) -> str:
-    from controlplane.jobs.models import FineTuningJob
+    from controlplane.jobs.models import Job
 
     from .jobs import register_tiny_llama
 
-    return FineTuningJob.objects.create(
+    return Job.objects.create(
         organization=person.organization,
         base_model=register_tiny_llama(real=False),
         data_format="chat",
         seed=1,
         hyperparameters={"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0},
         status="running",
+    ).pk
+
+
+def make_compression_job(person: Person) -> str:
+    from controlplane.core.ids import new_compression_job_id
+    from controlplane.jobs.models import Job
+
+    from .jobs import register_tiny_llama
+
+    return Job.objects.create(
+        id=new_compression_job_id(),
+        kind="compression",
+        organization=person.organization,
+        base_model=register_tiny_llama(real=False),
+        method="quantize",
+        task="causal_lm",
+        seed=1,
+        hyperparameters={"weights": "int8"},
+        status="succeeded",
+        report={"method": "quantize", "source": {}, "result": {}},
     ).pk
 
 
@@ -283,6 +303,10 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/fine_tuning/jobs/{id}/resume", make_job, ("POST",)),
     Endpoint("/v1/fine_tuning/jobs/{id}/events", make_job, ("GET",)),
     Endpoint("/v1/fine_tuning/jobs/{id}/checkpoints", make_job, ("GET",)),
+    Endpoint("/v1/compression/jobs/{id}", make_compression_job, ("GET",)),
+    Endpoint("/v1/compression/jobs/{id}/cancel", make_compression_job, ("POST",)),
+    Endpoint("/v1/compression/jobs/{id}/events", make_compression_job, ("GET",)),
+    Endpoint("/v1/compression/jobs/{id}/report", make_compression_job, ("GET",)),
     Endpoint(
         "/v1/deployments/{id}",
         make_deployment,
@@ -339,6 +363,43 @@ BODY_REFERENCES: list[BodyReference] = [
         "POST",
         "/v1/fine_tuning/jobs",
         lambda victim: {"model": "atelier-tiny-llama", "dataset": make_version(victim)[1]},
+        prepare=_with_base_model,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/compression/jobs",
+        lambda victim: {"model": make_customer_model(victim), "method": "quantize"},
+    ),
+    BodyReference(
+        "POST",
+        "/v1/compression/jobs",
+        lambda victim: {
+            "model": "atelier-tiny-llama",
+            "method": "prune",
+            "options": {"sparsity": 0.3},
+            "training_file": _victim_validated_file(victim),
+        },
+        prepare=_with_base_model,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/compression/jobs",
+        lambda victim: {
+            "model": "atelier-tiny-llama",
+            "method": "quantize",
+            "validation_file": _victim_validated_file(victim),
+        },
+        prepare=_with_base_model,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/compression/jobs",
+        lambda victim: {
+            "model": "atelier-tiny-llama",
+            "method": "distill",
+            "options": {"student_layers": 1},
+            "dataset": make_version(victim)[1],
+        },
         prepare=_with_base_model,
     ),
     BodyReference(

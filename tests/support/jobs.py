@@ -115,7 +115,7 @@ class Worker:
         names its checkpoints and final artifact: reports naming anything else are refused."""
         from controlplane.datasets.storage import object_uri
         from controlplane.jobs.dispatch import job_prefix
-        from controlplane.jobs.models import FineTuningJob
+        from controlplane.jobs.models import Job
 
-        job = FineTuningJob.objects.dangerously_unscoped().get(pk=self.job_id)
+        job = Job.objects.dangerously_unscoped().get(pk=self.job_id)
         return "/".join([object_uri(job_prefix(job)), *names])

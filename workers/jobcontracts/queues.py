@@ -20,6 +20,8 @@ GPU_PING: Final = "gpuworkers.ping"
 CONTROL_PING: Final = "controlplane.ping"
 #: Fine-tuning: one attempt of a job (arg: TrainingSpec.to_json()), on GPU_TRAINING.
 TRAIN: Final = "gpuworkers.training.run"
+#: Compression: one attempt of a job (arg: CompressionSpec.to_json()), on GPU_COMPRESSION.
+COMPRESS: Final = "gpuworkers.compression.run"
 #: A worker's report about a job attempt (arg: Report.to_json()), on CONTROL.
 CONTROL_JOB_REPORT: Final = "controlplane.jobs.report"
 #: Inference: one request (arg: InferenceRequest.to_json()), on GPU_INFERENCE.

@@ -115,6 +115,10 @@ def new_job_id() -> str:
     return new_id("ftjob").replace("ftjob_", "ftjob-", 1)
 
 
+def new_compression_job_id() -> str:
+    return new_id("cmpjob").replace("cmpjob_", "cmpjob-", 1)
+
+
 def new_job_event_id() -> str:
     return new_id("ftevent").replace("ftevent_", "ftevent-", 1)
 

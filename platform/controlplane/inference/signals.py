@@ -16,8 +16,8 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from controlplane.accounts.keycache import key_cache
-from controlplane.jobs.models import FineTuningJob
-from controlplane.jobs.signals import fine_tuning_job_succeeded
+from controlplane.jobs.models import Job
+from controlplane.jobs.signals import job_succeeded
 from controlplane.modelregistry.models import BaseModel, CustomerModel
 from controlplane.modelregistry.signals import customer_model_deleted
 
@@ -36,8 +36,8 @@ def _base_changed(sender: type, instance: BaseModel, **kwargs: Any) -> None:
     key_cache.invalidate_all()
 
 
-@receiver(fine_tuning_job_succeeded, sender=FineTuningJob)
-def _fine_tuned(sender: type, job: FineTuningJob, model: CustomerModel, **kwargs: Any) -> None:
+@receiver(job_succeeded, sender=Job)
+def _fine_tuned(sender: type, job: Job, model: CustomerModel, **kwargs: Any) -> None:
     deployment_ensure_serverless(organization=job.organization_id, model_id=model.pk)
 
 

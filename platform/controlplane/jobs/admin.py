@@ -12,10 +12,10 @@ from controlplane.audit.services import Actor, audit_record
 from controlplane.core.errors import ApiError
 
 from . import services
-from .models import FineTuningJob, JobCheckpoint, JobEvent
+from .models import Job, JobCheckpoint, JobEvent
 
 
-class JobEventInline(admin.TabularInline[JobEvent, FineTuningJob]):
+class JobEventInline(admin.TabularInline[JobEvent, Job]):
     model = JobEvent
     fields = ("created_at", "level", "type", "message")
     readonly_fields = fields
@@ -28,7 +28,7 @@ class JobEventInline(admin.TabularInline[JobEvent, FineTuningJob]):
         return JobEvent.objects.dangerously_unscoped()
 
 
-class JobCheckpointInline(admin.TabularInline[JobCheckpoint, FineTuningJob]):
+class JobCheckpointInline(admin.TabularInline[JobCheckpoint, Job]):
     model = JobCheckpoint
     fields = ("step_number", "metrics", "fine_tuned_model_checkpoint", "created_at")
     readonly_fields = fields
@@ -40,8 +40,8 @@ class JobCheckpointInline(admin.TabularInline[JobCheckpoint, FineTuningJob]):
         return JobCheckpoint.objects.dangerously_unscoped()
 
 
-@admin.register(FineTuningJob)
-class FineTuningJobAdmin(admin.ModelAdmin[FineTuningJob]):
+@admin.register(Job)
+class FineTuningJobAdmin(admin.ModelAdmin[Job]):
     list_display = (
         "id",
         "organization",
@@ -56,14 +56,12 @@ class FineTuningJobAdmin(admin.ModelAdmin[FineTuningJob]):
     )
     list_filter = ("status", "method", "task", "base_model")
     search_fields = ("id", "organization__name", "organization__id", "fine_tuned_model")
-    readonly_fields = [f.name for f in FineTuningJob._meta.fields]
+    readonly_fields = [f.name for f in Job._meta.fields]
     inlines = [JobCheckpointInline, JobEventInline]
     actions = ["cancel_jobs"]
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet[FineTuningJob]:
-        return FineTuningJob.objects.dangerously_unscoped().select_related(
-            "organization", "base_model"
-        )
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Job]:
+        return Job.objects.dangerously_unscoped().select_related("organization", "base_model")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -72,7 +70,7 @@ class FineTuningJobAdmin(admin.ModelAdmin[FineTuningJob]):
         return False
 
     @admin.action(description="Cancel selected jobs")
-    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[FineTuningJob]) -> None:
+    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
         done = 0
         for job in queryset:
             try:

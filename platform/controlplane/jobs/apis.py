@@ -1,4 +1,5 @@
-"""Fine-tuning jobs (`/v1/fine_tuning/jobs`), OpenAI-compatible, with our extensions."""
+"""Fine-tuning jobs (`/v1/fine_tuning/jobs`), OpenAI-compatible, with our extensions, and
+compression jobs (`/v1/compression/jobs`): the same views over the other kind of job."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from controlplane.core.errors import Conflict
 from controlplane.core.pagination import list_response, paginate
 from controlplane.core.serializers import unix, validated
 from controlplane.tenancy.apis_base import OrganizationApi
 
-from . import params, services
-from .models import FineTuningJob, JobCheckpoint, JobEvent
+from . import compression, params, services
+from .models import Job, JobCheckpoint, JobEvent, JobKind
 
 
-def job_out(job: FineTuningJob) -> dict[str, Any]:
+def job_out(job: Job) -> dict[str, Any]:
     hp = {k: job.hyperparameters[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
     if job.method == "dpo":
         hp["beta"] = job.hyperparameters.get("beta")
@@ -64,10 +66,49 @@ def job_out(job: FineTuningJob) -> dict[str, Any]:
     }
 
 
+def compression_job_out(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.pk,
+        "object": "compression.job",
+        "created_at": unix(job.created_at),
+        "model": job.source_model_id or job.base_model_id,
+        "method": job.method,
+        "options": job.hyperparameters,
+        "task": job.task,
+        "status": job.status,
+        "error": job.error,
+        "compressed_model": job.fine_tuned_model or None,
+        "training_file": job.training_file_id,
+        "dataset": job.dataset_version_id,
+        "validation_file": job.validation_file_id,
+        "user_provided_suffix": job.suffix or None,
+        "seed": job.seed,
+        "metadata": job.metadata or None,
+        "organization_id": job.organization_id,
+        "estimate": {
+            "price": None if job.estimated_price is None else str(job.estimated_price),
+            "seconds": job.estimated_seconds,
+        },
+        "estimated_finish": (
+            int(job.started_at.timestamp()) + job.estimated_seconds
+            if job.started_at is not None and job.estimated_seconds is not None
+            else None
+        ),
+        "started_at": unix(job.started_at),
+        "finished_at": unix(job.finished_at),
+        "progress": {"step": job.current_step, "total_steps": job.total_steps},
+        "attempt": job.attempt,
+        "report_available": job.report is not None,
+    }
+
+
 def event_out(event: JobEvent) -> dict[str, Any]:
+    object_name = (
+        "compression.job.event" if event.job_id.startswith("cmpjob-") else "fine_tuning.job.event"
+    )
     return {
         "id": event.pk,
-        "object": "fine_tuning.job.event",
+        "object": object_name,
         "created_at": unix(event.created_at),
         "level": event.level,
         "message": event.message,
@@ -89,10 +130,17 @@ def checkpoint_out(checkpoint: JobCheckpoint) -> dict[str, Any]:
 
 
 class JobsApi(OrganizationApi):
-    scopes = {"read": "fine_tuning.read", "write": "fine_tuning.write"}
+    """Jobs of one kind: a job of the other kind is as unknown here as a foreign one."""
 
-    def _job(self, job_id: str) -> FineTuningJob:
-        return self.get_owned(FineTuningJob, job_id, label="fine-tuning job")
+    scopes = {"read": "fine_tuning.read", "write": "fine_tuning.write"}
+    kind = JobKind.FINE_TUNING
+    label = "fine-tuning job"
+
+    def _job(self, job_id: str) -> Job:
+        return self.get_owned(Job, job_id, label=self.label, kind=self.kind)
+
+    def out(self, job: Job) -> dict[str, Any]:
+        return job_out(job)
 
 
 class JobListCreateApi(JobsApi):
@@ -100,11 +148,13 @@ class JobListCreateApi(JobsApi):
 
     @extend_schema(operation_id="list_fine_tuning_jobs", responses={200: dict})
     def get(self, request: Request) -> Response:
-        queryset = FineTuningJob.objects.for_organization(self.organization).select_related(
-            "base_model"
+        queryset = (
+            Job.objects.for_organization(self.organization)
+            .filter(kind=self.kind)
+            .select_related("base_model")
         )
         rows, has_more = paginate(queryset, request)
-        return list_response(rows, has_more, job_out)
+        return list_response(rows, has_more, self.out)
 
     @extend_schema(request=params.CreateJobInput, responses={200: dict})
     def post(self, request: Request) -> Response:
@@ -120,7 +170,7 @@ class JobListCreateApi(JobsApi):
 class JobDetailApi(JobsApi):
     @extend_schema(responses={200: dict})
     def get(self, request: Request, job_id: str) -> Response:
-        return Response(job_out(self._job(job_id)))
+        return Response(self.out(self._job(job_id)))
 
 
 class JobActionApi(JobsApi):
@@ -136,7 +186,7 @@ class JobActionApi(JobsApi):
     @extend_schema(request=None, responses={200: dict})
     def post(self, request: Request, job_id: str) -> Response:
         job = self.actions[self.action](job=self._job(job_id))
-        return Response(job_out(job))
+        return Response(self.out(job))
 
 
 class JobEventListApi(JobsApi):
@@ -155,3 +205,75 @@ class JobCheckpointListApi(JobsApi):
         queryset = JobCheckpoint.objects.for_organization(self.organization).filter(job=job)
         rows, has_more = paginate(queryset, request)
         return list_response(rows, has_more, checkpoint_out)
+
+
+# --- compression jobs ---------------------------------------------------------------------
+
+
+class CompressionJobsApi(JobsApi):
+    kind = JobKind.COMPRESSION
+    label = "compression job"
+
+    def out(self, job: Job) -> dict[str, Any]:
+        return compression_job_out(job)
+
+
+class CompressionJobListCreateApi(CompressionJobsApi, JobListCreateApi):
+    @extend_schema(operation_id="list_compression_jobs", responses={200: dict})
+    def get(self, request: Request) -> Response:
+        return super().get(request)
+
+    @extend_schema(
+        operation_id="create_compression_job",
+        request=compression.CreateCompressionJobInput,
+        responses={200: dict},
+    )
+    def post(self, request: Request) -> Response:
+        data = validated(compression.CreateCompressionJobInput, request.data)
+        job = services.compression_job_create(
+            organization=self.organization,
+            user_id=self.principal.user.pk if self.principal.user else None,
+            data=data,
+        )
+        return Response(self.out(job))
+
+
+class CompressionJobDetailApi(CompressionJobsApi, JobDetailApi):
+    @extend_schema(operation_id="retrieve_compression_job", responses={200: dict})
+    def get(self, request: Request, job_id: str) -> Response:
+        return super().get(request, job_id)
+
+
+class CompressionJobCancelApi(CompressionJobsApi, JobActionApi):
+    """A compression job has no checkpoints to pause at: it can only be cancelled."""
+
+    action = "cancel"
+
+    @extend_schema(operation_id="cancel_compression_job", request=None, responses={200: dict})
+    def post(self, request: Request, job_id: str) -> Response:
+        return super().post(request, job_id)
+
+
+class CompressionJobEventListApi(CompressionJobsApi, JobEventListApi):
+    @extend_schema(operation_id="list_compression_job_events", responses={200: dict})
+    def get(self, request: Request, job_id: str) -> Response:
+        return super().get(request, job_id)
+
+
+class CompressionJobReportApi(CompressionJobsApi):
+    @extend_schema(operation_id="retrieve_compression_job_report", responses={200: dict})
+    def get(self, request: Request, job_id: str) -> Response:
+        job = self._job(job_id)
+        if job.report is None:
+            raise Conflict(
+                f"Job '{job.pk}' is {job.status}: its report is written when it succeeds.",
+                code="report_not_ready",
+            )
+        return Response(
+            {
+                "object": "compression.job.report",
+                "job_id": job.pk,
+                "model": job.fine_tuned_model,
+                **job.report,
+            }
+        )

@@ -40,8 +40,9 @@ from jobcontracts.training import (
     TrainingSpec,
 )
 
+from . import compression
 from .events import event_add, job_fail
-from .models import EventLevel, FineTuningJob, JobStatus
+from .models import EventLevel, Job, JobKind, JobStatus
 
 log = structlog.get_logger(__name__)
 
@@ -54,28 +55,28 @@ def concurrency_limit(organization: Organization) -> int:
     return int(plan_for(organization).concurrent_fine_tuning_jobs)
 
 
-def job_prefix(job: FineTuningJob) -> str:
+def job_prefix(job: Job) -> str:
     return f"jobs/{job.organization_id}/{job.pk}"
 
 
-def _signal_name(job: FineTuningJob) -> str:
+def signal_name(job: Job) -> str:
     return f"{job_prefix(job)}/control.json"
 
 
-def write_signal(job: FineTuningJob, action: str) -> None:
-    name = _signal_name(job)
+def write_signal(job: Job, action: str) -> None:
+    name = signal_name(job)
     delete_quietly(name)
     default_storage.save(name, ContentFile(Signal(attempt=job.attempt, action=action).to_bytes()))
 
 
-def signal(job: FineTuningJob, action: str) -> None:
+def signal(job: Job, action: str) -> None:
     """Tell the job's worker to pause or cancel, once the current transaction commits."""
     job.signal_action = action
     job.save(update_fields=["signal_action", "updated_at"])
     transaction.on_commit(lambda: write_signal(job, action))
 
 
-def schedule_prepare(job: FineTuningJob) -> None:
+def schedule_prepare(job: Job) -> None:
     from .tasks import prepare_job
 
     job_id = job.pk
@@ -86,7 +87,7 @@ def schedule_dispatch() -> None:
     transaction.on_commit(dispatch_queued)
 
 
-def build_spec(job: FineTuningJob) -> TrainingSpec:
+def build_spec(job: Job) -> TrainingSpec:
     base = job.base_model
     hp = job.hyperparameters
     source = job.training_file or job.dataset_version
@@ -125,7 +126,7 @@ def build_spec(job: FineTuningJob) -> TrainingSpec:
             beta=float(hp.get("beta") or 0.1),
         ),
         output_uri=object_uri(prefix),
-        control_uri=object_uri(_signal_name(job)),
+        control_uri=object_uri(signal_name(job)),
         adapter=adapter,
         labels=tuple(job.labels),
         resume_from=job.last_checkpoint_uri or None,
@@ -136,19 +137,32 @@ def build_spec(job: FineTuningJob) -> TrainingSpec:
     )
 
 
-def _send(job: FineTuningJob, spec: dict[str, Any]) -> None:
+def _send(job: Job, spec: dict[str, Any]) -> None:
     write_signal(job, "run")
-    app.send_task(queues.TRAIN, args=[spec], queue=queues.GPU_TRAINING, ignore_result=True)
-    log.info("jobs.dispatched", job_id=job.pk, attempt=job.attempt)
+    task, queue = (
+        (queues.COMPRESS, queues.GPU_COMPRESSION)
+        if job.kind == JobKind.COMPRESSION
+        else (queues.TRAIN, queues.GPU_TRAINING)
+    )
+    app.send_task(task, args=[spec], queue=queue, ignore_result=True)
+    log.info("jobs.dispatched", job_id=job.pk, attempt=job.attempt, kind=job.kind)
 
 
-def _dispatch(job: FineTuningJob) -> None:
+def _dispatch(job: Job) -> None:
     job.attempt += 1
     job.dispatched_at = timezone.now()
     job.lease_expires_at = None
     job.signal_action = "run"
     job.save()
-    spec = build_spec(job).to_json()
+    spec = (
+        compression.build_spec(
+            job,
+            output_uri=object_uri(job_prefix(job)),
+            control_uri=object_uri(signal_name(job)),
+        ).to_json()
+        if job.kind == JobKind.COMPRESSION
+        else build_spec(job).to_json()
+    )
     resume = f", resuming from step {job.last_checkpoint_step}" if job.last_checkpoint_uri else ""
     event_add(job, f"Attempt {job.attempt} sent to a GPU worker{resume}")
     transaction.on_commit(lambda: _send(job, spec))
@@ -156,7 +170,7 @@ def _dispatch(job: FineTuningJob) -> None:
 
 def dispatch_queued() -> list[str]:
     """Send queued jobs to the broker as far as each organization's plan allows."""
-    jobs = FineTuningJob.objects.dangerously_unscoped()
+    jobs = Job.objects.dangerously_unscoped()
     dispatched: list[str] = []
     with transaction.atomic():
         waiting = set(
@@ -182,9 +196,15 @@ def dispatch_queued() -> list[str]:
             if free <= 0:
                 continue
             for job in (
-                FineTuningJob.objects.for_organization(org)
+                Job.objects.for_organization(org)
                 .filter(status=JobStatus.QUEUED, dispatched_at__isnull=True)
-                .select_related("base_model", "training_file", "validation_file", "dataset_version")
+                .select_related(
+                    "base_model",
+                    "source_model",
+                    "training_file",
+                    "validation_file",
+                    "dataset_version",
+                )
                 .order_by("queued_at", "pk")[:free]
             ):
                 _dispatch(job)
@@ -192,11 +212,11 @@ def dispatch_queued() -> list[str]:
     return dispatched
 
 
-def renew_lease(job: FineTuningJob) -> None:
+def renew_lease(job: Job) -> None:
     job.lease_expires_at = timezone.now() + timedelta(seconds=settings.JOBS_LEASE_SECONDS)
 
 
-def lose_attempt(job: FineTuningJob, reason: str) -> None:
+def lose_attempt(job: Job, reason: str) -> None:
     """The attempt in flight is gone (dead worker, lost message, unexpected error): retry
     it from the last checkpoint, or fail the job once it has lost too many."""
     job.lost_attempts += 1
@@ -227,7 +247,7 @@ def lose_attempt(job: FineTuningJob, reason: str) -> None:
 def reap() -> dict[str, int]:
     """Re-queue jobs whose worker went silent, then dispatch what can run. Run by beat."""
     now = timezone.now()
-    jobs = FineTuningJob.objects.dangerously_unscoped()
+    jobs = Job.objects.dangerously_unscoped()
     lost = unpicked = 0
     with transaction.atomic():
         for job in jobs.select_for_update(skip_locked=True).filter(

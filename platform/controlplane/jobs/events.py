@@ -7,13 +7,13 @@ from typing import Any
 import structlog
 from django.utils import timezone
 
-from .models import EventLevel, FineTuningJob, JobEvent, JobStatus
+from .models import EventLevel, Job, JobEvent, JobStatus
 
 log = structlog.get_logger(__name__)
 
 
 def event_add(
-    job: FineTuningJob,
+    job: Job,
     message: str,
     *,
     level: str = EventLevel.INFO,
@@ -35,7 +35,7 @@ def event_add(
     )
 
 
-def job_fail(job: FineTuningJob, *, code: str, message: str, param: str | None = None) -> None:
+def job_fail(job: Job, *, code: str, message: str, param: str | None = None) -> None:
     job.status = JobStatus.FAILED
     job.error = {"code": code, "message": message, "param": param}
     job.finished_at = timezone.now()

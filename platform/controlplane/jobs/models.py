@@ -1,4 +1,9 @@
-"""Fine-tuning jobs, their events and checkpoints.
+"""GPU jobs (fine-tuning and compression), their events and checkpoints.
+
+Both kinds share one table and one machinery: the lifecycle, attempts, leases,
+fair queueing, events and idempotent reports below and in dispatch.py/reports.py.
+A job's `kind` picks what its worker runs (the training or the compression
+contract) and what its success registers; the rest is the same code.
 
 A job moves `validating_files → queued → running → succeeded | failed | cancelled`
 (and `paused`). Each dispatch to a GPU worker is an *attempt*; the attempt
@@ -29,10 +34,25 @@ class JobStatus(models.TextChoices):
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-class FineTuningJob(OrganizationOwned):
+class JobKind(models.TextChoices):
+    FINE_TUNING = "fine_tuning"
+    COMPRESSION = "compression"
+
+
+class Job(OrganizationOwned):
     id = models.CharField(primary_key=True, max_length=40, default=new_job_id, editable=False)
+    kind = models.CharField(max_length=16, choices=JobKind.choices, default=JobKind.FINE_TUNING)
+    #: The base model trained on; for a compression job, the source's base model.
     base_model = models.ForeignKey(
         "modelregistry.BaseModel", on_delete=models.PROTECT, related_name="jobs"
+    )
+    #: Compression of one of the organization's own models (None: of `base_model` itself).
+    source_model = models.ForeignKey(
+        "modelregistry.CustomerModel",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
     )
     training_file = models.ForeignKey(
         "datasets.File", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
@@ -48,13 +68,14 @@ class FineTuningJob(OrganizationOwned):
         on_delete=models.PROTECT,
         related_name="+",
     )
-    data_format = models.CharField(max_length=32)
+    data_format = models.CharField(max_length=32, blank=True)
     suffix = models.CharField(max_length=64, blank=True)
     seed = models.BigIntegerField()
     metadata = models.JSONField(default=dict, blank=True)
     task = models.CharField(max_length=32, default="causal_lm")
     method = models.CharField(max_length=16, default="supervised")
-    #: Resolved hyperparameters ("auto" replaced by the value used).
+    #: Resolved hyperparameters ("auto" replaced by the value used); a compression job's
+    #: resolved method options.
     hyperparameters = models.JSONField(default=dict)
     #: What the caller asked for, with "auto" kept: returned as OpenAI returns it.
     requested_hyperparameters = models.JSONField(default=dict)
@@ -69,9 +90,14 @@ class FineTuningJob(OrganizationOwned):
     #: Training tokens in one epoch, counted with the base model's tokenizer before the job runs.
     estimated_tokens = models.BigIntegerField(null=True, blank=True)
     estimated_price = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
+    #: How long the job should run once started, estimated before it is queued.
+    estimated_seconds = models.PositiveIntegerField(null=True, blank=True)
     #: Tokens actually trained on; set once, when the job succeeds, whatever the attempts.
     trained_tokens = models.BigIntegerField(null=True, blank=True)
+    #: The model the job made (a fine-tuned or a compressed model id).
     fine_tuned_model = models.CharField(max_length=300, blank=True)
+    #: A compression job's before/after report (jobcontracts.compression), stored once.
+    report = models.JSONField(null=True, blank=True)
 
     attempt = models.PositiveIntegerField(default=0, help_text="Dispatches so far.")
     lost_attempts = models.PositiveIntegerField(
@@ -96,11 +122,11 @@ class FineTuningJob(OrganizationOwned):
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    objects = OrganizationScopedManager["FineTuningJob"]()
+    objects = OrganizationScopedManager["Job"]()
 
     class Meta(OrganizationOwned.Meta):
         indexes = [
-            models.Index(fields=["organization", "-id"]),
+            models.Index(fields=["organization", "kind", "-id"]),
             models.Index(fields=["status", "queued_at"]),
         ]
 
@@ -123,7 +149,7 @@ class JobEvent(OrganizationOwned):
     carry its `(attempt, seq)`: the unique constraint makes applying a report idempotent."""
 
     id = models.CharField(primary_key=True, max_length=40, default=new_job_event_id, editable=False)
-    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="events")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
     level = models.CharField(max_length=8, choices=EventLevel.choices, default=EventLevel.INFO)
     type = models.CharField(max_length=16, default="message")  # message | metrics
     message = models.TextField()
@@ -145,7 +171,7 @@ class JobCheckpoint(OrganizationOwned):
     id = models.CharField(
         primary_key=True, max_length=40, default=new_checkpoint_id, editable=False
     )
-    job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="checkpoints")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="checkpoints")
     step_number = models.PositiveIntegerField()
     metrics = models.JSONField(default=dict)
     uri = models.CharField(max_length=600)

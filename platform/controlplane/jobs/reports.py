@@ -28,18 +28,35 @@ from controlplane.datasets.storage import object_uri
 from controlplane.modelregistry.services import customer_model_register
 from jobcontracts import training as contract
 
-from . import dispatch
+from . import compression, dispatch
 from .events import event_add, job_fail
-from .models import EventLevel, FineTuningJob, JobCheckpoint, JobStatus
-from .signals import fine_tuning_job_succeeded
+from .models import EventLevel, Job, JobCheckpoint, JobKind, JobStatus
+from .signals import job_succeeded
 
 log = structlog.get_logger(__name__)
 
 
-def _message(report: contract.Report, job: FineTuningJob) -> tuple[str, str, str, Any]:
+def _message(report: contract.Report, job: Job) -> tuple[str, str, str, Any]:
     """(level, type, message, data) of the event a report leaves."""
     d = report.data
     kind = report.kind
+    if kind == contract.STARTED and job.kind == JobKind.COMPRESSION:
+        return (
+            "info",
+            "message",
+            f"Compression ({job.method}) started on "
+            f"{d.get('device', 'a worker')} (attempt {report.attempt})",
+            d,
+        )
+    if kind == contract.PROGRESS and job.kind == JobKind.COMPRESSION:
+        loss = d.get("train_loss")
+        phase = str(d.get("phase") or "training").capitalize()
+        text = f"{phase} step {d.get('step')}/{d.get('total_steps')}"
+        if loss is not None:
+            text += f": loss={float(loss):.4f}"
+        return "info", "metrics", text, d
+    if kind == contract.CANCELLED and job.kind == JobKind.COMPRESSION:
+        return "info", "message", "Compression stopped (cancelled); no model was made", d
     if kind == contract.STARTED:
         resumed = d.get("resumed_from_step") or 0
         where = f", resuming from step {resumed}" if resumed else ""
@@ -72,7 +89,7 @@ def _message(report: contract.Report, job: FineTuningJob) -> tuple[str, str, str
     return "info", "message", kind, d
 
 
-def _checkpoint(job: FineTuningJob, step: int, uri: str, metrics: dict[str, Any]) -> None:
+def _checkpoint(job: Job, step: int, uri: str, metrics: dict[str, Any]) -> None:
     model = customer_model_register(
         organization=job.organization,
         base=job.base_model,
@@ -100,7 +117,28 @@ def _checkpoint(job: FineTuningJob, step: int, uri: str, metrics: dict[str, Any]
         job.last_checkpoint_uri = uri
 
 
-def _succeeded(job: FineTuningJob, d: dict[str, Any]) -> None:
+def _succeeded(job: Job, d: dict[str, Any]) -> None:
+    if job.kind == JobKind.COMPRESSION:
+        first = job.trained_tokens is None
+        compression.compression_succeeded(job, d)
+    else:
+        first = _fine_tuned(job, d)
+    job.status = JobStatus.SUCCEEDED
+    job.finished_at = timezone.now()
+    job.lease_expires_at = None
+    job.current_step = int(d.get("step") or job.current_step)
+    if first and job.dataset_version is not None:
+        # A partner earns for the tokens a job trained on its listing, whatever the job.
+        catalog.usage_record(
+            customer=job.organization,
+            version=job.dataset_version,
+            job_id=job.pk,
+            trained_tokens=int(job.trained_tokens or 0),
+        )
+
+
+def _fine_tuned(job: Job, d: dict[str, Any]) -> bool:
+    """Register the fine-tuned model and bill its tokens; whether this was the first time."""
     model = customer_model_register(
         organization=job.organization,
         base=job.base_model,
@@ -114,28 +152,19 @@ def _succeeded(job: FineTuningJob, d: dict[str, Any]) -> None:
         labels=job.labels,
     )
     job.fine_tuned_model = model.pk
-    fine_tuning_job_succeeded.send(sender=FineTuningJob, job=job, model=model)
-    job.status = JobStatus.SUCCEEDED
-    job.finished_at = timezone.now()
-    job.lease_expires_at = None
-    job.current_step = int(d.get("step") or job.current_step)
-    if job.trained_tokens is None:
-        # Recorded once: this is what billing charges, and partners are credited for.
-        job.trained_tokens = int(d.get("trained_tokens") or 0)
-        meters.training_to_ledger(
-            organization_id=job.organization_id,
-            job_id=job.pk,
-            base_model=job.base_model_id,
-            trained_tokens=job.trained_tokens,
-            at=job.finished_at,
-        )
-        if job.dataset_version is not None:
-            catalog.usage_record(
-                customer=job.organization,
-                version=job.dataset_version,
-                job_id=job.pk,
-                trained_tokens=job.trained_tokens,
-            )
+    job_succeeded.send(sender=Job, job=job, model=model)
+    if job.trained_tokens is not None:
+        return False
+    # Recorded once: this is what billing charges, and partners are credited for.
+    job.trained_tokens = int(d.get("trained_tokens") or 0)
+    meters.training_to_ledger(
+        organization_id=job.organization_id,
+        job_id=job.pk,
+        base_model=job.base_model_id,
+        trained_tokens=job.trained_tokens,
+        at=timezone.now(),
+    )
+    return True
 
 
 #: The report kinds that name stored objects, and the field that does; paused's is optional.
@@ -171,7 +200,7 @@ def uri_under(uri: str, prefix: str) -> bool:
     return True
 
 
-def _foreign_uri(job: FineTuningJob, report: contract.Report) -> tuple[str, str] | None:
+def _foreign_uri(job: Job, report: contract.Report) -> tuple[str, str] | None:
     """(field, prefix) when the report's storage URI is not the job's own, else None."""
     field = _URI_FIELDS.get(report.kind)
     if field is None:
@@ -185,7 +214,7 @@ def _foreign_uri(job: FineTuningJob, report: contract.Report) -> tuple[str, str]
     return field, prefix
 
 
-def _refuse(job: FineTuningJob, report: contract.Report, field: str, prefix: str) -> str:
+def _refuse(job: Job, report: contract.Report, field: str, prefix: str) -> str:
     """Record a refused report as a warning event (under its key: a redelivery is a duplicate).
 
     The event (which the customer reads) names the field; the log, for operators, also
@@ -223,7 +252,7 @@ def report_apply(payload: dict[str, Any]) -> str:
     report = contract.Report.from_json(payload)
     with transaction.atomic():
         job = (
-            FineTuningJob.objects.dangerously_unscoped()
+            Job.objects.dangerously_unscoped()
             .select_for_update(of=("self",))
             .select_related("organization", "base_model", "dataset_version")
             .filter(pk=report.job_id)
@@ -265,7 +294,7 @@ def report_apply(payload: dict[str, Any]) -> str:
     return "applied"
 
 
-def _apply(job: FineTuningJob, report: contract.Report) -> None:
+def _apply(job: Job, report: contract.Report) -> None:
     d = report.data
     kind = report.kind
     if job.is_terminal:

@@ -15,16 +15,17 @@ from django.utils import timezone
 
 from controlplane.core.errors import ApiError, Conflict, NotFound
 from controlplane.datasets import catalog
-from controlplane.datasets.models import DatasetVersion, File, FileStatus, VersionStatus
+from controlplane.datasets.models import DatasetVersion, File, VersionStatus
 from controlplane.datasets.validation import OTHER_LABEL
 from controlplane.modelregistry.models import BaseModel
 from controlplane.modelregistry.selectors import model_for_organization
 from controlplane.modelregistry.tokens import count_dataset_tokens, training_price
 from controlplane.tenancy.models import Organization
 
-from . import dispatch, params
+from . import compression, dispatch, params
 from .events import event_add
-from .models import FineTuningJob, JobStatus
+from .files import data_summary, training_file_get
+from .models import Job, JobKind, JobStatus
 
 log = structlog.get_logger(__name__)
 
@@ -39,43 +40,6 @@ def _base_model(organization: Organization, model_id: str) -> BaseModel:
             code="model_not_supported",
         )
     return model
-
-
-def _file(organization: Organization, file_id: str, param: str) -> File:
-    file = (
-        File.objects.for_organization(organization)
-        .filter(pk=file_id, deleted_at__isnull=True)
-        .first()
-    )
-    if file is None:
-        raise NotFound(f"No file with id '{file_id}' found.", param=param)
-    if file.purpose != "fine-tune":
-        raise ApiError(
-            f"File '{file_id}' was uploaded with purpose '{file.purpose}'; upload it with "
-            "purpose 'fine-tune'.",
-            param=param,
-            code="invalid_file_purpose",
-        )
-    if file.status != FileStatus.PROCESSED:
-        detail = (
-            "is still being validated: wait until its status is 'processed'"
-            if file.status in (FileStatus.UPLOADED, FileStatus.PROCESSING)
-            else f"failed validation ({file.status_details or 'see its validation report'})"
-        )
-        raise ApiError(f"File '{file_id}' {detail}.", param=param, code="invalid_file_status")
-    return file
-
-
-def _data_summary(source: File | DatasetVersion) -> tuple[str, int, list[str]]:
-    """(format, rows, labels) of a validated file or a built version."""
-    if isinstance(source, File):
-        report = source.validation or {}
-        labels = sorted((report.get("label_counts") or {}).keys())
-        return str(report.get("format") or ""), int(report.get("rows") or 0), labels
-    report = source.report or {}
-    validation = report.get("validation") or report
-    labels = sorted((validation.get("label_counts") or {}).keys())
-    return source.format, source.rows, labels
 
 
 def _check_capabilities(
@@ -119,9 +83,7 @@ def _check_capabilities(
 
 
 @transaction.atomic
-def job_create(
-    *, organization: Organization, user_id: str | None, data: dict[str, Any]
-) -> FineTuningJob:
+def job_create(*, organization: Organization, user_id: str | None, data: dict[str, Any]) -> Job:
     """Check everything a user can get wrong now, then create the job in
     `validating_files`; counting tokens and pricing happen in a control task."""
     base = _base_model(organization, data["model"])
@@ -129,7 +91,9 @@ def job_create(
     training_file = None
     version = None
     if "training_file" in data:
-        training_file = source = _file(organization, data["training_file"], "training_file")
+        training_file = source = training_file_get(
+            organization, data["training_file"], "training_file"
+        )
         source_param = "training_file"
     else:
         try:
@@ -149,14 +113,16 @@ def job_create(
                 param="dataset",
                 code="invalid_dataset_status",
             )
-    data_format, rows, labels = _data_summary(source)
+    data_format, rows, labels = data_summary(source)
     if rows < 1:
         raise ApiError("The training data has no rows.", param=source_param, code="empty_file")
 
     validation_file = None
     if data.get("validation_file"):
-        validation_file = _file(organization, data["validation_file"], "validation_file")
-        if _data_summary(validation_file)[0] != data_format:
+        validation_file = training_file_get(
+            organization, data["validation_file"], "validation_file"
+        )
+        if data_summary(validation_file)[0] != data_format:
             raise ApiError(
                 "The validation file must have the same format as the training data "
                 f"('{data_format}').",
@@ -188,7 +154,7 @@ def job_create(
         labels = []
     resolved = params.resolve(requested, rows=rows, adapter=adapter_kind)
 
-    job = FineTuningJob.objects.create(
+    job = Job.objects.create(
         organization=organization,
         base_model=base,
         training_file=training_file,
@@ -213,10 +179,21 @@ def job_create(
     return job
 
 
-def job_prepare(*, job_id: str) -> FineTuningJob:
+@transaction.atomic
+def compression_job_create(
+    *, organization: Organization, user_id: str | None, data: dict[str, Any]
+) -> Job:
+    """A compression job, checked and queued (compression.job_build); nothing is stored or
+    queued when a check fails."""
+    job = compression.job_build(organization=organization, user_id=user_id, data=data)
+    dispatch.schedule_dispatch()
+    return job
+
+
+def job_prepare(*, job_id: str) -> Job:
     """Count the training tokens with the base model's tokenizer, price the job, queue it.
     Safe to run twice: only a job still `validating_files` is touched."""
-    job = FineTuningJob.objects.dangerously_unscoped().select_related("base_model").get(pk=job_id)
+    job = Job.objects.dangerously_unscoped().select_related("base_model").get(pk=job_id)
     if job.status != JobStatus.VALIDATING_FILES:
         return job
     storage_name = (
@@ -227,7 +204,7 @@ def job_prepare(*, job_id: str) -> FineTuningJob:
         base=job.base_model, storage_name=storage_name, format=job.data_format, max_seq_len=max_len
     )
     with transaction.atomic():
-        job = FineTuningJob.objects.locked(job)
+        job = Job.objects.locked(job)
         if job.status != JobStatus.VALIDATING_FILES:
             return job
         epochs = int(job.hyperparameters["n_epochs"])
@@ -255,9 +232,13 @@ def job_prepare(*, job_id: str) -> FineTuningJob:
     return job
 
 
+def _label(job: Job) -> str:
+    return "Compression job" if job.kind == JobKind.COMPRESSION else "Fine-tuning job"
+
+
 @transaction.atomic
-def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
-    job = FineTuningJob.objects.locked(job)
+def job_cancel(*, job: Job) -> Job:
+    job = Job.objects.locked(job)
     if job.is_terminal:
         raise Conflict(
             f"Job '{job.pk}' has already {job.status}; only an unfinished job can be cancelled.",
@@ -268,7 +249,7 @@ def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
     job.finished_at = timezone.now()
     job.lease_expires_at = None
     job.save()
-    event_add(job, "Fine-tuning job cancelled by request")
+    event_add(job, f"{_label(job)} cancelled by request")
     if in_flight:
         dispatch.signal(job, "cancel")
     dispatch.schedule_dispatch()
@@ -276,9 +257,9 @@ def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
 
 
 @transaction.atomic
-def job_pause(*, job: FineTuningJob) -> FineTuningJob:
+def job_pause(*, job: Job) -> Job:
     """Pause at the next step boundary; the worker checkpoints so resume loses nothing."""
-    job = FineTuningJob.objects.locked(job)
+    job = Job.objects.locked(job)
     if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         raise Conflict(
             f"Job '{job.pk}' is {job.status}; only a queued or running job can be paused.",
@@ -297,8 +278,8 @@ def job_pause(*, job: FineTuningJob) -> FineTuningJob:
 
 
 @transaction.atomic
-def job_resume(*, job: FineTuningJob) -> FineTuningJob:
-    job = FineTuningJob.objects.locked(job)
+def job_resume(*, job: Job) -> Job:
+    job = Job.objects.locked(job)
     if job.status != JobStatus.PAUSED:
         raise Conflict(
             f"Job '{job.pk}' is {job.status}; only a paused job can be resumed.",

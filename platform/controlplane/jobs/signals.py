@@ -10,4 +10,4 @@ from django.dispatch import Signal
 #: A job succeeded and its final model is registered, inside the transaction that records
 #: it (a report applied twice sends it twice); sent with `job` and `model`. Inference
 #: makes the model callable, as a fine-tuned model answers as soon as its job is done.
-fine_tuning_job_succeeded = Signal()
+job_succeeded = Signal()

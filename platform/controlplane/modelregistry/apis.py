@@ -44,6 +44,7 @@ def model_out(model: BaseModel | CustomerModel) -> dict[str, Any]:
             "version": None,
             "artifact_kind": None,
             "labels": None,
+            "compression": None,
         }
     base = model.base
     return {
@@ -64,6 +65,7 @@ def model_out(model: BaseModel | CustomerModel) -> dict[str, Any]:
         "version": model.version,
         "artifact_kind": model.artifact_kind,
         "labels": list(model.labels),
+        "compression": model.compression,
     }
 
 

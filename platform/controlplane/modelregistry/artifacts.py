@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Final, cast
 from urllib.parse import unquote, urlparse
@@ -230,3 +233,41 @@ def _delete_tree(name: str) -> None:
             storage.delete_quietly(f"{name}/{file}")
         for folder in dirs:
             _delete_tree(f"{name}/{folder}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the control plane knows of a model directory without loading it."""
+
+    layers: int | None
+    parameters: int | None
+    #: The vocabulary size of its config (models sharing a tokenizer share it).
+    vocab_size: int | None
+
+
+_LAYER_KEYS: Final = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@lru_cache(maxsize=256)
+def model_shape(uri: str) -> ModelShape:
+    """Layers (config.json) and parameter count (the safetensors header: no tensor is read)
+    of the Hugging Face directory at `uri`. Artifacts never change, so it is cached."""
+    with open_uri(join_uri(uri, "config.json")) as stream:
+        config = json.loads(stream.read())
+    layers = next((int(config[k]) for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
+    vocab = config.get("vocab_size")
+    parameters: int | None = None
+    try:
+        with open_uri(join_uri(uri, "model.safetensors")) as stream:
+            (length,) = struct.unpack("<Q", stream.read(8))
+            header = json.loads(stream.read(length))
+        parameters = sum(
+            math.prod(int(d) for d in info["shape"])
+            for name, info in header.items()
+            if name != "__metadata__"
+        )
+    except (OSError, ValueError, KeyError, struct.error):
+        parameters = None  # sharded or unreadable: the estimate falls back to layers
+    return ModelShape(
+        layers=layers, parameters=parameters, vocab_size=vocab if isinstance(vocab, int) else None
+    )

@@ -3,7 +3,8 @@
 A base model is global: every organization may list it and train on it. A
 customer model belongs to one organization and is named as OpenAI names
 fine-tuned models, `ft:{base}:{org-slug}:{suffix}:{job_id}`, with
-`:ckpt-step-{n}` appended for a checkpoint. Weights are never stored in the
+`:ckpt-step-{n}` appended for a checkpoint (and `ft:{base}:{org-slug}:{suffix}:compressed:{job_id}`
+for what a compression job made). Weights are never stored in the
 database: `uri` points at a Hugging Face-format directory in object storage
 (`s3://bucket/key` or `file:///path`), holding safetensors only.
 """
@@ -63,6 +64,8 @@ class BaseModel(models.Model):
 class ModelKind(models.TextChoices):
     FINAL = "final"
     CHECKPOINT = "checkpoint"
+    #: What a compression job made: `ft:{base}:{org}:{suffix}:compressed:{job_id}`.
+    COMPRESSED = "compressed"
 
 
 class ArtifactKind(models.TextChoices):
@@ -86,6 +89,8 @@ class CustomerModel(OrganizationOwned):
     version = models.PositiveIntegerField(
         default=1, help_text="1 + earlier final models of this organization, base and suffix."
     )
+    #: How a compressed model was made: {"method", "source", "weights"?, ...}; None otherwise.
+    compression = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
 
@@ -102,6 +107,12 @@ class CustomerModel(OrganizationOwned):
     @property
     def owned_by(self) -> str:
         return str(self.organization_id)
+
+    @property
+    def quantized(self) -> bool:
+        """Its weights are quantized (int8, fp8, bf16): it can be served, not pruned or
+        distilled again (those train, and train on full-precision weights)."""
+        return bool(self.compression) and self.compression.get("method") == "quantize"
 
 
 def new_estimate_id() -> str:

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from django.db import transaction
@@ -51,9 +51,18 @@ def organization_slug(organization: Organization) -> str:
 
 
 def customer_model_id(
-    *, base_id: str, organization_slug: str, suffix: str, job_id: str, step: int | None = None
+    *,
+    base_id: str,
+    organization_slug: str,
+    suffix: str,
+    job_id: str,
+    step: int | None = None,
+    compressed: bool = False,
 ) -> str:
-    """`ft:{base}:{org}:{suffix}:{job}`, plus `:ckpt-step-{n}` for a checkpoint (as OpenAI)."""
+    """`ft:{base}:{org}:{suffix}:{job}`, plus `:ckpt-step-{n}` for a checkpoint (as OpenAI);
+    `ft:{base}:{org}:{suffix}:compressed:{job}` for a compressed model."""
+    if compressed:
+        return f"ft:{base_id}:{organization_slug}:{suffix}:compressed:{job_id}"
     model_id = f"ft:{base_id}:{organization_slug}:{suffix}:{job_id}"
     return model_id if step is None else f"{model_id}:ckpt-step-{step}"
 
@@ -71,8 +80,10 @@ def customer_model_register(
     artifact_kind: str,
     task: str,
     labels: Sequence[str],
+    compression: dict[str, Any] | None = None,
 ) -> CustomerModel:
-    """Record a fine-tuned model (kind "final") or one of its checkpoints (kind "checkpoint").
+    """Record a fine-tuned model (kind "final"), one of its checkpoints (kind "checkpoint"),
+    or a compressed model (kind "compressed", with `compression` saying how it was made).
 
     Idempotent on the model id: registering the same job's final model (or the
     same checkpoint step) again returns the row made the first time, unchanged.
@@ -107,6 +118,7 @@ def customer_model_register(
         suffix=suffix,
         job_id=job_id,
         step=step if kind == ModelKind.CHECKPOINT else None,
+        compressed=kind == ModelKind.COMPRESSED,
     )
     models = CustomerModel.objects.for_organization(organization)
     existing = models.filter(pk=model_id).first()
@@ -117,9 +129,8 @@ def customer_model_register(
     existing = models.filter(pk=model_id).first()
     if existing is not None:
         return existing
-    earlier = (
-        models.filter(base=base, suffix=suffix, kind=ModelKind.FINAL).exclude(job_id=job_id).count()
-    )
+    counted = ModelKind.COMPRESSED if kind == ModelKind.COMPRESSED else ModelKind.FINAL
+    earlier = models.filter(base=base, suffix=suffix, kind=counted).exclude(job_id=job_id).count()
     model = CustomerModel.objects.create(
         id=model_id,
         organization=organization,
@@ -133,6 +144,7 @@ def customer_model_register(
         task=task,
         labels=list(labels),
         version=earlier + 1,
+        compression=compression,
     )
     log.info("modelregistry.model_registered", model_id=model_id, job_id=job_id, kind=kind)
     return model

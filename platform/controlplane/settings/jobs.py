@@ -27,6 +27,8 @@ JOBS_CHECKPOINT_EVERY_SECONDS = env.float("JOBS_CHECKPOINT_EVERY_SECONDS", defau
 JOBS_REAP_EVERY_SECONDS = env.float("JOBS_REAP_EVERY_SECONDS", default=5.0)
 #: Most epochs a job may ask for (guards against typos such as 1000).
 JOBS_MAX_EPOCHS = env.int("JOBS_MAX_EPOCHS", default=50)
+#: Floating-point operations per second a compression worker sustains, for ETAs only.
+JOBS_COMPRESSION_FLOPS = env.float("JOBS_COMPRESSION_FLOPS", default=5e10)
 
 CELERY_BEAT_SCHEDULE = {
     "jobs-reap": {"task": "controlplane.jobs.reap", "schedule": JOBS_REAP_EVERY_SECONDS},

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controlplane.billing.models import LedgerEntry, Meter
-from controlplane.jobs.models import FineTuningJob
+from controlplane.jobs.models import Job
 from jobcontracts import training as contract
 from tests.support.jobs import (
     TINY_LLAMA,
@@ -40,7 +40,7 @@ def test_a_succeeded_job_bills_its_trained_tokens_once(
     response = create_job(alice, captured, model=TINY_LLAMA, training_file=file_id)
     assert response.status_code == 200, response.content
     job_id = response.json()["id"]
-    attempt = FineTuningJob.objects.dangerously_unscoped().get(pk=job_id).attempt
+    attempt = Job.objects.dangerously_unscoped().get(pk=job_id).attempt
     worker = Worker(job_id, attempt)
     with captured(execute=True):
         worker.report(contract.STARTED, total_steps=1)

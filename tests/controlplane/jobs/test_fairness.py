@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.jobs.models import FineTuningJob
+from controlplane.jobs.models import Job
 from jobcontracts import training as contract
 from tests.support.jobs import (
     TINY_LLAMA,
@@ -35,7 +35,7 @@ def submit(person: Person, captured: Any, n: int) -> list[str]:
 
 def finish(job_id: str, captured: Any) -> None:
     """Play the GPU worker: the job runs and succeeds, freeing its tenant's slot."""
-    attempt = FineTuningJob.objects.dangerously_unscoped().get(pk=job_id).attempt
+    attempt = Job.objects.dangerously_unscoped().get(pk=job_id).attempt
     worker = Worker(job_id, attempt)
     with captured(execute=True):
         worker.report(contract.STARTED, total_steps=1)
@@ -70,7 +70,7 @@ def test_a_tenant_with_50_jobs_does_not_starve_tenants_with_one(
     assert order.index(bobs) <= 2
     assert order.index(carols) <= 3
     assert order == [flood[0], flood[1], bobs, carols, flood[2], flood[3]]
-    in_flight = FineTuningJob.objects.for_organization(alice.organization).filter(
+    in_flight = Job.objects.for_organization(alice.organization).filter(
         dispatched_at__isnull=False, status__in=["queued", "running"]
     )
     assert in_flight.count() == 2  # never more than the plan allows

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.jobs.models import FineTuningJob
+from controlplane.jobs.models import Job
 from tests.support.jobs import (
     TINY_LLAMA,
     chat_rows,
@@ -28,7 +28,7 @@ def chat_file(alice: Person, django_capture_on_commit_callbacks: Any) -> str:
 def refused(person: Person, captured: Any, status: int, **body: Any) -> dict[str, Any]:
     response = create_job(person, captured, **body)
     assert response.status_code == status, response.content
-    assert not FineTuningJob.objects.for_organization(person.organization).exists()
+    assert not Job.objects.for_organization(person.organization).exists()
     return response.json()["error"]  # type: ignore[no-any-return]
 
 

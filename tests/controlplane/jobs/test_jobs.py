@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from controlplane.jobs import dispatch
-from controlplane.jobs.models import FineTuningJob
+from controlplane.jobs.models import Job
 from jobcontracts import training as contract
 from tests.support.jobs import (
     TINY_LLAMA,
@@ -189,7 +189,7 @@ def test_trained_tokens_are_recorded_once_even_if_a_late_attempt_succeeds_again(
 
 
 def expire_lease(job_id: str) -> None:
-    FineTuningJob.objects.dangerously_unscoped().filter(pk=job_id).update(
+    Job.objects.dangerously_unscoped().filter(pk=job_id).update(
         lease_expires_at=timezone.now() - timedelta(seconds=1)
     )
 
@@ -258,7 +258,7 @@ def test_a_user_data_error_fails_at_once_and_an_unexpected_one_is_retried(
     failed = create_job(
         alice, django_capture_on_commit_callbacks, model=TINY_LLAMA, training_file=chat_file
     ).json()["id"]
-    FineTuningJob.objects.dangerously_unscoped().filter(pk=failed).update(attempt=1)
+    Job.objects.dangerously_unscoped().filter(pk=failed).update(attempt=1)
     Worker(failed, 1).report(
         contract.FAILED,
         code="invalid_training_file",

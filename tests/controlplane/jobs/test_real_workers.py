@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from controlplane.jobs import dispatch
-from controlplane.jobs.models import FineTuningJob, JobStatus
+from controlplane.jobs.models import Job, JobStatus
 from tests.support.jobs import TINY_LLAMA, chat_rows, register_tiny_llama
 from tests.support.people import Person
 from tests.support.plans import set_plan
@@ -76,8 +76,8 @@ def submit(person: Person, file_id: str, *, epochs: int = 2, batch: int = 2) -> 
     return str(response.json()["id"])
 
 
-def job(job_id: str) -> FineTuningJob:
-    return FineTuningJob.objects.dangerously_unscoped().get(pk=job_id)
+def job(job_id: str) -> Job:
+    return Job.objects.dangerously_unscoped().get(pk=job_id)
 
 
 def wait_for(

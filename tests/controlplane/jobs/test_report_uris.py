@@ -8,7 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from controlplane.datasets.storage import object_uri
-from controlplane.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
+from controlplane.jobs.models import Job, JobCheckpoint, JobEvent
 from controlplane.jobs.reports import uri_under
 from controlplane.modelregistry.models import CustomerModel
 from jobcontracts import training as contract
@@ -37,8 +37,8 @@ def worker(alice: Person, django_capture_on_commit_callbacks: Any) -> Worker:
     return worker
 
 
-def job(worker: Worker) -> FineTuningJob:
-    return FineTuningJob.objects.dangerously_unscoped().get(pk=worker.job_id)
+def job(worker: Worker) -> Job:
+    return Job.objects.dangerously_unscoped().get(pk=worker.job_id)
 
 
 #: Each builds a URI from the job's own prefix (`…/jobs/<org>/<job>`): none is under it.

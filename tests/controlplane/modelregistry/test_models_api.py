@@ -65,6 +65,7 @@ def test_model_objects_have_openai_fields_and_ours(alice: Person) -> None:
         "version": None,
         "artifact_kind": None,
         "labels": None,
+        "compression": None,
     }
     assert mine.pk == "ft:atelier-tiny-llama:acme:support:ftjob-abc"
     fine_tuned = listed[mine.pk]

@@ -1,0 +1,529 @@
+"""Compression jobs: quantize, prune or distill a model into a smaller one, with a report.
+
+A compression job is a `Job` of kind `compression`: it is dispatched, leased, fenced,
+fair-queued, cancelled, retried and reported exactly as a fine-tuning job is (dispatch.py,
+reports.py). What differs is here: the request and its options, the checks made before
+anything is stored, the price and ETA, the spec the worker gets
+(jobcontracts.compression), and what success registers: a compressed customer model,
+one ledger entry on the compression meter, and the worker's before/after report.
+
+Supported pairs (the worker implements these and no others):
+- quantize: every servable source (gpt2, llama, bert and the like: it swaps Linear and
+  embedding weights); int8 on any worker, bf16/fp8 on CUDA workers;
+- prune, distill: the families whose structure the worker knows (`STRUCTURED_FAMILIES`),
+  and never an already-quantized model (they train, on full-precision weights).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from decimal import Decimal
+from typing import Any, Final
+
+import structlog
+from django.conf import settings
+from django.utils import timezone
+from rest_framework import serializers
+
+from controlplane.billing import meters
+from controlplane.billing.models import Meter
+from controlplane.billing.prices import unit_prices
+from controlplane.core.errors import ApiError, NotFound
+from controlplane.core.ids import new_compression_job_id
+from controlplane.core.serializers import StrictInputSerializer
+from controlplane.datasets import catalog
+from controlplane.datasets.models import DatasetVersion, File, VersionStatus
+from controlplane.datasets.storage import object_uri
+from controlplane.modelregistry import artifacts
+from controlplane.modelregistry.models import BaseModel, CustomerModel, ModelKind
+from controlplane.modelregistry.selectors import model_for_organization
+from controlplane.modelregistry.services import ENCODER_FAMILIES, customer_model_register
+from controlplane.modelregistry.tokens import tokenizer_for
+from controlplane.tenancy.models import Organization
+from jobcontracts import compression as contract
+from jobcontracts.training import DataRef
+
+from .events import event_add
+from .files import data_summary, training_file_get
+from .models import Job, JobKind, JobStatus
+from .params import METADATA_KEY_MAX, METADATA_MAX_KEYS, METADATA_VALUE_MAX, SUFFIX_RE
+from .signals import job_succeeded
+
+log = structlog.get_logger(__name__)
+
+#: Families whose heads, channels and layers the worker can remove or re-initialise.
+STRUCTURED_FAMILIES: Final = ("bert", "gpt2", "llama")
+#: Training-data formats each task can learn from when recovering or distilling.
+TRAINING_FORMATS: Final = {
+    "causal_lm": ("chat", "prompt_completion", "text"),
+    "embeddings": ("text", "chat", "prompt_completion", "classification"),
+    "classification": ("classification",),
+}
+#: Per-row generation when distilling without a training file.
+MAX_STEPS: Final = 20_000
+
+
+class QuantizeOptions(StrictInputSerializer):
+    weights = serializers.ChoiceField(contract.QUANTIZE_WEIGHTS, default="int8")
+
+
+class PruneOptions(StrictInputSerializer):
+    sparsity = serializers.FloatField()
+    target = serializers.ChoiceField(contract.PRUNE_TARGETS, default="heads_and_channels")
+    recovery_steps = serializers.IntegerField(min_value=0, max_value=MAX_STEPS, required=False)
+    learning_rate = serializers.FloatField(min_value=1e-7, max_value=1e-2, default=1e-4)
+    batch_size = serializers.IntegerField(min_value=1, max_value=256, default=8)
+    max_seq_len = serializers.IntegerField(min_value=8, max_value=8192, default=128)
+
+    def validate_sparsity(self, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise serializers.ValidationError(
+                f"must be strictly between 0 and 1 (the fraction of prunable weights to "
+                f"remove, e.g. 0.3); got {value:g}."
+            )
+        return value
+
+
+class DistillOptions(StrictInputSerializer):
+    student_layers = serializers.IntegerField(min_value=1, max_value=1024, required=False)
+    student_model = serializers.CharField(max_length=300, required=False)
+    temperature = serializers.FloatField(min_value=0.5, max_value=20.0, default=2.0)
+    alpha = serializers.FloatField(min_value=0.0, max_value=1.0, default=0.5)
+    steps = serializers.IntegerField(min_value=1, max_value=MAX_STEPS, default=200)
+    learning_rate = serializers.FloatField(min_value=1e-7, max_value=1e-2, default=5e-4)
+    batch_size = serializers.IntegerField(min_value=1, max_value=256, default=8)
+    max_seq_len = serializers.IntegerField(min_value=8, max_value=8192, default=128)
+    generated_rows = serializers.IntegerField(min_value=1, max_value=10_000, default=64)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "student_layers" in attrs and "student_model" in attrs:
+            raise serializers.ValidationError(
+                {"student_layers": ["Give 'student_layers' or 'student_model', not both."]}
+            )
+        return attrs
+
+
+OPTIONS: Final[dict[str, type[StrictInputSerializer]]] = {
+    "quantize": QuantizeOptions,
+    "prune": PruneOptions,
+    "distill": DistillOptions,
+}
+
+
+class CreateCompressionJobInput(StrictInputSerializer):
+    model = serializers.CharField(max_length=300)
+    method = serializers.ChoiceField(contract.METHODS)
+    options = serializers.DictField(required=False, default=dict)
+    task = serializers.ChoiceField(contract.TASKS, required=False)
+    training_file = serializers.CharField(max_length=64, required=False)
+    dataset = serializers.CharField(max_length=64, required=False)
+    validation_file = serializers.CharField(max_length=64, required=False)
+    suffix = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
+    metadata = serializers.DictField(
+        child=serializers.CharField(max_length=METADATA_VALUE_MAX, allow_blank=True),
+        required=False,
+    )
+
+    def validate_suffix(self, value: str) -> str:
+        if value and not SUFFIX_RE.match(value):
+            raise serializers.ValidationError(
+                "Use 1 to 64 letters, digits, '-' or '_' (it becomes part of the model id)."
+            )
+        return value
+
+    def validate_metadata(self, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > METADATA_MAX_KEYS or any(len(k) > METADATA_KEY_MAX for k in value):
+            raise serializers.ValidationError(
+                f"At most {METADATA_MAX_KEYS} keys of up to {METADATA_KEY_MAX} characters."
+            )
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "training_file" in attrs and "dataset" in attrs:
+            raise serializers.ValidationError(
+                {"training_file": ["Give 'training_file' or 'dataset', not both."]}
+            )
+        options = OPTIONS[attrs["method"]](data=attrs.get("options") or {})
+        if not options.is_valid():
+            raise serializers.ValidationError({"options": options.errors})
+        attrs["options"] = dict(options.validated_data)
+        return attrs
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def _source(organization: Organization, model_id: str) -> tuple[BaseModel, CustomerModel | None]:
+    model = model_for_organization(organization=organization, model_id=model_id)
+    if isinstance(model, BaseModel):
+        return model, None
+    return model.base, model
+
+
+def _task(base: BaseModel, source: CustomerModel | None, asked: str | None) -> str:
+    if source is not None:
+        if asked is not None and asked != source.task:
+            raise ApiError(
+                f"The model '{source.pk}' is a {source.task} model; a compressed copy does "
+                f"what its source does (drop 'task' or give '{source.task}').",
+                param="task",
+                code="unsupported_task",
+            )
+        return source.task
+    servable = [t for t in ("causal_lm", "embeddings") if t in base.tasks]
+    if asked is None:
+        if not servable:
+            raise ApiError(
+                f"The base model '{base.pk}' serves none of causal_lm, embeddings; compress "
+                "a classifier you fine-tuned from it instead.",
+                param="model",
+                code="unsupported_model",
+            )
+        # An encoder embeds; anything else generates.
+        return (
+            "embeddings"
+            if base.family in ENCODER_FAMILIES and "embeddings" in servable
+            else (servable[0])
+        )
+    if asked not in servable:
+        hint = (
+            "compress a classifier you fine-tuned from it"
+            if asked == "classification"
+            else f"it serves: {', '.join(servable) or 'nothing compressible'}"
+        )
+        raise ApiError(
+            f"The base model '{base.pk}' cannot be compressed as a {asked} model ({hint}).",
+            param="task",
+            code="unsupported_task",
+        )
+    return asked
+
+
+def _check_pair(method: str, base: BaseModel, source: CustomerModel | None, name: str) -> None:
+    if source is not None and source.quantized:
+        origin = (source.compression or {}).get("source")
+        raise ApiError(
+            f"The model '{name}' is already quantized; {method} needs full-precision weights. "
+            f"Compress its source '{origin}' instead (prune or distill first, then quantize).",
+            param="model",
+            code="model_already_quantized",
+        )
+    if method in ("prune", "distill") and base.family not in STRUCTURED_FAMILIES:
+        raise ApiError(
+            f"Method '{method}' is not supported for '{name}' (family '{base.family}'). "
+            f"Supported: quantize for every model; prune and distill for the families "
+            f"{', '.join(STRUCTURED_FAMILIES)}.",
+            param="method",
+            code="unsupported_method",
+        )
+
+
+def _data(
+    organization: Organization, data: dict[str, Any], *, task: str, method: str
+) -> tuple[File | None, DatasetVersion | None, str, int]:
+    """The training rows (file or dataset version): (file, version, format, rows)."""
+    if "training_file" not in data and "dataset" not in data:
+        return None, None, "", 0
+    param = "training_file" if "training_file" in data else "dataset"
+    if method == "quantize":
+        raise ApiError(
+            "Quantization does not train: drop 'training_file'/'dataset' (give "
+            "'validation_file' to measure quality on your own rows).",
+            param=param,
+            code="invalid_training_file",
+        )
+    file: File | None = None
+    version: DatasetVersion | None = None
+    source: File | DatasetVersion
+    if param == "training_file":
+        file = source = training_file_get(organization, data["training_file"], "training_file")
+    else:
+        try:
+            version = source = catalog.usable_version(
+                organization=organization, version_id=data["dataset"]
+            )
+        except NotFound:
+            raise NotFound(
+                f"No dataset version with id '{data['dataset']}' found (a partner's version "
+                "needs an approved access request).",
+                param="dataset",
+            ) from None
+        if version.status != VersionStatus.READY:
+            raise ApiError(
+                f"Dataset version '{version.pk}' is {version.status}; wait until it is ready.",
+                param="dataset",
+                code="invalid_dataset_status",
+            )
+    data_format, rows, _ = data_summary(source)
+    allowed = TRAINING_FORMATS[task]
+    if data_format not in allowed:
+        raise ApiError(
+            f"A {task} model recovers or distils on {' or '.join(allowed)} data; this data "
+            f"is '{data_format}'.",
+            param=param,
+            code="invalid_training_file",
+        )
+    if rows < 1:
+        raise ApiError("The training data has no rows.", param=param, code="empty_file")
+    return file, version, data_format, rows
+
+
+def _validation(organization: Organization, data: dict[str, Any], *, task: str) -> File | None:
+    if not data.get("validation_file"):
+        return None
+    file = training_file_get(organization, data["validation_file"], "validation_file")
+    data_format = data_summary(file)[0]
+    allowed = TRAINING_FORMATS[task]
+    if data_format not in allowed:
+        raise ApiError(
+            f"Quality of a {task} model is measured on {' or '.join(allowed)} data; this file "
+            f"is '{data_format}'.",
+            param="validation_file",
+            code="invalid_validation_file",
+        )
+    return file
+
+
+def _weights_uri(base: BaseModel, source: CustomerModel | None) -> str:
+    """Where the source's architecture is described: its own directory, or its base's."""
+    if source is not None and source.artifact_kind == "full":
+        return source.uri
+    return base.uri
+
+
+def _shape(uri: str, param: str) -> artifacts.ModelShape:
+    try:
+        return artifacts.model_shape(uri)
+    except (OSError, ValueError) as error:
+        raise ApiError(
+            f"The model's files cannot be read ({error}); it cannot be compressed now.",
+            param=param,
+            code="model_unavailable",
+            status_code=409,
+        ) from None
+
+
+def _distill_student(
+    organization: Organization, options: dict[str, Any], *, base: BaseModel, teacher_uri: str
+) -> BaseModel | None:
+    """Check the student is smaller than its teacher; the chosen student base, if any."""
+    teacher = _shape(teacher_uri, "model")
+    if "student_model" in options:
+        student = model_for_organization(
+            organization=organization, model_id=options["student_model"]
+        )
+        if not isinstance(student, BaseModel):
+            raise ApiError(
+                "'student_model' must be a base model (a smaller one of the same tokenizer).",
+                param="options.student_model",
+                code="invalid_student",
+            )
+        shape = _shape(student.uri, "options.student_model")
+        if tokenizer_for(student).get_vocab() != tokenizer_for(base).get_vocab():
+            raise ApiError(
+                f"The student '{student.pk}' has another tokenizer than '{base.pk}'; distilling "
+                "onto it needs the same vocabulary.",
+                param="options.student_model",
+                code="invalid_student",
+            )
+        if (shape.parameters or 0) >= (teacher.parameters or 0):
+            raise ApiError(
+                f"The student '{student.pk}' ({shape.parameters:,} parameters) is not smaller "
+                f"than its teacher ({teacher.parameters:,}).",
+                param="options.student_model",
+                code="invalid_student",
+            )
+        return student
+    layers = teacher.layers or 0
+    if "student_layers" not in options:
+        options["student_layers"] = max(1, layers // 2)
+    if options["student_layers"] >= layers:
+        raise ApiError(
+            f"A student needs fewer layers than its teacher ({layers}); got "
+            f"{options['student_layers']}.",
+            param="options.student_layers",
+            code="invalid_student",
+        )
+    return None
+
+
+def estimate(
+    *, base: BaseModel, method: str, options: dict[str, Any], parameters: int
+) -> tuple[Decimal, int]:
+    """(price, seconds) before the job starts.
+
+    The price is the compression meter's per-job price for the base model. The time is a
+    deliberate over-estimate from the work's size: loading and measuring both models
+    (a few forwards of each) plus, for training methods, 6 * parameters * tokens
+    floating-point operations at `JOBS_COMPRESSION_FLOPS` (a CPU core's worth by default).
+    """
+    (price,) = unit_prices(base.pk, [Meter.COMPRESSION_JOB], timezone.now())
+    flops = float(settings.JOBS_COMPRESSION_FLOPS)
+    measure = 2 * 40 * 2 * parameters * 16 * 128 / flops  # 2 models, ~40 forwards at b16
+    steps = int(options.get("recovery_steps") or options.get("steps") or 0)
+    tokens = steps * int(options.get("batch_size") or 8) * int(options.get("max_seq_len") or 128)
+    train = 6 * parameters * tokens / flops * (2 if method == "distill" else 1.5)
+    return Decimal(price), math.ceil(30 + measure + train)
+
+
+# --- create -------------------------------------------------------------------------------
+
+
+def job_build(*, organization: Organization, user_id: str | None, data: dict[str, Any]) -> Job:
+    """Check everything the caller can get wrong, then create the job queued. Runs inside
+    `services.compression_job_create`'s transaction, which dispatches it on commit."""
+    method = data["method"]
+    options = dict(data["options"])
+    base, source = _source(organization, data["model"])
+    name = source.pk if source is not None else base.pk
+    task = _task(base, source, data.get("task"))
+    _check_pair(method, base, source, name)
+    training_file, version, data_format, rows = _data(organization, data, task=task, method=method)
+    validation_file = _validation(organization, data, task=task)
+    weights_uri = _weights_uri(base, source)
+    student = None
+    if method == "distill":
+        student = _distill_student(organization, options, base=base, teacher_uri=weights_uri)
+    if method == "prune":
+        options.setdefault("recovery_steps", 60 if rows else 0)
+        if options["recovery_steps"] and not rows:
+            raise ApiError(
+                "Recovery fine-tunes on your rows: give 'training_file' (or 'dataset'), or set "
+                "'recovery_steps' to 0.",
+                param="options.recovery_steps",
+                code="missing_training_file",
+            )
+    if student is not None:
+        options["student_model"] = student.pk
+    parameters = _shape(weights_uri, "model").parameters or 0
+    price, seconds = estimate(base=base, method=method, options=options, parameters=parameters)
+    now = timezone.now()
+    job = Job.objects.create(
+        id=new_compression_job_id(),
+        kind=JobKind.COMPRESSION,
+        organization=organization,
+        base_model=base,
+        source_model=source,
+        training_file=training_file,
+        validation_file=validation_file,
+        dataset_version=version,
+        data_format=data_format,
+        suffix=data.get("suffix") or "",
+        seed=data["seed"] if data.get("seed") is not None else secrets.randbelow(2**31),
+        metadata=data.get("metadata") or {},
+        task=task,
+        method=method,
+        hyperparameters=options,
+        requested_hyperparameters=dict(data["options"]),
+        labels=list(source.labels) if source is not None else [],
+        status=JobStatus.QUEUED,
+        queued_at=now,
+        estimated_price=price,
+        estimated_seconds=seconds,
+        created_by_id=user_id,
+    )
+    event_add(job, f"Created compression job: {job.pk} ({method} of {name})")
+    event_add(
+        job,
+        f"Estimated price {price}, about {seconds} s once started",
+        data={
+            "estimated_price": str(price),
+            "estimated_seconds": seconds,
+            "parameters": parameters,
+        },
+    )
+    event_add(job, "Compression job queued")
+    log.info("jobs.compression_created", job_id=job.pk, organization_id=organization.pk)
+    return job
+
+
+# --- dispatch and success (called by dispatch.py and reports.py) ----------------------------
+
+
+def build_spec(job: Job, *, output_uri: str, control_uri: str) -> contract.CompressionSpec:
+    base = job.base_model
+    source = job.source_model
+    if source is not None and source.artifact_kind == "lora":
+        ref = contract.SourceRef(
+            name=source.pk,
+            uri=base.uri,
+            family=base.family,
+            adapter_uri=source.uri,
+            labels=tuple(job.labels),
+        )
+    else:
+        ref = contract.SourceRef(
+            name=source.pk if source is not None else base.pk,
+            uri=_weights_uri(base, source),
+            family=base.family,
+            labels=tuple(job.labels),
+        )
+    student = None
+    if job.hyperparameters.get("student_model"):
+        chosen = BaseModel.objects.get(pk=job.hyperparameters["student_model"])
+        student = contract.SourceRef(name=chosen.pk, uri=chosen.uri, family=chosen.family)
+    source_data = job.training_file or job.dataset_version
+    return contract.CompressionSpec(
+        job_id=job.pk,
+        attempt=job.attempt,
+        organization_id=job.organization_id,
+        task=job.task,
+        method=job.method,
+        source=ref,
+        options=dict(job.hyperparameters),
+        output_uri=output_uri,
+        control_uri=control_uri,
+        seed=int(job.seed),
+        training_data=(
+            DataRef(uri=object_uri(source_data.storage_name), format=job.data_format)
+            if source_data is not None
+            else None
+        ),
+        validation_data=(
+            DataRef(
+                uri=object_uri(job.validation_file.storage_name),
+                format=str((job.validation_file.validation or {}).get("format") or ""),
+            )
+            if job.validation_file is not None
+            else None
+        ),
+        student=student,
+        heartbeat_seconds=settings.JOBS_HEARTBEAT_SECONDS,
+    )
+
+
+def compression_succeeded(job: Job, d: dict[str, Any]) -> None:
+    """Register the compressed model, store the report, bill the job once."""
+    source_name = job.source_model_id or job.base_model_id
+    base = job.base_model
+    if job.hyperparameters.get("student_model"):
+        base = BaseModel.objects.get(pk=job.hyperparameters["student_model"])
+    compression: dict[str, Any] = {"method": job.method, "source": source_name}
+    if job.method == "quantize":
+        compression["weights"] = job.hyperparameters.get("weights", "int8")
+    model = customer_model_register(
+        organization=job.organization,
+        base=base,
+        job_id=job.pk,
+        suffix=job.suffix,
+        kind=ModelKind.COMPRESSED,
+        step=None,
+        uri=str(d["artifact_uri"]),
+        artifact_kind="full",
+        task=job.task,
+        labels=job.labels,
+        compression=compression,
+    )
+    job.fine_tuned_model = model.pk
+    report = d.get("report")
+    job.report = report if isinstance(report, dict) else None
+    job.trained_tokens = int(d.get("trained_tokens") or 0)
+    job_succeeded.send(sender=Job, job=job, model=model)
+    meters.compression_to_ledger(
+        organization_id=job.organization_id,
+        job_id=job.pk,
+        model=job.base_model_id,
+        at=timezone.now(),
+    )

@@ -1,0 +1,44 @@
+"""The training and validation data a job names: a fine-tune file or a dataset version."""
+
+from __future__ import annotations
+
+from controlplane.core.errors import ApiError, NotFound
+from controlplane.datasets.models import DatasetVersion, File, FileStatus
+from controlplane.tenancy.models import Organization
+
+
+def training_file_get(organization: Organization, file_id: str, param: str) -> File:
+    file = (
+        File.objects.for_organization(organization)
+        .filter(pk=file_id, deleted_at__isnull=True)
+        .first()
+    )
+    if file is None:
+        raise NotFound(f"No file with id '{file_id}' found.", param=param)
+    if file.purpose != "fine-tune":
+        raise ApiError(
+            f"File '{file_id}' was uploaded with purpose '{file.purpose}'; upload it with "
+            "purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    if file.status != FileStatus.PROCESSED:
+        detail = (
+            "is still being validated: wait until its status is 'processed'"
+            if file.status in (FileStatus.UPLOADED, FileStatus.PROCESSING)
+            else f"failed validation ({file.status_details or 'see its validation report'})"
+        )
+        raise ApiError(f"File '{file_id}' {detail}.", param=param, code="invalid_file_status")
+    return file
+
+
+def data_summary(source: File | DatasetVersion) -> tuple[str, int, list[str]]:
+    """(format, rows, labels) of a validated file or a built version."""
+    if isinstance(source, File):
+        report = source.validation or {}
+        labels = sorted((report.get("label_counts") or {}).keys())
+        return str(report.get("format") or ""), int(report.get("rows") or 0), labels
+    report = source.report or {}
+    validation = report.get("validation") or report
+    labels = sorted((validation.get("label_counts") or {}).keys())
+    return source.format, source.rows, labels
