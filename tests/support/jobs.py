@@ -12,6 +12,7 @@ from typing import Any
 import redis
 
 from jobcontracts import queues
+from jobcontracts.compression import CompressionSpec
 from jobcontracts.training import Report, TrainingSpec
 
 from .models import tiny_model_dir
@@ -78,23 +79,37 @@ def _broker() -> redis.Redis:
 
 def purge_broker() -> None:
     """Forget messages earlier tests left on the job queues (kombu keeps a list per queue)."""
-    _broker().delete(queues.GPU_TRAINING, queues.GPU_INFERENCE, queues.CONTROL)
+    _broker().delete(
+        queues.GPU_TRAINING, queues.GPU_COMPRESSION, queues.GPU_INFERENCE, queues.CONTROL
+    )
 
 
-def sent_specs() -> list[TrainingSpec]:
-    """Training specs in the broker's gpu.training queue, oldest first."""
+def _sent(queue: str) -> list[tuple[str, dict[str, Any]]]:
+    """(task name, first argument) of each message in a broker queue, oldest first."""
     import base64
 
-    raw = _broker().lrange(queues.GPU_TRAINING, 0, -1)
-    specs = []
+    raw = _broker().lrange(queue, 0, -1)
+    sent = []
     for item in reversed(raw):  # kombu LPUSHes: the oldest message is last
         message = json.loads(item)
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        specs.append(TrainingSpec.from_json(args[0]))
-    return specs
+        sent.append((str(message.get("headers", {}).get("task")), args[0]))
+    return sent
+
+
+def sent_specs() -> list[TrainingSpec]:
+    """Training specs in the broker's gpu.training queue, oldest first."""
+    return [TrainingSpec.from_json(args) for _, args in _sent(queues.GPU_TRAINING)]
+
+
+def sent_compression_specs() -> list[CompressionSpec]:
+    """Compression specs in the broker's gpu.compression queue (task COMPRESS), oldest first."""
+    sent = _sent(queues.GPU_COMPRESSION)
+    assert all(task == queues.COMPRESS for task, _ in sent), sent
+    return [CompressionSpec.from_json(args) for _, args in sent]
 
 
 class Worker:

@@ -64,13 +64,19 @@ TRAINING_FORMATS: Final = {
 MAX_STEPS: Final = 20_000
 
 
+def _choice(choices: tuple[str, ...], **kwargs: Any) -> serializers.ChoiceField:
+    """A choice whose error lists the choices (DRF's only says it is not valid)."""
+    message = f'"{{input}}" is not supported; use one of: {", ".join(choices)}.'
+    return serializers.ChoiceField(choices, error_messages={"invalid_choice": message}, **kwargs)
+
+
 class QuantizeOptions(StrictInputSerializer):
-    weights = serializers.ChoiceField(contract.QUANTIZE_WEIGHTS, default="int8")
+    weights = _choice(contract.QUANTIZE_WEIGHTS, default="int8")
 
 
 class PruneOptions(StrictInputSerializer):
     sparsity = serializers.FloatField()
-    target = serializers.ChoiceField(contract.PRUNE_TARGETS, default="heads_and_channels")
+    target = _choice(contract.PRUNE_TARGETS, default="heads_and_channels")
     recovery_steps = serializers.IntegerField(min_value=0, max_value=MAX_STEPS, required=False)
     learning_rate = serializers.FloatField(min_value=1e-7, max_value=1e-2, default=1e-4)
     batch_size = serializers.IntegerField(min_value=1, max_value=256, default=8)
@@ -113,9 +119,9 @@ OPTIONS: Final[dict[str, type[StrictInputSerializer]]] = {
 
 class CreateCompressionJobInput(StrictInputSerializer):
     model = serializers.CharField(max_length=300)
-    method = serializers.ChoiceField(contract.METHODS)
+    method = _choice(contract.METHODS)
     options = serializers.DictField(required=False, default=dict)
-    task = serializers.ChoiceField(contract.TASKS, required=False)
+    task = _choice(contract.TASKS, required=False)
     training_file = serializers.CharField(max_length=64, required=False)
     dataset = serializers.CharField(max_length=64, required=False)
     validation_file = serializers.CharField(max_length=64, required=False)
@@ -365,7 +371,7 @@ def estimate(
     steps = int(options.get("recovery_steps") or options.get("steps") or 0)
     tokens = steps * int(options.get("batch_size") or 8) * int(options.get("max_seq_len") or 128)
     train = 6 * parameters * tokens / flops * (2 if method == "distill" else 1.5)
-    return Decimal(price), math.ceil(30 + measure + train)
+    return Decimal(price).quantize(Decimal("0.000001")), math.ceil(30 + measure + train)
 
 
 # --- create -------------------------------------------------------------------------------

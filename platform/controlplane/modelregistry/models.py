@@ -112,7 +112,7 @@ class CustomerModel(OrganizationOwned):
     def quantized(self) -> bool:
         """Its weights are quantized (int8, fp8, bf16): it can be served, not pruned or
         distilled again (those train, and train on full-precision weights)."""
-        return bool(self.compression) and self.compression.get("method") == "quantize"
+        return isinstance(self.compression, dict) and self.compression.get("method") == "quantize"
 
 
 def new_estimate_id() -> str:
