@@ -24,13 +24,19 @@ from jobcontracts.broker import celery_config
 app = Celery(
     "gpuworkers",
     fixups=[],
-    include=["gpuworkers.training.task", "gpuworkers.inference.task"],
+    include=[
+        "gpuworkers.training.task",
+        "gpuworkers.compression.task",
+        "gpuworkers.inference.task",
+    ],
     set_as_current=False,
 )
 app.conf.update(celery_config())
-# First match wins: inference has its own queue (and its own workers, threads pool).
+# First match wins: inference has its own queue (and its own workers, threads pool);
+# compression jobs have theirs, consumed by the same `gpu` workers as training.
 app.conf.task_routes = {
     "gpuworkers.inference.*": {"queue": queues.GPU_INFERENCE},
+    "gpuworkers.compression.*": {"queue": queues.GPU_COMPRESSION},
     "gpuworkers.*": {"queue": queues.GPU_TRAINING},
 }
 # A GPU worker takes a job only when a pool process is free. Training tasks are

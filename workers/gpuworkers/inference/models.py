@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from gpuworkers import safeload, storage
+from gpuworkers.compression import quantized
 from gpuworkers.inference.config import Settings
 
 #: Model kinds the engine serves.
@@ -217,8 +218,19 @@ def load(key: ModelKey, folder: Path, *, device: torch.device, dtype: torch.dtyp
         raise ModelError(503, "model_unavailable", str(error)) from None
     kwargs: dict[str, Any] = {"dtype": dtype, **safeload.pretrained_kwargs()}
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if key.kind == CAUSAL:
-        model: Any = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if quantized.is_quantized(folder):
+        # A compression job's quantized artifact: its own modules, from its own manifest.
+        try:
+            model: Any = quantized.load_model(folder, kind=key.kind, device=device, dtype=dtype)
+        except quantized.QuantizedFormatError as error:
+            raise ModelError(503, "model_unavailable", str(error)) from None
+        if key.kind == CLASSIFIER and key.num_labels not in (0, model.config.num_labels):
+            message = f"the quantized classifier has {model.config.num_labels} labels"
+            raise ModelError(400, "model_unavailable", message + ", and takes no new head")
+        if key.kind == CLASSIFIER and tokenizer.pad_token_id is not None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # as from_pretrained is told
+    elif key.kind == CAUSAL:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     elif key.kind == CLASSIFIER:
         if key.num_labels:
             kwargs["num_labels"] = key.num_labels
@@ -231,7 +243,7 @@ def load(key: ModelKey, folder: Path, *, device: torch.device, dtype: torch.dtyp
     model.eval()
     model.to(device)
     config = model.config
-    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    nbytes = quantized.resident_bytes(model)
     limits = [
         value
         for value in (getattr(config, n, None) for n in ("max_position_embeddings", "n_positions"))

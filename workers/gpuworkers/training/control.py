@@ -10,16 +10,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gpuworkers import storage
 from gpuworkers.training.errors import StaleAttempt
-from jobcontracts.training import FINAL_KINDS, HEARTBEAT, RUN, Report, Signal, TrainingSpec
+from jobcontracts.training import FINAL_KINDS, HEARTBEAT, RUN, Report, Signal
 
 log = logging.getLogger(__name__)
 
 Reporter = Callable[[Report], None]
 SignalReader = Callable[[], "Signal | None"]
+
+
+class AttemptSpec(Protocol):
+    """What reporting and signal polling need of a job attempt's spec: a fine-tuning
+    `TrainingSpec` and a `CompressionSpec` both have it."""
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def control_poll_seconds(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,7 @@ class ReportSender:
     held while sending, so reports leave in `seq` order.
     """
 
-    def __init__(self, spec: TrainingSpec, reporter: Reporter, *, enabled: bool = True) -> None:
+    def __init__(self, spec: AttemptSpec, reporter: Reporter, *, enabled: bool = True) -> None:
         self._spec = spec
         self._reporter = reporter
         self._enabled = enabled  # only rank 0 of a distributed run reports
@@ -126,7 +140,7 @@ def storage_signal_reader(uri: str) -> SignalReader:
 class SignalPoller:
     """Checked at every step boundary; reads storage at most every `control_poll_seconds`."""
 
-    def __init__(self, spec: TrainingSpec, reader: SignalReader) -> None:
+    def __init__(self, spec: AttemptSpec, reader: SignalReader) -> None:
         self._attempt = spec.attempt
         self._every = spec.control_poll_seconds
         self._reader = reader

@@ -38,6 +38,7 @@ def execute(
     """Run one attempt: in this process on one device, or through torch's launcher
     on `spec.gpus` devices. `signal_reader` applies to the in-process path only
     (ranks read the signal from storage themselves)."""
+    preload_wait()
     if spec.gpus > 1:
         from gpuworkers.training.launch import run_distributed
 
@@ -93,10 +94,23 @@ def _report_invalid_spec(spec_json: Any, error: Exception, reporter: Reporter) -
         reporter(Report(job_id, attempt, 0, FAILED, time.time(), data))
 
 
+_preloading: threading.Thread | None = None
+
+
+def preload_wait(timeout: float = 300.0) -> None:
+    """Let the background imports finish before a task imports the same modules:
+    transformers' lazy module is not safe to import from two threads at once (a task that
+    arrives while the pool process is still preloading saw `cannot import name ...`)."""
+    thread = _preloading
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout)
+
+
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _preload(**_: Any) -> None:
     """Import torch, transformers and peft in each new pool process, in the
     background (the pool waits only seconds for a process to come up)."""
+    global _preloading
     if os.environ.get("GPU_WORKER_PRELOAD", "1") == "0":
         return
 
@@ -108,4 +122,5 @@ def _preload(**_: Any) -> None:
         preload_model_code()
         log.info("training.preloaded", extra={"seconds": round(time.monotonic() - started, 2)})
 
-    threading.Thread(target=load, name="training-preload", daemon=True).start()
+    _preloading = threading.Thread(target=load, name="training-preload", daemon=True)
+    _preloading.start()
