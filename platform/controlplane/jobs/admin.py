@@ -41,11 +41,16 @@ class JobCheckpointInline(admin.TabularInline[JobCheckpoint, Job]):
 
 
 @admin.register(Job)
-class FineTuningJobAdmin(admin.ModelAdmin[Job]):
+class JobAdmin(admin.ModelAdmin[Job]):
+    """Fine-tuning and compression jobs (filter by kind); a compression job's report is
+    its `report` field (JSON), shown read-only."""
+
     list_display = (
         "id",
+        "kind",
         "organization",
         "base_model",
+        "method",
         "status",
         "current_step",
         "total_steps",
@@ -54,7 +59,7 @@ class FineTuningJobAdmin(admin.ModelAdmin[Job]):
         "trained_tokens",
         "created_at",
     )
-    list_filter = ("status", "method", "task", "base_model")
+    list_filter = ("kind", "status", "method", "task", "base_model")
     search_fields = ("id", "organization__name", "organization__id", "fine_tuned_model")
     readonly_fields = [f.name for f in Job._meta.fields]
     inlines = [JobCheckpointInline, JobEventInline]
@@ -80,7 +85,7 @@ class FineTuningJobAdmin(admin.ModelAdmin[Job]):
             audit_record(
                 organization=job.organization_id,
                 actor=Actor.from_request(request),
-                action="admin.fine_tuning_job.cancelled",
+                action=f"admin.{job.kind}_job.cancelled",
                 target=job,
                 details={},
             )

@@ -122,7 +122,8 @@ def test_a_quantized_model_answers_as_its_source_did(stack: Server, alice: Perso
         temperature=0,
     )
     assert reply.model == generator
-    assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 6
+    assert reply.usage is not None
+    assert 1 <= reply.usage.completion_tokens <= 6
     wrong = pytest.raises(openai.BadRequestError)
     with wrong:
         client.embeddings.create(model=generator, input="an LM does not embed here")
@@ -130,9 +131,7 @@ def test_a_quantized_model_answers_as_its_source_did(stack: Server, alice: Perso
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         billed = set(
-            UsageRecord.objects.for_organization(alice.organization).values_list(
-                "model", flat=True
-            )
+            UsageRecord.objects.for_organization(alice.organization).values_list("model", flat=True)
         )
         if {embedder, generator} <= billed:
             break

@@ -108,9 +108,12 @@ def test_a_quantize_job_is_estimated_and_sent_to_a_compression_worker(
 
     (spec,) = sent_compression_specs()
     assert sent_specs() == []  # nothing on the training queue
-    assert spec.job_id == job["id"] and spec.attempt == 1
-    assert spec.method == "quantize" and spec.options == {"weights": "int8"}
-    assert spec.source.uri == base.uri and spec.source.adapter_uri is None
+    assert spec.job_id == job["id"]
+    assert spec.attempt == 1
+    assert spec.method == "quantize"
+    assert spec.options == {"weights": "int8"}
+    assert spec.source.uri == base.uri
+    assert spec.source.adapter_uri is None
     assert spec.output_uri.endswith(f"jobs/{alice.organization.pk}/{job['id']}")
     assert spec.seed == 3
     events = alice.client.get(f"/v1/compression/jobs/{job['id']}/events").json()
@@ -150,7 +153,8 @@ def test_success_registers_a_served_model_bills_once_and_keeps_the_report(
     }
     assert listed[model_id]["tasks"] == ["causal_lm"]
     model = CustomerModel.objects.for_organization(alice.organization).get(pk=model_id)
-    assert model.uri == worker.uri("final") and model.artifact_kind == "full"
+    assert model.uri == worker.uri("final")
+    assert model.artifact_kind == "full"
     assert (
         Deployment.objects.for_organization(alice.organization).filter(model_id=model_id).exists()
     )
@@ -186,7 +190,8 @@ def test_a_job_cancelled_mid_way_ends_cancelled_with_no_model_and_no_charge(
     late = {"artifact_uri": worker.uri("final"), "report": REPORT}
     worker.report(contract.SUCCEEDED, **late)
     job = job_of(alice, job_id)
-    assert job["status"] == "cancelled" and job["compressed_model"] is None
+    assert job["status"] == "cancelled"
+    assert job["compressed_model"] is None
     assert not CustomerModel.objects.for_organization(alice.organization).exists()
     assert not LedgerEntry.objects.for_organization(alice.organization).exists()
     again = alice.client.post(f"/v1/compression/jobs/{job_id}/cancel")
@@ -262,7 +267,8 @@ def test_embedding_models_compress_as_embeddings_and_distill_to_half_the_layers(
     assert job.json()["task"] == "embeddings"
     assert job.json()["options"]["student_layers"] == 3  # MiniLM has 6
     (spec,) = sent_compression_specs()
-    assert spec.task == "embeddings" and spec.training_data is None
+    assert spec.task == "embeddings"
+    assert spec.training_data is None
 
 
 def test_a_lora_fine_tune_is_sent_with_its_adapter_to_merge(
@@ -273,7 +279,8 @@ def test_a_lora_fine_tune_is_sent_with_its_adapter_to_merge(
     assert response.status_code == 200, response.content
     assert response.json()["model"] == tuned.pk
     (spec,) = sent_compression_specs()
-    assert spec.source.uri == base.uri and spec.source.adapter_uri == tuned.uri
+    assert spec.source.uri == base.uri
+    assert spec.source.adapter_uri == tuned.uri
 
 
 def test_jobs_of_the_other_kind_are_not_found_on_each_endpoint(
@@ -307,7 +314,8 @@ def test_the_list_paginates_as_fine_tuning_jobs_do(
     assert [j["id"] for j in page["data"]] == ids[::-1][:2]
     assert page["has_more"] is True
     rest = alice.client.get(f"/v1/compression/jobs?limit=2&after={ids[1]}").json()
-    assert [j["id"] for j in rest["data"]] == [ids[0]] and rest["has_more"] is False
+    assert [j["id"] for j in rest["data"]] == [ids[0]]
+    assert rest["has_more"] is False
     bad = alice.client.get("/v1/compression/jobs?limit=0")
     assert bad.status_code == 400
 
@@ -441,7 +449,8 @@ def test_an_unsupported_method_and_model_pair_lists_what_is_supported(
         method="prune",
         options={"sparsity": 0.3, "recovery_steps": 0},
     )
-    assert error["param"] == "method" and error["code"] == "unsupported_method"
+    assert error["param"] == "method"
+    assert error["code"] == "unsupported_method"
     assert "quantize for every model" in error["message"]
     assert "bert, gpt2, llama" in error["message"]
 
@@ -464,7 +473,8 @@ def test_an_already_quantized_model_is_not_compressed_again(
         method=method,
         options=options[method],
     )
-    assert error["code"] == "model_already_quantized" and error["param"] == "model"
+    assert error["code"] == "model_already_quantized"
+    assert error["param"] == "model"
 
 
 def test_a_student_model_must_be_smaller_and_share_the_tokenizer(
@@ -478,7 +488,8 @@ def test_a_student_model_must_be_smaller_and_share_the_tokenizer(
         method="distill",
         options={"student_model": TINY_LLAMA},
     )
-    assert same["param"] == "options.student_model" and "not smaller" in same["message"]
+    assert same["param"] == "options.student_model"
+    assert "not smaller" in same["message"]
     other = refused(
         alice,
         django_capture_on_commit_callbacks,
@@ -487,7 +498,8 @@ def test_a_student_model_must_be_smaller_and_share_the_tokenizer(
         method="distill",
         options={"student_model": MINILM},
     )
-    assert other["param"] == "options.student_model" and "tokenizer" in other["message"]
+    assert other["param"] == "options.student_model"
+    assert "tokenizer" in other["message"]
 
 
 def test_training_data_of_the_wrong_purpose_format_or_method_is_refused(
@@ -532,7 +544,8 @@ def test_training_data_of_the_wrong_purpose_format_or_method_is_refused(
         method="distill",
         training_file=chat_file,
     )
-    assert wrong_format["param"] == "training_file" and "preference" in wrong_format["message"]
+    assert wrong_format["param"] == "training_file"
+    assert "preference" in wrong_format["message"]
     unknown = refused(
         alice,
         django_capture_on_commit_callbacks,
@@ -561,8 +574,10 @@ def test_a_dataset_version_trains_a_distillation(
     )
     assert response.status_code == 200, response.content
     (spec,) = sent_compression_specs()
-    assert spec.training_data is not None and spec.training_data.format == "chat"
-    assert spec.options["student_layers"] == 1 and spec.options["steps"] == 10
+    assert spec.training_data is not None
+    assert spec.training_data.format == "chat"
+    assert spec.options["student_layers"] == 1
+    assert spec.options["steps"] == 10
 
 
 def test_malformed_and_oversized_bodies_are_refused(

@@ -99,7 +99,8 @@ def test_a_killed_compression_worker_is_redispatched_and_the_job_billed_once(
             "latency_ms_p50_batch16",
             "quality",
         ):
-            assert measures[name] is not None and measures[name] > 0, (name, measures)
+            assert measures[name] is not None, (name, measures)
+            assert measures[name] > 0, (name, measures)
     assert report["quality_metric"] == "perplexity"
 
 

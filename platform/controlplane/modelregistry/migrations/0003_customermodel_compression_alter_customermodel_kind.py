@@ -4,20 +4,26 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('modelregistry', '0002_fileestimate'),
+        ("modelregistry", "0002_fileestimate"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='customermodel',
-            name='compression',
+            model_name="customermodel",
+            name="compression",
             field=models.JSONField(blank=True, null=True),
         ),
         migrations.AlterField(
-            model_name='customermodel',
-            name='kind',
-            field=models.CharField(choices=[('final', 'Final'), ('checkpoint', 'Checkpoint'), ('compressed', 'Compressed')], max_length=16),
+            model_name="customermodel",
+            name="kind",
+            field=models.CharField(
+                choices=[
+                    ("final", "Final"),
+                    ("checkpoint", "Checkpoint"),
+                    ("compressed", "Compressed"),
+                ],
+                max_length=16,
+            ),
         ),
     ]
