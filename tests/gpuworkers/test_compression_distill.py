@@ -239,3 +239,34 @@ def test_pooling_follows_the_sentence_transformers_config(tmp_path: Path) -> Non
         ' {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]'
     )
     assert recovery.pooling_of(tmp_path) == recovery.Pooling("cls", False)
+
+
+def test_hidden_states_are_matched_on_real_tokens_only() -> None:
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(recovery.hidden_match(teacher.clone(), teacher, mask)) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    padded = teacher.clone()
+    padded[0, 3:] = 100.0  # padding: whatever it holds is not learned
+    assert float(recovery.hidden_match(padded, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+    moved = teacher.clone()
+    moved[1, 0] = -moved[1, 0]
+    assert float(recovery.hidden_match(moved, teacher, mask)) > 0.1
+    # Relative to the teacher's size: a tenfold model with tenfold errors scores alike.
+    assert float(recovery.hidden_match(moved * 10, teacher * 10, mask)) == pytest.approx(
+        float(recovery.hidden_match(moved, teacher, mask)), rel=1e-4
+    )
+
+
+def test_each_student_layer_is_matched_to_the_teacher_layer_it_came_from() -> None:
+    teacher = AutoModel.from_pretrained(str(minilm_dir()), use_safetensors=True).eval()
+    student, keep = student_from_teacher(teacher, 3)
+    # hidden_states[0] is the embeddings; the last layer is matched on its own.
+    assert recovery.layer_pairs(student, teacher, keep) == [(1, 1), (2, 3)]
+    # Pruned heads and channels: as many layers, each matched to itself.
+    assert recovery.layer_pairs(teacher, teacher, None) == [(i, i) for i in range(1, 6)]
+    # A chosen student of other depth has no map: only its last layer is matched.
+    assert recovery.layer_pairs(student, teacher, None) == []
+    assert recovery.layer_pairs(student, teacher, [0, 2, 9]) == []

@@ -88,6 +88,7 @@ def distill(work: Work) -> None:
     teacher = recovery.load_model(work, work.source_dir, tokenizer)
     teacher_layers = int(teacher.config.num_hidden_layers)
     notes: dict[str, Any] = {"teacher_layers": teacher_layers}
+    keep: list[int] | None = None
     if work.student_dir is not None:
         student_tokenizer = recovery.load_tokenizer(work.student_dir)
         student = recovery.load_model(work, work.student_dir, student_tokenizer)
@@ -123,6 +124,7 @@ def distill(work: Work) -> None:
         labels=labels if work.task == "classification" else (),
         schedule=schedule,
         pooling=recovery.pooling_of(work.source_dir),
+        layer_map=keep,
     )
     notes["parameters"] = {
         "teacher": recovery.parameter_count(teacher),

@@ -321,13 +321,77 @@ def objective(
         if not bool((targets != -100).any()):
             return soft
         hard = F.cross_entropy(
-            student[:, :-1].reshape(-1, student.shape[-1]), targets.reshape(-1), ignore_index=-100
+            student[:, :-1].reshape(-1, student.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
         )
         return alpha * soft + (1 - alpha) * hard
     soft = _soft_kl(student, teacher, temperature).mean()
     if batch.labels is None:
         return soft
     return alpha * soft + (1 - alpha) * F.cross_entropy(student, batch.labels)
+
+
+def hidden_match(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How far token hidden states (B, T, H) are from the teacher's, over real tokens:
+    1 - cosine plus the squared error relative to the teacher's own size, so layers whose
+    activations differ in scale weigh alike."""
+    weights = mask.to(student.dtype)
+    tokens = weights.sum().clamp(min=1)
+    student, teacher = student.float(), teacher.float()
+    cosine = 1 - F.cosine_similarity(student, teacher, dim=-1)
+    error = (student - teacher).square().mean(dim=-1)
+    scale = teacher.square().mean(dim=-1).clamp(min=1e-6)
+    return ((cosine + error / scale) * weights).sum() / tokens
+
+
+def layer_pairs(
+    student: Any, teacher: Any, layer_map: Sequence[int] | None
+) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `hidden_states` of the intermediate layers to match;
+    the last layer is matched separately. Empty where the widths or layers do not line up."""
+    mine = int(getattr(student.config, "num_hidden_layers", 0) or 0)
+    theirs = int(getattr(teacher.config, "num_hidden_layers", 0) or 0)
+    if getattr(student.config, "hidden_size", None) != getattr(teacher.config, "hidden_size", 0):
+        return []
+    if layer_map is None:
+        layer_map = list(range(mine)) if mine == theirs else []
+    if len(layer_map) != mine or any(not 0 <= t < theirs for t in layer_map):
+        return []
+    return [(i + 1, int(t) + 1) for i, t in enumerate(layer_map[:-1])]
+
+
+def _embedding_loss(
+    student: Any,
+    teacher: Any,
+    batch: Batch,
+    pooling: Pooling,
+    pairs: Sequence[tuple[int, int]],
+) -> torch.Tensor:
+    """The pooled embedding's loss (`objective`) plus the token hidden states of the last
+    layer and, averaged, of the intermediate layers in `pairs` (TinyBERT / MiniLM style):
+    the pooled vector alone is one number per sentence to learn from; the tokens give the
+    student far more signal per step."""
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    with torch.no_grad():
+        theirs = teacher(**inputs, output_hidden_states=bool(pairs))
+    mine = student(**inputs, output_hidden_states=bool(pairs))
+    mask = batch.attention_mask
+    pooled = objective(
+        "embeddings",
+        pool(mine.last_hidden_state, mask, pooling),
+        pool(theirs.last_hidden_state, mask, pooling),
+        batch,
+        temperature=1.0,
+        alpha=1.0,
+    )
+    loss = pooled + hidden_match(mine.last_hidden_state, theirs.last_hidden_state, mask)
+    if pairs:
+        layers = [
+            hidden_match(mine.hidden_states[s], theirs.hidden_states[t], mask) for s, t in pairs
+        ]
+        loss = loss + torch.stack(layers).mean()
+    return loss
 
 
 # -- the loop -----------------------------------------------------------------------------
@@ -366,8 +430,13 @@ def train(
     labels: Sequence[int] = (),
     schedule: Schedule,
     pooling: Pooling | None = None,
+    layer_map: Sequence[int] | None = None,
 ) -> list[float]:
     """Train `student` toward `teacher` for `schedule.steps` steps; the loss of each step.
+
+    `layer_map[i]` is the teacher layer that student layer i stands for (the identity when
+    both have as many layers, e.g. after pruning heads and channels); an embedding model
+    then also matches those layers' token hidden states (see `hidden_match`).
 
     The student trains with dropout off: recovery is short and its targets are the
     teacher's deterministic outputs, so dropout noise only slows it down.
@@ -380,7 +449,8 @@ def train(
         )
     if labels and len(labels) != len(texts):
         raise CompressionError(
-            "invalid_training_data", f"{len(texts)} training rows but {len(labels)} labels"
+            "invalid_training_data",
+            f"{len(texts)} training rows but {len(labels)} labels",
         )
     pooling = pooling or Pooling()
     teacher.eval()
@@ -395,6 +465,7 @@ def train(
         optimizer, lambda step: _lr_factor(step, schedule)
     )
     autocast = work.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    pairs = layer_pairs(student, teacher, layer_map)
     losses: list[float] = []
     epoch = 0
     batches: list[Batch] = []
@@ -412,17 +483,20 @@ def train(
             epoch += 1
         batch = batches.pop(0)
         with torch.autocast(work.device.type, dtype=torch.bfloat16, enabled=autocast):
-            with torch.no_grad():
-                target = outputs(teacher, work.task, batch, pooling)
-            predicted = outputs(student, work.task, batch, pooling)
-            loss = objective(
-                work.task,
-                predicted,
-                target,
-                batch,
-                temperature=schedule.temperature,
-                alpha=schedule.alpha,
-            )
+            if work.task == "embeddings":
+                loss = _embedding_loss(student, teacher, batch, pooling, pairs)
+            else:
+                with torch.no_grad():
+                    target = outputs(teacher, work.task, batch, pooling)
+                predicted = outputs(student, work.task, batch, pooling)
+                loss = objective(
+                    work.task,
+                    predicted,
+                    target,
+                    batch,
+                    temperature=schedule.temperature,
+                    alpha=schedule.alpha,
+                )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(parameters, schedule.clip)
