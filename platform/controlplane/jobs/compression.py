@@ -29,11 +29,10 @@ from rest_framework import serializers
 from controlplane.billing import meters
 from controlplane.billing.models import Meter
 from controlplane.billing.prices import unit_prices
-from controlplane.core.errors import ApiError, NotFound
+from controlplane.core.errors import ApiError
 from controlplane.core.ids import new_compression_job_id
 from controlplane.core.serializers import StrictInputSerializer
-from controlplane.datasets import catalog
-from controlplane.datasets.models import DatasetVersion, File, VersionStatus
+from controlplane.datasets.models import DatasetVersion, File
 from controlplane.datasets.storage import object_uri
 from controlplane.modelregistry import artifacts
 from controlplane.modelregistry.models import BaseModel, CustomerModel, ModelKind
@@ -45,7 +44,7 @@ from jobcontracts import compression as contract
 from jobcontracts.training import DataRef
 
 from .events import event_add
-from .files import data_summary, training_file_get
+from .files import data_summary, training_file_get, training_version_get
 from .models import Job, JobKind, JobStatus
 from .params import METADATA_KEY_MAX, METADATA_MAX_KEYS, METADATA_VALUE_MAX, SUFFIX_RE
 from .signals import job_succeeded
@@ -246,22 +245,7 @@ def _data(
     if param == "training_file":
         file = source = training_file_get(organization, data["training_file"], "training_file")
     else:
-        try:
-            version = source = catalog.usable_version(
-                organization=organization, version_id=data["dataset"]
-            )
-        except NotFound:
-            raise NotFound(
-                f"No dataset version with id '{data['dataset']}' found (a partner's version "
-                "needs an approved access request).",
-                param="dataset",
-            ) from None
-        if version.status != VersionStatus.READY:
-            raise ApiError(
-                f"Dataset version '{version.pk}' is {version.status}; wait until it is ready.",
-                param="dataset",
-                code="invalid_dataset_status",
-            )
+        version = source = training_version_get(organization, data["dataset"])
     data_format, rows, _ = data_summary(source)
     allowed = TRAINING_FORMATS[task]
     if data_format not in allowed:

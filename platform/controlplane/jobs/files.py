@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from controlplane.core.errors import ApiError, NotFound
-from controlplane.datasets.models import DatasetVersion, File, FileStatus
+from controlplane.datasets import catalog
+from controlplane.datasets.models import DatasetVersion, File, FileStatus, VersionStatus
 from controlplane.tenancy.models import Organization
 
 
@@ -30,6 +31,26 @@ def training_file_get(organization: Organization, file_id: str, param: str) -> F
         )
         raise ApiError(f"File '{file_id}' {detail}.", param=param, code="invalid_file_status")
     return file
+
+
+def training_version_get(organization: Organization, version_id: str) -> DatasetVersion:
+    """A ready dataset version the organization may train on (its own, or a partner's it
+    holds a grant for); the same 404 for every other id."""
+    try:
+        version = catalog.usable_version(organization=organization, version_id=version_id)
+    except NotFound:
+        raise NotFound(
+            f"No dataset version with id '{version_id}' found (a partner's version "
+            "needs an approved access request).",
+            param="dataset",
+        ) from None
+    if version.status != VersionStatus.READY:
+        raise ApiError(
+            f"Dataset version '{version.pk}' is {version.status}; wait until it is ready.",
+            param="dataset",
+            code="invalid_dataset_status",
+        )
+    return version
 
 
 def data_summary(source: File | DatasetVersion) -> tuple[str, int, list[str]]:

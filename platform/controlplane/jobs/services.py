@@ -13,9 +13,8 @@ import structlog
 from django.db import transaction
 from django.utils import timezone
 
-from controlplane.core.errors import ApiError, Conflict, NotFound
-from controlplane.datasets import catalog
-from controlplane.datasets.models import DatasetVersion, File, VersionStatus
+from controlplane.core.errors import ApiError, Conflict
+from controlplane.datasets.models import DatasetVersion, File
 from controlplane.datasets.validation import OTHER_LABEL
 from controlplane.modelregistry.models import BaseModel
 from controlplane.modelregistry.selectors import model_for_organization
@@ -24,7 +23,7 @@ from controlplane.tenancy.models import Organization
 
 from . import compression, dispatch, params
 from .events import event_add
-from .files import data_summary, training_file_get
+from .files import data_summary, training_file_get, training_version_get
 from .models import Job, JobKind, JobStatus
 
 log = structlog.get_logger(__name__)
@@ -96,23 +95,8 @@ def job_create(*, organization: Organization, user_id: str | None, data: dict[st
         )
         source_param = "training_file"
     else:
-        try:
-            version = source = catalog.usable_version(
-                organization=organization, version_id=data["dataset"]
-            )
-        except NotFound:
-            raise NotFound(
-                f"No dataset version with id '{data['dataset']}' found (a partner's version "
-                "needs an approved access request).",
-                param="dataset",
-            ) from None
+        version = source = training_version_get(organization, data["dataset"])
         source_param = "dataset"
-        if version.status != VersionStatus.READY:
-            raise ApiError(
-                f"Dataset version '{version.pk}' is {version.status}; wait until it is ready.",
-                param="dataset",
-                code="invalid_dataset_status",
-            )
     data_format, rows, labels = data_summary(source)
     if rows < 1:
         raise ApiError("The training data has no rows.", param=source_param, code="empty_file")
