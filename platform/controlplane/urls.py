@@ -8,6 +8,7 @@ from controlplane.core import apis as core
 from controlplane.core import health
 from controlplane.datasets import apis as datasets
 from controlplane.datasets import catalog_apis as catalog
+from controlplane.engagements import apis as engagements
 from controlplane.inference import deployment_apis as deployments
 from controlplane.jobs import apis as jobs
 from controlplane.modelregistry import apis as models
@@ -175,6 +176,12 @@ v1 = [
         "v1/deployments/<str:deployment_id>",
         deployments.DeploymentDetailApi.as_view(),
         name="deployment-detail",
+    ),
+    path("v1/engagements", engagements.EngagementListApi.as_view(), name="engagements"),
+    path(
+        "v1/engagements/<str:engagement_id>",
+        engagements.EngagementDetailApi.as_view(),
+        name="engagement-detail",
     ),
     path("v1/", include("controlplane.billing.urls")),
     path("v1/", include("controlplane.payments.urls")),

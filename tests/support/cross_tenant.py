@@ -15,6 +15,7 @@ from controlplane.accounts import services as account_services
 from controlplane.tenancy import services as tenancy_services
 
 from .budgets import monthly_budget
+from .engagements import make_engagement
 from .people import SYSTEM, Person
 
 
@@ -307,6 +308,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/compression/jobs/{id}/cancel", make_compression_job, ("POST",)),
     Endpoint("/v1/compression/jobs/{id}/events", make_compression_job, ("GET",)),
     Endpoint("/v1/compression/jobs/{id}/report", make_compression_job, ("GET",)),
+    Endpoint("/v1/engagements/{id}", make_engagement, ("GET",)),
     Endpoint(
         "/v1/deployments/{id}",
         make_deployment,

@@ -66,6 +66,7 @@ class Entry:
     reference: str = ""
     unit_price: Decimal | None = None
     per_units: int | None = None
+    engagement_id: str | None = None
 
     def check(self) -> None:
         if self.meter not in Meter.values:
@@ -96,6 +97,7 @@ class Entry:
             self.reference,
             self.unit_price,
             self.per_units,
+            self.engagement_id,
         )
 
 
@@ -128,12 +130,12 @@ def ledger_append_many(entries: Iterable[Entry]) -> int:
 _INSERT = """
 INSERT INTO billing_ledgerentry (
     organization_id, idempotency_key, meter, model, quantity, occurred_at, source,
-    api_key_id, member_id, project_id, reference, unit_price, per_units
+    api_key_id, member_id, project_id, reference, unit_price, per_units, engagement_id
 )
 SELECT * FROM unnest(
     %s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[],
     %s::timestamptz[], %s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[],
-    %s::varchar[], %s::numeric[], %s::bigint[]
+    %s::varchar[], %s::numeric[], %s::bigint[], %s::varchar[]
 )
 ON CONFLICT (idempotency_key) DO NOTHING
 """
@@ -160,6 +162,7 @@ def ledger_append(
     reference: str = "",
     unit_price: Decimal | None = None,
     per_units: int | None = None,
+    engagement_id: str | None = None,
 ) -> int:
     """Append one event; 1 if it was new, 0 if its idempotency key was already there."""
     new = ledger_append_many(
@@ -178,6 +181,7 @@ def ledger_append(
                 reference=reference,
                 unit_price=unit_price,
                 per_units=per_units,
+                engagement_id=engagement_id,
             )
         ]
     )

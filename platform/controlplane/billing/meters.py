@@ -22,11 +22,19 @@ log = structlog.get_logger(__name__)
 
 
 def training_to_ledger(
-    *, organization_id: str, job_id: str, base_model: str, trained_tokens: int, at: datetime
+    *,
+    organization_id: str,
+    job_id: str,
+    base_model: str,
+    trained_tokens: int,
+    at: datetime,
+    engagement_id: str | None = None,
 ) -> int:
     """Bill a fine-tuning job's trained tokens, once per job (key `training:<job_id>`).
 
     Called where the job's `trained_tokens` is first written (its success report).
+    A custom engagement's job (`engagement_id`) is charged to the engagement instead of
+    the organization's self-serve bill.
     """
     return ledger_append(
         organization_id=organization_id,
@@ -37,6 +45,7 @@ def training_to_ledger(
         source="jobs.training",
         model=base_model,
         reference=job_id,
+        engagement_id=engagement_id,
     )
 
 
@@ -74,11 +83,18 @@ def royalty_to_ledger(
     )
 
 
-def compression_to_ledger(*, organization_id: str, job_id: str, model: str, at: datetime) -> int:
+def compression_to_ledger(
+    *,
+    organization_id: str,
+    job_id: str,
+    model: str,
+    at: datetime,
+    engagement_id: str | None = None,
+) -> int:
     """Bill one finished compression job (key `compression:<job_id>`), priced per job.
 
-    No compression jobs exist yet: the job's success handler is to call this,
-    inside the transaction that marks it succeeded.
+    Called by the job's success handler, inside the transaction that marks it succeeded;
+    an engagement's job (`engagement_id`) is charged to the engagement.
     """
     return ledger_append(
         organization_id=organization_id,
@@ -89,6 +105,7 @@ def compression_to_ledger(*, organization_id: str, job_id: str, model: str, at: 
         source="jobs.compression",
         model=model,
         reference=job_id,
+        engagement_id=engagement_id,
     )
 
 

@@ -214,6 +214,9 @@ class LedgerEntry(OrganizationOwned):
     #: A price agreed at the source (a listing's royalty), overriding the price book.
     unit_price = models.DecimalField(max_digits=20, decimal_places=10, null=True, blank=True)
     per_units = models.PositiveBigIntegerField(null=True, blank=True)
+    #: Charged to a custom engagement's budget, not the organization's self-serve bill:
+    #: invoices, budgets and the usage and costs APIs leave these entries out.
+    engagement_id = models.CharField(max_length=40, null=True, blank=True)  # noqa: DJ001
 
     objects = LedgerManager()
     # Django internals (admin) read through this one: it refuses update/delete too.
@@ -226,6 +229,11 @@ class LedgerEntry(OrganizationOwned):
         ]
         indexes = [
             models.Index(fields=["organization", "occurred_at"], name="ledger_org_time"),
+            models.Index(
+                fields=["engagement_id"],
+                condition=models.Q(engagement_id__isnull=False),
+                name="ledger_engagement",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -30,7 +30,8 @@ from .prices import price_joins_sql, price_sql
 CENT = Decimal("0.01")
 
 # Every ledger charge of one organization (or all, when org is NULL) in [start, end),
-# grouped by meter, model and the price that applied. Earnings (royalties) excluded.
+# grouped by meter, model and the price that applied. Earnings (royalties) excluded, and
+# charges to custom engagements (billed by milestone, not on the self-serve invoice).
 _RATE = f"""
 SELECT l.organization_id, l.meter, l.model,
        COALESCE(l.unit_price, {price_sql("unit_price")}) AS unit_price,
@@ -41,6 +42,7 @@ FROM billing_ledgerentry l
 {price_joins_sql(meter="l.meter", model="l.model", at="l.occurred_at")}
 WHERE l.occurred_at >= %(start)s AND l.occurred_at < %(end)s
   AND l.meter <> 'royalty.tokens'
+  AND l.engagement_id IS NULL
   AND (%(org)s::varchar IS NULL OR l.organization_id = %(org)s::varchar)
 GROUP BY 1, 2, 3, 4, 5, 6
 ORDER BY 1, 2, 3, 4

@@ -66,6 +66,7 @@ def _bucketed(organization: Organization, window: Window, columns: dict[str, str
         LedgerEntry.objects.for_organization(organization)
         .filter(occurred_at__gte=window.start, occurred_at__lt=window.end)
         .exclude(meter=Meter.ROYALTY_TOKENS)
+        .filter(engagement_id__isnull=True)
         .annotate(
             bucket=DateBin(
                 Value(window.width, output_field=models.DurationField()),
@@ -123,6 +124,7 @@ def cost_buckets(
         LedgerEntry.objects.for_organization(organization)
         .filter(occurred_at__gte=window.start, occurred_at__lt=window.end)
         .exclude(meter=Meter.ROYALTY_TOKENS)
+        .filter(engagement_id__isnull=True)
     ).annotate(
         bucket=DateBin(
             Value(window.width, output_field=models.DurationField()),

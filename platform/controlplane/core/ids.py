@@ -125,3 +125,15 @@ def new_job_event_id() -> str:
 
 def new_checkpoint_id() -> str:
     return new_id("ftckpt").replace("ftckpt_", "ftckpt-", 1)
+
+
+def new_engagement_id() -> str:
+    return new_id("eng")
+
+
+def new_milestone_id() -> str:
+    return new_id("ms")
+
+
+def new_engagement_event_id() -> str:
+    return new_id("engevt")

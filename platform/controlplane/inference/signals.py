@@ -38,6 +38,8 @@ def _base_changed(sender: type, instance: BaseModel, **kwargs: Any) -> None:
 
 @receiver(job_succeeded, sender=Job)
 def _fine_tuned(sender: type, job: Job, model: CustomerModel, **kwargs: Any) -> None:
+    if model.hidden:
+        return  # an engagement's model: deployed when staff deliver it, if they ask
     deployment_ensure_serverless(organization=job.organization_id, model_id=model.pk)
 
 

@@ -137,7 +137,10 @@ class JobsApi(OrganizationApi):
     label = "fine-tuning job"
 
     def _job(self, job_id: str) -> Job:
-        return self.get_owned(Job, job_id, label=self.label, kind=self.kind)
+        # A custom engagement's job is run by staff for the customer: not theirs to see.
+        return self.get_owned(
+            Job, job_id, label=self.label, kind=self.kind, engagement_id__isnull=True
+        )
 
     def out(self, job: Job) -> dict[str, Any]:
         return job_out(job)
@@ -150,7 +153,7 @@ class JobListCreateApi(JobsApi):
     def get(self, request: Request) -> Response:
         queryset = (
             Job.objects.for_organization(self.organization)
-            .filter(kind=self.kind)
+            .filter(kind=self.kind, engagement_id__isnull=True)
             .select_related("base_model")
         )
         rows, has_more = paginate(queryset, request)

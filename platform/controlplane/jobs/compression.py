@@ -160,8 +160,12 @@ class CreateCompressionJobInput(StrictInputSerializer):
 # --- checks -------------------------------------------------------------------------------
 
 
-def _source(organization: Organization, model_id: str) -> tuple[BaseModel, CustomerModel | None]:
-    model = model_for_organization(organization=organization, model_id=model_id)
+def _source(
+    organization: Organization, model_id: str, engagement_id: str | None = None
+) -> tuple[BaseModel, CustomerModel | None]:
+    model = model_for_organization(
+        organization=organization, model_id=model_id, engagement_id=engagement_id
+    )
     if isinstance(model, BaseModel):
         return model, None
     return model.base, model
@@ -361,12 +365,19 @@ def estimate(
 # --- create -------------------------------------------------------------------------------
 
 
-def job_build(*, organization: Organization, user_id: str | None, data: dict[str, Any]) -> Job:
+def job_build(
+    *,
+    organization: Organization,
+    user_id: str | None,
+    data: dict[str, Any],
+    engagement_id: str | None = None,
+) -> Job:
     """Check everything the caller can get wrong, then create the job queued. Runs inside
-    `services.compression_job_create`'s transaction, which dispatches it on commit."""
+    `services.compression_job_create`'s transaction, which dispatches it on commit.
+    An engagement's job may compress that engagement's models not yet delivered."""
     method = data["method"]
     options = dict(data["options"])
-    base, source = _source(organization, data["model"])
+    base, source = _source(organization, data["model"], engagement_id)
     name = source.pk if source is not None else base.pk
     task = _task(base, source, data.get("task"))
     _check_pair(method, base, source, name)
@@ -413,6 +424,7 @@ def job_build(*, organization: Organization, user_id: str | None, data: dict[str
         estimated_price=price,
         estimated_seconds=seconds,
         created_by_id=user_id,
+        engagement_id=engagement_id,
     )
     event_add(job, f"Created compression job: {job.pk} ({method} of {name})")
     event_add(
@@ -505,6 +517,7 @@ def compression_succeeded(job: Job, d: dict[str, Any]) -> None:
         task=job.task,
         labels=job.labels,
         compression=compression,
+        engagement_id=job.engagement_id,
     )
     job.fine_tuned_model = model.pk
     report = d.get("report")
@@ -516,4 +529,5 @@ def compression_succeeded(job: Job, d: dict[str, Any]) -> None:
         job_id=job.pk,
         model=job.base_model_id,
         at=timezone.now(),
+        engagement_id=job.engagement_id,
     )

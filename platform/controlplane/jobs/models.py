@@ -115,6 +115,11 @@ class Job(OrganizationOwned):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    #: The custom engagement staff launched this job for (engagements sits above jobs: an id,
+    #: no foreign key). Such a job is billed to the engagement and hidden from the customer.
+    engagement_id = models.CharField(  # noqa: DJ001
+        max_length=40, null=True, blank=True, db_index=True
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -101,6 +101,7 @@ def _checkpoint(job: Job, step: int, uri: str, metrics: dict[str, Any]) -> None:
         artifact_kind="full" if job.adapter is None else "lora",
         task=job.task,
         labels=job.labels,
+        engagement_id=job.engagement_id,
     )
     JobCheckpoint.objects.for_organization(job.organization_id).get_or_create(
         job=job,
@@ -150,6 +151,7 @@ def _fine_tuned(job: Job, d: dict[str, Any]) -> bool:
         artifact_kind=str(d.get("artifact_kind") or ("full" if job.adapter is None else "lora")),
         task=job.task,
         labels=job.labels,
+        engagement_id=job.engagement_id,
     )
     job.fine_tuned_model = model.pk
     job_succeeded.send(sender=Job, job=job, model=model)
@@ -163,6 +165,7 @@ def _fine_tuned(job: Job, d: dict[str, Any]) -> bool:
         base_model=job.base_model_id,
         trained_tokens=job.trained_tokens,
         at=timezone.now(),
+        engagement_id=job.engagement_id,
     )
     return True
 

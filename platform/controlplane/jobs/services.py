@@ -82,9 +82,17 @@ def _check_capabilities(
 
 
 @transaction.atomic
-def job_create(*, organization: Organization, user_id: str | None, data: dict[str, Any]) -> Job:
+def job_create(
+    *,
+    organization: Organization,
+    user_id: str | None,
+    data: dict[str, Any],
+    engagement_id: str | None = None,
+) -> Job:
     """Check everything a user can get wrong now, then create the job in
-    `validating_files`; counting tokens and pricing happen in a control task."""
+    `validating_files`; counting tokens and pricing happen in a control task.
+    `engagement_id`: staff run it for a custom engagement (billed there, hidden from
+    the organization's job lists)."""
     base = _base_model(organization, data["model"])
     source: File | DatasetVersion
     training_file = None
@@ -156,6 +164,7 @@ def job_create(*, organization: Organization, user_id: str | None, data: dict[st
         labels=labels,
         gpus=data["gpus"],
         created_by_id=user_id,
+        engagement_id=engagement_id,
     )
     event_add(job, f"Created fine-tuning job: {job.pk}")
     log.info("jobs.created", job_id=job.pk, organization_id=organization.pk, model=base.pk)
@@ -165,11 +174,17 @@ def job_create(*, organization: Organization, user_id: str | None, data: dict[st
 
 @transaction.atomic
 def compression_job_create(
-    *, organization: Organization, user_id: str | None, data: dict[str, Any]
+    *,
+    organization: Organization,
+    user_id: str | None,
+    data: dict[str, Any],
+    engagement_id: str | None = None,
 ) -> Job:
     """A compression job, checked and queued (compression.job_build); nothing is stored or
     queued when a check fails."""
-    job = compression.job_build(organization=organization, user_id=user_id, data=data)
+    job = compression.job_build(
+        organization=organization, user_id=user_id, data=data, engagement_id=engagement_id
+    )
     dispatch.schedule_dispatch()
     return job
 
@@ -281,3 +296,63 @@ def job_resume(*, job: Job) -> Job:
     event_add(job, f"Fine-tuning job resumed{where}")
     dispatch.schedule_dispatch()
     return job
+
+
+def _retry_request(job: Job) -> dict[str, Any]:
+    """The create request that makes a job with `job`'s inputs (the validated shape the
+    create services take), so a retry passes every check a new job passes, against the
+    data as it is now (a file deleted or a partner's grant revoked since is refused)."""
+    data: dict[str, Any] = {
+        "seed": job.seed,
+        "suffix": job.suffix,
+        "metadata": dict(job.metadata or {}),
+        "task": job.task,
+    }
+    if job.training_file_id:
+        data["training_file"] = job.training_file_id
+    elif job.dataset_version_id:
+        data["dataset"] = job.dataset_version_id
+    if job.validation_file_id:
+        data["validation_file"] = job.validation_file_id
+    if job.kind == JobKind.COMPRESSION:
+        data["model"] = job.source_model_id or job.base_model_id
+        data["method"] = job.method
+        data["options"] = dict(job.requested_hyperparameters)
+    else:
+        data["model"] = job.base_model_id
+        data["method"] = {
+            "type": job.method,
+            job.method: {"hyperparameters": dict(job.requested_hyperparameters)},
+        }
+        data["adapter"] = job.adapter if job.adapter is not None else {"type": "full"}
+        data["gpus"] = job.gpus
+    return data
+
+
+@transaction.atomic
+def job_retry(*, job: Job) -> Job:
+    """Run a failed or cancelled job again, as a new job with the same inputs (files,
+    dataset, model, method, hyperparameters as asked, seed, suffix, metadata).
+
+    A new job rather than the old one re-queued: the failed job, its events, attempts
+    and error stay as they were (what support and the customer read), the new job is
+    checked, priced and billed on its own, and each names the other in an event.
+    """
+    job = Job.objects.locked(job)
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise Conflict(
+            f"Job '{job.pk}' is {job.status}; only a failed or cancelled job can be retried.",
+            code="job_not_retryable",
+        )
+    organization = Organization.objects.get(pk=job.organization_id)
+    create = compression_job_create if job.kind == JobKind.COMPRESSION else job_create
+    retry = create(
+        organization=organization,
+        user_id=job.created_by_id,
+        data=_retry_request(job),
+        engagement_id=job.engagement_id,
+    )
+    event_add(job, f"{_label(job)} retried as {retry.pk}", data={"retried_as": retry.pk})
+    event_add(retry, f"{_label(retry)} retrying {job.pk}", data={"retry_of": job.pk})
+    log.info("jobs.retried", job_id=job.pk, retry_id=retry.pk, organization_id=organization.pk)
+    return retry

@@ -58,6 +58,8 @@ def ledger_spend(
         LedgerEntry.objects.for_organization(organization_id)
         .filter(occurred_at__gte=start, occurred_at__lt=end)
         .exclude(meter__in=EARNING_METERS)
+        # A custom engagement's charges are the engagement's budget, not the organization's.
+        .filter(engagement_id__isnull=True)
     )
     if meters is not None:
         entries = entries.filter(meter__in=list(meters))

@@ -6,11 +6,17 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.safestring import SafeString
 
+from controlplane.audit.admin import count_of, report_html
 from controlplane.audit.services import Actor, audit_record
 
 from . import services
 from .models import BaseModel, CustomerModel
+
+
+def _has_field(model: type[Any], name: str) -> bool:
+    return any(f.name == name for f in model._meta.get_fields())
 
 
 @admin.register(BaseModel)
@@ -23,6 +29,7 @@ class BaseModelAdmin(admin.ModelAdmin[BaseModel]):
         "family",
         "context_length",
         "price_per_1k_training_tokens",
+        "customer_models",
         "is_active",
         "created_at",
     )
@@ -44,6 +51,14 @@ class BaseModelAdmin(admin.ModelAdmin[BaseModel]):
     )
     readonly_fields = ("id", "family", "context_length", "uri", "created_at")
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[BaseModel]:
+        models = count_of(CustomerModel._plain.filter(deleted_at__isnull=True), "base")
+        return super().get_queryset(request).annotate(model_count=models)
+
+    @admin.display(description="Customer models", ordering="model_count")
+    def customer_models(self, obj: Any) -> int:
+        return int(obj.model_count)
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -56,21 +71,57 @@ class BaseModelAdmin(admin.ModelAdmin[BaseModel]):
 class CustomerModelAdmin(admin.ModelAdmin[CustomerModel]):
     """Read-only; deletion is the same soft delete as the API's, recorded in the audit log."""
 
-    list_display = ("id", "organization", "base", "kind", "version", "created_at", "deleted_at")
+    list_display = (
+        "id",
+        "organization",
+        "base",
+        "kind",
+        "version",
+        "step",
+        "task",
+        "artifact_kind",
+        "compressed",
+        "job_id",
+        "created_at",
+        "deleted_at",
+    )
     list_filter = (
         "kind",
         "artifact_kind",
         "task",
         "base",
         ("deleted_at", admin.EmptyFieldListFilter),
+        "created_at",
     )
-    search_fields = ("id", "job_id", "organization__name", "organization__id")
+    search_fields = ("id", "job_id", "suffix", "organization__name", "organization__id")
     list_select_related = ("organization", "base")
     date_hierarchy = "created_at"
     actions = ["soft_delete"]
 
+    # A model an engagement built is hidden from its organization until delivered.
+    def get_list_display(self, request: HttpRequest) -> Any:
+        if _has_field(CustomerModel, "engagement_id"):
+            return (*self.list_display, "engagement_id", "delivered_at")
+        return self.list_display
+
+    def get_list_filter(self, request: HttpRequest) -> Any:
+        if _has_field(CustomerModel, "engagement_id"):
+            return (*self.list_filter, ("engagement_id", admin.EmptyFieldListFilter))
+        return self.list_filter
+
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [field.name for field in CustomerModel._meta.fields]
+        return [field.name for field in CustomerModel._meta.fields] + ["compression_report"]
+
+    @admin.display(description="Compressed", boolean=True)
+    def compressed(self, obj: CustomerModel) -> bool:
+        return obj.compression is not None
+
+    @admin.display(description="Compression")
+    def compression_report(self, obj: CustomerModel) -> SafeString:
+        return report_html(obj.compression)
+
+    def has_soft_delete_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("modelregistry.delete_customermodel")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -82,7 +133,10 @@ class CustomerModelAdmin(admin.ModelAdmin[CustomerModel]):
         # Staff tooling crosses tenants on purpose.
         return CustomerModel.objects.dangerously_unscoped().select_related("organization", "base")
 
-    @admin.action(description="Delete selected models (and their stored artifacts)")
+    @admin.action(
+        description="Delete selected models (and their stored artifacts)",
+        permissions=["soft_delete"],
+    )
     def soft_delete(self, request: HttpRequest, queryset: QuerySet[CustomerModel]) -> None:
         actor = Actor.from_request(request)
         live = list(queryset.filter(deleted_at__isnull=True))

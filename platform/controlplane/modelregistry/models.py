@@ -91,6 +91,12 @@ class CustomerModel(OrganizationOwned):
     )
     #: How a compressed model was made: {"method", "source", "weights"?, ...}; None otherwise.
     compression = models.JSONField(null=True, blank=True)
+    #: Made by a job of a custom engagement: hidden from the organization (not listed, not
+    #: callable, not auto-deployed) until staff deliver it (`delivered_at`).
+    engagement_id = models.CharField(  # noqa: DJ001
+        max_length=40, null=True, blank=True, db_index=True
+    )
+    delivered_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
 
@@ -113,6 +119,11 @@ class CustomerModel(OrganizationOwned):
         """Its weights are quantized (int8, fp8, bf16): it can be served, not pruned or
         distilled again (those train, and train on full-precision weights)."""
         return isinstance(self.compression, dict) and self.compression.get("method") == "quantize"
+
+    @property
+    def hidden(self) -> bool:
+        """An engagement's model not delivered yet: its organization cannot see it."""
+        return bool(self.engagement_id) and self.delivered_at is None
 
 
 def new_estimate_id() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from controlplane.core.errors import NotFound
 from controlplane.tenancy.models import Organization
@@ -34,10 +34,18 @@ def base_models_active() -> QuerySet[BaseModel]:
     return BaseModel.objects.filter(is_active=True).order_by("id")
 
 
-def customer_models_live(organization: Organization | str) -> QuerySet[CustomerModel]:
+def customer_models_live(
+    organization: Organization | str, *, engagement_id: str | None = None
+) -> QuerySet[CustomerModel]:
+    """The organization's models that are not deleted and not hidden: a custom engagement's
+    model is the organization's once staff deliver it. With `engagement_id`, that
+    engagement's undelivered models too (staff compressing what the engagement made)."""
+    visible = Q(engagement_id__isnull=True) | Q(delivered_at__isnull=False)
+    if engagement_id:
+        visible |= Q(engagement_id=engagement_id)
     return (
         CustomerModel.objects.for_organization(organization)
-        .filter(deleted_at__isnull=True)
+        .filter(visible, deleted_at__isnull=True)
         .select_related("base")
     )
 
@@ -59,14 +67,19 @@ def base_model_get(model_id: str) -> BaseModel:
 
 
 def model_for_organization(
-    *, organization: Organization | str, model_id: str
+    *, organization: Organization | str, model_id: str, engagement_id: str | None = None
 ) -> BaseModel | CustomerModel:
     """A base model, or one of the organization's own customer models; `model_not_found`
-    for anything else, whether it does not exist or belongs to another organization."""
+    for anything else, whether it does not exist or belongs to another organization
+    (or is an engagement's model not yet delivered, unless `engagement_id` names it)."""
     if not isinstance(model_id, str) or not _PLAUSIBLE_ID.match(model_id):
         raise model_not_found(str(model_id))
     if model_id.startswith("ft:"):
-        customer = customer_models_live(organization).filter(pk=model_id).first()
+        customer = (
+            customer_models_live(organization, engagement_id=engagement_id)
+            .filter(pk=model_id)
+            .first()
+        )
         if customer is not None:
             return customer
         raise model_not_found(model_id)

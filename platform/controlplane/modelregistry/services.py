@@ -81,6 +81,7 @@ def customer_model_register(
     task: str,
     labels: Sequence[str],
     compression: dict[str, Any] | None = None,
+    engagement_id: str | None = None,
 ) -> CustomerModel:
     """Record a fine-tuned model (kind "final"), one of its checkpoints (kind "checkpoint"),
     or a compressed model (kind "compressed", with `compression` saying how it was made).
@@ -90,7 +91,8 @@ def customer_model_register(
     `version` is 1 + the number of final models this organization already has
     for the same base model and suffix (from other jobs, deleted ones included,
     so numbers are never reused); a checkpoint carries the version its job's
-    final model gets.
+    final model gets. A model of an engagement's job (`engagement_id`) stays hidden
+    from the organization until it is delivered.
     """
     suffix = suffix or ""
     if not _SUFFIX_RE.match(suffix):
@@ -145,6 +147,7 @@ def customer_model_register(
         labels=list(labels),
         version=earlier + 1,
         compression=compression,
+        engagement_id=engagement_id or None,
     )
     log.info("modelregistry.model_registered", model_id=model_id, job_id=job_id, kind=kind)
     return model

@@ -5,6 +5,11 @@
 `ainference_refusal()` answers a 402 `billing_suspended` error naming the invoice
 and where to pay it. `invoice.paid` resolves the row and service resumes.
 
+Staff suspend an organization by hand (the admin's "suspend") with a dunning row of their
+own (`STAFF_SUSPENSION_PREFIX`, no Stripe invoice behind it) whose grace period is over
+at once, and restore service by resolving the open rows (`organization_suspend`,
+`organization_restore`): one mechanism, one cache, one check on the request path.
+
 `ainference_refusal()` runs on every inference request, so it never calls
 Stripe and rarely the database: each process caches, per organization, the
 earliest open grace deadline for PAYMENTS_STANDING_CACHE_SECONDS. The cached
@@ -67,9 +72,20 @@ def _load(organization_id: str) -> _Standing:
     return _Standing(*row) if row else _Standing(None)
 
 
+#: The `stripe_invoice_id` of a dunning row staff opened to suspend an organization by hand.
+STAFF_SUSPENSION_PREFIX = "staff-suspension:"
+
+
 def _verdict(standing: _Standing, now: datetime | None) -> ApiError | None:
     if standing.suspend_at is None or (now or timezone.now()) < standing.suspend_at:
         return None
+    if standing.stripe_invoice_id.startswith(STAFF_SUSPENSION_PREFIX):
+        return ApiError(
+            f"Inference is suspended for this organization by Atelier staff since "
+            f"{standing.suspend_at:%Y-%m-%d %H:%M} UTC. Contact support to have it restored.",
+            status_code=403,
+            code="organization_suspended",
+        )
     amount = (
         f" ({standing.amount_due / 100:.2f} {standing.currency.upper()})"
         if standing.amount_due
@@ -165,3 +181,38 @@ def dunning_resolve(*, organization: Organization, invoice: dict[str, object], a
         log.info("payments.dunning_resolved", organization_id=organization.pk, invoice=invoice_id)
         return "service_restored"
     return "paid"
+
+
+@transaction.atomic
+def organization_suspend(*, organization: Organization, at: datetime | None = None) -> str | None:
+    """Staff suspend inference now. Returns the suspension's id, or None when the
+    organization is already suspended by staff (nothing is added)."""
+    when = at or timezone.now()
+    Organization.objects.select_for_update().get(pk=organization.pk)  # one suspension at a time
+    open_rows = Dunning.objects.for_organization(organization).filter(resolved_at__isnull=True)
+    if open_rows.filter(stripe_invoice_id__startswith=STAFF_SUSPENSION_PREFIX).exists():
+        return None
+    suspension = f"{STAFF_SUSPENSION_PREFIX}{organization.pk}:{int(when.timestamp() * 1000)}"
+    Dunning.objects.create(
+        organization=organization,
+        stripe_invoice_id=suspension,
+        started_at=when,
+        grace_ends_at=when,
+    )
+    _clear_on_commit(organization.pk)
+    log.info("payments.organization_suspended", organization_id=organization.pk)
+    return suspension
+
+
+@transaction.atomic
+def organization_restore(*, organization: Organization, at: datetime | None = None) -> list[str]:
+    """Staff restore service: every open dunning of the organization is resolved, a staff
+    suspension or an unpaid invoice's (staff waive it; a later failure of that same
+    invoice does not reopen it). Returns what was resolved (invoice or suspension ids)."""
+    open_rows = Dunning.objects.for_organization(organization).filter(resolved_at__isnull=True)
+    resolved = list(open_rows.order_by("started_at").values_list("stripe_invoice_id", flat=True))
+    if resolved:
+        open_rows.update(resolved_at=at or timezone.now())
+        _clear_on_commit(organization.pk)
+        log.info("payments.organization_restored", organization_id=organization.pk)
+    return resolved

@@ -43,6 +43,7 @@ from controlplane.core.asgi_limits import BodyTooLarge, Receive, Scope, Send
 from controlplane.core.errors import ApiError, error_parts
 from controlplane.core.requestid import HEADER, request_id_from
 from controlplane.core.serializers import validated_reusing
+from controlplane.inference import request_errors
 from controlplane.tenancy.apis_base import scope_require
 from controlplane.tenancy.models import Organization
 from jobcontracts.inference import InferenceRequest, ModelRef, Reply
@@ -96,6 +97,8 @@ class Call:
                 status, body, headers = error_parts(exc)
                 await self._respond(status, body, headers)
         finally:
+            if self.status >= 400:  # what the staff dashboard counts (no usage is reported)
+                _background(request_errors.arecord(self.status))
             log.info(
                 "http.request",
                 method="POST",

@@ -36,6 +36,8 @@ INSTALLED_APPS = [
     "controlplane.billing",
     "controlplane.payments",
     "controlplane.limits",
+    "controlplane.engagements",
+    "controlplane.staff",
 ]
 
 MIDDLEWARE = [

@@ -155,7 +155,11 @@ class AuditLogListApi(OrganizationApi):
 
     @extend_schema(responses={200: dict})
     def get(self, request: Request) -> Response:
-        queryset = AuditLog.objects.for_organization(self.organization)
+        # Staff's work on a custom engagement is the platform's record (it names staff);
+        # the customer follows it at /v1/engagements.
+        queryset = AuditLog.objects.for_organization(self.organization).exclude(
+            action__startswith="engagement."
+        )
         for param, field in _AUDIT_FILTERS.items():
             value = request.query_params.get(param)
             if value:

@@ -102,6 +102,8 @@ class OrganizationApi(APIView):
     ) -> M:
         """The caller's object with this id (and `conditions`), or the one 404 for all misses."""
         try:
+            if "\x00" in pk:  # PostgreSQL refuses NUL in text: no id holds one
+                raise ValueError(pk)
             return cast(
                 M, model.objects.for_organization(self.organization).get(pk=pk, **conditions)
             )

@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class EngagementsConfig(AppConfig):
+    name = "controlplane.engagements"
+    label = "engagements"
+    verbose_name = "Custom engagements"
