@@ -287,3 +287,33 @@ def test_the_front_door_counts_the_requests_it_refuses(alice: Person) -> None:
     assert bad.status_code == 400
     assert request_errors.errors_since(minutes=1) == {400: 1, 401: 1}
     assert not UsageRecord.objects.dangerously_unscoped().exists()
+
+
+def test_engagement_milestones_billed_this_month_are_revenue(
+    staff: Client, alice: Person, base: BaseModel, prices: None
+) -> None:
+    """Milestones are billed in Stripe on their own (never through the month's usage
+    invoice): the dashboard counts those billed this month, not last month's or unbilled."""
+    from controlplane.engagements.models import Milestone, MilestoneStatus
+    from tests.support.engagements import engagement_for
+
+    engagement = engagement_for(alice)
+    now = timezone.now()
+    for title, amount, status, billed_at in (
+        ("Prototype", "1500.00", MilestoneStatus.BILLED, now),
+        ("Pilot", "250.00", MilestoneStatus.BILLED, now),
+        ("Scoping", "99.00", MilestoneStatus.BILLED, now.replace(day=1) - timedelta(days=3)),
+        ("Rollout", "5000.00", MilestoneStatus.ACCEPTED, None),
+    ):
+        Milestone.objects.create(
+            organization=alice.organization,
+            engagement=engagement,
+            title=title,
+            amount=Decimal(amount),
+            status=status,
+            billed_at=billed_at,
+        )
+
+    revenue = section(staff.get("/admin/dashboard/").content.decode(), "revenue-mtd")
+
+    assert (cell(revenue, "milestones"), cell(revenue, "milestones-amount")) == ("2", "$1750.00")

@@ -31,7 +31,7 @@ from controlplane.modelregistry.models import CustomerModel, ModelKind
 from controlplane.payments import gateway
 from controlplane.tenancy.models import Organization
 
-from .estimates import Estimate, compression_estimate, fine_tuning_estimate
+from .estimates import Estimate, compression_estimate, fine_tuning_estimate, job_estimate
 from .models import (
     BILLABLE,
     DELIVERABLE,
@@ -312,6 +312,27 @@ def engagement_job_launch(
 
 
 # --- delivery -------------------------------------------------------------------------------
+
+
+def engagement_job_retry_check(job: Job) -> None:
+    """Before a job is retried (the job admin's retry, `jobs.services.job_retry`, which calls
+    this through the check registered in `EngagementsConfig.ready`): an engagement's job is
+    retried only while the engagement is active and when its estimate (the same inputs, so
+    the failed job's own estimate) still fits the budget, exactly as a launch is checked."""
+    if not job.engagement_id:
+        return
+    engagement = (
+        Engagement.objects.for_organization(job.organization_id)
+        .select_for_update()
+        .get(pk=job.engagement_id)
+    )
+    if engagement.status not in LAUNCHABLE:
+        raise Conflict(
+            f"Jobs are retried for an active engagement; '{engagement.pk}' is "
+            f"'{engagement.status}'. Move it to active first.",
+            code="engagement_not_active",
+        )
+    budget_check(engagement_budget(engagement), job_estimate(job))
 
 
 @transaction.atomic

@@ -7,6 +7,7 @@ dispatch.py; applying worker reports in reports.py.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -329,6 +330,17 @@ def _retry_request(job: Job) -> dict[str, Any]:
     return data
 
 
+#: Checks an upper app registers in its AppConfig.ready() to run before a job is retried,
+#: inside the retry's transaction; each raises an ApiError to refuse. The engagements app
+#: checks an engagement's job against the engagement's budget and status.
+_retry_checks: list[Callable[[Job], None]] = []
+
+
+def retry_check_register(check: Callable[[Job], None]) -> None:
+    if check not in _retry_checks:
+        _retry_checks.append(check)
+
+
 @transaction.atomic
 def job_retry(*, job: Job) -> Job:
     """Run a failed or cancelled job again, as a new job with the same inputs (files,
@@ -344,6 +356,8 @@ def job_retry(*, job: Job) -> Job:
             f"Job '{job.pk}' is {job.status}; only a failed or cancelled job can be retried.",
             code="job_not_retryable",
         )
+    for check in _retry_checks:
+        check(job)
     organization = Organization.objects.get(pk=job.organization_id)
     create = compression_job_create if job.kind == JobKind.COMPRESSION else job_create
     retry = create(

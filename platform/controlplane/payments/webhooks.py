@@ -35,6 +35,7 @@ from controlplane.tenancy.models import Organization
 
 from . import access, services
 from .models import StripeCustomer, StripeEvent
+from .signals import stripe_invoice_settled
 
 log = structlog.get_logger(__name__)
 
@@ -91,10 +92,12 @@ def _ledger_invoice_paid(org: Organization, obj: dict[str, Any]) -> None:
 
 def _invoice_paid(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
     _ledger_invoice_paid(org, obj)
+    stripe_invoice_settled.send(sender=None, organization=org, invoice=obj, status="paid")
     return access.dunning_resolve(organization=org, invoice=obj, at=_when(event))
 
 
 def _invoice_payment_failed(org: Organization, obj: dict[str, Any], event: dict[str, Any]) -> str:
+    stripe_invoice_settled.send(sender=None, organization=org, invoice=obj, status="payment_failed")
     return access.dunning_start(organization=org, invoice=obj, at=_when(event))
 
 

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from controlplane.billing.models import Invoice, InvoiceStatus
 from controlplane.billing.rating import month_bounds, usage_lines_all
+from controlplane.engagements.models import Milestone, MilestoneStatus
 from controlplane.inference import request_errors
 from controlplane.inference.models import UsageRecord, UsageStatus
 from controlplane.jobs.models import Job, JobStatus
@@ -163,11 +164,15 @@ class Revenue:
     paid_amount: Decimal
     open_invoices: int
     open_amount: Decimal
+    #: Engagement milestones billed this month (invoiced in Stripe on their own).
+    milestones_billed: int = 0
+    milestones_amount: Decimal = Decimal("0.00")
 
 
 def revenue_month_to_date(*, now: datetime) -> Revenue:
-    """The month so far: the ledger rated as invoicing rates it (one query), and the
-    invoices issued this month (last month's bills), paid and open."""
+    """The month so far: the ledger rated as invoicing rates it (one query; engagement
+    work is not self-serve usage and is left out), the invoices issued this month (last
+    month's bills), paid and open, and the engagement milestones billed this month."""
     start, _ = month_bounds(now.date())
     by_org: dict[str, Decimal] = defaultdict(Decimal)
     by_meter: dict[str, Decimal] = defaultdict(Decimal)
@@ -187,6 +192,11 @@ def revenue_month_to_date(*, now: datetime) -> Revenue:
             open_amount=Sum("total", filter=Q(status=InvoiceStatus.OPEN)),
         )
     )
+    milestones = (
+        Milestone.objects.dangerously_unscoped()
+        .filter(status=MilestoneStatus.BILLED, billed_at__gte=start, billed_at__lte=now)
+        .aggregate(count=Count("id"), amount=Sum("amount"))
+    )
     return Revenue(
         start=start,
         end=now,
@@ -197,6 +207,8 @@ def revenue_month_to_date(*, now: datetime) -> Revenue:
         paid_amount=invoices["paid_amount"] or Decimal("0.00"),
         open_invoices=invoices["open"],
         open_amount=invoices["open_amount"] or Decimal("0.00"),
+        milestones_billed=milestones["count"],
+        milestones_amount=milestones["amount"] or Decimal("0.00"),
     )
 
 

@@ -159,3 +159,36 @@ def test_billing_needs_stripe(
         services.engagement_milestone_bill(milestone=milestone, actor=actor_of(engagement.owner))
     assert refused.value.code == "billing_disabled"
     assert Milestone.objects.for_organization(alice.organization).get().status == "pending"
+
+
+def test_a_milestone_follows_its_invoice_paid_later_through_the_webhook(
+    alice: Person, engagement: Engagement, milestone: Milestone, stripe: LocalStripe
+) -> None:
+    """The card declines, so the milestone's invoice stays open; the customer pays it on
+    Stripe's page later and the verified `invoice.paid` webhook marks the milestone paid,
+    once (a redelivered event adds no second customer event)."""
+    from tests.controlplane.payments import events
+
+    customer = billable(stripe, alice, "4000000000000341")  # every charge declined
+    billed = services.engagement_milestone_bill(
+        milestone=milestone, actor=actor_of(engagement.owner)
+    )
+    assert billed.stripe_invoice_status == "open"
+    paid = {
+        "id": billed.stripe_invoice_id,
+        "object": "invoice",
+        "customer": customer,
+        "status": "paid",
+        "metadata": {"atelier_invoice_id": milestone.billing_key},
+    }
+    event = events.event("invoice.paid", paid)
+
+    assert events.deliver(event).status_code == 200
+    assert events.deliver(event).status_code == 200
+
+    stored = Milestone.objects.for_organization(alice.organization).get(pk=milestone.pk)
+    assert stored.stripe_invoice_status == "paid"
+    said = EngagementEvent.objects.for_organization(alice.organization).filter(
+        kind="billing", message__contains="was paid"
+    )
+    assert said.count() == 1

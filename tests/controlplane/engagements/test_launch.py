@@ -284,3 +284,32 @@ def test_the_engagement_compresses_its_own_undelivered_model_the_customer_cannot
             data={"model": model_id, "method": "quantize"},
             actor=actor_of(staff),
         )
+
+
+def test_a_retried_engagement_job_is_checked_against_the_budget_like_a_launch(
+    alice: Person, engagement: Engagement, launch: Launch, chat_file: str
+) -> None:
+    """The job admin's retry (jobs.services.job_retry) runs the engagement's check: a
+    cancelled job whose estimate no longer fits is refused and nothing is created; with
+    room it becomes a new job of the same engagement."""
+    from controlplane.jobs.services import job_cancel, job_retry
+
+    expected = _estimate(alice, chat_file)
+    job = job_cancel(job=launch(engagement))
+    rows = Engagement.objects.for_organization(alice.organization).filter(pk=engagement.pk)
+    rows.update(budget_tokens=expected.tokens - 1)
+
+    with pytest.raises(Conflict) as refused:
+        job_retry(job=job)
+    assert refused.value.code == "budget_exceeded"
+    assert Job.objects.for_organization(alice.organization).count() == 1
+
+    rows.update(budget_tokens=expected.tokens, status="delivered")
+    with pytest.raises(Conflict, match="Move it to active first"):
+        job_retry(job=job)
+    assert Job.objects.for_organization(alice.organization).count() == 1
+
+    rows.update(status="active")
+    retry = job_retry(job=job)
+    assert retry.pk != job.pk
+    assert retry.engagement_id == engagement.pk
