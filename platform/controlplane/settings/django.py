@@ -37,6 +37,7 @@ INSTALLED_APPS = [
     "controlplane.payments",
     "controlplane.limits",
     "controlplane.engagements",
+    "controlplane.batches",
     "controlplane.staff",
 ]
 
