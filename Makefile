@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 export PORT
 
-.PHONY: install run superuser demo test lint bench clean
+.PHONY: install run superuser demo test browser-test lint bench clean
 
 # Local runs choose the local settings; anything started without DJANGO_SETTINGS_MODULE
 # gets controlplane.settings.production, which refuses to start unconfigured.
@@ -39,6 +39,13 @@ demo: install
 test: install
 	@$(BIN)/python tests/preflight.py
 	$(BIN)/pytest
+
+## make browser-test: Playwright drives Debian's headless chromium through the admin, on real processes (kept out of `make test` for time); screenshots in tests/browser/artifacts/
+browser-test: install
+	@test -x /usr/bin/chromium || { echo "make browser-test: /usr/bin/chromium is missing; install Debian's: apt-get install -y chromium" >&2; exit 1; }
+	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[browser]'
+	@$(BIN)/python tests/preflight.py
+	$(BIN)/pytest tests/browser
 
 lint: install
 	$(BIN)/ruff check .

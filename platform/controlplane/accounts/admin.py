@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db import transaction
 from django.db.models import Q, QuerySet
@@ -113,7 +114,7 @@ class UserAdmin(DjangoUserAdmin[User]):
     ) -> HttpResponse:
         response = super().user_change_password(request, id, form_url)
         if request.method == "POST" and response.status_code == 302:
-            user = self.get_object(request, id)
+            user = self.get_object(request, unquote(id))
             if user is not None:
                 self._audit(request, user, "password_changed", {})
         return response

@@ -16,6 +16,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import F, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
@@ -196,6 +197,14 @@ class BudgetUsedFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _shown(value: object) -> object:
+    """Budget figures as staff read them: money to 4 decimals (sub-cent spend stays visible,
+    not 0.01404800000000000000), counts as they are."""
+    if isinstance(value, Decimal):
+        return value.quantize(Decimal("0.0001"))
+    return value
+
+
 @admin.register(Engagement)
 class EngagementAdmin(admin.ModelAdmin[Engagement]):
     change_form_template = "admin/engagements/engagement/change_form.html"
@@ -290,7 +299,7 @@ class EngagementAdmin(admin.ModelAdmin[Engagement]):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        engagement = self.get_object(request, object_id)
+        engagement = self.get_object(request, unquote(object_id))
         context = dict(extra_context or {})
         if engagement is not None and self.has_view_or_change_permission(request, engagement):
             context.update(self._panel(request, engagement))
@@ -309,9 +318,10 @@ class EngagementAdmin(admin.ModelAdmin[Engagement]):
             "budget_rows": [
                 (
                     label,
-                    getattr(budget.spent, name),
-                    getattr(budget.committed, name),
-                    getattr(budget.limit, name),
+                    *(
+                        _shown(getattr(part, name))
+                        for part in (budget.spent, budget.committed, budget.limit)
+                    ),
                 )
                 for label, name in rows
             ],
@@ -349,7 +359,7 @@ class EngagementAdmin(admin.ModelAdmin[Engagement]):
     def _allowed(self, request: HttpRequest, object_id: str, action: str) -> Engagement:
         """The engagement, if the staff member may see it and has the action's permission;
         403 otherwise (404 for no such engagement)."""
-        engagement = self.get_object(request, object_id)
+        engagement = self.get_object(request, unquote(object_id))
         if engagement is None:
             raise Http404(f"No engagement with id '{object_id}'.")
         if not self.has_view_or_change_permission(request, engagement):
@@ -360,7 +370,7 @@ class EngagementAdmin(admin.ModelAdmin[Engagement]):
 
     def _back(self, engagement: Engagement) -> HttpResponseRedirect:
         return HttpResponseRedirect(
-            reverse("admin:engagements_engagement_change", args=[engagement.pk])
+            reverse("admin:engagements_engagement_change", args=[quote(engagement.pk)])
         )
 
     def transition_view(self, request: HttpRequest, object_id: str) -> HttpResponse:

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
@@ -185,7 +186,7 @@ class JobAdmin(admin.ModelAdmin[Job]):
         return own + super().get_urls()  # before the catch-all `<path:object_id>/`
 
     def _job(self, request: HttpRequest, object_id: str) -> Job:
-        job = self.get_object(request, object_id)
+        job = self.get_object(request, unquote(object_id))
         if job is None:
             raise Http404(f"No job with id '{object_id}'.")
         if not self.has_view_permission(request, job):
@@ -199,7 +200,7 @@ class JobAdmin(admin.ModelAdmin[Job]):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        job = self.get_object(request, object_id)
+        job = self.get_object(request, unquote(object_id))
         context = dict(extra_context or {})
         if job is not None and self.has_view_permission(request, job):
             context.update(self._page(request, job))

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.contrib.admin.utils import quote
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -32,7 +33,8 @@ LIST = "/admin/engagements/engagement/"
 
 
 def url(engagement: Engagement, action: str = "change") -> str:
-    return f"{LIST}{engagement.pk}/{action}/"
+    """As the admin links to it: the pk quoted (`eng_…` is `eng_5F…` in admin URLs)."""
+    return f"{LIST}{quote(engagement.pk)}/{action}/"
 
 
 def logged_in(user: User) -> Client:
