@@ -3,6 +3,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from controlplane.accounts import apis as accounts
+from controlplane.batches import apis as batches
 from controlplane.billing import apis as billing
 from controlplane.core import apis as core
 from controlplane.core import health
@@ -56,6 +57,9 @@ v1 = [
         deployments.InferenceUsageListApi.as_view(),
         name="inference-usage",
     ),
+    path("v1/batches", batches.BatchListCreateApi.as_view(), name="batches"),
+    path("v1/batches/<str:batch_id>", batches.BatchDetailApi.as_view(), name="batch-detail"),
+    path("v1/batches/<str:batch_id>/cancel", batches.BatchCancelApi.as_view(), name="batch-cancel"),
     path("v1/files", datasets.FileListCreateApi.as_view(), name="files"),
     path("v1/files/<str:file_id>", datasets.FileDetailApi.as_view(), name="file-detail"),
     path("v1/files/<str:file_id>/content", datasets.FileContentApi.as_view(), name="file-content"),
@@ -119,6 +123,7 @@ v1 = [
     path("v1/models", models.ModelListApi.as_view(), name="models"),
     # Model ids hold colons (`ft:base:org:suffix:job`): <path:> takes any id, and an
     # impossible one is the same 404 `model_not_found` as an unknown one.
+    path("v1/models/<str:model_id>/card", models.ModelCardApi.as_view(), name="model-card"),
     path("v1/models/<path:model_id>", models.ModelDetailApi.as_view(), name="model-detail"),
     path("v1/fine_tuning/jobs", jobs.JobListCreateApi.as_view(), name="fine-tuning-jobs"),
     path(
@@ -166,6 +171,22 @@ v1 = [
         "v1/compression/jobs/<str:job_id>/report",
         jobs.CompressionJobReportApi.as_view(),
         name="compression-job-report",
+    ),
+    path("v1/evaluations", jobs.EvaluationListCreateApi.as_view(), name="evaluations"),
+    path(
+        "v1/evaluations/<str:job_id>",
+        jobs.EvaluationDetailApi.as_view(),
+        name="evaluation-detail",
+    ),
+    path(
+        "v1/evaluations/<str:job_id>/cancel",
+        jobs.EvaluationCancelApi.as_view(),
+        name="evaluation-cancel",
+    ),
+    path(
+        "v1/evaluations/<str:job_id>/events",
+        jobs.EvaluationEventListApi.as_view(),
+        name="evaluation-events",
     ),
     path("v1/chat/completions", inference.ChatCompletionsApi.as_view(), name="chat-completions"),
     path("v1/completions", inference.CompletionsApi.as_view(), name="completions"),

@@ -6,6 +6,7 @@ import pytest
 
 from controlplane.accounts.models import APIKey
 from controlplane.audit.models import AuditLog
+from controlplane.batches.models import Batch
 from controlplane.billing.models import (
     CreditGrant,
     Invoice,
@@ -24,6 +25,7 @@ from controlplane.datasets.models import (
     Upload,
     UploadPart,
 )
+from controlplane.engagements.models import Engagement, EngagementEvent, Milestone
 from controlplane.inference.models import Deployment, UsageRecord
 from controlplane.jobs.models import Job, JobCheckpoint, JobEvent
 from controlplane.limits.models import Budget, BudgetAlert, KeyLimits
@@ -66,6 +68,10 @@ OWNED = [
     Subscription,
     Dunning,
     StripeInvoice,
+    Engagement,
+    Milestone,
+    EngagementEvent,
+    Batch,
 ]
 
 

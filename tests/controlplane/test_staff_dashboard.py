@@ -317,3 +317,15 @@ def test_engagement_milestones_billed_this_month_are_revenue(
     revenue = section(staff.get("/admin/dashboard/").content.decode(), "revenue-mtd")
 
     assert (cell(revenue, "milestones"), cell(revenue, "milestones-amount")) == ("2", "$1750.00")
+
+
+def test_kinds_that_share_a_queue_are_one_row(alice: Person, base: BaseModel) -> None:
+    """Evaluation jobs run on gpu.training beside fine-tuning: one row for the queue."""
+    now = timezone.now()
+    job(alice, base, JobStatus.RUNNING, dispatched_at=now)
+    job(alice, base, JobStatus.RUNNING, kind=JobKind.EVALUATION, dispatched_at=now)
+
+    rows = selectors.jobs_by_queue()
+
+    assert [row.queue for row in rows] == ["gpu.training", "gpu.compression"]
+    assert (rows[0].running, rows[1].running) == (2, 0)

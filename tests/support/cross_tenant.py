@@ -97,6 +97,33 @@ def make_file(person: Person) -> str:
     return file.pk
 
 
+def make_batch_file(person: Person) -> str:
+    from controlplane.datasets.models import File
+
+    file_id = make_file(person)
+    File.objects.for_organization(person.organization).filter(pk=file_id).update(
+        purpose="batch", status="processed", validation={"format": "batch", "rows": 1}
+    )
+    return file_id
+
+
+def make_batch(person: Person) -> str:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from controlplane.batches.models import Batch
+    from controlplane.datasets.models import File
+
+    file = File.objects.for_organization(person.organization).get(pk=make_batch_file(person))
+    return Batch.objects.create(
+        organization=person.organization,
+        input_file=file,
+        endpoint="/v1/chat/completions",
+        expires_at=timezone.now() + timedelta(hours=24),
+    ).pk
+
+
 def make_upload(person: Person) -> str:
     from controlplane.datasets import services as dataset_services
 
@@ -206,6 +233,24 @@ def make_compression_job(person: Person) -> str:
     ).pk
 
 
+def make_evaluation(person: Person) -> str:
+    from controlplane.jobs.evaluation import new_evaluation_job_id
+    from controlplane.jobs.models import Job
+
+    from .jobs import register_tiny_llama
+
+    return Job.objects.create(
+        id=new_evaluation_job_id(),
+        kind="evaluation",
+        organization=person.organization,
+        base_model=register_tiny_llama(real=False),
+        method="evaluate",
+        seed=1,
+        hyperparameters={"models": ["atelier-tiny-llama"], "batch_size": 8},
+        status="running",
+    ).pk
+
+
 def make_processed_file(person: Person) -> str:
     """A training file that passed validation, and a base model to report on it for."""
     from controlplane.datasets.models import File
@@ -285,6 +330,8 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/files/{id}", make_file, ("GET", "DELETE")),
     Endpoint("/v1/files/{id}/content", make_file, ("GET",)),
     Endpoint("/v1/files/{id}/validate", make_processed_file, ("POST",), {"model": "test-base"}),
+    Endpoint("/v1/batches/{id}", make_batch, ("GET",)),
+    Endpoint("/v1/batches/{id}/cancel", make_batch, ("POST",)),
     Endpoint("/v1/uploads/{id}", make_upload, ("GET",)),
     Endpoint("/v1/uploads/{id}/parts", make_upload, ("POST",)),
     Endpoint("/v1/uploads/{id}/complete", make_upload, ("POST",), {"part_ids": ["part_x"]}),
@@ -298,6 +345,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/catalog/access_requests/{id}/approve", make_grant, ("POST",)),
     Endpoint("/v1/catalog/access_requests/{id}/decline", make_grant, ("POST",)),
     Endpoint("/v1/models/{id}", make_customer_model, ("GET", "DELETE")),
+    Endpoint("/v1/models/{id}/card", make_customer_model, ("GET", "PATCH"), {"intended_use": "x"}),
     Endpoint("/v1/fine_tuning/jobs/{id}", make_job, ("GET",)),
     Endpoint("/v1/fine_tuning/jobs/{id}/cancel", make_job, ("POST",)),
     Endpoint("/v1/fine_tuning/jobs/{id}/pause", make_job, ("POST",)),
@@ -308,6 +356,9 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/compression/jobs/{id}/cancel", make_compression_job, ("POST",)),
     Endpoint("/v1/compression/jobs/{id}/events", make_compression_job, ("GET",)),
     Endpoint("/v1/compression/jobs/{id}/report", make_compression_job, ("GET",)),
+    Endpoint("/v1/evaluations/{id}", make_evaluation, ("GET",)),
+    Endpoint("/v1/evaluations/{id}/cancel", make_evaluation, ("POST",)),
+    Endpoint("/v1/evaluations/{id}/events", make_evaluation, ("GET",)),
     Endpoint("/v1/engagements/{id}", make_engagement, ("GET",)),
     Endpoint(
         "/v1/deployments/{id}",
@@ -346,6 +397,15 @@ def _victim_validated_file(victim: Person) -> str:
 
 
 BODY_REFERENCES: list[BodyReference] = [
+    BodyReference(
+        "POST",
+        "/v1/batches",
+        lambda victim: {
+            "input_file_id": make_batch_file(victim),
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    ),
     BodyReference(
         "POST",
         "/v1/files/{file}/validate",
@@ -403,6 +463,18 @@ BODY_REFERENCES: list[BodyReference] = [
             "dataset": make_version(victim)[1],
         },
         prepare=_with_base_model,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/evaluations",
+        lambda victim: {"model": "atelier-tiny-llama", "file": _victim_validated_file(victim)},
+        prepare=_with_base_model,
+    ),
+    BodyReference(
+        "POST",
+        "/v1/evaluations",
+        # The models are looked up first: a foreign one is the 404, whatever the file.
+        lambda victim: {"models": [make_customer_model(victim)], "file": "file-x"},
     ),
     BodyReference(
         "POST",

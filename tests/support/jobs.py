@@ -13,6 +13,7 @@ import redis
 
 from jobcontracts import queues
 from jobcontracts.compression import CompressionSpec
+from jobcontracts.evaluation import EvaluationSpec
 from jobcontracts.training import Report, TrainingSpec
 
 from .models import tiny_model_dir
@@ -102,7 +103,20 @@ def _sent(queue: str) -> list[tuple[str, dict[str, Any]]]:
 
 def sent_specs() -> list[TrainingSpec]:
     """Training specs in the broker's gpu.training queue, oldest first."""
-    return [TrainingSpec.from_json(args) for _, args in _sent(queues.GPU_TRAINING)]
+    return [
+        TrainingSpec.from_json(args)
+        for task, args in _sent(queues.GPU_TRAINING)
+        if task == queues.TRAIN
+    ]
+
+
+def sent_evaluation_specs() -> list[EvaluationSpec]:
+    """Evaluation specs (task EVALUATE, on the gpu.training queue), oldest first."""
+    return [
+        EvaluationSpec.from_json(args)
+        for task, args in _sent(queues.GPU_TRAINING)
+        if task == queues.EVALUATE
+    ]
 
 
 def sent_compression_specs() -> list[CompressionSpec]:

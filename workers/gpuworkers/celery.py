@@ -27,6 +27,7 @@ app = Celery(
     include=[
         "gpuworkers.training.task",
         "gpuworkers.compression.task",
+        "gpuworkers.evaluation.task",
         "gpuworkers.inference.task",
     ],
     set_as_current=False,

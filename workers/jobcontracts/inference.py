@@ -77,6 +77,18 @@ def request_queue(queue: str) -> str:
     return f"atelier:inference:queue:{queue}"
 
 
+def batch_queue(queue: str) -> str:
+    """The low-priority list of Batch API requests for a queue (LPUSH by the control
+    plane's batch runner): a worker takes from it only when the live list is empty,
+    and holds only a few of them at once, so live traffic keeps its latency."""
+    return f"atelier:inference:batch:{queue}"
+
+
+#: Request ids of Batch API lines start with this: billed by the batch (at the batch
+#: price, once per line), not by the usage stream.
+BATCH_REQUEST_PREFIX: Final = "batch-"
+
+
 #: The Redis stream of usage reports (XADD by workers, read by the control plane's
 #: consumer group `USAGE_GROUP`, acknowledged only after the rows are committed).
 USAGE_STREAM: Final = "atelier:inference:usage"

@@ -22,6 +22,9 @@ CONTROL_PING: Final = "controlplane.ping"
 TRAIN: Final = "gpuworkers.training.run"
 #: Compression: one attempt of a job (arg: CompressionSpec.to_json()), on GPU_COMPRESSION.
 COMPRESS: Final = "gpuworkers.compression.run"
+#: Evaluation: one attempt of scoring models on a file (arg: EvaluationSpec.to_json()),
+#: on GPU_TRAINING (the `gpu` workers' long-job queue).
+EVALUATE: Final = "gpuworkers.evaluation.run"
 #: A worker's report about a job attempt (arg: Report.to_json()), on CONTROL.
 CONTROL_JOB_REPORT: Final = "controlplane.jobs.report"
 #: Inference: one request (arg: InferenceRequest.to_json()), on GPU_INFERENCE.

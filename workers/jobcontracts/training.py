@@ -18,11 +18,14 @@ attempt: a worker whose attempt is no longer the signal's stops at once.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
 TASKS: Final = ("causal_lm", "classification")
 METHODS: Final = ("supervised", "dpo")
+#: A held-out test split of the training file takes at most this fraction of its rows.
+MAX_TEST_FRACTION: Final = 0.5
 #: Dataset formats the engine reads (same names as the control plane's validation).
 DATA_FORMATS: Final = ("chat", "prompt_completion", "preference", "classification", "text")
 
@@ -124,6 +127,11 @@ class TrainingSpec:
     checkpoint_every_steps: int = 50
     #: Also checkpoint when this long has passed since the last one (0 = only by steps).
     checkpoint_every_seconds: float = 0.0
+    #: Held-out test data, evaluated once at the end (never trained on).
+    test_data: DataRef | None = None
+    #: Or: hold out this fraction of the training rows as the test set (0 = none); which
+    #: rows is `held_out_rows(rows, test_fraction, hyperparameters.seed)`.
+    test_fraction: float = 0.0
     eval_every_steps: int = 0  # 0 = once per epoch
     heartbeat_seconds: float = 10.0
     control_poll_seconds: float = 1.0
@@ -136,8 +144,9 @@ class TrainingSpec:
         data = dict(data)
         data["base_model"] = BaseModelRef(**data["base_model"])
         data["training_data"] = DataRef(**data["training_data"])
-        if data.get("validation_data") is not None:
-            data["validation_data"] = DataRef(**data["validation_data"])
+        for name in ("validation_data", "test_data"):
+            if data.get(name) is not None:
+                data[name] = DataRef(**data[name])
         data["hyperparameters"] = Hyperparameters(**data["hyperparameters"])
         if data.get("adapter") is not None:
             adapter = dict(data["adapter"])
@@ -159,6 +168,25 @@ class TrainingSpec:
             raise ValueError("a classification job needs at least two labels")
         if self.attempt < 1 or self.gpus < 1:
             raise ValueError("attempt and gpus start at 1")
+        if not 0.0 <= self.test_fraction <= MAX_TEST_FRACTION:
+            raise ValueError(f"test_fraction must be in (0, {MAX_TEST_FRACTION}] or 0")
+        if self.test_fraction and self.test_data is not None:
+            raise ValueError("give test_data or test_fraction, not both")
+
+
+def held_out_count(rows: int, fraction: float) -> int:
+    """How many of `rows` training rows a `fraction` test split holds out: at least one
+    (when asked for), and never all of them."""
+    if fraction <= 0 or rows < 2:
+        return 0
+    return max(1, min(rows - 1, int(rows * fraction)))
+
+
+def held_out_rows(rows: int, fraction: float, seed: int) -> frozenset[int]:
+    """The 0-based indices (in file order, blank lines skipped) of the training rows held
+    out for testing: a seeded sample, the same on every attempt, worker and control plane."""
+    chooser = random.Random(seed)  # noqa: S311 - reproducible on purpose, not a secret
+    return frozenset(chooser.sample(range(rows), held_out_count(rows, fraction)))
 
 
 @dataclass(frozen=True)
@@ -171,9 +199,12 @@ class Report:
     - progress: {"step", "total_steps", "epoch", "train_loss", "learning_rate",
       "tokens_per_second", "eta_seconds", "trained_tokens"}
     - metrics: {"step", "valid_loss", "valid_mean_token_accuracy" | "valid_accuracy", ...}
+      (and once, at the end, the test metrics: {"step", "test_loss", ...})
     - checkpoint: {"step", "uri", "metrics": {...}}
     - succeeded: {"step", "trained_tokens", "artifact_uri", "artifact_files": [names],
-      "artifact_kind": "full" | "lora", "metrics": {...}}
+      "artifact_kind": "full" | "lora", "metrics": {...}, "test_metrics": {...} | None}
+      (test metrics: "test_loss" and "test_perplexity" | "test_accuracy" and
+      "test_macro_f1" | "test_reward_accuracy", plus "test_rows")
     - paused: {"step", "checkpoint_uri"}
     - cancelled: {"step"}
     - failed: {"code", "message", "retryable": bool}

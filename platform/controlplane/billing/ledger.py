@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import connection
 
 from controlplane.accounts.models import APIKey
+from jobcontracts.inference import BATCH_REQUEST_PREFIX
 
 from .models import Meter
 
@@ -251,7 +252,10 @@ def member_of_key(api_key_id: str | None) -> str | None:
 
 
 def inference_usage_to_ledger(record: InferenceUsage) -> int:
-    """Ledger the tokens of one stored `UsageRecord` (called inside its transaction)."""
+    """Ledger the tokens of one stored `UsageRecord` (called inside its transaction).
+    A Batch API line is billed by its batch (at the batch price), not here."""
+    if record.request_id.startswith(BATCH_REQUEST_PREFIX):
+        return 0
     return ledger_append_many(
         inference_entries(
             organization_id=record.organization_id,
@@ -281,6 +285,8 @@ def inference_usage_many_to_ledger(records: Sequence[InferenceUsage]) -> int:
     )
     entries: list[Entry] = []
     for record in records:
+        if record.request_id.startswith(BATCH_REQUEST_PREFIX):
+            continue  # billed by its batch, at the batch price
         entries += inference_entries(
             organization_id=record.organization_id,
             request_id=record.request_id,

@@ -1,5 +1,6 @@
 """Fine-tuning jobs (`/v1/fine_tuning/jobs`), OpenAI-compatible, with our extensions, and
-compression jobs (`/v1/compression/jobs`): the same views over the other kind of job."""
+compression jobs (`/v1/compression/jobs`) and evaluations (`/v1/evaluations`): the same
+views over the other kinds of job."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from controlplane.core.pagination import list_response, paginate
 from controlplane.core.serializers import unix, validated
 from controlplane.tenancy.apis_base import OrganizationApi
 
-from . import compression, params, services
+from . import compression, evaluation, params, services
 from .models import Job, JobCheckpoint, JobEvent, JobKind
 
 
@@ -23,6 +24,8 @@ def job_out(job: Job) -> dict[str, Any]:
     hp = {k: job.hyperparameters[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
     if job.method == "dpo":
         hp["beta"] = job.hyperparameters.get("beta")
+    if job.hyperparameters.get("test_fraction") is not None:
+        hp["test_fraction"] = job.hyperparameters["test_fraction"]
     estimate = None
     if job.estimated_tokens is not None:
         estimate = {
@@ -63,6 +66,10 @@ def job_out(job: Job) -> dict[str, Any]:
         "estimate": estimate,
         "progress": {"step": job.current_step, "total_steps": job.total_steps},
         "attempt": job.attempt,
+        # Held-out evaluation: the final model on the validation and the test set.
+        "test_file": job.test_file_id,
+        "validation_metrics": job.validation_metrics,
+        "test_metrics": job.test_metrics,
     }
 
 
@@ -104,7 +111,11 @@ def compression_job_out(job: Job) -> dict[str, Any]:
 
 def event_out(event: JobEvent) -> dict[str, Any]:
     object_name = (
-        "compression.job.event" if event.job_id.startswith("cmpjob-") else "fine_tuning.job.event"
+        "compression.job.event"
+        if event.job_id.startswith("cmpjob-")
+        else "evaluation.event"
+        if event.job_id.startswith("evaljob-")
+        else "fine_tuning.job.event"
     )
     return {
         "id": event.pk,
@@ -280,3 +291,54 @@ class CompressionJobReportApi(CompressionJobsApi):
                 **job.report,
             }
         )
+
+
+# --- evaluations --------------------------------------------------------------------------
+
+
+class EvaluationsApi(JobsApi):
+    kind = JobKind.EVALUATION
+    label = "evaluation"
+
+    def out(self, job: Job) -> dict[str, Any]:
+        return evaluation.evaluation_out(job)
+
+
+class EvaluationListCreateApi(EvaluationsApi, JobListCreateApi):
+    @extend_schema(operation_id="list_evaluations", responses={200: dict})
+    def get(self, request: Request) -> Response:
+        return super().get(request)
+
+    @extend_schema(
+        operation_id="create_evaluation",
+        request=evaluation.CreateEvaluationInput,
+        responses={200: dict},
+    )
+    def post(self, request: Request) -> Response:
+        data = validated(evaluation.CreateEvaluationInput, request.data)
+        job = services.evaluation_job_create(
+            organization=self.organization,
+            user_id=self.principal.user.pk if self.principal.user else None,
+            data=data,
+        )
+        return Response(self.out(job))
+
+
+class EvaluationDetailApi(EvaluationsApi, JobDetailApi):
+    @extend_schema(operation_id="retrieve_evaluation", responses={200: dict})
+    def get(self, request: Request, job_id: str) -> Response:
+        return super().get(request, job_id)
+
+
+class EvaluationCancelApi(EvaluationsApi, JobActionApi):
+    action = "cancel"
+
+    @extend_schema(operation_id="cancel_evaluation", request=None, responses={200: dict})
+    def post(self, request: Request, job_id: str) -> Response:
+        return super().post(request, job_id)
+
+
+class EvaluationEventListApi(EvaluationsApi, JobEventListApi):
+    @extend_schema(operation_id="list_evaluation_events", responses={200: dict})
+    def get(self, request: Request, job_id: str) -> Response:
+        return super().get(request, job_id)

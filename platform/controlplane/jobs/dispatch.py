@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from controlplane.billing.plans import plan_for
 from controlplane.celery import app
+from controlplane.core.errors import NotFound
 from controlplane.datasets.storage import delete_quietly, object_uri
 from controlplane.tenancy.models import Organization
 from jobcontracts import queues
@@ -40,7 +41,7 @@ from jobcontracts.training import (
     TrainingSpec,
 )
 
-from . import compression
+from . import compression, evaluation
 from .events import event_add, job_fail
 from .models import EventLevel, Job, JobKind, JobStatus
 
@@ -105,6 +106,9 @@ def build_spec(job: Job) -> TrainingSpec:
         validation = DataRef(
             uri=object_uri(job.validation_file.storage_name), format=job.data_format
         )
+    test = None
+    if job.test_file is not None:
+        test = DataRef(uri=object_uri(job.test_file.storage_name), format=job.data_format)
     prefix = job_prefix(job)
     return TrainingSpec(
         job_id=job.pk,
@@ -117,6 +121,8 @@ def build_spec(job: Job) -> TrainingSpec:
         ),
         training_data=DataRef(uri=object_uri(source.storage_name), format=job.data_format),
         validation_data=validation,
+        test_data=test,
+        test_fraction=float(hp.get("test_fraction") or 0.0),
         hyperparameters=Hyperparameters(
             n_epochs=int(hp["n_epochs"]),
             batch_size=int(hp["batch_size"]),
@@ -139,33 +145,41 @@ def build_spec(job: Job) -> TrainingSpec:
 
 def _send(job: Job, spec: dict[str, Any]) -> None:
     write_signal(job, "run")
-    task, queue = (
-        (queues.COMPRESS, queues.GPU_COMPRESSION)
-        if job.kind == JobKind.COMPRESSION
-        else (queues.TRAIN, queues.GPU_TRAINING)
-    )
+    task, queue = {
+        JobKind.COMPRESSION: (queues.COMPRESS, queues.GPU_COMPRESSION),
+        JobKind.EVALUATION: (queues.EVALUATE, queues.GPU_TRAINING),
+    }.get(JobKind(job.kind), (queues.TRAIN, queues.GPU_TRAINING))
     app.send_task(task, args=[spec], queue=queue, ignore_result=True)
     log.info("jobs.dispatched", job_id=job.pk, attempt=job.attempt, kind=job.kind)
 
 
-def _dispatch(job: Job) -> None:
+def _spec(job: Job) -> dict[str, Any]:
+    where = {"output_uri": object_uri(job_prefix(job)), "control_uri": object_uri(signal_name(job))}
+    if job.kind == JobKind.COMPRESSION:
+        return compression.build_spec(job, **where).to_json()
+    if job.kind == JobKind.EVALUATION:
+        return evaluation.build_spec(job, **where).to_json()
+    return build_spec(job).to_json()
+
+
+def _dispatch(job: Job) -> bool:
+    """Send the job's next attempt (on commit); False when it failed instead."""
+    if job.kind == JobKind.EVALUATION:
+        try:
+            evaluation.models_of(job)
+        except NotFound as error:  # a model deleted while the evaluation waited
+            job_fail(job, code="model_not_found", message=str(error.detail), param="models")
+            return False
     job.attempt += 1
     job.dispatched_at = timezone.now()
     job.lease_expires_at = None
     job.signal_action = "run"
     job.save()
-    spec = (
-        compression.build_spec(
-            job,
-            output_uri=object_uri(job_prefix(job)),
-            control_uri=object_uri(signal_name(job)),
-        ).to_json()
-        if job.kind == JobKind.COMPRESSION
-        else build_spec(job).to_json()
-    )
+    spec = _spec(job)
     resume = f", resuming from step {job.last_checkpoint_step}" if job.last_checkpoint_uri else ""
     event_add(job, f"Attempt {job.attempt} sent to a GPU worker{resume}")
     transaction.on_commit(lambda: _send(job, spec))
+    return True
 
 
 def dispatch_queued() -> list[str]:
@@ -203,12 +217,14 @@ def dispatch_queued() -> list[str]:
                     "source_model",
                     "training_file",
                     "validation_file",
+                    "test_file",
                     "dataset_version",
+                    "organization",
                 )
                 .order_by("queued_at", "pk")[:free]
             ):
-                _dispatch(job)
-                dispatched.append(job.pk)
+                if _dispatch(job):
+                    dispatched.append(job.pk)
     return dispatched
 
 

@@ -1,4 +1,4 @@
-"""GPU jobs (fine-tuning and compression), their events and checkpoints.
+"""GPU jobs (fine-tuning, compression, evaluation), their events and checkpoints.
 
 Both kinds share one table and one machinery: the lifecycle, attempts, leases,
 fair queueing, events and idempotent reports below and in dispatch.py/reports.py.
@@ -37,6 +37,7 @@ TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 class JobKind(models.TextChoices):
     FINE_TUNING = "fine_tuning"
     COMPRESSION = "compression"
+    EVALUATION = "evaluation"
 
 
 class Job(OrganizationOwned):
@@ -58,6 +59,11 @@ class Job(OrganizationOwned):
         "datasets.File", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     validation_file = models.ForeignKey(
+        "datasets.File", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    #: Held-out test data, scored once at the end and never trained on (or, with none,
+    #: `hyperparameters.test_fraction` of the training rows).
+    test_file = models.ForeignKey(
         "datasets.File", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     # May be a data partner's version the organization holds a grant for.
@@ -96,6 +102,10 @@ class Job(OrganizationOwned):
     trained_tokens = models.BigIntegerField(null=True, blank=True)
     #: The model the job made (a fine-tuned or a compressed model id).
     fine_tuned_model = models.CharField(max_length=300, blank=True)
+    #: The final model's metrics on the validation set and on the held-out test set
+    #: (jobcontracts.training's `valid_…` and `test_…` names), stored when the job succeeds.
+    validation_metrics = models.JSONField(null=True, blank=True)
+    test_metrics = models.JSONField(null=True, blank=True)
     #: A compression job's before/after report (jobcontracts.compression), stored once.
     report = models.JSONField(null=True, blank=True)
 

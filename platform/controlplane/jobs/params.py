@@ -3,7 +3,8 @@
 OpenAI's `POST /v1/fine_tuning/jobs` takes `model, training_file, validation_file,
 suffix, seed, metadata, method{type, supervised|dpo: {hyperparameters}}` (and the
 deprecated top-level `hyperparameters`). Our extensions: `dataset` (a dataset
-version id instead of a file), `adapter` (LoRA or full), `task`, `gpus`.
+version id instead of a file), `adapter` (LoRA or full), `task`, `gpus`, and held-out
+test data: `test_file`, or `hyperparameters.test_fraction` of the training rows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rest_framework import serializers
 from controlplane.core.errors import ApiError
 from controlplane.core.serializers import StrictInputSerializer
 from controlplane.modelregistry.tokens import auto_epochs
+from jobcontracts.training import MAX_TEST_FRACTION
 
 AUTO = "auto"
 TASKS = ("causal_lm", "classification")
@@ -68,6 +70,21 @@ class SupervisedHyperparameters(StrictInputSerializer):
     n_epochs = AutoOr(int, 1, 50)
     batch_size = AutoOr(int, 1, MAX_BATCH_SIZE)
     learning_rate_multiplier = AutoOr(float, 1e-4, 100.0)
+    test_fraction = serializers.FloatField(
+        required=False,
+        help_text=(
+            "Our extension: hold out this fraction of the training rows, in (0, 0.5], as a "
+            "test set (chosen by the job's seed, never trained on) and report test metrics "
+            "at the end. Not with `test_file`."
+        ),
+    )
+
+    def validate_test_fraction(self, value: float) -> float:
+        if not 0.0 < value <= MAX_TEST_FRACTION:
+            raise serializers.ValidationError(
+                f"Must be greater than 0 and at most {MAX_TEST_FRACTION}."
+            )
+        return value
 
 
 class DpoHyperparameters(SupervisedHyperparameters):
@@ -104,6 +121,15 @@ class CreateJobInput(StrictInputSerializer):
     model = serializers.CharField(max_length=300)
     training_file = serializers.CharField(max_length=64, required=False)
     validation_file = serializers.CharField(max_length=64, required=False, allow_null=True)
+    test_file = serializers.CharField(
+        max_length=64,
+        required=False,
+        allow_null=True,
+        help_text=(
+            "Our extension: a fine-tune file in the training data's format, held out: the "
+            "final model is scored on it (test metrics in `test_metrics`), never trained on."
+        ),
+    )
     dataset = serializers.CharField(max_length=64, required=False)
     suffix = serializers.CharField(max_length=64, required=False, allow_null=True)
     seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
@@ -175,6 +201,12 @@ def requested_hyperparameters(data: dict[str, Any]) -> tuple[str, dict[str, Any]
     chosen = dict(nested or top or {})
     for name in ("n_epochs", "batch_size", "learning_rate_multiplier"):
         chosen.setdefault(name, AUTO)
+    if chosen.get("test_fraction") is not None and data.get("test_file"):
+        raise ApiError(
+            "Give a held-out 'test_file' or 'hyperparameters.test_fraction', not both.",
+            param="test_file",
+            code="invalid_test_file",
+        )
     if kind == "dpo":
         chosen.setdefault("beta", AUTO)
     else:

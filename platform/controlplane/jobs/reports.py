@@ -28,7 +28,7 @@ from controlplane.datasets.storage import object_uri
 from controlplane.modelregistry.services import customer_model_register
 from jobcontracts import training as contract
 
-from . import compression, dispatch
+from . import compression, dispatch, evaluation
 from .events import event_add, job_fail
 from .models import EventLevel, Job, JobCheckpoint, JobKind, JobStatus
 from .signals import job_succeeded
@@ -40,6 +40,13 @@ def _message(report: contract.Report, job: Job) -> tuple[str, str, str, Any]:
     """(level, type, message, data) of the event a report leaves."""
     d = report.data
     kind = report.kind
+    if job.kind == JobKind.EVALUATION and kind in (
+        contract.STARTED,
+        contract.PROGRESS,
+        contract.SUCCEEDED,
+        contract.CANCELLED,
+    ):
+        return _evaluation_message(report, job)
     if kind == contract.STARTED and job.kind == JobKind.COMPRESSION:
         return (
             "info",
@@ -74,6 +81,9 @@ def _message(report: contract.Report, job: Job) -> tuple[str, str, str, Any]:
             text += f": training loss={float(loss):.4f}"
         return "info", "metrics", text, d
     if kind == contract.METRICS:
+        if any(k.startswith("test_") for k in d):
+            parts = [f"{k}={float(v):.4f}" for k, v in d.items() if k.startswith("test_")]
+            return "info", "metrics", "Held-out test set: " + ", ".join(parts), d
         parts = [f"{k}={float(v):.4f}" for k, v in d.items() if k.startswith("valid_")]
         return "info", "metrics", f"Step {d.get('step')}: " + ", ".join(parts), d
     if kind == contract.CHECKPOINT:
@@ -87,6 +97,22 @@ def _message(report: contract.Report, job: Job) -> tuple[str, str, str, Any]:
     if kind == contract.FAILED:
         return "error", "message", str(d.get("message") or "Training failed"), d
     return "info", "message", kind, d
+
+
+def _evaluation_message(report: contract.Report, job: Job) -> tuple[str, str, str, Any]:
+    d = report.data
+    if report.kind == contract.STARTED:
+        text = (
+            f"Evaluation started on {d.get('device', 'a worker')} (attempt {report.attempt}, "
+            f"{d.get('rows')} rows, {len(d.get('models') or [])} models)"
+        )
+        return "info", "message", text, d
+    if report.kind == contract.PROGRESS:
+        text = f"Scored batch {d.get('step')}/{d.get('total_steps')} ({d.get('model')})"
+        return "info", "metrics", text, d
+    if report.kind == contract.CANCELLED:
+        return "info", "message", "Evaluation stopped (cancelled); no results were kept", d
+    return "info", "message", "The evaluation has completed", {"metrics": d.get("metrics")}
 
 
 def _checkpoint(job: Job, step: int, uri: str, metrics: dict[str, Any]) -> None:
@@ -119,7 +145,10 @@ def _checkpoint(job: Job, step: int, uri: str, metrics: dict[str, Any]) -> None:
 
 
 def _succeeded(job: Job, d: dict[str, Any]) -> None:
-    if job.kind == JobKind.COMPRESSION:
+    if job.kind == JobKind.EVALUATION:
+        first = False
+        evaluation.evaluation_succeeded(job, d, prefix=dispatch.job_prefix(job))
+    elif job.kind == JobKind.COMPRESSION:
         first = job.trained_tokens is None
         compression.compression_succeeded(job, d)
     else:
@@ -154,6 +183,8 @@ def _fine_tuned(job: Job, d: dict[str, Any]) -> bool:
         engagement_id=job.engagement_id,
     )
     job.fine_tuned_model = model.pk
+    job.validation_metrics = _numbers(d.get("metrics"), "valid_")
+    job.test_metrics = _numbers(d.get("test_metrics"), "test_")
     job_succeeded.send(sender=Job, job=job, model=model)
     if job.trained_tokens is not None:
         return False
@@ -168,6 +199,18 @@ def _fine_tuned(job: Job, d: dict[str, Any]) -> bool:
         engagement_id=job.engagement_id,
     )
     return True
+
+
+def _numbers(found: Any, prefix: str) -> dict[str, float] | None:
+    """The `prefix…` metrics of a report, numbers only (None when there are none)."""
+    if not isinstance(found, dict):
+        return None
+    kept = {
+        str(k): float(v)
+        for k, v in found.items()
+        if str(k).startswith(prefix) and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    return kept or None
 
 
 #: The report kinds that name stored objects, and the field that does; paused's is optional.
@@ -257,7 +300,7 @@ def report_apply(payload: dict[str, Any]) -> str:
         job = (
             Job.objects.dangerously_unscoped()
             .select_for_update(of=("self",))
-            .select_related("organization", "base_model", "dataset_version")
+            .select_related("organization", "base_model", "dataset_version", "test_file")
             .filter(pk=report.job_id)
             .first()
         )

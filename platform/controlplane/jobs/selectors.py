@@ -19,6 +19,7 @@ from .models import Job, JobCheckpoint, JobEvent, JobKind
 QUEUE_OF_KIND = {
     JobKind.FINE_TUNING: queues.GPU_TRAINING,
     JobKind.COMPRESSION: queues.GPU_COMPRESSION,
+    JobKind.EVALUATION: queues.GPU_TRAINING,
 }
 #: The most points a curve is drawn with: a long job is thinned to about this many.
 MAX_CURVE_POINTS = 800

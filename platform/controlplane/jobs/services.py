@@ -21,8 +21,9 @@ from controlplane.modelregistry.models import BaseModel
 from controlplane.modelregistry.selectors import model_for_organization
 from controlplane.modelregistry.tokens import count_dataset_tokens, training_price
 from controlplane.tenancy.models import Organization
+from jobcontracts.training import held_out_count
 
-from . import compression, dispatch, params
+from . import compression, dispatch, evaluation, params
 from .events import event_add
 from .files import data_summary, training_file_get, training_version_get
 from .models import Job, JobKind, JobStatus
@@ -82,6 +83,24 @@ def _check_capabilities(
         )
 
 
+def _held_out_file(organization: Organization, file_id: str, data_format: str) -> File:
+    """The caller's validated fine-tune file, with rows, in the training data's format."""
+    file = training_file_get(organization, file_id, "test_file")
+    test_format, test_rows, _ = data_summary(file)
+    if test_rows < 1:
+        raise ApiError(
+            f"The test file '{file_id}' has no rows.", param="test_file", code="empty_file"
+        )
+    if test_format != data_format:
+        raise ApiError(
+            f"The test file must have the same format as the training data ('{data_format}'); "
+            f"'{file_id}' is '{test_format}'.",
+            param="test_file",
+            code="invalid_test_file",
+        )
+    return file
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -123,7 +142,23 @@ def job_create(
                 code="invalid_validation_file",
             )
 
+    test_file = None
+    if data.get("test_file"):
+        test_file = _held_out_file(organization, data["test_file"], data_format)
+
     method, requested = params.requested_hyperparameters(data)
+    test_fraction = requested.get("test_fraction")
+    if test_fraction is not None:
+        held_out = held_out_count(rows, test_fraction)
+        if held_out < 1:
+            raise ApiError(
+                f"test_fraction {test_fraction} would leave no rows to train on: the training "
+                f"data has {rows} row{'s' if rows != 1 else ''}. Upload more rows, or give a "
+                "'test_file'.",
+                param="hyperparameters.test_fraction",
+                code="invalid_test_fraction",
+            )
+        rows -= held_out
     task = data["task"]
     adapter_in = data.get("adapter") or {"type": "lora"}
     adapter_kind = adapter_in["type"]
@@ -152,6 +187,7 @@ def job_create(
         base_model=base,
         training_file=training_file,
         validation_file=validation_file,
+        test_file=test_file,
         dataset_version=version,
         data_format=data_format,
         suffix=data.get("suffix") or "",
@@ -159,7 +195,11 @@ def job_create(
         metadata=data.get("metadata") or {},
         task=task,
         method=method,
-        hyperparameters={**resolved.openai_shape(), "learning_rate": resolved.learning_rate},
+        hyperparameters={
+            **resolved.openai_shape(),
+            "learning_rate": resolved.learning_rate,
+            **({} if test_fraction is None else {"test_fraction": float(test_fraction)}),
+        },
         requested_hyperparameters=requested,
         adapter=None if adapter_kind == "full" else {k: v for k, v in adapter_in.items()},
         labels=labels,
@@ -190,6 +230,17 @@ def compression_job_create(
     return job
 
 
+@transaction.atomic
+def evaluation_job_create(
+    *, organization: Organization, user_id: str | None, data: dict[str, Any]
+) -> Job:
+    """An evaluation, checked and queued (evaluation.job_build); nothing is stored or queued
+    when a check fails."""
+    job = evaluation.job_build(organization=organization, user_id=user_id, data=data)
+    dispatch.schedule_dispatch()
+    return job
+
+
 def job_prepare(*, job_id: str) -> Job:
     """Count the training tokens with the base model's tokenizer, price the job, queue it.
     Safe to run twice: only a job still `validating_files` is touched."""
@@ -209,20 +260,24 @@ def job_prepare(*, job_id: str) -> Job:
             return job
         epochs = int(job.hyperparameters["n_epochs"])
         # What training sees: each sequence cut to the job's max_seq_len.
-        job.estimated_tokens = stats.trained_tokens
-        job.estimated_price = training_price(
-            base=job.base_model, tokens=stats.trained_tokens, n_epochs=epochs
-        )
+        trained = stats.trained_tokens
+        fraction = job.hyperparameters.get("test_fraction")
+        if fraction and stats.rows:
+            # The held-out rows are not trained on (nor billed): estimated pro rata.
+            kept = stats.rows - held_out_count(stats.rows, float(fraction))
+            trained = round(trained * kept / stats.rows)
+        job.estimated_tokens = trained
+        job.estimated_price = training_price(base=job.base_model, tokens=trained, n_epochs=epochs)
         job.status = JobStatus.QUEUED
         job.queued_at = timezone.now()
         job.save()
         event_add(
             job,
-            f"Files validated: {stats.rows} rows, {stats.trained_tokens} training tokens "
+            f"Files validated: {stats.rows} rows, {trained} training tokens "
             f"per epoch; estimated price for {epochs} epochs: {job.estimated_price}",
             data={
                 "rows": stats.rows,
-                "tokens_per_epoch": stats.trained_tokens,
+                "tokens_per_epoch": trained,
                 "n_epochs": epochs,
                 "estimated_price": str(job.estimated_price),
             },
@@ -233,7 +288,9 @@ def job_prepare(*, job_id: str) -> Job:
 
 
 def _label(job: Job) -> str:
-    return "Compression job" if job.kind == JobKind.COMPRESSION else "Fine-tuning job"
+    return {JobKind.COMPRESSION: "Compression job", JobKind.EVALUATION: "Evaluation"}.get(
+        JobKind(job.kind), "Fine-tuning job"
+    )
 
 
 @transaction.atomic
@@ -315,6 +372,8 @@ def _retry_request(job: Job) -> dict[str, Any]:
         data["dataset"] = job.dataset_version_id
     if job.validation_file_id:
         data["validation_file"] = job.validation_file_id
+    if job.test_file_id:
+        data["test_file"] = job.test_file_id
     if job.kind == JobKind.COMPRESSION:
         data["model"] = job.source_model_id or job.base_model_id
         data["method"] = job.method
@@ -359,13 +418,20 @@ def job_retry(*, job: Job) -> Job:
     for check in _retry_checks:
         check(job)
     organization = Organization.objects.get(pk=job.organization_id)
-    create = compression_job_create if job.kind == JobKind.COMPRESSION else job_create
-    retry = create(
-        organization=organization,
-        user_id=job.created_by_id,
-        data=_retry_request(job),
-        engagement_id=job.engagement_id,
-    )
+    if job.kind == JobKind.EVALUATION:
+        retry = evaluation_job_create(
+            organization=organization,
+            user_id=job.created_by_id,
+            data=evaluation.retry_request(job),
+        )
+    else:
+        create = compression_job_create if job.kind == JobKind.COMPRESSION else job_create
+        retry = create(
+            organization=organization,
+            user_id=job.created_by_id,
+            data=_retry_request(job),
+            engagement_id=job.engagement_id,
+        )
     event_add(job, f"{_label(job)} retried as {retry.pk}", data={"retried_as": retry.pk})
     event_add(retry, f"{_label(retry)} retrying {job.pk}", data={"retry_of": job.pk})
     log.info("jobs.retried", job_id=job.pk, retry_id=retry.pk, organization_id=organization.pk)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from controlplane.audit.services import Actor
 from controlplane.core.errors import ApiError
 from controlplane.core.serializers import StrictInputSerializer, unix, validated
 from controlplane.datasets.models import File
 from controlplane.tenancy.apis_base import OrganizationApi
-from controlplane.tenancy.roles import Role
+from controlplane.tenancy.roles import MANAGERS, Role
 
-from . import estimates, selectors, services, tokens
+from . import cards, estimates, selectors, services, tokens
 from .models import BaseModel, CustomerModel, EstimateStatus, FileEstimate
 
 AUTO = "auto"
@@ -110,6 +113,85 @@ class ModelDetailApi(ModelsApi):
             )
         services.customer_model_delete(organization=self.organization, model=model)
         return Response({"id": model.pk, "object": "model", "deleted": True})
+
+
+# --- model cards (`/v1/models/{id}/card`) ------------------------------------------------------
+
+
+class MarkdownCardRenderer(BaseRenderer):
+    """`Accept: text/markdown`: the card as a Markdown document."""
+
+    media_type = "text/markdown"
+    format = "md"
+    charset = "utf-8"
+
+    def render(
+        self,
+        data: Any,
+        accepted_media_type: str | None = None,
+        renderer_context: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        return cards.card_markdown(data).encode()
+
+
+class ModelCardApi(ModelsApi):
+    """A model's card: JSON by default, Markdown for `Accept: text/markdown`; its owners
+    and admins set the intended use and limitations with PATCH."""
+
+    renderer_classes = [JSONRenderer, MarkdownCardRenderer]
+
+    class InputSerializer(StrictInputSerializer):
+        class Meta:
+            ref_name = "ModelCardUpdateRequest"
+
+        intended_use = serializers.CharField(
+            max_length=cards.CARD_TEXT_MAX, allow_blank=True, required=False
+        )
+        limitations = serializers.CharField(
+            max_length=cards.CARD_TEXT_MAX, allow_blank=True, required=False
+        )
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        # Errors are OpenAI-shaped JSON whatever the client accepts.
+        if getattr(response, "exception", False):
+            request.accepted_renderer = JSONRenderer()
+            request.accepted_media_type = JSONRenderer.media_type
+        return super().finalize_response(request, response, *args, **kwargs)
+
+    def _model(self, model_id: str) -> BaseModel | CustomerModel:
+        return selectors.model_for_organization(organization=self.organization, model_id=model_id)
+
+    @extend_schema(responses={200: dict}, operation_id="retrieve_model_card")
+    def get(self, request: Request, model_id: str) -> Response:
+        return Response(cards.card_for(self._model(model_id)))
+
+    @extend_schema(request=InputSerializer, responses={200: dict}, operation_id="update_model_card")
+    def patch(self, request: Request, model_id: str) -> Response:
+        model = self._model(model_id)
+        data = validated(self.InputSerializer, request.data)
+        if isinstance(model, BaseModel):
+            raise ApiError(
+                f"'{model.pk}' is a base model provided by Atelier: its card cannot be "
+                "changed; set the card of one of your own fine-tuned models.",
+                status_code=403,
+                code="cannot_modify_base_model",
+            )
+        if self.principal.role not in MANAGERS:
+            raise ApiError(
+                "Only organization owners and admins can change a model card: use a key "
+                "of an owner or an admin.",
+                status_code=403,
+                code="insufficient_role",
+            )
+        if not data:
+            raise ApiError(
+                "Send 'intended_use', 'limitations' or both.",
+                code="invalid_request",
+            )
+        model = cards.customer_model_card_update(
+            model=model, changes=data, actor=Actor.from_request(request)
+        )
+        return Response(cards.card_for(model))
 
 
 # --- pre-job reports (`POST /v1/files/{id}/validate`) -----------------------------------------

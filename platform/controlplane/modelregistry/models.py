@@ -97,6 +97,10 @@ class CustomerModel(OrganizationOwned):
         max_length=40, null=True, blank=True, db_index=True
     )
     delivered_at = models.DateTimeField(null=True, blank=True)
+    #: The model card's free text, set by the organization's owners and admins
+    #: (`PATCH /v1/models/{id}/card`, at most `cards.CARD_TEXT_MAX` characters each).
+    intended_use = models.TextField(blank=True)
+    limitations = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
 

@@ -63,6 +63,38 @@ def _chat_logprobs(items: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     }
 
 
+def _completion_logprobs(items: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:
+    """The legacy completions shape: parallel lists, `top_logprobs` as {token: logprob}
+    holding the sampled token too (so up to `logprobs` + 1 entries, as in OpenAI's API),
+    `text_offset` counting characters from the start of the prompt."""
+    if items is None:
+        return None
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for item in items:
+        top: dict[str, float] = {}
+        for t in item.get("top_logprobs") or []:
+            top.setdefault(t["token"], t["logprob"])  # two ids, one text: the likelier
+        top.setdefault(item["token"], item["logprob"])
+        tokens.append(item["token"])
+        token_logprobs.append(item["logprob"])
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(item["token"])
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def _prompt_chars(data: dict[str, Any], index: int, n: int) -> int:
+    """Characters of the prompt choice `index` continues (choices are prompt-major)."""
+    prompts = data.get("prompt") or []
+    position = index // max(1, n)
+    return len(prompts[position]) if position < len(prompts) else 0
+
+
 def _finish(reason: Any) -> str:
     return "stop" if reason == "cancelled" else str(reason or "stop")
 
@@ -133,11 +165,20 @@ def event(payload: dict[str, Any]) -> bytes:
 class _ChatChunks:
     """chat.completion.chunk events for one request."""
 
-    def __init__(self, inference: InferenceRequest, include_usage: bool, object_: str) -> None:
+    def __init__(
+        self,
+        inference: InferenceRequest,
+        include_usage: bool,
+        object_: str,
+        data: dict[str, Any] | None = None,
+    ) -> None:
         self.inference = inference
         self.include_usage = include_usage
         self.object = object_
         self.created = int(time.time())
+        self.data = data or {}
+        #: Completions: the `text_offset` the next token of each choice starts at.
+        self.offsets: dict[int, int] = {}
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -177,7 +218,13 @@ class _ChatChunks:
                 "logprobs": _chat_logprobs(logprobs) if logprobs else None,
                 "finish_reason": finish,
             }
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        shaped = None
+        if logprobs:
+            if index not in self.offsets:
+                self.offsets[index] = _prompt_chars(self.data, index, self.inference.params.n)
+            shaped = _completion_logprobs(logprobs, self.offsets[index])
+            self.offsets[index] += sum(len(item["token"]) for item in logprobs)
+        return {"index": index, "text": text or "", "logprobs": shaped, "finish_reason": finish}
 
     def on(self, reply: Reply) -> list[dict[str, Any]]:
         if reply.type == "delta":
@@ -221,10 +268,10 @@ class _Generation(Endpoint):
     def chunks(cls, inference: InferenceRequest, data: dict[str, Any]) -> _ChatChunks | None:
         if not data["stream"]:
             return None
-        return _ChatChunks(inference, _include_usage(data), cls.chunk_object)
+        return _ChatChunks(inference, _include_usage(data), cls.chunk_object, data)
 
     @classmethod
-    def choice(cls, c: dict[str, Any]) -> dict[str, Any]:
+    def choice(cls, c: dict[str, Any], inference: InferenceRequest, data: dict[str, Any]) -> Any:
         raise NotImplementedError
 
     @classmethod
@@ -236,7 +283,7 @@ class _Generation(Endpoint):
             "object": cls.object_name,
             "created": int(time.time()),
             "model": inference.model.id,
-            "choices": [cls.choice(c) for c in reply.data.get("choices") or []],
+            "choices": [cls.choice(c, inference, data) for c in reply.data.get("choices") or []],
             "usage": _usage(reply.data),
             "system_fingerprint": None,
         }
@@ -251,7 +298,7 @@ class ChatCompletions(_Generation):
     chunk_object = "chat.completion.chunk"
 
     @classmethod
-    def choice(cls, c: dict[str, Any]) -> dict[str, Any]:
+    def choice(cls, c: dict[str, Any], inference: InferenceRequest, data: dict[str, Any]) -> Any:
         return {
             "index": c["index"],
             "message": {"role": "assistant", "content": c["text"], "refusal": None},
@@ -269,11 +316,12 @@ class Completions(_Generation):
     chunk_object = "text_completion"
 
     @classmethod
-    def choice(cls, c: dict[str, Any]) -> dict[str, Any]:
+    def choice(cls, c: dict[str, Any], inference: InferenceRequest, data: dict[str, Any]) -> Any:
+        offset = _prompt_chars(data, int(c["index"]), inference.params.n)
         return {
             "index": c["index"],
             "text": c["text"],
-            "logprobs": None,
+            "logprobs": _completion_logprobs(c.get("logprobs"), offset),
             "finish_reason": _finish(c.get("finish_reason")),
         }
 

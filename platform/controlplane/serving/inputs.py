@@ -190,8 +190,10 @@ class CompletionInput(_Sampling):
         if attrs.get("echo"):
             raise serializers.ValidationError({"echo": ["echo is not supported."]})
         attrs["max_tokens"] = _cap(attrs.get("max_tokens"), "max_tokens") or 16
+        # `logprobs: 0` still asks for the sampled tokens' log-probabilities (OpenAI's
+        # legacy API); only an absent or null `logprobs` asks for none.
         attrs["top_logprobs"] = attrs.get("logprobs") or 0
-        attrs["logprobs"] = bool(attrs.get("logprobs"))
+        attrs["logprobs"] = attrs.get("logprobs") is not None
         return attrs
 
 

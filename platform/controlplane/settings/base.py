@@ -1,6 +1,7 @@
 """Everything every environment shares, assembled from the concern modules."""
 
 from .api import *  # noqa: F403
+from .batches import *  # noqa: F403
 from .billing import *  # noqa: F403
 from .cache import *  # noqa: F403
 from .celery import *  # noqa: F403

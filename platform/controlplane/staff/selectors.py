@@ -17,7 +17,7 @@ from controlplane.billing.rating import month_bounds, usage_lines_all
 from controlplane.engagements.models import Milestone, MilestoneStatus
 from controlplane.inference import request_errors
 from controlplane.inference.models import UsageRecord, UsageStatus
-from controlplane.jobs.models import Job, JobStatus
+from controlplane.jobs.models import Job, JobKind, JobStatus
 from controlplane.jobs.selectors import QUEUE_OF_KIND
 from controlplane.tenancy.models import Organization
 
@@ -57,20 +57,31 @@ def jobs_by_queue() -> list[QueueRow]:
             oldest=Min("queued_at", filter=Q(status=JobStatus.QUEUED)),
         )
     )
-    by_kind: dict[str, dict[str, Any]] = {row["kind"]: dict(row) for row in rows}
-    out = []
-    for kind, queue in QUEUE_OF_KIND.items():
-        row: dict[str, Any] = by_kind.get(kind, {})
-        out.append(
-            QueueRow(
-                queue=queue,
-                running=row.get("running", 0),
-                waiting=row.get("waiting", 0),
-                sent=row.get("sent", 0),
-                paused=row.get("paused", 0),
-                oldest_queued_at=row.get("oldest"),
-            )
+    # Kinds that share a queue (fine-tuning and evaluation jobs both run on gpu.training)
+    # are one row: the queue is what an operator watches.
+    by_queue: dict[str, dict[str, Any]] = {
+        queue: {"running": 0, "waiting": 0, "sent": 0, "paused": 0, "oldest": None}
+        for queue in QUEUE_OF_KIND.values()
+    }
+    for row in rows:
+        total = by_queue[QUEUE_OF_KIND[JobKind(row["kind"])]]
+        for name in ("running", "waiting", "sent", "paused"):
+            total[name] += row[name]
+        if row["oldest"] is not None and (
+            total["oldest"] is None or row["oldest"] < total["oldest"]
+        ):
+            total["oldest"] = row["oldest"]
+    out = [
+        QueueRow(
+            queue=queue,
+            running=total["running"],
+            waiting=total["waiting"],
+            sent=total["sent"],
+            paused=total["paused"],
+            oldest_queued_at=total["oldest"],
         )
+        for queue, total in by_queue.items()
+    ]
     return out
 
 

@@ -204,7 +204,11 @@ class DecodeBatch:
         entries: dict[int, dict[str, Any]] = {}
         if lp is not None:
             for k, row_index in enumerate(lp.rows):
-                entries[row_index] = self._logprob_entry(ids[row_index], lp, k)
+                # The plan asks for the batch's largest top_logprobs; each row keeps
+                # the number it asked for.
+                entries[row_index] = self._logprob_entry(
+                    ids[row_index], lp, k, rows[row_index].top_logprobs
+                )
         for i, token in enumerate(ids):
             row = rows[i]
             row.tokens.append(token)
@@ -250,13 +254,13 @@ class DecodeBatch:
             tokens = tokens[:-1]
         return self.decode(tokens)
 
-    def _logprob_entry(self, token: int, lp: Logprobs, k: int) -> dict[str, Any]:
+    def _logprob_entry(self, token: int, lp: Logprobs, k: int, top: int) -> dict[str, Any]:
         return {
             "token": self._text_of(token),
             "logprob": lp.chosen[k],
             "top_logprobs": [
                 {"token": self._text_of(t), "logprob": v}
-                for t, v in zip(lp.top_ids[k], lp.top_values[k], strict=True)
+                for t, v in zip(lp.top_ids[k][:top], lp.top_values[k][:top], strict=True)
             ],
         }
 

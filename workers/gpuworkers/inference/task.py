@@ -149,6 +149,14 @@ def _preload(sender: Any = None, **_: Any) -> None:
         capacity=int(os.environ.get("INFERENCE_CONCURRENCY", "64")),
         engine=engine,
         before_first=start,
+        # Batch API requests held at once (the low-priority lane) while no live request
+        # is (unset: half the capacity), and while one is.
+        batch_capacity=(
+            int(os.environ["INFERENCE_BATCH_CONCURRENCY"])
+            if os.environ.get("INFERENCE_BATCH_CONCURRENCY")
+            else None
+        ),
+        batch_capacity_busy=int(os.environ.get("INFERENCE_BATCH_CONCURRENCY_BUSY", "1")),
     )
     _intake.start()
 

@@ -47,6 +47,18 @@ class TokenizedSet:
         self.starts.append(len(self.ids))
         self.labels.append(label)
 
+    def select(self, rows: Sequence[int]) -> TokenizedSet:
+        """A new set of these rows (indices into this one), in the order given."""
+        out = TokenizedSet(kind=self.kind, per_row=self.per_row)
+        for row in rows:
+            for s in range(row * self.per_row, (row + 1) * self.per_row):
+                a, b = self.starts[s], self.starts[s + 1]
+                out.ids.extend(self.ids[a:b])
+                out.learn.extend(self.learn[a:b])
+                out.starts.append(len(out.ids))
+                out.labels.append(self.labels[s])
+        return out
+
     def learned_tokens(self) -> int:
         return sum(self.learn)
 

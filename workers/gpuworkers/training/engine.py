@@ -30,7 +30,16 @@ from gpuworkers.training.control import (
 from gpuworkers.training.distributed import World, cpu_threads
 from gpuworkers.training.errors import StaleAttempt, TrainingError
 from gpuworkers.training.loop import Trainer
-from jobcontracts.training import CANCEL, CANCELLED, FAILED, PAUSE, PAUSED, RUN, TrainingSpec
+from jobcontracts.training import (
+    CANCEL,
+    CANCELLED,
+    FAILED,
+    PAUSE,
+    PAUSED,
+    RUN,
+    TrainingSpec,
+    held_out_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +132,9 @@ def _check(spec: TrainingSpec) -> None:
     if problems:
         raise TrainingError("invalid_hyperparameters", "; ".join(problems))
     formats.check_format(spec.training_data.format, task=spec.task, method=spec.method)
-    if (
-        spec.validation_data is not None
-        and spec.validation_data.format != spec.training_data.format
-    ):
-        raise TrainingError("invalid_spec", "validation data must have the training data's format")
+    for what, ref in (("validation", spec.validation_data), ("test", spec.test_data)):
+        if ref is not None and ref.format != spec.training_data.format:
+            raise TrainingError("invalid_spec", f"{what} data must have the training data's format")
 
 
 def _dataset(
@@ -168,13 +175,31 @@ def _prepare(
         valid = None
         if spec.validation_data is not None:
             valid = _dataset(spec, loaded, spec.validation_data.uri, workdir, "validation")
-        trainer = Trainer(spec, loaded, train, valid, world, workdir, heartbeat, sender)
+        test = None
+        if spec.test_data is not None:
+            test = _dataset(spec, loaded, spec.test_data.uri, workdir, "test")
+        elif spec.test_fraction > 0:
+            train, test = split(train, spec.test_fraction, spec.hyperparameters.seed)
+        trainer = Trainer(spec, loaded, train, valid, world, workdir, heartbeat, sender, test)
         if resume_dir is not None:
             trainer.resume(resume_dir)
         return trainer
     finally:
         if resume_dir is not None and storage.local_path(spec.resume_from or "") is None:
             shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def split(train: data.TokenizedSet, fraction: float, seed: int) -> tuple[data.TokenizedSet, ...]:
+    """(training rows, held-out test rows): the rows `held_out_rows` names go to the test
+    set only, so every attempt (and the control plane's estimate) holds out the same ones."""
+    held = held_out_rows(len(train), fraction, seed)
+    if not held:
+        raise TrainingError(
+            "invalid_training_file",
+            f"test_fraction {fraction} needs at least 2 training rows; the file has {len(train)}",
+        )
+    kept = [row for row in range(len(train)) if row not in held]
+    return train.select(kept), train.select(sorted(held))
 
 
 def _train(

@@ -39,8 +39,12 @@ class Trainer:
         workdir: Path,
         heartbeat: Heartbeat,
         sender: ReportSender,
+        test: TokenizedSet | None = None,
     ) -> None:
         self.spec, self.loaded, self.train, self.valid = spec, loaded, train, valid
+        #: Held-out rows, evaluated once by `finish`: never in `train`.
+        self.test = test
+        self.test_metrics: dict[str, float] | None = None
         self.world, self.workdir, self.heartbeat, self.sender = world, workdir, heartbeat, sender
         hp = spec.hyperparameters
         self.order = BatchOrder(len(train), hp.batch_size, hp.seed)
@@ -211,19 +215,34 @@ class Trainer:
 
     def evaluate(self, step: int) -> None:
         assert self.valid is not None
+        found = self._scores(self.valid, "valid")
+        self.metrics.update(found)
+        self.sender.send(METRICS, {"step": step, **found})
+
+    def evaluate_test(self) -> dict[str, float]:
+        """Score the final model on the held-out test rows (every rank takes part)."""
+        assert self.test is not None
+        found = self._scores(self.test, "test")
+        self.test_metrics = {**found, "test_rows": float(len(self.test))}
+        self.sender.send(METRICS, {"step": self.step, **self.test_metrics})
+        return self.test_metrics
+
+    def _scores(self, dataset: TokenizedSet, prefix: str) -> dict[str, float]:
+        """Metrics of the current model on `dataset`, its rows split across ranks."""
         self.heartbeat.phase = "evaluating"
         model = modeling.unwrap(self.model)
         model.eval()
-        totals = [0.0, 0.0, 0.0]
-        rows = list(range(self.world.rank, len(self.valid), self.world.size))
+        classes = len(self.spec.labels) if dataset.kind == "classification" else 0
+        totals = [0.0, 0.0, 0.0] + [0.0] * (3 * classes)
+        rows = list(range(self.world.rank, len(dataset), self.world.size))
         size = self.spec.hyperparameters.batch_size
         with torch.no_grad():
             for start in range(0, len(rows), size):
-                batch = self.valid.collate(rows[start : start + size], self.pad_id)
+                batch = dataset.collate(rows[start : start + size], self.pad_id)
                 batch = {k: v.to(self.world.device) for k, v in batch.items()}
                 with self._autocast():
                     sums = objectives.compute(
-                        self.valid.kind,
+                        dataset.kind,
                         model,
                         batch,
                         reference=self.loaded.reference,
@@ -232,12 +251,23 @@ class Trainer:
                 totals[0] += float(sums.loss)
                 totals[1] += sums.count
                 totals[2] += sums.correct
+                if classes and sums.predicted is not None:
+                    counts = objectives.confusion_counts(
+                        sums.predicted.cpu(), batch["labels"].cpu(), classes
+                    )
+                    for i, value in enumerate(counts):
+                        totals[3 + i] += value
         model.train()
-        loss, count, correct = self.world.sum(totals)
-        found = objectives.metrics(self.valid.kind, loss=loss, count=count, correct=correct)
-        self.metrics.update(found)
+        summed = self.world.sum(totals)
         self.heartbeat.phase = "training"
-        self.sender.send(METRICS, {"step": step, **found})
+        return objectives.metrics(
+            dataset.kind,
+            loss=summed[0],
+            count=summed[1],
+            correct=summed[2],
+            prefix=prefix,
+            confusion=summed[3:],
+        )
 
     def checkpoint(self) -> str:
         """Write (rank 0) and report a checkpoint of the current step; returns its URI."""
@@ -265,6 +295,8 @@ class Trainer:
     def finish(self) -> str:
         """Write the final artifact (rank 0), report `succeeded`; returns its URI."""
         uri = storage.join(self.spec.output_uri, "final")
+        if self.test is not None and self.test_metrics is None:
+            self.evaluate_test()
         if not self.world.is_main:
             return uri
         self.heartbeat.phase = "uploading"
@@ -286,6 +318,7 @@ class Trainer:
                 "artifact_files": names,
                 "artifact_kind": self.loaded.kind,
                 "metrics": self.metrics,
+                "test_metrics": self.test_metrics,
             },
         )
         return uri

@@ -11,6 +11,8 @@ split across ranks gets exactly the gradient of the whole batch on one device).
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,8 @@ class Sums:
     count: float  # units: learned tokens (causal LM) or rows (classification, DPO pairs)
     correct: float  # argmax hits (tokens, rows) or pairs the policy prefers correctly
     tokens: int  # non-padding tokens in the batch
+    #: Classification: each row's predicted class id (for per-class scores such as F1).
+    predicted: torch.Tensor | None = None
 
 
 def compute(
@@ -36,8 +40,9 @@ def compute(
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct = float((logits.argmax(-1) == labels).sum())
-        return Sums(loss, float(labels.numel()), correct, tokens)
+        predicted = logits.argmax(-1)
+        correct = float((predicted == labels).sum())
+        return Sums(loss, float(labels.numel()), correct, tokens, predicted=predicted)
     if kind == "preference":
         return _dpo(model, batch, reference=reference, beta=beta, tokens=tokens)
     logits = _logits(model, batch)[:, :-1].float()
@@ -96,11 +101,51 @@ def sequence_logps_without_adapter(model: Any, batch: dict[str, torch.Tensor]) -
         return sequence_logps(base, batch)
 
 
-def metrics(kind: str, *, loss: float, count: float, correct: float) -> dict[str, float]:
-    """Validation metrics from global sums (names as in the report contract)."""
+def metrics(
+    kind: str,
+    *,
+    loss: float,
+    count: float,
+    correct: float,
+    prefix: str = "valid",
+    confusion: Sequence[float] = (),
+) -> dict[str, float]:
+    """Evaluation metrics from global sums (names as in the report contract), each named
+    `{prefix}_…`. `confusion` (classification): per class, its true positives, false
+    positives and false negatives, flat ([tp0, fp0, fn0, tp1, …]), for the macro-F1."""
     count = max(count, 1.0)
+    mean = loss / count
     if kind == "classification":
-        return {"valid_loss": loss / count, "valid_accuracy": correct / count}
+        out = {f"{prefix}_loss": mean, f"{prefix}_accuracy": correct / count}
+        if confusion:
+            out[f"{prefix}_macro_f1"] = macro_f1(confusion)
+        return out
     if kind == "preference":
-        return {"valid_loss": loss / count, "valid_reward_accuracy": correct / count}
-    return {"valid_loss": loss / count, "valid_mean_token_accuracy": correct / count}
+        return {f"{prefix}_loss": mean, f"{prefix}_reward_accuracy": correct / count}
+    return {
+        f"{prefix}_loss": mean,
+        f"{prefix}_mean_token_accuracy": correct / count,
+        # Per learned token; past e^700 a float overflows, and the model is useless anyway.
+        f"{prefix}_perplexity": math.exp(min(mean, 700.0)),
+    }
+
+
+def confusion_counts(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float]:
+    """[tp0, fp0, fn0, tp1, fp1, fn1, …] of one batch (summable across batches and ranks)."""
+    out: list[float] = []
+    for c in range(classes):
+        pred, true = predicted == c, labels == c
+        tp, fp, fn = (pred & true).sum(), (pred & ~true).sum(), (~pred & true).sum()
+        out += [float(tp), float(fp), float(fn)]
+    return out
+
+
+def macro_f1(confusion: Sequence[float]) -> float:
+    """Unweighted mean of the classes' F1 = 2tp / (2tp + fp + fn), over the classes that
+    occur in the labels or the predictions (as scikit-learn's `f1_score(average="macro")`)."""
+    scores = []
+    for i in range(0, len(confusion), 3):
+        tp, fp, fn = confusion[i : i + 3]
+        if 2 * tp + fp + fn > 0:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0

@@ -1,0 +1,1 @@
+"""Evaluation attempts: score base, fine-tuned and compressed models on one file."""
