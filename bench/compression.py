@@ -1,7 +1,7 @@
 """Compression jobs: the worker's before/after reports for real models, and the compressed
 model served end to end against its source.
 
-    .venv/bin/python bench/compression.py            # ~8-10 min on 2 cores
+    .venv/bin/python bench/compression.py            # ~10-13 min on 2 shared cores
     .venv/bin/python bench/compression.py --quick    # ~2 min smoke run: fewer steps, rows, rounds
     .venv/bin/python bench/compression.py --help
 

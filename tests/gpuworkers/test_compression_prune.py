@@ -18,6 +18,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from gpuworkers.compression.channels import obs_select
 from gpuworkers.compression.context import Cancelled, CompressionError, Work
 from gpuworkers.compression.prune import prune
 from gpuworkers.models import tiny
@@ -142,8 +143,13 @@ def test_llama_heads_and_channels_are_removed_and_the_rest_computes_as_before(
         AutoTokenizer.from_pretrained(str(models["llama"])).get_vocab()
     )
 
-    # The source with the removed heads' and channels' outputs zeroed is the pruned model.
+    # The source without the removed heads and channels, its down projections replaced by
+    # the pruned model's refit ones, is the pruned model; the refit is closer to the source
+    # than the plain cut (the same channels zeroed, the weights left as they were).
+    inputs = ids(tmp_path / "out", HELD_OUT)
+    cut = lm(models["llama"])
     with torch.no_grad():
+        refits = []
         for index, (big, small) in enumerate(
             zip(source.model.layers, pruned.model.layers, strict=True)
         ):
@@ -155,12 +161,20 @@ def test_llama_heads_and_channels_are_removed_and_the_rest_computes_as_before(
                 big.self_attn.o_proj.weight[:, h * 32 : (h + 1) * 32] = 0
             channels = kept_rows(small.mlp.up_proj.weight, big.mlp.up_proj.weight)
             assert channels == sorted(channels)
+            assert kept_rows(small.mlp.gate_proj.weight, big.mlp.gate_proj.weight) == channels
             removed = [c for c in range(256) if c not in channels]
-            big.mlp.down_proj.weight[:, removed] = 0
-        inputs = ids(tmp_path / "out", HELD_OUT)
+            refit = torch.zeros_like(big.mlp.down_proj.weight)
+            refit[:, channels] = small.mlp.down_proj.weight
+            refits.append(refit)
+            cut.model.layers[index].load_state_dict(big.state_dict())
+            cut.model.layers[index].mlp.down_proj.weight[:, removed] = 0
+        for big, refit in zip(source.model.layers, refits, strict=True):
+            big.mlp.down_proj.weight.copy_(refit)
         expected = source(**inputs).logits
         got = pruned(**inputs).logits
     assert torch.allclose(got, expected, atol=1e-4)
+    full = lm(models["llama"])
+    assert kd_to_source(full, pruned, inputs) < kd_to_source(full, cut, inputs)
 
 
 def test_gpt2_keeps_its_heads_and_loses_mlp_channels(
@@ -176,22 +190,50 @@ def test_gpt2_keeps_its_heads_and_loses_mlp_channels(
     assert "heads_note" in work.notes
     assert work.notes["prunable_parameters"]["removed_fraction"] == pytest.approx(0.3, abs=0.02)
     assert weights_bytes(tmp_path / "out") < weights_bytes(models["gpt2"])
+    assert work.notes["channel_selection"]["method"] == "obs_least_squares"
     pairs = list(zip(source.transformer.h, pruned.transformer.h, strict=True))
     inputs = ids(tmp_path / "out", HELD_OUT)
     with torch.no_grad():
         full = source(**inputs).logits
+        refits = []
         for big, small in pairs:
             # Conv1D stores (in, out): a channel is a column of c_fc and a row of c_proj.
             channels = kept_rows(small.mlp.c_fc.weight.T, big.mlp.c_fc.weight.T)
             removed = [c for c in range(512) if c not in channels]
             big.mlp.c_proj.weight[removed, :] = 0
-        unfolded = source(**inputs).logits
-        # The removed channels' mean output went into the bias; the rest is unchanged.
-        for big, small in pairs:
+            refit = torch.zeros_like(big.mlp.c_proj.weight)
+            refit[channels, :] = small.mlp.c_proj.weight
+            refits.append(refit)
+        cut = source(**inputs).logits
+        # The kept channels' weights were refit and what changed on average moved into the
+        # bias; the rest of the model is unchanged.
+        for (big, small), refit in zip(pairs, refits, strict=True):
+            big.mlp.c_proj.weight.copy_(refit)
             big.mlp.c_proj.bias.copy_(small.mlp.c_proj.bias)
         got = pruned(**inputs).logits
         assert torch.allclose(got, source(**inputs).logits, atol=1e-4)
-    assert (got - full).abs().mean() < (unfolded - full).abs().mean()
+    assert (got - full).abs().mean() < (cut - full).abs().mean()
+
+
+def test_obs_drops_redundant_channels_and_refits_the_rest_to_make_up_for_them() -> None:
+    # 8 channels, 3 of them mixes of the other 5: with the rest refit, removing 3 loses
+    # next to nothing, where keeping the 5 largest-weight channels as they were loses a lot.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4000, 5, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base @ torch.randn(5, 3, generator=g, dtype=torch.float64)], dim=1)
+    weight = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    target = x @ weight.T
+    hessian = x.T @ x / len(x) + 1e-6 * torch.eye(8, dtype=torch.float64)
+
+    keep, refit = obs_select(weight, hessian, 5)
+
+    assert keep.tolist() == sorted(keep.tolist())
+    assert refit.shape == (6, 5)
+    error = (x[:, keep] @ refit.T - target).square().mean() / target.square().mean()
+    assert error < 1e-4
+    largest = weight.norm(dim=0).topk(5).indices
+    plain = (x[:, largest] @ weight[:, largest].T - target).square().mean()
+    assert plain / target.square().mean() > 0.05
 
 
 def test_layers_are_dropped_keeping_the_first_and_the_last(

@@ -1,9 +1,12 @@
 """Knowledge distillation: train a smaller student to do what the source (the teacher) does.
 
-The student is the teacher cut to `student_layers` layers taken evenly spaced from it
-(the first and the last always among them), which starts far closer to the teacher than
-a fresh model; or, when the job names one, a chosen smaller model of the same tokenizer
-(`student_layers` is then not used).
+The student is the teacher cut to `student_layers` of its layers (the first and the last
+always among them), which starts far closer to the teacher than a fresh model; or, when
+the job names one, a chosen smaller model of the same tokenizer (`student_layers` is then
+not used). Which layers: dropped one at a time, each time the middle layer without which
+the teacher's last hidden states change least on the training rows (token cosine), the
+way layer-pruning work (ShortGPT and others) finds the layers a model needs least; evenly
+spaced layers when there is nothing to choose on.
 
 Objectives (see `recovery.objective`): a causal LM learns the teacher's token
 distributions at temperature T (KL x T^2, weight alpha) and the text itself (CE, weight
@@ -17,10 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from gpuworkers.compression import recovery
 from gpuworkers.compression.context import CompressionError, Work
-from gpuworkers.compression.prune import keep_layers
+from gpuworkers.compression.prune import keep_layers, only_layers
+
+#: The student's layers are chosen on at most this many training rows.
+SELECTION_ROWS = 64
 
 
 def spaced_layers(layers: int, count: int) -> list[int]:
@@ -30,8 +37,43 @@ def spaced_layers(layers: int, count: int) -> list[int]:
     return sorted({round(i * (layers - 1) / (count - 1)) for i in range(count)})
 
 
-def student_from_teacher(teacher: Any, count: int) -> tuple[Any, list[int]]:
-    """The teacher cut to `count` of its layers, and which layers they are."""
+def _last_hidden(model: Any, batch: recovery.Batch) -> torch.Tensor:
+    out = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    )
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden.float()
+
+
+def chosen_layers(
+    teacher: Any, batches: list[recovery.Batch], count: int
+) -> tuple[list[int], float]:
+    """The `count` layers to keep (see the module's docstring), and the token cosine of
+    the teacher cut to them to the teacher itself, over `batches`."""
+    with torch.no_grad():
+        targets = [_last_hidden(teacher, batch) for batch in batches]
+
+    def similarity(keep: list[int]) -> float:
+        total = tokens = 0.0
+        with torch.no_grad(), only_layers(teacher, keep):
+            for batch, target in zip(batches, targets, strict=True):
+                cosine = F.cosine_similarity(_last_hidden(teacher, batch), target, dim=-1)
+                mask = batch.attention_mask.to(cosine.dtype)
+                total += float((cosine * mask).sum())
+                tokens += float(mask.sum())
+        return total / max(tokens, 1.0)
+
+    keep = list(range(int(teacher.config.num_hidden_layers)))
+    best = 1.0
+    while len(keep) > count:
+        tried = [(similarity([k for k in keep if k != drop]), drop) for drop in keep[1:-1]]
+        best, drop = max(tried)
+        keep.remove(drop)
+    return keep, best
+
+
+def _check_count(teacher: Any, count: int) -> int:
+    """The teacher's layer count, once `count` is known to be fewer."""
     layers = int(teacher.config.num_hidden_layers)
     if not 1 <= count < layers:
         raise CompressionError(
@@ -40,7 +82,19 @@ def student_from_teacher(teacher: Any, count: int) -> tuple[Any, list[int]]:
             f"layers), got {count}",
             param="student_layers",
         )
-    keep = spaced_layers(layers, count)
+    return layers
+
+
+def student_from_teacher(
+    teacher: Any, count: int, batches: list[recovery.Batch] | None = None
+) -> tuple[Any, list[int]]:
+    """The teacher cut to `count` of its layers, and which layers they are: chosen on
+    `batches` when given and there is a choice, else evenly spaced."""
+    layers = _check_count(teacher, count)
+    if batches and count >= 2:
+        keep, _ = chosen_layers(teacher, batches, count)
+    else:
+        keep = spaced_layers(layers, count)
     return keep_layers(teacher, keep), keep
 
 
@@ -89,17 +143,15 @@ def distill(work: Work) -> None:
     teacher_layers = int(teacher.config.num_hidden_layers)
     notes: dict[str, Any] = {"teacher_layers": teacher_layers}
     keep: list[int] | None = None
+    count = requested if requested is not None else max(1, teacher_layers // 2)
+    student: Any = None
     if work.student_dir is not None:
         student_tokenizer = recovery.load_tokenizer(work.student_dir)
         student = recovery.load_model(work, work.student_dir, student_tokenizer)
         _check_student(work, teacher, student, tokenizer, student_tokenizer)
         notes["student"] = "chosen model"
     else:
-        count = requested if requested is not None else max(1, teacher_layers // 2)
-        student, keep = student_from_teacher(teacher, count)
-        notes["student"] = "teacher layers"
-        notes["layers_from_teacher"] = keep
-    notes["student_layers"] = int(student.config.num_hidden_layers)
+        _check_count(teacher, count)  # before any work
     texts, labels = list(work.train_texts), list(work.train_labels)
     if not texts and work.task == "causal_lm":
         texts = recovery.generate_texts(
@@ -115,7 +167,24 @@ def distill(work: Work) -> None:
             "training_data_required",
             "distilling an embedding model or a classifier needs training rows",
         )
-    losses = recovery.train(
+    if student is None:
+        choosing = recovery.make_batches(
+            tokenizer,
+            texts[:SELECTION_ROWS],
+            batch_size=schedule.batch_size,
+            max_len=schedule.max_seq_len,
+            device=work.device,
+            seed=work.seed,
+        )
+        student, keep = student_from_teacher(teacher, count, choosing)
+        notes["student"] = "teacher layers"
+        notes["layers_from_teacher"] = keep
+        notes["layer_selection"] = {
+            "method": "greedy_last_hidden_cosine" if count >= 2 else "first",
+            "rows": min(len(texts), SELECTION_ROWS),
+        }
+    notes["student_layers"] = int(student.config.num_hidden_layers)
+    trained = recovery.train(
         student,
         teacher,
         work,
@@ -132,8 +201,11 @@ def distill(work: Work) -> None:
     }
     notes["distillation"] = {
         "steps": schedule.steps,
-        "loss_first": round(losses[0], 6),
-        "loss_last": round(losses[-1], 6),
+        "loss_first": round(trained.losses[0], 6),
+        "loss_last": round(trained.losses[-1], 6),
+        "tokens": trained.tokens,
     }
+    # Every step's batch was trained on (teacher-generated rows too: nobody's, but trained).
+    notes["trained_tokens"] = trained.tokens
     work.notes.update(notes)
     recovery.save_result(student, work, tokenizer_dir=work.student_dir)

@@ -2,10 +2,15 @@
 
 The result is smaller tensors that the model's own config describes, so a plain
 `from_pretrained(out)` builds it: every layer keeps the same number of heads and channels
-(chosen per layer by importance on a few texts), `intermediate_size` / `n_inner` shrink, a
+(chosen per layer on the job's rows), `intermediate_size` / `n_inner` shrink, a
 Llama-style config gets an explicit `head_dim` with fewer heads (whole KV groups, or the
 same number of query heads in every group, so GQA stays consistent), and dropped layers
 lower `num_hidden_layers`.
+
+MLP channels are chosen and compensated as in OBS / SparseGPT (`channels`): layer by
+layer, the channels whose removal changes the down projection's output least on the
+calibration rows go, and the remaining weights (and the bias) are refit by least squares
+to make up for them.
 
 BERT and GPT-2 keep all their heads: their configs tie the head size to
 `hidden_size / num_attention_heads` and the installed transformers (5.x) no longer has
@@ -27,7 +32,7 @@ from typing import Any
 
 import torch
 
-from gpuworkers.compression import recovery
+from gpuworkers.compression import channels, recovery
 from gpuworkers.compression.context import CompressionError, Work
 from jobcontracts.compression import PRUNE_TARGETS
 
@@ -43,6 +48,8 @@ class Layout:
     mlp_out: tuple[str, int]
     #: The module whose input is the concatenated per-head attention output.
     attn_out: str = ""
+    #: The LayerNorm right after the MLP's residual sum (post-norm families), else "".
+    mlp_norm: str = ""
 
 
 _LLAMA = Layout(
@@ -59,6 +66,7 @@ LAYOUTS: dict[str, Layout] = {
         (("intermediate.dense", 0),),
         ("output.dense", 1),
         "attention.output.dense",
+        "output.LayerNorm",
     ),
     # Conv1D stores weights as (in, out): the channel axis is the other way round.
     "gpt2": Layout("h", False, (("mlp.c_fc", 1),), ("mlp.c_proj", 0), "attn.c_proj"),
@@ -93,6 +101,23 @@ def _modules(model: Any, layout: Layout) -> list[Any]:
     for part in layout.layers.split("."):
         layers = getattr(layers, part)
     return list(layers)
+
+
+@contextmanager
+def only_layers(model: Any, keep: list[int]) -> Iterator[Any]:
+    """`model` running only its layers `keep` (in order) while inside, nothing copied: for
+    trying out which layers a smaller model could keep. Forwards need `use_cache=False`."""
+    layout = layout_of(model)
+    *path, name = layout.layers.split(".")
+    parent: Any = model.base_model
+    for part in path:
+        parent = getattr(parent, part)
+    everything = getattr(parent, name)
+    setattr(parent, name, torch.nn.ModuleList([everything[i] for i in keep]))
+    try:
+        yield model
+    finally:
+        setattr(parent, name, everything)
 
 
 def rebuild(model: Any, config: Any, state: dict[str, torch.Tensor]) -> Any:
@@ -160,11 +185,6 @@ def _submodule(root: Any, path: str) -> Any:
 
 @dataclass
 class Importance:
-    #: (layers, channels): how much each MLP channel's output varies (see `importance`).
-    channels: torch.Tensor
-    #: (layers, channels): each channel's mean activation, folded into the output bias
-    #: when the channel is removed.
-    channel_means: torch.Tensor
     #: (layers, heads): mean norm of each head's share of the attention output.
     heads: torch.Tensor | None
     #: (layers,): 1 - cos(layer input, layer output), how much a layer changes its input.
@@ -188,16 +208,14 @@ def _head_shares(context: torch.Tensor, weight: torch.Tensor, head_dim: int) -> 
 
 
 def importance(model: Any, batches: list[recovery.Batch], head_dim: int) -> Importance:
-    """Scores of channels, heads and layers over `batches`, masked to real tokens."""
+    """Scores of heads and layers over `batches`, masked to real tokens."""
     layout = layout_of(model)
     blocks = _modules(model, layout)
-    down = [_submodule(b, layout.mlp_out[0]) for b in blocks]
     attn = [_submodule(b, layout.attn_out) for b in blocks] if layout.heads_removable else []
-    channel_sum: torch.Tensor | None = None  # sum of |a|, of a and of a^2 per channel
     head_sum: torch.Tensor | None = None
     layer_sum = torch.zeros(len(blocks))
     tokens = 0.0
-    with torch.no_grad(), _inputs_of(down + attn) as seen:
+    with torch.no_grad(), _inputs_of(attn) as seen:
         for batch in batches:
             for captured in seen:
                 captured.clear()
@@ -208,28 +226,12 @@ def importance(model: Any, batches: list[recovery.Batch], head_dim: int) -> Impo
             )
             mask = batch.attention_mask.float()[..., None]
             tokens += float(mask.sum())
-            channels = torch.stack(
-                [
-                    torch.stack(
-                        [
-                            (seen[i][0].abs() * mask).sum(dim=(0, 1)),
-                            (seen[i][0] * mask).sum(dim=(0, 1)),
-                            (seen[i][0].square() * mask).sum(dim=(0, 1)),
-                        ]
-                    )
-                    for i in range(len(down))
-                ]
-            ).cpu()  # (layers, 3, channels)
-            channel_sum = channels if channel_sum is None else channel_sum + channels
             if attn:
                 heads = torch.stack(
                     [
-                        (
-                            _head_shares(
-                                seen[len(down) + i][0], m.weight.detach().float(), head_dim
-                            )
-                            * mask
-                        ).sum(dim=(0, 1))
+                        (_head_shares(seen[i][0], m.weight.detach().float(), head_dim) * mask).sum(
+                            dim=(0, 1)
+                        )
                         for i, m in enumerate(attn)
                     ]
                 ).cpu()
@@ -240,25 +242,31 @@ def importance(model: Any, batches: list[recovery.Batch], head_dim: int) -> Impo
                     hidden[i].float(), hidden[i + 1].float(), dim=-1
                 )
                 layer_sum[i] += float(((1 - cosine) * mask[..., 0]).sum())
-    if channel_sum is None:
+    if not batches:
         raise CompressionError("training_data_required", "no texts to score the model on")
     tokens = max(tokens, 1.0)
-    name, axis = layout.mlp_out
-    magnitude, mean, square = (channel_sum[:, k] / tokens for k in range(3))
-    # A channel matters as much as its output moves the residual stream: activation times
-    # the norm of its output weights. Where the down projection has a bias, a removed
-    # channel's mean output moves into that bias, so only its spread around the mean is lost.
-    has_bias = getattr(_submodule(blocks[0], name), "bias", None) is not None
-    spread = (square - mean.square()).clamp(min=0).sqrt() if has_bias else magnitude
-    norms = torch.stack(
-        [_submodule(b, name).weight.detach().float().norm(dim=1 - axis).cpu() for b in blocks]
-    )
     return Importance(
-        channels=spread * norms,
-        channel_means=mean if has_bias else torch.zeros_like(mean),
         heads=None if head_sum is None else head_sum / tokens,
         layers=layer_sum / tokens,
     )
+
+
+# -- MLP channels ------------------------------------------------------------------------
+
+
+def compensated_channels(
+    model: Any, batches: list[recovery.Batch], kept: int
+) -> list[torch.Tensor]:
+    """Each layer's kept channels, layer by layer (`channels.compensate`); `model`'s down
+    projections are refit in place."""
+    layout = layout_of(model)
+    name, axis = layout.mlp_out
+    kept_per_layer = []
+    for block in _modules(model, layout):
+        norm = _submodule(block, layout.mlp_norm) if layout.mlp_norm else None
+        down = _submodule(block, name)
+        kept_per_layer.append(channels.compensate(model, down, axis, norm, batches, kept))
+    return kept_per_layer
 
 
 # -- slicing ------------------------------------------------------------------------------
@@ -273,18 +281,8 @@ def _slice_mlp(
     layer: str,
     layout: Layout,
     keep: torch.Tensor,
-    means: torch.Tensor,
 ) -> None:
-    name, axis = layout.mlp_out
-    weight = state[f"{layer}{name}.weight"]
-    if f"{layer}{name}.bias" in state:
-        removed = torch.ones(weight.shape[axis], dtype=torch.bool)
-        removed[keep] = False
-        shift = means.to(weight)[removed.to(weight.device)]
-        columns = weight.index_select(axis, removed.nonzero()[:, 0].to(weight.device))
-        # What the removed channels added on average, now added by the bias.
-        folded = columns @ shift if axis == 1 else shift @ columns
-        state[f"{layer}{name}.bias"] = state[f"{layer}{name}.bias"] + folded
+    """Keep channels `keep` of a layer's MLP (its down projection already refit to them)."""
     for name, axis in layout.mlp_in:
         state[f"{layer}{name}.weight"] = _take(state[f"{layer}{name}.weight"], axis, keep)
         if f"{layer}{name}.bias" in state:
@@ -400,14 +398,14 @@ def prune_heads_and_channels(
 ) -> tuple[Any, dict[str, Any]]:
     layout = layout_of(model)
     shape = _shape(model.config, layout)
-    scores = importance(model, batches, shape.head_dim)
     state = model.state_dict()
     prefix = _prefix(state, layout)
     layers = int(model.config.num_hidden_layers)
     config = copy.deepcopy(model.config)
     notes: dict[str, Any] = {"target": "heads_and_channels", "sparsity": sparsity}
     attention_removed = 0
-    if layout.heads_removable and scores.heads is not None:
+    scores = importance(model, batches, shape.head_dim) if layout.heads_removable else None
+    if scores is not None and scores.heads is not None:
         groups, per = _heads_plan(shape, sparsity)
         attention_removed = shape.attention(shape.heads, shape.kv_heads) - shape.attention(
             groups * per, groups
@@ -438,9 +436,18 @@ def prune_heads_and_channels(
             "num_attention_heads, so the MLP channels take the whole budget"
         )
     kept = _channels_plan(shape, layout, sparsity, attention_removed)
-    for layer in range(layers):
-        keep = torch.sort(scores.channels[layer].topk(kept).indices).values
-        _slice_mlp(state, f"{prefix}{layer}.", layout, keep, scores.channel_means[layer])
+    # A copy (with its heads already cut) whose down projections are refit in place, layer
+    # by layer: the source stays as it is, the teacher of the recovery.
+    working = rebuild(model, config, state)
+    keeps = compensated_channels(working, batches, kept)
+    state = working.state_dict()
+    for layer, keep in enumerate(keeps):
+        _slice_mlp(state, f"{prefix}{layer}.", layout, keep)
+    notes["channel_selection"] = {
+        "method": "obs_least_squares",
+        "calibration_rows": sum(int(b.input_ids.shape[0]) for b in batches),
+        "calibration_tokens": sum(int(b.attention_mask.sum()) for b in batches),
+    }
     if hasattr(config, "intermediate_size"):
         config.intermediate_size = kept
     else:
@@ -459,7 +466,7 @@ def prune_heads_and_channels(
         "after": after.prunable(layout) * layers,
         "removed_fraction": round(1 - after.prunable(layout) / shape.prunable(layout), 4),
     }
-    return rebuild(model, config, state), notes
+    return rebuild(working, config, state), notes
 
 
 def prune_layers(
@@ -519,7 +526,11 @@ def prune(work: Work) -> None:
     tokenizer = recovery.load_tokenizer(work.source_dir)
     source = recovery.load_model(work, work.source_dir, tokenizer)
     layout_of(source)
-    calibration = list(work.train_texts[:64]) or list(recovery.FALLBACK_TEXTS)
+    # Channel statistics come from the job's rows (the built-in texts without any): they
+    # are fit to, so their tokens count as trained on.
+    calibration = list(work.train_texts[: channels.CALIBRATION_ROWS]) or list(
+        recovery.FALLBACK_TEXTS
+    )
     batches = recovery.make_batches(
         tokenizer,
         calibration,
@@ -551,7 +562,7 @@ def prune(work: Work) -> None:
                 "recovery needs training rows: add training data or set recovery_steps to 0",
                 param="recovery_steps",
             )
-        losses = recovery.train(
+        trained = recovery.train(
             pruned,
             source,
             work,
@@ -563,8 +574,14 @@ def prune(work: Work) -> None:
         )
         notes["recovery"] = {
             "steps": steps,
-            "loss_first": round(losses[0], 6),
-            "loss_last": round(losses[-1], 6),
+            "loss_first": round(trained.losses[0], 6),
+            "loss_last": round(trained.losses[-1], 6),
+            "tokens": trained.tokens,
         }
+    # What a data partner's rows were used for: the channel statistics (fit to them) and
+    # every recovery step (generated texts are nobody's rows, but still trained on).
+    fit = notes.get("channel_selection", {}).get("calibration_tokens", 0)
+    used = fit if work.train_texts else 0  # the built-in texts are nobody's rows
+    notes["trained_tokens"] = int(used) + int(notes.get("recovery", {}).get("tokens", 0))
     work.notes.update(notes)
     recovery.save_result(pruned, work)

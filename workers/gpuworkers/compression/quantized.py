@@ -30,11 +30,15 @@ an int8 GEMM. Measured on the real all-MiniLM-L6-v2 (every Linear int8), 2 threa
     torch._weight_int8pack_mm 27.3 s (0.01x, fp32 input) / 713 ms (0.49x, bf16 input)
     torchao 0.18 int8 dynamic 607 ms (0.57x); int8 weight-only 319 ms (1.09x) / 0.79x
 
-so fbgemm it is (torchao is not a dependency either). Activations are quantized with the
-full 8-bit range (`reduce_range=False`) where the CPU has VNNI: fbgemm's 7-bit default
-costs accuracy (MiniLM cosine to fp32 over 32 sentences 0.974 -> 0.992) and only guards
-the int16 saturation of pre-VNNI AVX2 `vpmaddubsw`, so without VNNI it stays on. A CPU
-without fbgemm (ARM) falls back to dequantize-then-matmul.
+so fbgemm it is (torchao is not a dependency either). Activations are always quantized
+with the full 8-bit range (`reduce_range=False`): fbgemm's 7-bit default costs accuracy
+(MiniLM cosine to fp32 over 32 sentences 0.974 -> 0.992) and only guards the int16
+saturation of pre-VNNI AVX2 `vpmaddubsw` (u8 x s8 pairs summed into int16). Without VNNI
+the weights are halved to 7 bits at load instead (scale x 2, values in [-64, 63]), so
+255 x 64 x 2 still fits: a per-channel weight loses far less to one bit than a per-tensor
+activation does (MiniLM cosine on the bench's 256 sentences, AVX2-only AMD EPYC: 7-bit
+activations 0.976, 7-bit weights 0.992). A CPU without fbgemm (ARM) falls back to
+dequantize-then-matmul.
 
 One scale per tensor means a row's result depends a little on the rows batched with it
 (MiniLM embedding components moved by up to 0.027 between alone and in a batch of 32).
@@ -141,11 +145,18 @@ def cpu_has_vnni() -> bool:
 _VNNI: bool | None = None
 
 
-def _reduce_range() -> bool:
+def _seven_bit_weights() -> bool:
+    """Whether fbgemm's int8 GEMM here can saturate int16 (no VNNI): see the docstring."""
     global _VNNI
     if _VNNI is None:
         _VNNI = cpu_has_vnni()
     return not _VNNI
+
+
+def seven_bit(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 weights `q` (per-channel `scale`) as 7-bit ones in [-64, 63], scale doubled."""
+    halved = torch.round(q.float() / 2).clamp(-64, 63).to(torch.int8)
+    return halved, scale * 2
 
 
 @contextlib.contextmanager
@@ -168,6 +179,9 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = int(q.shape[0]), int(q.shape[1])
+        self.seven_bit = _seven_bit_weights()
+        if self.seven_bit:
+            q, scale = seven_bit(q, scale)
         with warnings.catch_warnings():
             # torch marks quantized-tensor creation deprecated (pytorch#184982); it is
             # how fbgemm takes per-channel weights in 2.13, and `_linear` falls back to
@@ -182,7 +196,6 @@ class DynamicInt8Linear(nn.Module):
         fbias = None if bias is None else bias.detach().float().contiguous()
         with _engine("fbgemm"):
             self._packed = torch.ops.quantized.linear_prepack(qweight, fbias)
-        self.reduce_range = _reduce_range()
         #: What the packed weights occupy (not a parameter or buffer, so counted here).
         self.packed_nbytes = (
             q.numel() + scale.numel() * 4 + (0 if fbias is None else fbias.numel() * 4)
@@ -190,7 +203,7 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = torch.ops.quantized.linear_dynamic(
-            x.float().contiguous(), self._packed, self.reduce_range
+            x.float().contiguous(), self._packed, False
         )
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

@@ -410,6 +410,15 @@ class Schedule:
     weight_decay: float = 0.01
 
 
+@dataclass(frozen=True)
+class Trained:
+    #: The loss of each step.
+    losses: list[float]
+    #: Real (non-padding) tokens of every batch trained on, counted as fine-tuning counts
+    #: them: what a data partner whose rows these are is credited for.
+    tokens: int
+
+
 def _lr_factor(step: int, schedule: Schedule) -> float:
     warmup = max(1, schedule.steps // 10)
     if step < warmup:
@@ -431,8 +440,9 @@ def train(
     schedule: Schedule,
     pooling: Pooling | None = None,
     layer_map: Sequence[int] | None = None,
-) -> list[float]:
-    """Train `student` toward `teacher` for `schedule.steps` steps; the loss of each step.
+) -> Trained:
+    """Train `student` toward `teacher` for `schedule.steps` steps; the loss of each step
+    and the tokens trained on.
 
     `layer_map[i]` is the teacher layer that student layer i stands for (the identity when
     both have as many layers, e.g. after pruning heads and channels); an embedding model
@@ -442,7 +452,7 @@ def train(
     teacher's deterministic outputs, so dropout noise only slows it down.
     """
     if schedule.steps <= 0:
-        return []
+        return Trained([], 0)
     if not texts:
         raise CompressionError(
             "training_data_required", f"{work.method} needs training rows to train on"
@@ -467,6 +477,7 @@ def train(
     autocast = work.device.type == "cuda" and torch.cuda.is_bf16_supported()
     pairs = layer_pairs(student, teacher, layer_map)
     losses: list[float] = []
+    tokens = 0
     epoch = 0
     batches: list[Batch] = []
     for step in range(schedule.steps):
@@ -510,10 +521,11 @@ def train(
                 param="learning_rate",
             )
         losses.append(value)
+        tokens += int(batch.attention_mask.sum())
         work.step(step + 1, schedule.steps, value)
     student.requires_grad_(False)
     student.eval()
-    return losses
+    return Trained(losses, tokens)
 
 
 def generate_texts(
