@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -38,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from _stack import manage, platform_database, private_servers, started_stack
-from api_auth import BIN, REPO, git_commit, machine_info, sign_up, stop_server, tail
+from api_auth import REPO, git_commit, machine_info, sign_up, stop_server, tail
+from inference import start_inference_worker
 
 from gpuworkers.inference import bare
 from gpuworkers.models import tiny
@@ -162,24 +162,6 @@ def ms(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def start_inference_worker(
-    env: dict[str, str], log: Path, args: argparse.Namespace
-) -> subprocess.Popen[bytes]:
-    worker_env = {**env, "LOG_LEVEL": "WARNING", "TORCH_NUM_THREADS": str(args.threads)}
-    if args.batch_concurrency is not None:
-        worker_env["INFERENCE_BATCH_CONCURRENCY"] = str(args.batch_concurrency)
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [str(BIN / "atelier"), "worker", "inference"],
-            env=worker_env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with private_servers(args, args.tmpdir):
@@ -208,7 +190,14 @@ def measure(args: argparse.Namespace) -> int:
             manage(env, "import_base_model", str(model_dir), "--name", MODEL_NAME)
             with started_stack(env, data_dir / "logs") as stack:
                 log = stack.log_dir / "inference.log"
-                worker = start_inference_worker(env, log, args)
+                worker = start_inference_worker(
+                    env,
+                    log,
+                    args.threads,
+                    None
+                    if args.batch_concurrency is None
+                    else {"INFERENCE_BATCH_CONCURRENCY": str(args.batch_concurrency)},
+                )
                 try:
                     key = sign_up(stack.port)
                     manage(

@@ -407,8 +407,11 @@ def bare_half(loaded: Any, args: argparse.Namespace) -> dict[str, list[float]]:
     }
 
 
-def start_inference_worker(env: dict[str, str], log: Path, threads: int) -> subprocess.Popen[bytes]:
-    worker_env = {**env, "LOG_LEVEL": "WARNING", "TORCH_NUM_THREADS": str(threads)}
+def start_inference_worker(
+    env: dict[str, str], log: Path, threads: int, extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`atelier worker inference` on the bench's stack; `extra` adds worker settings."""
+    worker_env = {**env, "LOG_LEVEL": "WARNING", "TORCH_NUM_THREADS": str(threads), **(extra or {})}
     with log.open("wb") as out:
         return subprocess.Popen(
             [str(BIN / "atelier"), "worker", "inference"],

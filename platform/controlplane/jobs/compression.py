@@ -46,7 +46,11 @@ from jobcontracts.training import DataRef
 from .events import event_add
 from .files import data_summary, training_file_get, training_version_get
 from .models import Job, JobKind, JobStatus
-from .params import METADATA_KEY_MAX, METADATA_MAX_KEYS, METADATA_VALUE_MAX, SUFFIX_RE
+from .params import (
+    METADATA_VALUE_MAX,
+    SUFFIX_RE,
+    metadata_checked,
+)
 from .signals import job_succeeded
 
 log = structlog.get_logger(__name__)
@@ -139,11 +143,7 @@ class CreateCompressionJobInput(StrictInputSerializer):
         return value
 
     def validate_metadata(self, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > METADATA_MAX_KEYS or any(len(k) > METADATA_KEY_MAX for k in value):
-            raise serializers.ValidationError(
-                f"At most {METADATA_MAX_KEYS} keys of up to {METADATA_KEY_MAX} characters."
-            )
-        return value
+        return metadata_checked(value)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "training_file" in attrs and "dataset" in attrs:

@@ -42,7 +42,7 @@ from jobcontracts.training import DataRef
 from .events import event_add
 from .files import data_summary, training_file_get
 from .models import Job, JobKind, JobStatus
-from .params import METADATA_KEY_MAX, METADATA_MAX_KEYS, METADATA_VALUE_MAX
+from .params import METADATA_VALUE_MAX, metadata_checked
 
 log = structlog.get_logger(__name__)
 
@@ -85,11 +85,7 @@ class CreateEvaluationInput(StrictInputSerializer):
     )
 
     def validate_metadata(self, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > METADATA_MAX_KEYS or any(len(k) > METADATA_KEY_MAX for k in value):
-            raise serializers.ValidationError(
-                f"At most {METADATA_MAX_KEYS} keys of up to {METADATA_KEY_MAX} characters."
-            )
-        return value
+        return metadata_checked(value)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if ("model" in attrs) == ("models" in attrs):

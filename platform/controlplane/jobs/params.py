@@ -39,6 +39,17 @@ METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
 
 
 @extend_schema_field({"oneOf": [{"type": "number"}, {"type": "string", "enum": ["auto"]}]})
+def metadata_checked(value: dict[str, str] | None) -> dict[str, str]:
+    """A job's `metadata` (every kind of job): at most METADATA_MAX_KEYS keys of up to
+    METADATA_KEY_MAX characters (the values' length is the DictField's child's)."""
+    value = value or {}
+    if len(value) > METADATA_MAX_KEYS or any(len(k) > METADATA_KEY_MAX for k in value):
+        raise serializers.ValidationError(
+            f"At most {METADATA_MAX_KEYS} keys of up to {METADATA_KEY_MAX} characters."
+        )
+    return value
+
+
 class AutoOr(serializers.Field):  # type: ignore[type-arg]
     """ "auto" or a number in range (as OpenAI: `n_epochs: "auto" | int`)."""
 
@@ -153,12 +164,7 @@ class CreateJobInput(StrictInputSerializer):
         return value or ""
 
     def validate_metadata(self, value: dict[str, str] | None) -> dict[str, str]:
-        value = value or {}
-        if len(value) > METADATA_MAX_KEYS or any(len(k) > METADATA_KEY_MAX for k in value):
-            raise serializers.ValidationError(
-                f"At most {METADATA_MAX_KEYS} keys of up to {METADATA_KEY_MAX} characters."
-            )
-        return value
+        return metadata_checked(value)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if ("training_file" in attrs) == ("dataset" in attrs):

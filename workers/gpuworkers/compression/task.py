@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import asdict
 from typing import Any
 
 from gpuworkers.celery import app
 from gpuworkers.reporting import celery_reporter
 from gpuworkers.training.control import Reporter, SignalReader
-from gpuworkers.training.task import preload_wait
+from gpuworkers.training.task import preload_wait, report_invalid_spec
 from jobcontracts import queues
 from jobcontracts.compression import CompressionSpec
-from jobcontracts.training import FAILED, Report
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ def handle(
             raise TypeError("the spec must be a JSON object")
         spec = CompressionSpec.from_json(spec_json)
     except (KeyError, TypeError, ValueError) as error:
-        _report_invalid_spec(spec_json, error, reporter)
+        report_invalid_spec(spec_json, error, reporter, kind="compression")
         return {"status": "failed", "error_code": "invalid_spec"}
     log.info("compression.attempt_received", extra={"job_id": spec.job_id, "attempt": spec.attempt})
     preload_wait()
@@ -60,17 +58,3 @@ def handle(
 )
 def run(spec_json: dict[str, Any]) -> dict[str, Any]:
     return handle(spec_json, celery_reporter(app))
-
-
-def _report_invalid_spec(spec_json: Any, error: Exception, reporter: Reporter) -> None:
-    job_id = spec_json.get("job_id") if isinstance(spec_json, dict) else None
-    attempt = spec_json.get("attempt") if isinstance(spec_json, dict) else None
-    log.error("compression.invalid_spec", extra={"job_id": job_id, "error": str(error)})
-    if isinstance(job_id, str) and isinstance(attempt, int):
-        data = {
-            "code": "invalid_spec",
-            "message": f"invalid compression spec: {error}",
-            "param": None,
-            "retryable": False,
-        }
-        reporter(Report(job_id, attempt, 0, FAILED, time.time(), data))

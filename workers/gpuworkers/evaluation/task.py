@@ -6,17 +6,15 @@ Imports without torch (the worker imports it at start); the runner is imported i
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from typing import Any
 
 from gpuworkers.celery import app
 from gpuworkers.reporting import celery_reporter
 from gpuworkers.training.control import Reporter, SignalReader
-from gpuworkers.training.task import preload_wait
+from gpuworkers.training.task import preload_wait, report_invalid_spec
 from jobcontracts import queues
 from jobcontracts.evaluation import EvaluationSpec
-from jobcontracts.training import FAILED, Report
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +27,7 @@ def handle(
             raise TypeError("the spec must be a JSON object")
         spec = EvaluationSpec.from_json(spec_json)
     except (KeyError, TypeError, ValueError) as error:
-        job_id = spec_json.get("job_id") if isinstance(spec_json, dict) else None
-        attempt = spec_json.get("attempt") if isinstance(spec_json, dict) else None
-        log.error("evaluation.invalid_spec", extra={"job_id": job_id, "error": str(error)})
-        if isinstance(job_id, str) and isinstance(attempt, int):
-            data = {"code": "invalid_spec", "message": f"invalid spec: {error}", "retryable": False}
-            reporter(Report(job_id, attempt, 0, FAILED, time.time(), data))
+        report_invalid_spec(spec_json, error, reporter, kind="evaluation")
         return {"status": "failed", "error_code": "invalid_spec"}
     preload_wait()
     from gpuworkers.evaluation.runner import run_evaluation

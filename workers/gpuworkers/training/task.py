@@ -79,18 +79,27 @@ def run(spec_json: dict[str, Any]) -> dict[str, Any]:
     try:
         spec = TrainingSpec.from_json(spec_json)
     except (KeyError, TypeError, ValueError) as error:
-        _report_invalid_spec(spec_json, error, reporter)
+        report_invalid_spec(spec_json, error, reporter)
         return {"status": "failed", "error_code": "invalid_spec"}
     log.info("training.attempt_received", extra={"job_id": spec.job_id, "attempt": spec.attempt})
     return asdict(execute(spec, reporter))
 
 
-def _report_invalid_spec(spec_json: Any, error: Exception, reporter: Reporter) -> None:
+def report_invalid_spec(
+    spec_json: Any, error: Exception, reporter: Reporter, *, kind: str = "training"
+) -> None:
+    """A spec this worker cannot read fails its attempt (never retried), when the spec at
+    least names the job and attempt; the training, compression and evaluation tasks share it."""
     job_id = spec_json.get("job_id") if isinstance(spec_json, dict) else None
     attempt = spec_json.get("attempt") if isinstance(spec_json, dict) else None
-    log.error("training.invalid_spec", extra={"job_id": job_id, "error": str(error)})
+    log.error(f"{kind}.invalid_spec", extra={"job_id": job_id, "error": str(error)})
     if isinstance(job_id, str) and isinstance(attempt, int):
-        data = {"code": "invalid_spec", "message": f"invalid job spec: {error}", "retryable": False}
+        data = {
+            "code": "invalid_spec",
+            "message": f"invalid {kind} spec: {error}",
+            "param": None,
+            "retryable": False,
+        }
         reporter(Report(job_id, attempt, 0, FAILED, time.time(), data))
 
 
