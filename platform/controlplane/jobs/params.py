@@ -38,7 +38,6 @@ SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
 
 
-@extend_schema_field({"oneOf": [{"type": "number"}, {"type": "string", "enum": ["auto"]}]})
 def metadata_checked(value: dict[str, str] | None) -> dict[str, str]:
     """A job's `metadata` (every kind of job): at most METADATA_MAX_KEYS keys of up to
     METADATA_KEY_MAX characters (the values' length is the DictField's child's)."""
@@ -50,6 +49,7 @@ def metadata_checked(value: dict[str, str] | None) -> dict[str, str]:
     return value
 
 
+@extend_schema_field({"oneOf": [{"type": "number"}, {"type": "string", "enum": ["auto"]}]})
 class AutoOr(serializers.Field):  # type: ignore[type-arg]
     """ "auto" or a number in range (as OpenAI: `n_epochs: "auto" | int`)."""
 
