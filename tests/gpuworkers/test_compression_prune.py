@@ -173,8 +173,39 @@ def test_llama_heads_and_channels_are_removed_and_the_rest_computes_as_before(
         expected = source(**inputs).logits
         got = pruned(**inputs).logits
     assert torch.allclose(got, expected, atol=1e-4)
+    # What the refit promises, layer by layer: on held-out rows' inputs, each pruned MLP
+    # reproduces the source's MLP output better than the plain cut does. (End to end, on
+    # a 4-layer model trained 120 steps, the two are within noise of each other.)
     full = lm(models["llama"])
-    assert kd_to_source(full, pruned, inputs) < kd_to_source(full, cut, inputs)
+    for index, error in enumerate(mlp_errors(full, {"refit": pruned, "cut": cut}, inputs)):
+        assert error["refit"] < error["cut"] * 0.9, (index, error)
+
+
+def mlp_errors(
+    source: Any, others: dict[str, Any], inputs: dict[str, torch.Tensor]
+) -> list[dict[str, float]]:
+    """Per layer, the mean squared error of each model's MLP against the source's MLP on
+    the inputs the source's MLP sees for `inputs` (padding left out)."""
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.mlp.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        for layer in source.model.layers
+    ]
+    with torch.no_grad():
+        source(**inputs)
+        for hook in hooks:
+            hook.remove()
+        mask = inputs["attention_mask"].bool()
+        errors = []
+        for index, hidden in enumerate(seen):
+            want = source.model.layers[index].mlp(hidden)[mask]
+            errors.append(
+                {
+                    name: float(((model.model.layers[index].mlp(hidden)[mask] - want) ** 2).mean())
+                    for name, model in others.items()
+                }
+            )
+    return errors
 
 
 def test_gpt2_keeps_its_heads_and_loses_mlp_channels(
