@@ -452,6 +452,10 @@ def _job(w: World, i: int) -> None:
     _auto(_get_model("jobs.Job"), w, organization=w.org, base_model=w.base, seed=i)
 
 
+def _batch(w: World, i: int) -> None:
+    _auto(_get_model("batches.Batch"), w, organization=w.org, total=i, completed=i)
+
+
 def _engagement(w: World, i: int) -> None:
     _auto(_get_model("engagements.Engagement"), w, organization=w.org, owner=w.staff)
 
@@ -501,6 +505,7 @@ FACTORIES: dict[str, Callable[[World, int], Any]] = {
     "limits.Budget": _budget,
     "limits.BudgetAlert": _budget_alert,
     "jobs.Job": _job,
+    "batches.Batch": _batch,
     "engagements.Engagement": _engagement,
     "engagements.Milestone": _engagement_child("engagements.Milestone"),
     "engagements.EngagementEvent": _engagement_child("engagements.EngagementEvent"),

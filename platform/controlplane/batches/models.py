@@ -38,6 +38,14 @@ FINISHED = frozenset(
     {BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
 )
 
+#: Statuses a runner works on (the reaper sends a batch left in one without a runner).
+ACTIVE = (
+    BatchStatus.VALIDATING,
+    BatchStatus.IN_PROGRESS,
+    BatchStatus.FINALIZING,
+    BatchStatus.CANCELLING,
+)
+
 
 class Batch(OrganizationOwned):
     id = models.CharField(primary_key=True, max_length=40, default=new_batch_id, editable=False)
@@ -79,7 +87,15 @@ class Batch(OrganizationOwned):
 
     class Meta(OrganizationOwned.Meta):
         verbose_name_plural = "batches"
-        indexes = [models.Index(fields=["organization", "-id"], name="batch_org_id")]
+        indexes = [
+            models.Index(fields=["organization", "-id"], name="batch_org_id"),
+            # The reaper's scan: the unfinished few among every batch ever run.
+            models.Index(
+                fields=["created_at"],
+                condition=models.Q(status__in=[s.value for s in ACTIVE]),
+                name="batch_active",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} ({self.status})"

@@ -26,9 +26,13 @@ OUTPUT_PURPOSE = "batch_output"
 
 
 def _schedule(batch: Batch) -> None:
+    batch_schedule(batch_id=batch.pk, organization_id=batch.organization_id)
+
+
+def batch_schedule(*, batch_id: str, organization_id: str) -> None:
+    """Send the batch's runner task once the transaction commits (at once outside one)."""
     from .tasks import run_batch
 
-    batch_id, organization_id = batch.pk, batch.organization_id
     transaction.on_commit(lambda: run_batch.delay(batch_id, organization_id))
 
 
@@ -110,6 +114,21 @@ def batch_fail(*, batch: Batch, code: str, message: str, line: int | None = None
         },
     )
     log.info("batches.failed", batch_id=batch.pk, code=code)
+
+
+def batch_expire_unstarted(*, batch_id: str, organization_id: str) -> bool:
+    """validating → expired: a batch that could not start within its completion window
+    (its input file never got validated; no line ran, so there is no file to write).
+    Call holding the batch's runner lock, so no runner loads its lines meanwhile."""
+    now = timezone.now()
+    expired = (
+        Batch.objects.for_organization(organization_id)
+        .filter(pk=batch_id, status=BatchStatus.VALIDATING, expires_at__lte=now)
+        .update(status=BatchStatus.EXPIRED, expired_at=now)
+    )
+    if expired:
+        log.info("batches.expired_unstarted", batch_id=batch_id)
+    return bool(expired)
 
 
 def batch_load_lines(*, batch: Batch) -> bool:

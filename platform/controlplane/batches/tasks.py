@@ -6,7 +6,7 @@ from celery import shared_task
 
 from jobcontracts import queues
 
-from . import runner
+from . import reaper, runner
 
 
 @shared_task(
@@ -23,3 +23,15 @@ def run_batch(self: object, batch_id: str, organization_id: str) -> str:
     if outcome == "waiting":  # its input file is still being validated
         raise self.retry(countdown=0.5)  # type: ignore[attr-defined]
     return outcome
+
+
+@shared_task(
+    name="controlplane.batches.reap",
+    queue=queues.CONTROL,
+    acks_late=True,
+    soft_time_limit=60,
+    time_limit=90,
+    expires=60,
+)
+def reap_batches() -> dict[str, int]:
+    return reaper.batches_reap()

@@ -18,7 +18,7 @@ from controlplane.core.serializers import StrictInputSerializer, unix, validated
 from controlplane.tenancy.apis_base import OrganizationApi
 
 from . import services, storage
-from .models import PURPOSES, Dataset, DatasetVersion, File, Upload, UploadPart
+from .models import UPLOAD_PURPOSES, Dataset, DatasetVersion, File, Upload, UploadPart
 
 
 def file_out(file: File) -> dict[str, Any]:
@@ -90,7 +90,7 @@ class FileListCreateApi(FilesApi):
         queryset = File.objects.for_organization(self.organization).filter(deleted_at__isnull=True)
         purpose = request.query_params.get("purpose")
         if purpose:
-            queryset = queryset.filter(purpose=services.purpose_check(purpose))
+            queryset = queryset.filter(purpose=services.purpose_check(purpose, upload=False))
         rows, has_more = paginate(queryset, request)
         return list_response(rows, has_more, file_out)
 
@@ -98,7 +98,10 @@ class FileListCreateApi(FilesApi):
         request={
             "multipart/form-data": inline_serializer(
                 "FileUploadRequest",
-                {"file": serializers.FileField(), "purpose": serializers.ChoiceField(PURPOSES)},
+                {
+                    "file": serializers.FileField(),
+                    "purpose": serializers.ChoiceField(UPLOAD_PURPOSES),
+                },
             )
         },
         responses={200: dict},
@@ -162,7 +165,7 @@ class UploadCreateApi(FilesApi):
             ref_name = "UploadCreateRequest"
 
         filename = serializers.CharField(max_length=1000, trim_whitespace=False)
-        purpose = serializers.ChoiceField(choices=PURPOSES)
+        purpose = serializers.ChoiceField(choices=UPLOAD_PURPOSES)
         bytes = serializers.IntegerField(min_value=1)
         mime_type = serializers.CharField(max_length=100, required=False, default="")
         sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False, default="")

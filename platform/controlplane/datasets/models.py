@@ -24,7 +24,11 @@ from controlplane.core.ids import (
 )
 from controlplane.core.scoping import OrganizationOwned, OrganizationScopedManager
 
-PURPOSES = ("fine-tune", "batch", "distillation", "evals", "user_data")
+#: The purposes a client may upload a file (or an upload) with.
+UPLOAD_PURPOSES = ("fine-tune", "batch", "distillation", "evals", "user_data")
+#: Every purpose a file may have: the uploadable ones and the one only the platform
+#: writes, OpenAI's `batch_output` (a batch's output and error files).
+PURPOSES = (*UPLOAD_PURPOSES, "batch_output")
 
 
 class FileStatus(models.TextChoices):
@@ -74,7 +78,7 @@ class Upload(OrganizationOwned):
 
     id = models.CharField(primary_key=True, max_length=40, default=new_upload_id, editable=False)
     filename = models.CharField(max_length=255)
-    purpose = models.CharField(max_length=32, choices=[(p, p) for p in PURPOSES])
+    purpose = models.CharField(max_length=32, choices=[(p, p) for p in UPLOAD_PURPOSES])
     bytes = models.BigIntegerField(help_text="The total size the client declared.")
     mime_type = models.CharField(max_length=100, blank=True)
     sha256 = models.CharField(max_length=64, blank=True, help_text="Expected, if declared.")

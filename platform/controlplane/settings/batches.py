@@ -18,3 +18,15 @@ BATCH_CHUNK = env.int("BATCH_CHUNK", default=256)
 BATCH_LINE_TIMEOUT_SECONDS = env.float("BATCH_LINE_TIMEOUT_SECONDS", default=600.0)
 #: Most lines in one batch (OpenAI: 50,000).
 BATCH_MAX_LINES = env.int("BATCH_MAX_LINES", default=50_000)
+
+#: How often beat looks for batches whose runner was lost (a control worker killed
+#: mid-batch, a message lost: `controlplane.batches.reap`) and expires the batches
+#: that could not start within their completion window.
+BATCH_REAP_EVERY_SECONDS = env.float("BATCH_REAP_EVERY_SECONDS", default=30.0)
+#: A batch no runner holds is sent again at most this often, and not in its first this
+#: many seconds (its task may be waiting in the queue behind others; a second runner
+#: of a batch only finds it busy or done, so this bounds the duplicates, nothing more).
+BATCH_RESUME_AFTER_SECONDS = env.float("BATCH_RESUME_AFTER_SECONDS", default=120.0)
+BATCHES_BEAT_SCHEDULE = {
+    "batches-reap": {"task": "controlplane.batches.reap", "schedule": BATCH_REAP_EVERY_SECONDS},
+}

@@ -398,3 +398,129 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_answers_none_twice(
         meter=Meter.PROMPT_TOKENS
     )
     assert prompt.count() == count  # billed once per line
+
+
+# --- output files: purpose batch_output ----------------------------------------------------
+
+
+def test_output_files_are_listed_as_batch_output_and_that_purpose_cannot_be_uploaded(
+    alice: Person, llama: None
+) -> None:
+    with in_process_sdk(alice.key) as client:
+        file_id = upload(client, alice, [chat_line(1)])
+        created = client.batches.create(
+            input_file_id=file_id, endpoint=CHAT, completion_window="24h"
+        )
+        batch = Batch.objects.for_organization(alice.organization).get(pk=created.id)
+        assert services.batch_load_lines(batch=batch)
+        client.batches.cancel(created.id)
+        assert runner.batch_run(batch_id=created.id, organization_id=alice.organization.pk) == (
+            "cancelled"
+        )
+        error_file_id = client.batches.retrieve(created.id).error_file_id
+        assert error_file_id
+        listed = client.files.list(purpose="batch_output")
+        assert [f.id for f in listed.data] == [error_file_id]
+        assert listed.data[0].purpose == "batch_output"
+        assert client.files.retrieve(error_file_id).purpose == "batch_output"
+        assert {f.id for f in client.files.list().data} == {file_id, error_file_id}
+        assert [f.id for f in client.files.list(purpose="batch").data] == [file_id]
+
+        # Written by the platform only, as OpenAI's: no upload, whole or in parts.
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.files.create(file=("out.jsonl", io.BytesIO(b"{}\n")), purpose="batch_output")  # type: ignore[arg-type]
+        assert "batch_output" in refused.value.message
+    response = alice.client.post(
+        "/v1/uploads",
+        {"filename": "o.jsonl", "purpose": "batch_output", "bytes": 3, "mime_type": "text/plain"},
+        format="json",
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "purpose"
+    assert alice.client.get("/v1/files?purpose=nonsense").status_code == 400
+    assert File.objects.for_organization(alice.organization).count() == 2
+
+
+# --- the admin ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def staff_client(db: None) -> Any:
+    from django.test import Client
+
+    from controlplane.accounts.models import User
+
+    user = User.objects.create_superuser(email="ops@atelier.test", password="staff pass 12345")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_the_admin_lists_batches_shows_their_lines_and_cancels_them(
+    alice: Person, staff_client: Any
+) -> None:
+    from django.contrib.admin.utils import quote
+    from django.urls import reverse
+
+    from controlplane.audit.models import AuditLog
+
+    with in_process_sdk(alice.key) as client:
+        file_id = upload(client, alice, [chat_line(i) for i in range(3)])
+        created = client.batches.create(
+            input_file_id=file_id, endpoint=CHAT, completion_window="24h"
+        )
+        other = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    batch = Batch.objects.for_organization(alice.organization).get(pk=created.id)
+    assert services.batch_load_lines(batch=batch)
+    BatchLine.objects.filter(batch=batch, index=0).update(status="succeeded", attempts=2)
+    BatchLine.objects.filter(batch=batch, index=1).update(status="failed", attempts=1)
+    services.counts_refresh(batch)
+
+    listing = staff_client.get(reverse("admin:batches_batch_changelist"))
+    assert listing.status_code == 200
+    page = listing.content.decode()
+    assert created.id in page
+    assert other.id in page
+    assert "1 / 1 / 3" in page  # completed / failed / total
+    assert alice.organization.name in page
+    filtered = staff_client.get(reverse("admin:batches_batch_changelist") + "?status=in_progress")
+    assert [b.pk for b in filtered.context_data["cl"].result_list] == [created.id]
+
+    change = reverse("admin:batches_batch_change", args=[quote(created.id)])
+    assert "_5F" in change  # ids hold `_`: quoted in links, unquoted by the views
+    detail = staff_client.get(change).content.decode()
+    for field, value in (("pending", 1), ("succeeded", 1), ("failed", 1), ("resent", 1)):
+        assert f'id="lines-{field}">{value}<' in detail, field
+    assert reverse("admin:datasets_file_change", args=[quote(file_id)]) in detail
+    cancel = reverse("admin:batches_batch_cancel", args=[quote(created.id)])
+    assert f'formaction="{cancel}"' in detail
+    assert 'name="_save"' not in detail  # read-only: nothing to save
+
+    assert staff_client.get(cancel).status_code == 405
+    assert staff_client.post(cancel).status_code == 302
+    assert Batch.objects.for_organization(alice.organization).get(pk=created.id).status == (
+        "cancelling"
+    )
+    assert "Not cancellable" not in detail
+    assert "Not cancellable (cancelling)" in staff_client.get(change).content.decode()
+    assert (
+        staff_client.post(
+            reverse("admin:batches_batch_cancel", args=[quote("batch_nope")])
+        ).status_code
+        == 404
+    )
+
+    # The list action: the cancellable ones; a finished one is left as it is.
+    Batch.objects.for_organization(alice.organization).filter(pk=created.id).update(
+        status=BatchStatus.COMPLETED
+    )
+    staff_client.post(
+        reverse("admin:batches_batch_changelist"),
+        {"action": "cancel_batches", "_selected_action": [created.id, other.id]},
+    )
+    statuses = dict(Batch.objects.for_organization(alice.organization).values_list("pk", "status"))
+    assert statuses == {created.id: "completed", other.id: "cancelling"}
+    audited = AuditLog.objects.for_organization(alice.organization).filter(
+        action="admin.batch.cancelled"
+    )
+    assert sorted(audited.values_list("target_id", flat=True)) == sorted([created.id, other.id])

@@ -21,6 +21,7 @@ from controlplane.tenancy.models import Organization
 from .. import storage
 from ..models import (
     PURPOSES,
+    UPLOAD_PURPOSES,
     File,
     FileStatus,
     Upload,
@@ -49,10 +50,20 @@ def filename_check(filename: str) -> str:
     return filename.strip()
 
 
-def purpose_check(purpose: str) -> str:
-    if purpose not in PURPOSES:
+def purpose_check(purpose: str, *, upload: bool = True) -> str:
+    """`purpose` if a file may have it; with `upload`, if a client may upload one with it
+    (a `batch_output` file is written by the platform only, as OpenAI's)."""
+    allowed = UPLOAD_PURPOSES if upload else PURPOSES
+    if purpose in PURPOSES and purpose not in allowed:
         raise ApiError(
-            f"'purpose' must be one of {', '.join(PURPOSES)}.",
+            f"Files with purpose '{purpose}' are written by the platform (a batch's output "
+            f"and error files) and cannot be uploaded; use one of {', '.join(allowed)}.",
+            param="purpose",
+            code="invalid_purpose",
+        )
+    if purpose not in allowed:
+        raise ApiError(
+            f"'purpose' must be one of {', '.join(allowed)}.",
             param="purpose",
             code="invalid_purpose",
         )
