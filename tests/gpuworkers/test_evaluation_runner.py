@@ -1,5 +1,5 @@
-"""An evaluation attempt scores base, LoRA fine-tuned and classifier models on one file and
-writes one line of per-row results per input row."""
+"""An evaluation attempt scores base, LoRA fine-tuned, classifier and embedding models on one
+file and writes one line of per-row results per input row."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from gpuworkers.compression import quantized
-from gpuworkers.evaluation.runner import run_evaluation
+from gpuworkers import retrieval
+from gpuworkers.compression import measure, quantized
+from gpuworkers.compression.context import Work
+from gpuworkers.compression.quantize import quantize
+from gpuworkers.evaluation.runner import own_key_ranks, run_evaluation
 from gpuworkers.training.engine import run_training
+from jobcontracts import evaluation as contract
 from jobcontracts.compression import SourceRef
 from jobcontracts.evaluation import EvaluationSpec
 from jobcontracts.training import CANCEL, DataRef, Signal
@@ -29,6 +34,7 @@ from tests.gpuworkers.helpers import (
     write_jsonl,
     write_text,
 )
+from tests.support.models import minilm_dir
 
 
 def _spec(tmp: Path, models: list[SourceRef], uri: str, fmt: str, **kw: object) -> EvaluationSpec:
@@ -36,15 +42,12 @@ def _spec(tmp: Path, models: list[SourceRef], uri: str, fmt: str, **kw: object) 
         job_id="evaljob-test",
         attempt=1,
         organization_id="org-test",
-        task="classification" if fmt == "classification" else "causal_lm",
+        task={"classification": "classification", "pairs": "embeddings"}.get(fmt, "causal_lm"),
         models=tuple(models),
         data=DataRef(uri, fmt),
         output_uri=f"file://{tmp}/out",
         control_uri=f"file://{tmp}/control.json",
-        batch_size=2,
-        max_seq_len=64,
-        control_poll_seconds=0.0,
-        **kw,  # type: ignore[arg-type]
+        **{"batch_size": 2, "max_seq_len": 64, "control_poll_seconds": 0.0, **kw},  # type: ignore[arg-type]
     )
 
 
@@ -165,3 +168,139 @@ def test_a_quantized_compressed_model_is_scored_next_to_its_source(tmp_path: Pat
     # Per-row int8 weights: the same tokens, nearly the same loss.
     assert table["ft:tiny:int8"]["tokens"] == table[base.name]["tokens"]
     assert table["ft:tiny:int8"]["loss"] == pytest.approx(table[base.name]["loss"], rel=0.05)
+
+
+# --- embedding models on pairs -------------------------------------------------------------
+
+PAIRS = [
+    ("how do I reset my password", "Open settings, choose security and press reset password."),
+    ("where is my parcel", "Your parcel left the depot and arrives tomorrow."),
+    ("can I pay with a credit card", "We accept Visa, Mastercard and American Express."),
+    ("what are your opening hours", "The shop is open from nine to five on weekdays."),
+    ("how do I cancel my subscription", "Cancel any time from the billing page of your account."),
+    ("is there a student discount", "Students get twenty percent off with a valid card."),
+    ("do you ship abroad", "We deliver to forty countries; see the shipping page."),
+    ("my screen is cracked", "Screen repairs take two days at any service point."),
+    ("the app keeps crashing", "Update the app and restart the phone to stop the crashes."),
+    ("how do I change my email", "Your email address can be changed in the profile tab."),
+    ("can I return a gift", "Gifts can be returned within sixty days with the receipt."),
+    ("what is the warranty", "Every device has a two year warranty against defects."),
+]
+
+
+def _mean_pooled(texts: list[str]) -> torch.Tensor:
+    """MiniLM's sentence embeddings as sentence-transformers makes them (mean pooling over
+    the attention mask, L2-normalised), computed here from the model directly."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model = AutoModel.from_pretrained(minilm_dir()).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def test_minilm_and_its_int8_copy_are_scored_on_pairs_side_by_side(tmp_path: Path) -> None:
+    int8 = tmp_path / "int8"
+    quantize(
+        Work(
+            task="embeddings",
+            method="quantize",
+            source_dir=minilm_dir(),
+            out_dir=int8,
+            options={"weights": "int8"},
+            device=torch.device("cpu"),
+            labels=(),
+        )
+    )
+    models = [
+        SourceRef("all-MiniLM-L6-v2", minilm_dir().as_uri(), "bert"),
+        SourceRef("ft:minilm:int8", int8.as_uri(), "bert"),
+    ]
+    uri = write_jsonl(tmp_path / "pairs.jsonl", [{"query": q, "positive": p} for q, p in PAIRS])
+    reports = Reports()
+
+    outcome = run_evaluation(_spec(tmp_path, models, uri, "pairs", batch_size=5), reports)
+
+    assert outcome.status == "succeeded", reports.of("failed")
+    assert_well_formed(reports, final="succeeded")
+    done = reports.one("succeeded").data
+    assert done["rows"] == len(PAIRS)
+    assert reports.one("started").data["total_steps"] == 2 * 3  # 12 rows in batches of 5
+    table = done["metrics"]
+    base, small = table["all-MiniLM-L6-v2"], table["ft:minilm:int8"]
+    assert set(base) == {"mean_cosine", "recall_at_1", "recall_at_5", "recall_at_10"}
+
+    # Against the embeddings computed here: the same cosines, the same recall.
+    queries = _mean_pooled([q for q, _ in PAIRS])
+    positives = _mean_pooled([p for _, p in PAIRS])
+    cosines = (queries * positives).sum(-1)
+    assert base["mean_cosine"] == pytest.approx(float(cosines.mean()), abs=1e-4)
+    assert base == {
+        "mean_cosine": base["mean_cosine"],
+        **{f"recall_at_{k}": v for k, v in retrieval.recall_at_k(queries, positives).items()},
+    }
+    assert base["recall_at_1"] >= 0.75
+    assert base["recall_at_10"] == 1.0
+    # int8 weights embed nearly as the original does.
+    assert small["mean_cosine"] == pytest.approx(base["mean_cosine"], abs=0.03)
+    assert small["recall_at_5"] >= base["recall_at_5"] - 1 / len(PAIRS)
+
+    rows = _results(tmp_path)
+    assert [r["row"] for r in rows] == list(range(len(PAIRS)))
+    for row, cosine in zip(rows, cosines.tolist(), strict=True):
+        result = row["results"]["all-MiniLM-L6-v2"]  # type: ignore[index]
+        assert result["cosine"] == pytest.approx(cosine, abs=1e-4)
+        assert result["rank"] >= 1
+    # Tokens read: every query and positive, [CLS] and [SEP] included.
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    texts = [t for pair in PAIRS for t in pair]
+    expected = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+    assert done["tokens"] == {"all-MiniLM-L6-v2": expected, "ft:minilm:int8": expected}
+
+
+def test_own_key_ranks_in_blocks_agree_with_recall_at_k_ties_included() -> None:
+    torch.manual_seed(0)
+    queries = F.normalize(torch.randn(37, 8), dim=-1)
+    keys = F.normalize(torch.randn(37, 8), dim=-1)
+    keys[5] = keys[3]  # a tie: the lower row ranks first
+    queries[3] = keys[3]
+    queries[5] = keys[3]
+
+    ranks = own_key_ranks(queries, keys, block=4)
+
+    assert ranks[3] == 0
+    assert ranks[5] == 1  # key 3 scores as high and has the lower index
+    assert ranks == own_key_ranks(queries, keys)  # one block or many: the same
+    ks = (1, 2, 5, 10, 37)
+    expected = retrieval.recall_at_k(queries, keys, ks)
+    assert {k: round(sum(r < k for r in ranks) / 37, 6) for k in ks} == expected
+
+
+def test_the_embedding_token_limit_is_the_one_the_worker_embeds_with() -> None:
+    assert contract.EMBED_MAX_TOKENS == measure.MAX_QUALITY_TOKENS
+    assert contract.RECALL_KS == retrieval.DEFAULT_KS
+
+
+@pytest.mark.parametrize(
+    ("task", "fmt"), [("causal_lm", "pairs"), ("embeddings", "chat"), ("embeddings", "text")]
+)
+def test_pairs_go_with_embedding_models_only(tmp_path: Path, task: str, fmt: str) -> None:
+    spec = _spec(tmp_path, [SourceRef("m", "file:///m", "bert")], "file:///d", fmt)
+    bad = {**spec.to_json(), "task": task}
+    with pytest.raises(ValueError, match="pairs are scored on embedding models"):
+        EvaluationSpec.from_json(bad)
+
+
+def test_a_malformed_pairs_file_fails_the_attempt_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"query": "a", "positive": "b"}\n\n{"query": "c"}\n')
+    spec = _spec(tmp_path, [SourceRef("m", minilm_dir().as_uri(), "bert")], path.as_uri(), "pairs")
+    reports = Reports()
+
+    outcome = run_evaluation(spec, reports)
+
+    assert outcome.status == "failed"
+    failed = reports.one("failed").data
+    assert failed["code"] == "invalid_file"
+    assert "line 3" in failed["message"]

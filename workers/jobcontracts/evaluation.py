@@ -18,11 +18,16 @@ Report `data` of an evaluation attempt, by kind:
 
 Metrics by the file's format: language modelling ("chat", "prompt_completion", "text"):
 {"loss", "perplexity", "mean_token_accuracy", "tokens"}; "classification": {"loss",
-"accuracy", "macro_f1"}; "preference": {"preference_accuracy", "mean_margin"}.
+"accuracy", "macro_f1"}; "preference": {"preference_accuracy", "mean_margin"};
+"pairs" (embedding models): {"mean_cosine", "recall_at_1", "recall_at_5", "recall_at_10"}
+(`gpuworkers.retrieval`: each query's cosine to its own positive, and whether its own
+positive is among its k nearest of all the file's positives).
 
 The results file (JSON Lines, one line per row of the input): {"row": 0-based index,
 "results": {model name: {"loss", "tokens"} | {"label", "predicted", "correct"} |
-{"chosen_logp", "rejected_logp", "correct"}}}.
+{"chosen_logp", "rejected_logp", "correct"} | {"cosine", "rank"}}}; a pair's `rank` is
+1 when its own positive is the query's nearest (ties go to the lower row, as in
+`retrieval.recall_at_k`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,19 @@ from jobcontracts.training import DATA_FORMATS, DataRef
 
 #: File formats scored as language modelling (per learned token).
 LM_FORMATS: Final = ("chat", "prompt_completion", "text")
+#: Query/positive rows (the Files API's "pairs" format), scored on embedding models only:
+#: fine-tuning does not read them (it trains no embedding model).
+PAIRS_FORMAT: Final = "pairs"
+#: What an evaluation scores: every format training reads, and pairs.
+FORMATS: Final = (*DATA_FORMATS, PAIRS_FORMAT)
+#: The model kind each is scored on ("causal_lm" for LM and preference files).
+TASKS: Final = ("causal_lm", "classification", "embeddings")
+#: The k's of recall@k reported for pairs (as `gpuworkers.retrieval.DEFAULT_KS`).
+RECALL_KS: Final = (1, 5, 10)
+#: Tokens of each text an embedding model reads, at most (the encoders' usual limit, and
+#: `gpuworkers.compression.measure.MAX_QUALITY_TOKENS`, which embeds them): what the
+#: control plane's estimate caps each query and positive at.
+EMBED_MAX_TOKENS: Final = 512
 #: Where the results are written, under `output_uri`.
 RESULTS_FILE: Final = "results.jsonl"
 MAX_MODELS: Final = 8
@@ -45,7 +63,8 @@ class EvaluationSpec:
     job_id: str
     attempt: int
     organization_id: str
-    #: What the models are: "causal_lm" (LM and preference files) or "classification".
+    #: What the models are: "causal_lm" (LM and preference files), "classification" or
+    #: "embeddings" (pairs files).
     task: str
     #: The models to score, in the order of the side-by-side table.
     models: tuple[SourceRef, ...]
@@ -73,12 +92,14 @@ class EvaluationSpec:
         return spec
 
     def check(self) -> None:
-        if self.task not in ("causal_lm", "classification"):
+        if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}")
-        if self.data.format not in DATA_FORMATS:
+        if self.data.format not in FORMATS:
             raise ValueError(f"unknown data format {self.data.format!r}")
         if (self.task == "classification") != (self.data.format == "classification"):
             raise ValueError("classification data is scored on classifiers, and only there")
+        if (self.task == "embeddings") != (self.data.format == PAIRS_FORMAT):
+            raise ValueError("pairs are scored on embedding models, and only there")
         if not 1 <= len(self.models) <= MAX_MODELS:
             raise ValueError(f"give 1 to {MAX_MODELS} models")
         if len({m.name for m in self.models}) != len(self.models):

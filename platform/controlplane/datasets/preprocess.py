@@ -361,7 +361,7 @@ class _Chat(_Format):
 
 
 class _Fields(_Format):
-    """prompt_completion and classification: flat string fields."""
+    """prompt_completion, classification and pairs: flat string fields."""
 
     def __init__(self, names: tuple[str, ...], key_names: tuple[str, ...]) -> None:
         self.names = names
@@ -469,6 +469,9 @@ def _format_for(name: str) -> _Format:
         return _Fields(("text",), ("text", "label"))
     if name == "preference":
         return _Preference()
+    if name == "pairs":
+        # Both texts are the row: the same query with another positive is another pair.
+        return _Fields(("query", "positive"), ("query", "positive"))
     if name == "text":
         return _Text()
     return _Csv()

@@ -38,13 +38,27 @@ from typing import Any, BinaryIO, Final, cast
 
 import orjson
 
-FORMATS: Final = ("chat", "prompt_completion", "preference", "classification", "csv", "text")
-JSONL_FORMATS: Final = ("chat", "prompt_completion", "preference", "classification")
+FORMATS: Final = (
+    "chat",
+    "prompt_completion",
+    "preference",
+    "classification",
+    "pairs",
+    "csv",
+    "text",
+)
+JSONL_FORMATS: Final = ("chat", "prompt_completion", "preference", "classification", "pairs")
 CHAT_ROLES: Final = ("system", "user", "assistant", "tool")
 
 #: Distinct classification labels tracked one by one; the rest count as OTHER_LABEL.
 MAX_LABELS: Final = 1000
 OTHER_LABEL: Final = "__other__"
+
+#: The longest `query` or `positive` of a pairs row, in characters. An embedding model
+#: reads at most a few hundred tokens of a text (512 for BERT-style encoders, about
+#: 2,000 characters of English); a field many times that is a mistake (a whole document
+#: where a passage belongs), not something to embed.
+MAX_PAIR_TEXT_CHARS: Final = 8192
 
 #: Size of the reservoir the length percentiles are estimated from (exact below it).
 LENGTH_SAMPLE_SIZE: Final = 10_000
@@ -324,6 +338,8 @@ def _kind_from_keys(obj: dict[str, Any]) -> str | None:
         return "prompt_completion"
     if "text" in obj and "label" in obj:
         return "classification"
+    if "query" in obj and "positive" in obj:
+        return "pairs"
     return None
 
 
@@ -551,6 +567,24 @@ def _classification_check(labels: dict[str, int]) -> Callable[[dict[str, Any]], 
     return check
 
 
+def _pairs_check(obj: dict[str, Any]) -> _CheckResult:
+    """A query and the passage it should retrieve (sentence-transformers' anchor/positive
+    pairs): two non-empty strings of at most MAX_PAIR_TEXT_CHARS characters."""
+    total = 0
+    for name in ("query", "positive"):
+        value = obj.get(name, _MISSING)
+        if type(value) is not str or not value or value.isspace():
+            return name, _text_problem(value)
+        if len(value) > MAX_PAIR_TEXT_CHARS:
+            return (
+                name,
+                f"must be at most {MAX_PAIR_TEXT_CHARS} characters, got {len(value)} (an "
+                "embedding model reads a passage, not a document: split it)",
+            )
+        total += len(value)
+    return total
+
+
 # --- the validators ---------------------------------------------------------------------------
 
 
@@ -587,8 +621,8 @@ def _unknown_kind(obj: dict[str, Any]) -> str:
     keys = ", ".join(_short(key) for key in list(obj)[:10]) or "none"
     return (
         f"cannot tell the dataset format from this object's keys ({keys}); expected "
-        "messages (chat), prompt+completion, prompt+chosen+rejected (preference) "
-        "or text+label (classification)"
+        "messages (chat), prompt+completion, prompt+chosen+rejected (preference), "
+        "text+label (classification) or query+positive (pairs)"
     )
 
 
@@ -665,6 +699,8 @@ def _make_check(
     if report.format == "classification":
         report.label_counts = {}
         return _classification_check(report.label_counts), _no_finish
+    if report.format == "pairs":
+        return _pairs_check, _no_finish
     return None
 
 

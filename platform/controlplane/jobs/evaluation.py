@@ -1,4 +1,5 @@
-"""Evaluations: score one or more models the caller may use on one of their files.
+"""Evaluations: score one or more models the caller may use on one of their files, or on a
+dataset version they may use (their own, or a partner's listing they hold a grant for).
 
 An evaluation is a `Job` of kind `evaluation`: dispatched, leased, fenced, fair-queued,
 cancelled, retried and reported exactly as the other kinds are (dispatch.py, reports.py).
@@ -7,17 +8,28 @@ What differs is here: the request and its checks, the spec the worker gets
 table when several models are scored), a results File the caller downloads through the
 Files API, and the tokens each model read, billed as inference prompt tokens.
 
-The job's columns, reused: `test_file` is the file scored, `base_model` the first model's
-base, `hyperparameters` holds `models` (ids, in the table's order) and the batch options,
-and `report` the metrics, rows and results file once it succeeds.
+Before it runs, an evaluation is priced: `estimated_tokens` are the data's tokens for each
+model's tokenizer (each sequence cut where the worker cuts it), added up over the models,
+and `estimated_price` those tokens at each model's inference prompt-token price in force
+(the price book). What is billed is what the worker read (`usage.prompt_tokens`, `price`),
+at the same prices. The count runs in the request, streaming the data once per distinct
+tokenizer (Rust `tokenizers`, no torch).
+
+The job's columns, reused: `test_file` is the file scored (or `dataset_version` the
+version), `base_model` the first model's base, `hyperparameters` holds `models` (ids, in
+the table's order) and the batch options, and `report` the metrics, rows, results file and
+billed price once it succeeds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final
 
+import orjson
 import structlog
 from django.conf import settings
 from django.core.files.storage import default_storage
@@ -26,21 +38,23 @@ from rest_framework import serializers
 
 from controlplane.billing.ledger import ledger_append
 from controlplane.billing.models import Meter
+from controlplane.billing.prices import unit_prices
 from controlplane.core.errors import ApiError, NotFound
 from controlplane.core.ids import new_id
 from controlplane.core.serializers import StrictInputSerializer, unix
-from controlplane.datasets.models import File, FileStatus
-from controlplane.datasets.storage import object_uri
-from controlplane.datasets.validation import OTHER_LABEL
+from controlplane.datasets.models import DatasetVersion, File, FileStatus
+from controlplane.datasets.storage import object_uri, open_object
+from controlplane.datasets.validation import DEFAULT_MAX_LINE_BYTES, OTHER_LABEL, iter_lines
 from controlplane.modelregistry.models import BaseModel, CustomerModel
 from controlplane.modelregistry.selectors import model_for_organization
+from controlplane.modelregistry.tokens import count_dataset_tokens, tokenizer_for
 from controlplane.tenancy.models import Organization
 from jobcontracts import evaluation as contract
 from jobcontracts.compression import SourceRef
 from jobcontracts.training import DataRef
 
 from .events import event_add
-from .files import data_summary, training_file_get
+from .files import data_summary, training_file_get, training_version_get
 from .models import Job, JobKind, JobStatus
 from .params import METADATA_VALUE_MAX, metadata_checked
 
@@ -51,8 +65,15 @@ TASK_OF_FORMAT: Final = {
     **dict.fromkeys(contract.LM_FORMATS, "causal_lm"),
     "preference": "causal_lm",
     "classification": "classification",
+    contract.PAIRS_FORMAT: "embeddings",
 }
 MAX_SEQ_LEN: Final = 2048
+#: What a base model can be scored as (a classifier is always a model fine-tuned as one).
+BASE_KINDS: Final = ("causal_lm", "embeddings")
+#: Money is kept to the micro-dollar (the jobs' price columns).
+MICRO: Final = Decimal("0.000001")
+#: Texts tokenized per `encode_batch` call when counting a pairs file.
+_COUNT_BATCH: Final = 1024
 
 
 def new_evaluation_job_id() -> str:
@@ -72,10 +93,20 @@ class CreateEvaluationInput(StrictInputSerializer):
     )
     file = serializers.CharField(
         max_length=64,
+        required=False,
         help_text=(
             "A validated fine-tune file: chat, prompt_completion or text rows (loss, "
-            "perplexity), classification rows (accuracy, macro-F1) or preference rows "
-            "(preference accuracy)."
+            "perplexity), classification rows (accuracy, macro-F1), preference rows "
+            '(preference accuracy) or pairs rows, {"query", "positive"}, for '
+            "embedding models (mean cosine, recall@1/5/10). Give `file` or `dataset`."
+        ),
+    )
+    dataset = serializers.CharField(
+        max_length=64,
+        required=False,
+        help_text=(
+            "Or a ready dataset version to score on: your own, or a partner listing's "
+            "version you hold an approved access grant for."
         ),
     )
     batch_size = serializers.IntegerField(min_value=1, max_value=256, default=8)
@@ -88,6 +119,10 @@ class CreateEvaluationInput(StrictInputSerializer):
         return metadata_checked(value)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("file" in attrs) == ("dataset" in attrs):
+            raise serializers.ValidationError(
+                {"file": ["Give one of 'file' (a file id) and 'dataset' (a dataset version id)."]}
+            )
         if ("model" in attrs) == ("models" in attrs):
             raise serializers.ValidationError(
                 {"models": ["Give 'model' (one id) or 'models' (a list of ids)."]}
@@ -106,20 +141,28 @@ def _model(organization: Organization, model_id: str) -> BaseModel | CustomerMod
         raise NotFound(str(error.detail), param="models", code="model_not_found") from None
 
 
-def _task_of(model: BaseModel | CustomerModel) -> str | None:
+def _kinds_of(model: BaseModel | CustomerModel) -> list[str]:
+    """What the model can be scored as: a fine-tuned or compressed model is what it was
+    made as; a base model, what it serves of causal_lm and embeddings."""
     if isinstance(model, CustomerModel):
-        return model.task
-    return "causal_lm" if "causal_lm" in model.tasks else None
+        return [model.task]
+    return [kind for kind in BASE_KINDS if kind in model.tasks]
 
 
 def _check(
     model: BaseModel | CustomerModel, *, task: str, data_format: str, labels: list[str]
 ) -> None:
-    have = _task_of(model)
-    if have != task:
+    kinds = _kinds_of(model)
+    if task not in kinds:
+        article = "an" if kinds and kinds[0][0] in "aeiou" else "a"
+        have = (
+            f"is {article} {' and '.join(kinds)} model"
+            if kinds
+            else f"can be scored as none of them (a base model is scored as "
+            f"{' or '.join(BASE_KINDS)}; a classifier is one fine-tuned as one)"
+        )
         raise ApiError(
-            f"A {data_format} file is scored on {task} models; '{model.pk}' is "
-            f"{'a ' + have + ' model' if have else 'not one'}.",
+            f"A '{data_format}' file is scored on {task} models; '{model.pk}' {have}.",
             param="models",
             code="unsupported_model",
         )
@@ -139,20 +182,27 @@ def job_build(*, organization: Organization, user_id: str | None, data: dict[str
     """Check everything the caller can get wrong, then create the job queued (runs in
     `services.evaluation_job_create`'s transaction, which dispatches it on commit)."""
     models = [_model(organization, name) for name in data["models"]]
-    file = training_file_get(organization, data["file"], "file")
-    data_format, rows, labels = data_summary(file)
+    source: File | DatasetVersion
+    if "dataset" in data:
+        source, param = training_version_get(organization, data["dataset"]), "dataset"
+        what = f"dataset version '{source.pk}'"
+    else:
+        source, param = training_file_get(organization, data["file"], "file"), "file"
+        what = f"file '{source.pk}'"
+    data_format, rows, labels = data_summary(source)
     if rows < 1:
-        raise ApiError(f"The file '{file.pk}' has no rows.", param="file", code="empty_file")
+        raise ApiError(f"The {what} has no rows.", param=param, code="empty_file")
     task = TASK_OF_FORMAT.get(data_format)
     if task is None:
         raise ApiError(
             f"A '{data_format}' file cannot be scored; give chat, prompt_completion, text, "
-            "classification or preference rows.",
-            param="file",
+            "classification, preference or pairs rows.",
+            param=param,
             code="invalid_file",
         )
     for model in models:
         _check(model, task=task, data_format=data_format, labels=labels)
+    tokens, price = _estimate(models, source.storage_name, data_format)
     first = models[0]
     job = Job.objects.create(
         id=new_evaluation_job_id(),
@@ -160,7 +210,10 @@ def job_build(*, organization: Organization, user_id: str | None, data: dict[str
         organization=organization,
         base_model=first.base if isinstance(first, CustomerModel) else first,
         source_model=first if isinstance(first, CustomerModel) else None,
-        test_file=file,
+        test_file=source if isinstance(source, File) else None,
+        dataset_version=source if isinstance(source, DatasetVersion) else None,
+        estimated_tokens=tokens,
+        estimated_price=price,
         data_format=data_format,
         seed=secrets.randbelow(2**31),
         metadata=data.get("metadata") or {},
@@ -174,19 +227,99 @@ def job_build(*, organization: Organization, user_id: str | None, data: dict[str
         created_by_id=user_id,
     )
     names = ", ".join(m.pk for m in models)
-    event_add(job, f"Created evaluation: {job.pk} ({names} on {file.pk}, {rows} rows)")
+    event_add(job, f"Created evaluation: {job.pk} ({names} on {source.pk}, {rows} rows)")
+    event_add(
+        job,
+        f"Estimated: {tokens} tokens read, {price} USD",
+        data={"estimated_tokens": tokens, "estimated_price": str(price)},
+    )
     event_add(job, "Evaluation queued")
     log.info("jobs.evaluation_created", job_id=job.pk, organization_id=organization.pk)
     return job
 
 
 def retry_request(job: Job) -> dict[str, Any]:
+    source: dict[str, str | None]
+    if job.dataset_version_id:
+        source = {"dataset": job.dataset_version_id}
+    else:
+        source = {"file": job.test_file_id}
     return {
-        "file": job.test_file_id,
+        **source,
         "models": list(job.hyperparameters["models"]),
         "batch_size": int(job.hyperparameters.get("batch_size") or 8),
         "metadata": dict(job.metadata or {}),
     }
+
+
+# --- the price estimate -----------------------------------------------------------------------
+
+
+def _base_of(model: BaseModel | CustomerModel) -> BaseModel:
+    return model.base if isinstance(model, CustomerModel) else model
+
+
+def _context(models: list[BaseModel | CustomerModel]) -> int:
+    """The sequence limit of the spec: the shortest context of the models (at most 2048)."""
+    return min([MAX_SEQ_LEN] + [_base_of(m).context_length for m in models])
+
+
+def prompt_price(model_id: str, at: datetime) -> Decimal:
+    """USD per inference prompt token of `model_id`, in force at `at` (0 where unpriced):
+    the price the ledger's rating gives the entry."""
+    (price,) = unit_prices(model_id, [Meter.PROMPT_TOKENS], at)
+    return price
+
+
+def _pair_tokens(base: BaseModel, storage_name: str) -> int:
+    """Tokens an embedding model reads of a pairs file: each query and positive with the
+    tokenizer's special tokens, cut at the model's limit (as the worker embeds them)."""
+    tokenizer = tokenizer_for(base)
+    limit = min(contract.EMBED_MAX_TOKENS, base.context_length)
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # no offsets
+    total = 0
+    texts: list[str] = []
+
+    def flush() -> None:
+        nonlocal total
+        if texts:
+            total += sum(min(len(e.ids), limit) for e in encode(texts, add_special_tokens=True))
+            texts.clear()
+
+    with open_object(storage_name) as stream:
+        for _, line in iter_lines(stream, max_line_bytes=DEFAULT_MAX_LINE_BYTES):
+            if line is None or not line.strip():
+                continue
+            row = orjson.loads(line)  # a validated file: every row parses
+            texts.extend(str(row[key]) for key in ("query", "positive"))
+            if len(texts) >= _COUNT_BATCH:
+                flush()
+    flush()
+    return total
+
+
+def _estimate(
+    models: list[BaseModel | CustomerModel], storage_name: str, data_format: str
+) -> tuple[int, Decimal]:
+    """(tokens the models will read, their price): the data counted once per tokenizer
+    (each base model's), each model's tokens at its own prompt-token price."""
+    counted: dict[str, int] = {}
+    limit = _context(models)
+    now = timezone.now()
+    tokens, price = 0, Decimal(0)
+    for model in models:
+        base = _base_of(model)
+        if base.uri not in counted:
+            if data_format == contract.PAIRS_FORMAT:
+                counted[base.uri] = _pair_tokens(base, storage_name)
+            else:
+                stats = count_dataset_tokens(
+                    base=base, storage_name=storage_name, format=data_format, max_seq_len=limit
+                )
+                counted[base.uri] = stats.trained_tokens
+        tokens += counted[base.uri]
+        price += counted[base.uri] * prompt_price(model.pk, now)
+    return tokens, price.quantize(MICRO, rounding=ROUND_HALF_UP)
 
 
 # --- dispatch and success (called by dispatch.py and reports.py) ----------------------------
@@ -214,19 +347,17 @@ def models_of(job: Job) -> list[BaseModel | CustomerModel]:
 
 def build_spec(job: Job, *, output_uri: str, control_uri: str) -> contract.EvaluationSpec:
     """The worker's spec, with each model as it is now (`models_of`)."""
-    assert job.test_file is not None
+    source = job.test_file or job.dataset_version
+    assert source is not None
     models = models_of(job)
-    context = min(
-        [MAX_SEQ_LEN]
-        + [(m.base if isinstance(m, CustomerModel) else m).context_length for m in models]
-    )
+    context = _context(models)
     return contract.EvaluationSpec(
         job_id=job.pk,
         attempt=job.attempt,
         organization_id=job.organization_id,
         task=job.task,
         models=tuple(_ref(m) for m in models),
-        data=DataRef(uri=object_uri(job.test_file.storage_name), format=job.data_format),
+        data=DataRef(uri=object_uri(source.storage_name), format=job.data_format),
         output_uri=output_uri,
         control_uri=control_uri,
         batch_size=int(job.hyperparameters.get("batch_size") or 8),
@@ -264,14 +395,18 @@ def evaluation_succeeded(job: Job, d: dict[str, Any], *, prefix: str) -> None:
     tokens = d.get("tokens") if isinstance(d.get("tokens"), dict) else {}
     assert isinstance(metrics, dict)
     assert isinstance(tokens, dict)
+    read = {n: int(tokens.get(n) or 0) for n in names}
+    now = timezone.now()
+    # What the ledger entries below cost at the prices in force when they occur.
+    price = sum((read[n] * prompt_price(n, now) for n in names), Decimal(0))
     job.report = {
         "rows": rows,
         "metrics": {n: metrics.get(n) for n in names},
-        "tokens": {n: int(tokens.get(n) or 0) for n in names},
+        "tokens": read,
         "output_file_id": output.pk,
+        "price": str(price.quantize(MICRO, rounding=ROUND_HALF_UP)),
     }
     job.trained_tokens = sum(job.report["tokens"].values())
-    now = timezone.now()
     for index, model in enumerate(names):
         # The tokens each model read, as its inference prompt tokens (priced per model).
         ledger_append(
@@ -298,6 +433,7 @@ def evaluation_out(job: Job) -> dict[str, Any]:
         "status": job.status,
         "error": job.error,
         "file": job.test_file_id,
+        "dataset": job.dataset_version_id,
         "format": job.data_format,
         "models": names,
         "metrics": metrics or None,
@@ -305,6 +441,11 @@ def evaluation_out(job: Job) -> dict[str, Any]:
         "table": [{"model": n, **(metrics.get(n) or {})} for n in names] if metrics else None,
         "rows": report.get("rows"),
         "usage": {"prompt_tokens": job.trained_tokens} if job.trained_tokens is not None else None,
+        # Before it runs: the tokens the models will read and their price (USD); after,
+        # `usage` and `price` are what was read and billed.
+        "estimated_tokens": job.estimated_tokens,
+        "estimated_price": None if job.estimated_price is None else str(job.estimated_price),
+        "price": report.get("price"),
         "output_file_id": report.get("output_file_id"),
         "metadata": job.metadata or None,
         "organization_id": job.organization_id,

@@ -6,6 +6,12 @@ and the per-row results of all models go to one JSON Lines file (see
 `jobcontracts.evaluation`). Reports, heartbeats and the control signal work as in a
 fine-tuning attempt (`training.control`); the metrics are the training loop's
 (`training.objectives`), so a model's evaluation loss is the loss it was trained on.
+
+Embedding models on a pairs file are loaded, pooled and embedded as compression measures
+them (`compression.measure`: `load`, `pooling`, `embed`, the serving dtype, the texts cut
+at its token limit), and scored with `retrieval`: each query's cosine to its own
+positive, and the rank of that positive among all the file's positives. Ranks are
+computed a block of queries at a time, so memory grows with the rows, not their square.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gpuworkers import safeload, storage
-from gpuworkers.compression import quantized
+from gpuworkers import retrieval, safeload, storage
+from gpuworkers.compression import measure, quantized
 from gpuworkers.training import data, modeling, objectives
 from gpuworkers.training.control import (
     Heartbeat,
@@ -37,12 +43,15 @@ from gpuworkers.training.control import (
 )
 from gpuworkers.training.errors import StaleAttempt, TrainingError
 from jobcontracts.compression import SourceRef
-from jobcontracts.evaluation import RESULTS_FILE, EvaluationSpec
+from jobcontracts.evaluation import PAIRS_FORMAT, RECALL_KS, RESULTS_FILE, EvaluationSpec
 from jobcontracts.training import CANCEL, CANCELLED, FAILED, PROGRESS, STARTED, SUCCEEDED
 
 log = logging.getLogger(__name__)
 
 __all__ = ["run_evaluation"]
+
+#: Queries ranked against all positives at once: a (block, rows) score matrix.
+RANK_BLOCK = 1024
 
 
 class _Cancelled(Exception):
@@ -86,18 +95,17 @@ def run_evaluation(
         metrics: dict[str, dict[str, float]] = {}
         tokens: dict[str, int] = {}
         total = 0
+        pairs = _read_pairs(local) if spec.data.format == PAIRS_FORMAT else None
         for index, ref in enumerate(spec.models):
             heartbeat.phase = "loading"
-            model, tokenizer = _load(ref, spec.task, workdir / f"model-{index}", device)
-            rows = data.load(
-                local,
-                fmt=spec.data.format,
-                tokenizer=tokenizer,
-                labels=ref.labels,
-                max_len=spec.max_seq_len,
-                what="evaluation",
+            scratch = workdir / f"model-{index}"
+            scorer: _RowScorer | _PairScorer = (
+                _PairScorer(ref, pairs, device)
+                if pairs is not None
+                else _RowScorer(ref, spec, local, scratch, device)
             )
-            batches = list(range(0, len(rows), spec.batch_size))
+            rows = scorer.rows
+            batches = list(range(0, rows, spec.batch_size))
             if index == 0:
                 total = len(batches) * len(spec.models)
                 sender.send(
@@ -105,32 +113,28 @@ def run_evaluation(
                     {
                         "device": device.type,
                         "models": [m.name for m in spec.models],
-                        "rows": len(rows),
+                        "rows": rows,
                         "total_steps": total,
                     },
                 )
-                results = [{"row": i, "results": {}} for i in range(len(rows))]
-            elif len(rows) != len(results):
+                results = [{"row": i, "results": {}} for i in range(rows)]
+            elif rows != len(results):
                 raise TrainingError(
-                    "invalid_file", f"'{ref.name}' reads {len(rows)} rows, not {len(results)}"
+                    "invalid_file", f"'{ref.name}' reads {rows} rows, not {len(results)}"
                 )
             heartbeat.phase = "scoring"
-            scored = _Scored(metrics={}, rows=[])
-            sums = [0.0, 0.0, 0.0] + [0.0] * (3 * len(ref.labels))
-            pad = int(tokenizer.pad_token_id)
             for start in batches:
                 check()
-                chunk = list(range(start, min(start + spec.batch_size, len(rows))))
-                batch = {k: v.to(device) for k, v in rows.collate(chunk, pad).items()}
                 with torch.no_grad():
-                    _score(rows.kind, model, batch, scored, sums, len(ref.labels))
+                    scorer.score(list(range(start, min(start + spec.batch_size, rows))))
                 step += 1
                 sender.send(PROGRESS, {"step": step, "total_steps": total, "model": ref.name})
+            scored = scorer.finish()
             for row, result in zip(results, scored.rows, strict=True):
                 row["results"][ref.name] = result
-            metrics[ref.name] = _metrics(rows.kind, sums, scored)
+            metrics[ref.name] = scored.metrics
             tokens[ref.name] = scored.tokens
-            del model
+            del scorer
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -175,6 +179,131 @@ def run_evaluation(
     finally:
         heartbeat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _RowScorer:
+    """A causal LM or classifier on LM, preference or classification rows, tokenized as
+    training tokenizes them; metrics as the training loop's."""
+
+    def __init__(
+        self, ref: SourceRef, spec: EvaluationSpec, local: Path, scratch: Path, device: torch.device
+    ) -> None:
+        self.model, tokenizer = _load(ref, spec.task, scratch, device)
+        self.data = data.load(
+            local,
+            fmt=spec.data.format,
+            tokenizer=tokenizer,
+            labels=ref.labels,
+            max_len=spec.max_seq_len,
+            what="evaluation",
+        )
+        self.rows = len(self.data)
+        self.classes = len(ref.labels)
+        self.pad = int(tokenizer.pad_token_id)
+        self.device = device
+        self.scored = _Scored(metrics={}, rows=[])
+        self.sums = [0.0, 0.0, 0.0] + [0.0] * (3 * self.classes)
+
+    def score(self, chunk: list[int]) -> None:
+        batch = {k: v.to(self.device) for k, v in self.data.collate(chunk, self.pad).items()}
+        _score(self.data.kind, self.model, batch, self.scored, self.sums, self.classes)
+
+    def finish(self) -> _Scored:
+        self.scored.metrics = _metrics(self.data.kind, self.sums, self.scored)
+        del self.model
+        return self.scored
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str]]:
+    """(query, positive) of each row of a pairs file (blank lines skipped, as validation
+    skips them)."""
+    pairs: list[tuple[str, str]] = []
+    with path.open("rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                query, positive = row["query"], row["positive"]
+            except (ValueError, TypeError, KeyError):
+                raise TrainingError(
+                    "invalid_file", f"line {number} is not a query/positive pair"
+                ) from None
+            if not (isinstance(query, str) and isinstance(positive, str) and query and positive):
+                raise TrainingError(
+                    "invalid_file", f"line {number}: query and positive must be non-empty text"
+                )
+            pairs.append((query, positive))
+    if not pairs:
+        raise TrainingError("invalid_file", "the file has no query/positive pairs")
+    return pairs
+
+
+class _PairScorer:
+    """An embedding model on query/positive pairs, embedded as compression measures it."""
+
+    def __init__(self, ref: SourceRef, pairs: list[tuple[str, str]], device: torch.device) -> None:
+        if ref.adapter_uri:
+            raise TrainingError(
+                "unsupported_model", f"'{ref.name}' is an adapter: embedding models have none"
+            )
+        folder = modeling.local_dir(ref.uri, what="model", cache=True)
+        try:
+            self.model, self.tokenizer = measure.load(folder, task="embeddings", device=device)
+        except safeload.UnsafeWeights as error:
+            raise TrainingError("unsafe_weights", str(error)) from None
+        self.mode = measure.pooling(folder)
+        self.pairs = pairs
+        self.rows = len(pairs)
+        self.device = device
+        self.queries: list[torch.Tensor] = []
+        self.positives: list[torch.Tensor] = []
+        self.tokens = 0
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        # What `embed` feeds the model, to count the tokens it read (padding aside).
+        encoded = measure._encode(self.tokenizer, self.model, texts, self.device)
+        self.tokens += int(encoded["attention_mask"].sum())
+        return measure.embed(self.model, self.tokenizer, texts, self.device, self.mode)
+
+    def score(self, chunk: list[int]) -> None:
+        self.queries.append(self._embed([self.pairs[i][0] for i in chunk]))
+        self.positives.append(self._embed([self.pairs[i][1] for i in chunk]))
+
+    def finish(self) -> _Scored:
+        del self.model
+        queries, positives = torch.cat(self.queries), torch.cat(self.positives)
+        cosines = (queries * positives).sum(dim=-1).tolist()
+        ranks = own_key_ranks(queries, positives)
+        mean = retrieval.mean_cosine(queries, positives)
+        assert mean is not None  # one model embeds queries and positives alike
+        metrics = {"mean_cosine": mean}
+        for k in RECALL_KS:
+            metrics[f"recall_at_{k}"] = round(sum(r < k for r in ranks) / len(ranks), 6)
+        rows = [{"cosine": round(c, 6), "rank": r + 1} for c, r in zip(cosines, ranks, strict=True)]
+        return _Scored(metrics=metrics, rows=rows, tokens=self.tokens)
+
+
+def own_key_ranks(
+    queries: torch.Tensor, keys: torch.Tensor, *, block: int = RANK_BLOCK
+) -> list[int]:
+    """For each query row i, how many keys rank ahead of key i (0: its own key is its
+    nearest), with `retrieval.recall_at_k`'s order: a higher score, or the same score at a
+    lower index. `recall_at_k` is then the share of ranks below k; computed `block` queries
+    at a time, so a file of 100,000 pairs needs no 100,000² matrix."""
+    if queries.shape != keys.shape:
+        raise ValueError("queries and keys must have the same shape")
+    n = queries.shape[0]
+    keys = keys.float()
+    index = torch.arange(n)
+    ranks: list[int] = []
+    for start in range(0, n, block):
+        rows = index[start : start + block]
+        scores = queries[start : start + block].float() @ keys.T  # (block, n)
+        own = scores[torch.arange(rows.shape[0]), rows].unsqueeze(1)
+        ahead = (scores > own) | ((scores == own) & (index.unsqueeze(0) < rows.unsqueeze(1)))
+        ranks.extend(int(r) for r in ahead.sum(dim=1).tolist())
+    return ranks
 
 
 def _load(ref: SourceRef, task: str, scratch: Path, device: torch.device) -> tuple[Any, Any]:
