@@ -14,6 +14,8 @@ model, close enough to price a job:
 - prompt_completion: prompt + completion;
 - preference: prompt + chosen and prompt + rejected, two sequences (a prompt
   given as messages is rendered as chat). The row's length is the longer one;
+- pairs: the query and the positive, two sequences (an embedding model encodes each
+  on its own). The row's length is the longer one;
 - classification, text: the text;
 - csv: the `text` column, or else the columns named like text
   (prompt, completion, input, output, content), or else every column, joined
@@ -198,6 +200,8 @@ def _row_renderer(format: str, tokenizer: Tokenizer) -> Callable[[bytes], list[s
             prompt = row.get("prompt", row.get("messages"))
             shown = chat(prompt) if isinstance(prompt, list) else _text(prompt)
             return [shown + _text(row.get("chosen")), shown + _text(row.get("rejected"))]
+        if format == "pairs":
+            return [_text(row.get("query")), _text(row.get("positive"))]
         return [_text(row.get("text"))]  # classification
 
     return render

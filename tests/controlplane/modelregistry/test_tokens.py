@@ -130,6 +130,23 @@ def test_preference_rows_are_two_sequences_and_as_long_as_the_longer(
     assert (stats.lengths.min, stats.lengths.max) == tuple(sorted([max(first), max(second)]))
 
 
+def test_pairs_rows_are_the_query_and_the_positive_each_on_its_own(minilm: BaseModel) -> None:
+    rows = [
+        {"query": "how do I reset my password", "positive": "Open settings, then security."},
+        {"query": "refund", "positive": "Refunds arrive within five working days of the return."},
+    ]
+    ref = reference(minilm_dir())
+    lengths = [[count(ref, r["query"]), count(ref, r["positive"])] for r in rows]
+
+    stats = tokens.count_dataset_tokens(
+        base=minilm, storage_name=store(jsonl(rows)), format="pairs"
+    )
+
+    assert (stats.rows, stats.sequences) == (2, 4)
+    assert stats.total_tokens == sum(map(sum, lengths))
+    assert (stats.lengths.min, stats.lengths.max) == tuple(sorted(max(n) for n in lengths))
+
+
 def test_classification_and_text_count_the_text(minilm: BaseModel) -> None:
     ref = reference(minilm_dir())
     texts = ["good product", "terrible, never again", "fine I guess"]
