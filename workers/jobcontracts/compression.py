@@ -12,7 +12,9 @@ Report `data` of a compression attempt, by kind:
 - progress: {"step", "total_steps", "phase", "train_loss"}  (recovery / distillation steps)
 - heartbeat: {"phase"}  (loading, compressing, measuring, uploading)
 - succeeded: {"artifact_uri", "artifact_files": [names], "artifact_kind": "full",
-  "trained_tokens", "report": CompressionReport}
+  "trained_tokens", "report": CompressionReport, "test_metrics": {...} | None}
+  (test_metrics: the result's `test_…` measures below, plus "test_rows"; None without
+  test data)
 - cancelled: {"step"}
 - failed: {"code", "message", "retryable": bool, "param"?}
 
@@ -22,6 +24,17 @@ worker in the same run: {"source": Measures, "result": Measures, "method", "devi
 where Measures = {"parameters", "file_bytes", "peak_memory_bytes",
 "latency_ms_p50_batch1", "latency_ms_p50_batch16", "quality"} (plus "f1" for a
 classifier).
+
+Held-out test data (`test_data`, or `test_fraction` of the training rows: the rows
+`training.held_out_rows(rows, test_fraction, seed)` names, which never reach the method)
+adds, to both Measures, the model's scores on the test rows:
+- causal_lm: "test_loss" (mean next-token loss, nats) and "test_perplexity" (its exp);
+- classification: "test_accuracy" and "test_macro_f1";
+- embeddings: "test_cosine_to_source" (mean cosine of each test text's embedding to the
+  source's) and "test_recall_at_1" / "_5" / "_10" (how often the source's embedding of the
+  same text is among the k nearest of the source's embeddings of all test texts); None
+  where the result embeds in another width than the source;
+and to the report {"test_data": "test_file" | "test_fraction", "test_rows"}.
 
 The artifact is a Hugging Face-format directory of safetensors + JSON only. A quantized
 one also holds `QUANTIZATION_FILE`, naming which tensors are quantized and how; the
@@ -33,7 +46,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from jobcontracts.training import DataRef
+from jobcontracts.training import MAX_TEST_FRACTION, DataRef
 
 METHODS: Final = ("quantize", "prune", "distill")
 #: What a source model does; the result does the same.
@@ -81,6 +94,12 @@ class CompressionSpec:
     validation_data: DataRef | None = None
     #: distill with a chosen smaller model: that model's directory (same tokenizer).
     student: SourceRef | None = None
+    #: Held-out test rows the source and the result are scored on at the end (never
+    #: trained on), in the training data's format.
+    test_data: DataRef | None = None
+    #: Or: hold out this fraction of the training rows as the test set (0 = none); which
+    #: rows is `training.held_out_rows(rows, test_fraction, seed)`.
+    test_fraction: float = 0.0
     heartbeat_seconds: float = 10.0
     control_poll_seconds: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -94,7 +113,7 @@ class CompressionSpec:
         data["source"] = _source(data["source"])
         if data.get("student") is not None:
             data["student"] = _source(data["student"])
-        for name in ("training_data", "validation_data"):
+        for name in ("training_data", "validation_data", "test_data"):
             if data.get(name) is not None:
                 data[name] = DataRef(**data[name])
         data["options"] = dict(data.get("options") or {})
@@ -111,6 +130,12 @@ class CompressionSpec:
             raise ValueError("attempt starts at 1")
         if self.task == "classification" and len(self.source.labels) < 2:
             raise ValueError("a classifier needs at least two labels")
+        if not 0.0 <= self.test_fraction <= MAX_TEST_FRACTION:
+            raise ValueError(f"test_fraction must be in (0, {MAX_TEST_FRACTION}] or 0")
+        if self.test_fraction and self.test_data is not None:
+            raise ValueError("give test_data or test_fraction, not both")
+        if self.test_fraction and self.training_data is None:
+            raise ValueError("test_fraction holds out training rows: it needs training_data")
 
 
 def _source(data: dict[str, Any]) -> SourceRef:

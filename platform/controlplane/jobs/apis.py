@@ -106,6 +106,8 @@ def compression_job_out(job: Job) -> dict[str, Any]:
         "progress": {"step": job.current_step, "total_steps": job.total_steps},
         "attempt": job.attempt,
         "report_available": job.report is not None,
+        # Held-out evaluation: the result and its source on the test set.
+        **compression.held_out_out(job),
     }
 
 

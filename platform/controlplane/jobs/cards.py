@@ -193,7 +193,12 @@ def lineage(model: CustomerModel, depth: int = 0) -> dict[str, Any]:
         Job.objects.for_organization(model.organization_id)
         .filter(pk=model.job_id)
         .select_related(
-            "training_file", "validation_file", "dataset_version", "created_by", "source_model"
+            "training_file",
+            "validation_file",
+            "test_file",
+            "dataset_version",
+            "created_by",
+            "source_model",
         )
         .first()
     )

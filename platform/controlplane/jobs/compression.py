@@ -12,6 +12,14 @@ Supported pairs (the worker implements these and no others):
   embedding weights); int8 on any worker, bf16/fp8 on CUDA workers;
 - prune, distill: the families whose structure the worker knows (`STRUCTURED_FAMILIES`),
   and never an already-quantized model (they train, on full-precision weights).
+
+Held-out test data: `test_file` (any method), or `options.test_fraction` of the training
+rows (prune and distill with training data: the rows `held_out_rows(rows, fraction,
+seed)` names are held out by the worker before the method calibrates or trains on any
+row). Quantization trains on nothing and takes no training data, so it takes a
+`test_file` only. At the end the worker scores the source and the result on the test
+rows (jobcontracts.compression): the result's scores become the job's `test_metrics`,
+the source's are in the report next to them.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from controlplane.modelregistry.services import ENCODER_FAMILIES, customer_model
 from controlplane.modelregistry.tokens import tokenizer_for
 from controlplane.tenancy.models import Organization
 from jobcontracts import compression as contract
-from jobcontracts.training import DataRef
+from jobcontracts.training import MAX_TEST_FRACTION, DataRef, held_out_count
 
 from .events import event_add
 from .files import data_summary, training_file_get, training_version_get
@@ -63,8 +71,31 @@ TRAINING_FORMATS: Final = {
     "embeddings": ("text", "chat", "prompt_completion", "classification"),
     "classification": ("classification",),
 }
+#: Formats of held-out test rows the worker scores each task on (an embedding model is
+#: compared to its source on texts: labelled rows say nothing more).
+TEST_FORMATS: Final = {
+    "causal_lm": ("chat", "prompt_completion", "text"),
+    "embeddings": ("text", "chat", "prompt_completion"),
+    "classification": ("classification",),
+}
 #: Per-row generation when distilling without a training file.
 MAX_STEPS: Final = 20_000
+#: Test metrics a compression job keeps, by task (besides "test_rows").
+TEST_METRICS: Final = {
+    "causal_lm": ("test_loss", "test_perplexity"),
+    "classification": ("test_accuracy", "test_macro_f1"),
+    "embeddings": (
+        "test_cosine_to_source",
+        "test_recall_at_1",
+        "test_recall_at_5",
+        "test_recall_at_10",
+    ),
+}
+TEST_FRACTION_HELP: Final = (
+    "Our extension: hold out this fraction of the training rows, in (0, 0.5], as a test set "
+    "(chosen by the job's seed; never calibrated or trained on); the source and the result "
+    "are scored on it at the end. Needs 'training_file' or 'dataset'; not with 'test_file'."
+)
 
 
 def _choice(choices: tuple[str, ...], **kwargs: Any) -> serializers.ChoiceField:
@@ -73,8 +104,28 @@ def _choice(choices: tuple[str, ...], **kwargs: Any) -> serializers.ChoiceField:
     return serializers.ChoiceField(choices, error_messages={"invalid_choice": message}, **kwargs)
 
 
+def _test_fraction() -> serializers.FloatField:
+    return serializers.FloatField(required=False, help_text=TEST_FRACTION_HELP)
+
+
+def _test_fraction_checked(value: float) -> float:
+    if not 0.0 < value <= MAX_TEST_FRACTION:
+        raise serializers.ValidationError(
+            f"Must be greater than 0 and at most {MAX_TEST_FRACTION} (the fraction of the "
+            f"training rows held out as a test set); got {value:g}."
+        )
+    return value
+
+
 class QuantizeOptions(StrictInputSerializer):
     weights = _choice(contract.QUANTIZE_WEIGHTS, default="int8")
+    test_fraction = _test_fraction()
+
+    def validate_test_fraction(self, value: float) -> float:
+        raise serializers.ValidationError(
+            "Quantization trains on no rows, so there are none to hold out: give a held-out "
+            "'test_file' to score the source and the result on."
+        )
 
 
 class PruneOptions(StrictInputSerializer):
@@ -84,6 +135,10 @@ class PruneOptions(StrictInputSerializer):
     learning_rate = serializers.FloatField(min_value=1e-7, max_value=1e-2, default=1e-4)
     batch_size = serializers.IntegerField(min_value=1, max_value=256, default=8)
     max_seq_len = serializers.IntegerField(min_value=8, max_value=8192, default=128)
+    test_fraction = _test_fraction()
+
+    def validate_test_fraction(self, value: float) -> float:
+        return _test_fraction_checked(value)
 
     def validate_sparsity(self, value: float) -> float:
         if not 0.0 < value < 1.0:
@@ -104,6 +159,10 @@ class DistillOptions(StrictInputSerializer):
     batch_size = serializers.IntegerField(min_value=1, max_value=256, default=8)
     max_seq_len = serializers.IntegerField(min_value=8, max_value=8192, default=128)
     generated_rows = serializers.IntegerField(min_value=1, max_value=10_000, default=64)
+    test_fraction = _test_fraction()
+
+    def validate_test_fraction(self, value: float) -> float:
+        return _test_fraction_checked(value)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "student_layers" in attrs and "student_model" in attrs:
@@ -123,11 +182,34 @@ OPTIONS: Final[dict[str, type[StrictInputSerializer]]] = {
 class CreateCompressionJobInput(StrictInputSerializer):
     model = serializers.CharField(max_length=300)
     method = _choice(contract.METHODS)
-    options = serializers.DictField(required=False, default=dict)
+    options = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text=(
+            "The method's options. quantize: weights. prune: sparsity, target, recovery_steps, "
+            "learning_rate, batch_size, max_seq_len, test_fraction. distill: student_layers "
+            "| student_model, temperature, alpha, steps, learning_rate, batch_size, "
+            "max_seq_len, generated_rows, test_fraction. `test_fraction` (our extension, "
+            "prune and distill with training data): hold out this fraction of the training "
+            "rows, in (0, 0.5], as a test set chosen by the job's seed, never calibrated or "
+            "trained on; not with `test_file`."
+        ),
+    )
     task = _choice(contract.TASKS, required=False)
     training_file = serializers.CharField(max_length=64, required=False)
     dataset = serializers.CharField(max_length=64, required=False)
     validation_file = serializers.CharField(max_length=64, required=False)
+    test_file = serializers.CharField(
+        max_length=64,
+        required=False,
+        help_text=(
+            "Our extension: a fine-tune file held out as a test set, in the format of the "
+            "job's training (or validation) data: the source and the compressed model are "
+            "scored on it at the end (the result's scores in `test_metrics`, the source's in "
+            "`source_test_metrics`); never calibrated or trained on. Any method; not with "
+            "`options.test_fraction`."
+        ),
+    )
     suffix = serializers.CharField(max_length=64, required=False, allow_blank=True)
     seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
     metadata = serializers.DictField(
@@ -280,6 +362,66 @@ def _validation(organization: Organization, data: dict[str, Any], *, task: str) 
     return file
 
 
+def _test_file(
+    organization: Organization,
+    data: dict[str, Any],
+    *,
+    task: str,
+    data_format: str,
+    validation_file: File | None,
+) -> File | None:
+    """The held-out test file: the caller's, with rows, in the job's data format (the
+    training data's, else the validation file's, else one the task is measured on)."""
+    if not data.get("test_file"):
+        return None
+    file_id = data["test_file"]
+    file = training_file_get(organization, file_id, "test_file")
+    test_format, test_rows, _ = data_summary(file)
+    if test_rows < 1:
+        raise ApiError(
+            f"The test file '{file_id}' has no rows.", param="test_file", code="empty_file"
+        )
+    expected = data_format or (data_summary(validation_file)[0] if validation_file else "")
+    if expected and test_format != expected:
+        which = "training" if data_format else "validation"
+        raise ApiError(
+            f"The test file must have the same format as the {which} data ('{expected}'); "
+            f"'{file_id}' is '{test_format}'.",
+            param="test_file",
+            code="invalid_test_file",
+        )
+    allowed = TEST_FORMATS[task]
+    if test_format not in allowed:
+        raise ApiError(
+            f"A {task} model is tested on {' or '.join(allowed)} data; '{file_id}' is "
+            f"'{test_format}'.",
+            param="test_file",
+            code="invalid_test_file",
+        )
+    return file
+
+
+def _test_fraction_rows(options: dict[str, Any], *, rows: int) -> None:
+    """Check a `test_fraction` split leaves rows to train on (the worker holds them out)."""
+    fraction = options.get("test_fraction")
+    if fraction is None:
+        return
+    if not rows:
+        raise ApiError(
+            "test_fraction holds out some of the training rows: give 'training_file' (or "
+            "'dataset'), or a held-out 'test_file' instead.",
+            param="options.test_fraction",
+            code="missing_training_file",
+        )
+    if held_out_count(rows, float(fraction)) < 1:
+        raise ApiError(
+            f"test_fraction {fraction} would leave no rows to train on: the training data has "
+            f"{rows} row{'s' if rows != 1 else ''}. Upload more rows, or give a 'test_file'.",
+            param="options.test_fraction",
+            code="invalid_test_fraction",
+        )
+
+
 def _weights_uri(base: BaseModel, source: CustomerModel | None) -> str:
     """Where the source's architecture is described: its own directory, or its base's."""
     if source is not None and source.artifact_kind == "full":
@@ -377,12 +519,22 @@ def job_build(
     An engagement's job may compress that engagement's models not yet delivered."""
     method = data["method"]
     options = dict(data["options"])
+    if data.get("test_file") and "test_fraction" in options:
+        raise ApiError(
+            "Give a held-out 'test_file' or 'options.test_fraction', not both.",
+            param="test_file",
+            code="invalid_test_file",
+        )
     base, source = _source(organization, data["model"], engagement_id)
     name = source.pk if source is not None else base.pk
     task = _task(base, source, data.get("task"))
     _check_pair(method, base, source, name)
     training_file, version, data_format, rows = _data(organization, data, task=task, method=method)
     validation_file = _validation(organization, data, task=task)
+    test_file = _test_file(
+        organization, data, task=task, data_format=data_format, validation_file=validation_file
+    )
+    _test_fraction_rows(options, rows=rows)
     weights_uri = _weights_uri(base, source)
     student = None
     if method == "distill":
@@ -409,6 +561,7 @@ def job_build(
         source_model=source,
         training_file=training_file,
         validation_file=validation_file,
+        test_file=test_file,
         dataset_version=version,
         data_format=data_format,
         suffix=data.get("suffix") or "",
@@ -467,6 +620,8 @@ def build_spec(job: Job, *, output_uri: str, control_uri: str) -> contract.Compr
         chosen = BaseModel.objects.get(pk=job.hyperparameters["student_model"])
         student = contract.SourceRef(name=chosen.pk, uri=chosen.uri, family=chosen.family)
     source_data = job.training_file or job.dataset_version
+    options = dict(job.hyperparameters)
+    test_fraction = float(options.pop("test_fraction", 0.0) or 0.0)
     return contract.CompressionSpec(
         job_id=job.pk,
         attempt=job.attempt,
@@ -474,7 +629,7 @@ def build_spec(job: Job, *, output_uri: str, control_uri: str) -> contract.Compr
         task=job.task,
         method=job.method,
         source=ref,
-        options=dict(job.hyperparameters),
+        options=options,
         output_uri=output_uri,
         control_uri=control_uri,
         seed=int(job.seed),
@@ -492,6 +647,15 @@ def build_spec(job: Job, *, output_uri: str, control_uri: str) -> contract.Compr
             else None
         ),
         student=student,
+        test_data=(
+            DataRef(
+                uri=object_uri(job.test_file.storage_name),
+                format=str((job.test_file.validation or {}).get("format") or ""),
+            )
+            if job.test_file is not None
+            else None
+        ),
+        test_fraction=test_fraction,
         heartbeat_seconds=settings.JOBS_HEARTBEAT_SECONDS,
     )
 
@@ -522,6 +686,7 @@ def compression_succeeded(job: Job, d: dict[str, Any]) -> None:
     job.fine_tuned_model = model.pk
     report = d.get("report")
     job.report = report if isinstance(report, dict) else None
+    job.test_metrics = _test_scores(job.task, d.get("test_metrics"))
     job.trained_tokens = int(d.get("trained_tokens") or 0)
     job_succeeded.send(sender=Job, job=job, model=model)
     meters.compression_to_ledger(
@@ -531,3 +696,36 @@ def compression_succeeded(job: Job, d: dict[str, Any]) -> None:
         at=timezone.now(),
         engagement_id=job.engagement_id,
     )
+
+
+def _test_scores(task: str, found: Any) -> dict[str, Any] | None:
+    """The task's test metrics of a report (numbers, or None where one could not be
+    measured) and "test_rows"; None when the job had no test data."""
+    if not isinstance(found, dict):
+        return None
+    scores: dict[str, Any] = {}
+    for name in (*TEST_METRICS.get(task, ()), "test_rows"):
+        value = found.get(name)
+        scores[name] = None
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            scores[name] = int(value) if name == "test_rows" else float(value)
+    return scores if scores.get("test_rows") else None
+
+
+def source_test_metrics(job: Job) -> dict[str, Any] | None:
+    """The source model's scores on the same test rows, measured in the same run."""
+    if not job.test_metrics or not isinstance(job.report, dict):
+        return None
+    source = job.report.get("source")
+    if not isinstance(source, dict):
+        return None
+    return {name: source.get(name) for name in TEST_METRICS.get(job.task, ())}
+
+
+def held_out_out(job: Job) -> dict[str, Any]:
+    """The held-out test fields of a compression job's API representation."""
+    return {
+        "test_file": job.test_file_id,
+        "test_metrics": job.test_metrics,
+        "source_test_metrics": source_test_metrics(job),
+    }

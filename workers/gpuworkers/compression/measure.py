@@ -30,6 +30,15 @@ on CPU) and returns its `Measures`:
 
 `measure_pair` measures the source and then the result against it: the ratios of
 `report()` compare the two as measured on the same worker in the same run.
+
+Given held-out test texts, each side's measures also hold its scores on them (after the
+measures above, so they change none of them): causal_lm → "test_loss" (mean next-token
+loss) and "test_perplexity"; classification → "test_accuracy" and "test_macro_f1";
+embeddings → "test_cosine_to_source" and "test_recall_at_{k}" for k in
+`retrieval.DEFAULT_KS`: how often the source's embedding of a test text is among the k
+nearest to this side's embedding of it, out of the source's embeddings of every test
+text (`retrieval.recall_at_k`; the source retrieving itself scores 1.0 unless texts
+repeat). Those two are None for a result of another width than its source.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as transformers_logging
 
-from gpuworkers import safeload
+from gpuworkers import retrieval, safeload
 
 # Progress bars for loading weights are noise in a worker's log.
 transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -61,6 +70,8 @@ REPS_BATCH16 = 5
 MAX_QUALITY_TEXTS = 512
 MAX_QUALITY_TOKENS = 512
 QUALITY_BATCH = 8
+#: Held-out test rows scored at most (the first ones; `test_rows` says how many were).
+MAX_TEST_ROWS = 4096
 
 QUALITY_METRICS = {
     "causal_lm": "perplexity",
@@ -129,7 +140,7 @@ def measure(
     """Measures of the model in `folder` (see the module's docstring); `labels` are the
     class ids of `texts` for a classifier (empty: no accuracy), `reference` the source's
     embeddings of `texts` for an embedding model (None: this is the source)."""
-    measures, _ = _measure(
+    measures, _, _ = _measure(
         folder, task=task, device=device, texts=texts, labels=labels, reference=reference
     )
     return measures
@@ -143,15 +154,33 @@ def measure_pair(
     device: torch.device,
     texts: Sequence[str],
     labels: Sequence[int],
+    test_texts: Sequence[str] = (),
+    test_labels: Sequence[int] = (),
 ) -> tuple[Measures, Measures]:
-    """The source's measures, then the result's (its embeddings compared to the source's)."""
-    before, embeddings = _measure(
-        source, task=task, device=device, texts=texts, labels=labels, reference=None
+    """The source's measures, then the result's (its embeddings compared to the source's);
+    with `test_texts`, each side's test scores too (see the module's docstring)."""
+    test = _Test(list(test_texts), list(test_labels))
+    before, embeddings, test.reference = _measure(
+        source, task=task, device=device, texts=texts, labels=labels, reference=None, test=test
     )
-    after, _ = _measure(
-        result, task=task, device=device, texts=texts, labels=labels, reference=embeddings
+    after, _, _ = _measure(
+        result,
+        task=task,
+        device=device,
+        texts=texts,
+        labels=labels,
+        reference=embeddings,
+        test=test,
     )
     return before, after
+
+
+class _Test:
+    """Held-out test rows, and the source's embeddings of them once measured."""
+
+    def __init__(self, texts: list[str], labels: list[int]) -> None:
+        self.texts, self.labels = texts, labels
+        self.reference: torch.Tensor | None = None
 
 
 def ratios(source: Measures, result: Measures) -> dict[str, float | None]:
@@ -221,7 +250,10 @@ def _measure(
     texts: Sequence[str],
     labels: Sequence[int],
     reference: torch.Tensor | None,
-) -> tuple[Measures, torch.Tensor | None]:
+    test: _Test | None = None,
+) -> tuple[Measures, torch.Tensor | None, torch.Tensor | None]:
+    """(measures, embeddings of `texts`, embeddings of the test texts); the embeddings
+    only for an embedding model."""
     texts = list(texts)[:MAX_QUALITY_TEXTS] or list(BUILTIN_TEXTS)
     labels = list(labels)[: len(texts)]
     cuda = device.type == "cuda"
@@ -248,7 +280,7 @@ def _measure(
             else:
                 embeddings = embed(model, tokenizer, texts, device, pooling(folder))
                 measures["quality"] = (
-                    1.0 if reference is None else _mean_cosine(embeddings, reference)
+                    1.0 if reference is None else retrieval.mean_cosine(embeddings, reference)
                 )
             batch1, batch16 = (_latency_inputs(tokenizer, model, texts, n, device) for n in (1, 16))
             run = _forward(model)
@@ -259,8 +291,21 @@ def _measure(
                 peak = torch.cuda.max_memory_allocated(device) - baseline
             else:
                 peak = _tensor_bytes(model) + _profiled_peak(run, batch16)
+            test_embeddings: torch.Tensor | None = None
+            if test is not None and test.texts:
+                scores, test_embeddings = test_scores(
+                    model,
+                    tokenizer,
+                    task=task,
+                    device=device,
+                    texts=test.texts[:MAX_TEST_ROWS],
+                    labels=test.labels[:MAX_TEST_ROWS],
+                    mode=pooling(folder),
+                    reference=test.reference,
+                )
+                measures.update(scores)
         measures["peak_memory_bytes"] = int(peak)
-        return measures, embeddings
+        return measures, embeddings, test_embeddings
     finally:
         del model
         gc.collect()
@@ -394,8 +439,50 @@ def _tokenizer_limit(tokenizer: Any) -> int:
     return limit if 0 < limit < 1_000_000 else MAX_QUALITY_TOKENS
 
 
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], device: torch.device) -> float:
-    """exp(mean next-token loss) over every predicted token of `texts`."""
+def test_scores(
+    model: Any,
+    tokenizer: Any,
+    *,
+    task: str,
+    device: torch.device,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    mode: str,
+    reference: torch.Tensor | None,
+) -> tuple[dict[str, float | None], torch.Tensor | None]:
+    """(the `test_…` scores of a loaded model on held-out texts, its embeddings of them for
+    an embedding model). `reference`: the source's embeddings of the same texts (None:
+    this is the source, scored against itself)."""
+    if task == "causal_lm":
+        loss = mean_token_loss(model, tokenizer, texts, device)
+        if not math.isfinite(loss):  # no text of two tokens: nothing was predicted
+            return {"test_loss": None, "test_perplexity": None}, None
+        return {
+            "test_loss": round(loss, 6),
+            "test_perplexity": round(math.exp(min(loss, 700.0)), 4),
+        }, None
+    if task == "classification":
+        accuracy, f1 = classify(model, tokenizer, texts, labels, device)
+        return {"test_accuracy": accuracy, "test_macro_f1": f1}, None
+    embeddings = embed(model, tokenizer, texts, device, mode)
+    keys = embeddings if reference is None else reference
+    recall: dict[int, float | None]
+    try:
+        recall = dict(retrieval.recall_at_k(embeddings, keys, retrieval.DEFAULT_KS))
+    except ValueError:  # another width: the result embeds in another space
+        recall = dict.fromkeys(retrieval.DEFAULT_KS)
+    scores: dict[str, float | None] = {
+        "test_cosine_to_source": retrieval.mean_cosine(embeddings, keys),
+        **{f"test_recall_at_{k}": value for k, value in recall.items()},
+    }
+    return scores, embeddings
+
+
+def mean_token_loss(
+    model: Any, tokenizer: Any, texts: Sequence[str], device: torch.device
+) -> float:
+    """The mean next-token cross-entropy (nats) over every predicted token of `texts`
+    (NaN when no text has two tokens)."""
     total_loss = 0.0
     total_tokens = 0
     for batch in _batches(texts):
@@ -410,7 +497,15 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], device: torch.d
         total_tokens += int(keep.sum())
     if total_tokens == 0:
         return math.nan
-    return round(math.exp(min(total_loss / total_tokens, 700.0)), 4)
+    return total_loss / total_tokens
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], device: torch.device) -> float:
+    """exp(mean next-token loss) over every predicted token of `texts`."""
+    loss = mean_token_loss(model, tokenizer, texts, device)
+    if math.isnan(loss):
+        return math.nan
+    return round(math.exp(min(loss, 700.0)), 4)
 
 
 def classify(
@@ -483,11 +578,3 @@ def embed(
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         out.append(torch.nn.functional.normalize(pooled, p=2, dim=-1).cpu())
     return torch.cat(out)
-
-
-def _mean_cosine(embeddings: torch.Tensor, reference: torch.Tensor) -> float | None:
-    # A student of another width embeds in another space: no cosine to compare.
-    if embeddings.shape != reference.shape:
-        return None
-    cosines = (embeddings * reference.to(embeddings.device)).sum(dim=-1)
-    return round(float(cosines.mean()), 6)

@@ -2,8 +2,10 @@
 
 Load the source (LoRA merged), read the rows, run the method, measure the source and
 the result on this worker, upload the result to `{output_uri}/final`, and report
-`started … succeeded` (see `jobcontracts.compression`). Reports, heartbeats and the
-control signal work as in a fine-tuning attempt (`training.control`).
+`started … succeeded` (see `jobcontracts.compression`). Held-out test rows (a test file,
+or the `test_fraction` of the training rows `held_out_rows` names) are taken out before
+the method sees any row, and both models are scored on them at the end. Reports,
+heartbeats and the control signal work as in a fine-tuning attempt (`training.control`).
 
 Testable without Celery: `reporter` is any callable taking `Report`s and
 `signal_reader` any callable returning the current `Signal` (or None).
@@ -47,7 +49,16 @@ from gpuworkers.training.distributed import cpu_threads
 from gpuworkers.training.errors import StaleAttempt, TrainingError
 from gpuworkers.training.loop import PROGRESS_EVERY_SECONDS
 from jobcontracts.compression import CompressionSpec, SourceRef
-from jobcontracts.training import CANCEL, CANCELLED, FAILED, PROGRESS, STARTED, SUCCEEDED, DataRef
+from jobcontracts.training import (
+    CANCEL,
+    CANCELLED,
+    FAILED,
+    PROGRESS,
+    STARTED,
+    SUCCEEDED,
+    DataRef,
+    held_out_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,28 @@ REPORT_FILE = "atelier_compression_report.json"
 class _Progress:
     step: int = 0
     sent_at: float = float("-inf")
+
+
+@dataclass
+class Rows:
+    """The samples of a data file: texts, label ids (a classifier's, else empty) and the
+    0-based index of the file row (blank lines skipped) each sample came from."""
+
+    texts: list[str]
+    labels: list[int]
+    rows: list[int]
+    #: Rows in the file.
+    count: int = 0
+
+    def select(self, keep: Callable[[int], bool]) -> Rows:
+        """The samples of the rows `keep` accepts, in order."""
+        chosen = [i for i, row in enumerate(self.rows) if keep(row)]
+        return Rows(
+            [self.texts[i] for i in chosen],
+            [self.labels[i] for i in chosen] if self.labels else [],
+            [self.rows[i] for i in chosen],
+            len({self.rows[i] for i in chosen}),
+        )
 
 
 def resolve(method: str) -> Callable[[Work], None]:
@@ -166,8 +199,10 @@ def _run(
     if spec.student is not None:
         student_dir = _source_dir(spec.student, spec.task, workdir / "student", what="student")
     tokenizer = _tokenizer(source_dir)
-    train_texts, train_labels = _rows(spec, spec.training_data, tokenizer, workdir, "training")
-    valid_texts, valid_labels = _rows(spec, spec.validation_data, tokenizer, workdir, "validation")
+    train = _rows(spec, spec.training_data, tokenizer, workdir, "training")
+    valid = _rows(spec, spec.validation_data, tokenizer, workdir, "validation")
+    # Before the method sees a row: a held-out row never reaches calibration or training.
+    train, test = held_out(spec, train, tokenizer, workdir)
 
     def step(n: int, total: int, loss: float | None) -> None:
         progress.step = n
@@ -192,8 +227,8 @@ def _run(
         options=dict(spec.options),
         device=device,
         seed=spec.seed,
-        train_texts=train_texts,
-        train_labels=train_labels,
+        train_texts=train.texts,
+        train_labels=train.labels,
         student_dir=student_dir,
         labels=spec.source.labels,
         step=step,
@@ -206,7 +241,7 @@ def _run(
 
     check(force=True)
     heartbeat.phase = "measuring"
-    report = _report(spec, work, device, valid_texts, valid_labels)
+    report = _report(spec, work, device, valid, test)
 
     check(force=True)
     heartbeat.phase = "uploading"
@@ -222,6 +257,7 @@ def _run(
             "artifact_kind": "full",
             "trained_tokens": trained_tokens,
             "report": report,
+            "test_metrics": _test_metrics(report),
         },
     )
     return Outcome("succeeded", progress.step, trained_tokens, artifact_uri=final_uri)
@@ -354,10 +390,10 @@ def _require_result(out_dir: Path) -> None:
 
 def _rows(
     spec: CompressionSpec, ref: DataRef | None, tokenizer: Any, workdir: Path, what: str
-) -> tuple[list[str], list[int]]:
-    """(texts, label ids) of a training or validation file; empty without one."""
+) -> Rows:
+    """The samples of a training, validation or test file; none without one."""
     if ref is None:
-        return [], []
+        return Rows([], [], [], 0)
     code = f"invalid_{what}_file"
     param = f"{what}_file"
     allowed = TASK_FORMATS[spec.task]
@@ -377,8 +413,11 @@ def _rows(
     maker = formats.SampleMaker(ref.format, tokenizer, spec.source.labels)
     texts: list[str] = []
     labels: list[int] = []
+    indices: list[int] = []
+    count = 0
     try:
-        for line_no, row in formats.rows(local, ref.format, code):
+        for index, (line_no, row) in enumerate(formats.rows(local, ref.format, code)):
+            count = index + 1
             try:
                 samples = maker.make(row)
             except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -386,6 +425,7 @@ def _rows(
                 raise CompressionError(code, message, param=param) from None
             for sample in samples:
                 texts.append(sample.text)
+                indices.append(index)
                 if spec.task == "classification":
                     labels.append(sample.label)
     except TrainingError as error:
@@ -394,19 +434,47 @@ def _rows(
         local.unlink(missing_ok=True)
     if not texts:
         raise CompressionError(code, f"the {what} file has no rows", param=param)
-    return texts, labels
+    return Rows(texts, labels, indices, count)
+
+
+def held_out(
+    spec: CompressionSpec, train: Rows, tokenizer: Any, workdir: Path
+) -> tuple[Rows, Rows | None]:
+    """(the rows the method may train on, the held-out test rows or None).
+
+    A test file is read on its own; `test_fraction` moves the training rows
+    `held_out_rows(rows, fraction, seed)` names (the control plane's count, the same on
+    every attempt) out of the training rows and into the test rows.
+    """
+    if spec.test_data is not None:
+        if spec.training_data is not None and spec.test_data.format != spec.training_data.format:
+            raise CompressionError(
+                "invalid_spec",
+                f"test data must have the training data's format ({spec.training_data.format}), "
+                f"got {spec.test_data.format}",
+                param="test_file",
+            )
+        return train, _rows(spec, spec.test_data, tokenizer, workdir, "test")
+    if spec.test_fraction <= 0:
+        return train, None
+    held = held_out_rows(train.count, spec.test_fraction, spec.seed)
+    if not held:
+        raise CompressionError(
+            "invalid_training_file",
+            f"test_fraction {spec.test_fraction} needs at least 2 training rows; the data "
+            f"has {train.count}",
+            param="test_fraction",
+        )
+    return train.select(lambda row: row not in held), train.select(lambda row: row in held)
 
 
 # -- the report ---------------------------------------------------------------------------
 
 
 def _report(
-    spec: CompressionSpec,
-    work: Work,
-    device: torch.device,
-    texts: list[str],
-    labels: list[int],
+    spec: CompressionSpec, work: Work, device: torch.device, valid: Rows, test: Rows | None
 ) -> dict[str, Any]:
+    texts, labels = valid.texts, valid.labels
     if texts:
         quality_data = "validation"
     elif spec.task == "classification":
@@ -421,7 +489,15 @@ def _report(
         device=device,
         texts=used,
         labels=labels,
+        test_texts=test.texts if test is not None else (),
+        test_labels=test.labels if test is not None else (),
     )
+    held: dict[str, Any] = {}
+    if test is not None:
+        held = {
+            "test_data": "test_file" if spec.test_data is not None else "test_fraction",
+            "test_rows": min(len(test.texts), measure.MAX_TEST_ROWS),
+        }
     return {
         "method": spec.method,
         "device": str(device),
@@ -435,7 +511,16 @@ def _report(
         "result": result,
         "notes": _jsonable(work.notes),
         "ratios": measure.ratios(source, result),
+        **held,
     }
+
+
+def _test_metrics(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The result's test scores and how many rows they are over; None without test rows."""
+    if "test_rows" not in report:
+        return None
+    scores = {k: v for k, v in report["result"].items() if k.startswith("test_")}
+    return {**scores, "test_rows": report["test_rows"]}
 
 
 def _jsonable(value: Any) -> Any:
