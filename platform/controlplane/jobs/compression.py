@@ -68,7 +68,7 @@ STRUCTURED_FAMILIES: Final = ("bert", "gpt2", "llama")
 #: Training-data formats each task can learn from when recovering or distilling.
 TRAINING_FORMATS: Final = {
     "causal_lm": ("chat", "prompt_completion", "text"),
-    "embeddings": ("text", "chat", "prompt_completion", "classification"),
+    "embeddings": ("text", "chat", "prompt_completion"),
     "classification": ("classification",),
 }
 #: Formats of held-out test rows the worker scores each task on (an embedding model is

@@ -503,7 +503,11 @@ def test_a_student_model_must_be_smaller_and_share_the_tokenizer(
 
 
 def test_training_data_of_the_wrong_purpose_format_or_method_is_refused(
-    alice: Person, base: BaseModel, chat_file: str, django_capture_on_commit_callbacks: Any
+    alice: Person,
+    base: BaseModel,
+    minilm: BaseModel,
+    chat_file: str,
+    django_capture_on_commit_callbacks: Any,
 ) -> None:
     from controlplane.datasets.models import File
 
@@ -546,6 +550,20 @@ def test_training_data_of_the_wrong_purpose_format_or_method_is_refused(
     )
     assert wrong_format["param"] == "training_file"
     assert "preference" in wrong_format["message"]
+    # An embedding model learns from texts: labelled rows are refused here, not by the worker.
+    File.objects.for_organization(alice.organization).filter(pk=chat_file).update(
+        validation={"format": "classification", "rows": 3}
+    )
+    labelled = refused(
+        alice,
+        django_capture_on_commit_callbacks,
+        400,
+        model=MINILM,
+        method="distill",
+        training_file=chat_file,
+    )
+    assert labelled["param"] == "training_file"
+    assert "classification" in labelled["message"]
     unknown = refused(
         alice,
         django_capture_on_commit_callbacks,
