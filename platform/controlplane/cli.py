@@ -6,7 +6,7 @@ laptop is what runs in production. Each command reads its configuration from
 the environment and replaces itself with the real server (exec), so signals
 (Ctrl-C, SIGTERM) reach uvicorn or Celery directly.
 
-    atelier web              # ASGI server (uvicorn): HOST, PORT, WEB_CONCURRENCY
+    atelier web              # ASGI server (uvicorn): HOST, PORT, WEB_CONCURRENCY; /metrics
     atelier worker control   # Celery worker for queue `control` (Django side)
     atelier worker gpu       # Celery worker for gpu.training, gpu.compression (no Django)
     atelier worker inference # Celery worker for gpu.inference: threads pool, one engine
@@ -20,7 +20,9 @@ the environment and replaces itself with the real server (exec), so signals
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,20 @@ def _exec(argv: list[str]) -> None:
     # virtual environment's bin/ is on PATH.
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", *argv])  # noqa: S606 - fixed argv, no shell
+
+
+#: prometheus-client's multiprocess mode: where each process of a server writes its samples.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_dir(name: str) -> Path:
+    """An empty directory for the multiprocess metrics of one start of a server (`name`:
+    `web-8000`, `worker-control`), under the data dir: a restart must not add the old
+    processes' counts to the new ones'. Named by host too: pods may share a volume."""
+    path = data_dir() / "metrics" / f"{socket.gethostname()}-{name}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def web_argv() -> list[str]:
@@ -155,6 +171,9 @@ def run(port: str) -> int:
             where = server.url.rsplit("@", 1)[-1]  # no password in the log
             print(f"atelier run: private {server.name} (pid {server.pid}) on {where}", flush=True)
         env = {**os.environ, **servers.env}
+        # On a laptop the workers' metrics ports stay on loopback (containers: all interfaces).
+        env.setdefault("CONTROL_METRICS_HOST", "127.0.0.1")
+        env.setdefault("METRICS_HOST", "127.0.0.1")
         # The Procfile's `atelier ...` commands: this interpreter's bin/ first on PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         manage = [sys.executable, "-m", "controlplane.cli", "manage"]
@@ -189,9 +208,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command == "web":
+        # Every uvicorn worker process inherits it; /metrics sums their files.
+        os.environ[MULTIPROC_ENV] = str(metrics_dir(f"web-{os.environ.get('PORT', '8000')}"))
         _exec(web_argv())
     elif command == "worker" and len(rest) == 1:
-        _exec(worker_argv(rest[0]))
+        argv = worker_argv(rest[0])
+        # Prefork children (control, gpu) count what their tasks did; the worker's port sums it.
+        os.environ[MULTIPROC_ENV] = str(metrics_dir(f"worker-{rest[0]}"))
+        _exec(argv)
     elif command == "beat":
         _exec(beat_argv())
     elif command == "run" and not rest:

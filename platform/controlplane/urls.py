@@ -7,6 +7,7 @@ from controlplane.batches import apis as batches
 from controlplane.billing import apis as billing
 from controlplane.core import apis as core
 from controlplane.core import health
+from controlplane.core.metrics_views import metrics_view
 from controlplane.datasets import apis as datasets
 from controlplane.datasets import catalog_apis as catalog
 from controlplane.engagements import apis as engagements
@@ -213,6 +214,9 @@ v1 = [
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    # Answered first by core.middleware.HealthProbeMiddleware (before host checks); internal
+    # callers or the metrics token only, a 404 to anyone else (core.metrics_views).
+    path("metrics", metrics_view, name="metrics"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("admin/", admin.site.urls),
     *v1,

@@ -13,7 +13,9 @@ import socket
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
+from gpuworkers import metrics
 from jobcontracts import queues
 from jobcontracts.broker import celery_config
 
@@ -67,3 +69,28 @@ def _accelerator() -> str:
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return "cpu"
+
+
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    """A gpu or inference worker of this app serves its metrics on its own port
+    (GPU_METRICS_PORT, INFERENCE_METRICS_PORT; 0: none)."""
+    try:
+        if sender.app is not app:
+            return
+        consumes = set(sender.app.amqp.queues.consume_from)
+    except AttributeError:
+        return
+    metrics.serve_port(metrics.port_for(consumes))
+
+
+@worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    metrics.stop_port()
+    metrics.process_dead()
+
+
+@worker_process_shutdown.connect
+def _pool_process_gone(**_: Any) -> None:
+    # A pool process's live gauges (its job's tokens/s) stop counting with it.
+    metrics.process_dead()

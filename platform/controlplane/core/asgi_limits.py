@@ -4,6 +4,10 @@ Django's ASGI handler reads the whole body (spooling to disk) before any
 middleware runs, so a Django-level check would still accept a 10 GB upload
 first. This wrapper answers 413 on the declared `content-length`, and for
 chunked bodies stops counting and answers 413 as soon as the limit is passed.
+
+Being the outermost layer, it also counts and times every HTTP request for the metrics
+(`core.metrics.HttpTimer`): Django's, the serving router's (which never reach Django's
+middleware) and its own 413s alike.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from django.conf import settings
+
+from . import metrics
 from .errors import error_body
 from .requestid import HEADER, request_id_from
 
@@ -37,6 +44,7 @@ class BodySizeLimit:
         limits_by_prefix: dict[str, int] | None = None,
     ) -> None:
         self.app = app
+        self.measure = getattr(settings, "METRICS_ENABLED", True)
         self.default_limit = default_limit
         # Longest prefix first, so /v1/uploads/x/parts beats /v1/.
         self.limits = sorted((limits_by_prefix or {}).items(), key=lambda kv: -len(kv[0]))
@@ -48,9 +56,22 @@ class BodySizeLimit:
         return self.default_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            # Django has no lifespan; the metrics need its shutdown (`core.metrics`).
+            await metrics.lifespan(receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        timer = metrics.HttpTimer(scope) if self.measure else metrics.NoTimer()
+        try:
+            await self._call(scope, receive, send, timer)
+        finally:
+            timer.done()
+
+    async def _call(
+        self, scope: Scope, receive: Receive, send: Send, timer: metrics.HttpTimer | metrics.NoTimer
+    ) -> None:
         limit = self.limit_for(scope.get("path", ""))
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
@@ -60,6 +81,7 @@ class BodySizeLimit:
             except ValueError:
                 too_big = False
             if too_big:
+                timer.status = 413
                 await self._reject(headers, limit, send)
                 return
 
@@ -73,18 +95,22 @@ class BodySizeLimit:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge
+            elif message["type"] == "http.disconnect" and not response_started:
+                timer.status = 499  # the caller left before an answer (nginx's number)
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
+                timer.status = message["status"]
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
+                timer.status = 413
                 await self._reject(headers, limit, send)
 
     @staticmethod

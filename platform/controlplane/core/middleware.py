@@ -1,4 +1,5 @@
-"""Request id on every log line and response; one structured log line per request."""
+"""Request id on every log line and response; one structured log line per request; the
+route template each request resolved to, for the HTTP metrics (`core.metrics`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable
 import structlog
 from django.http import HttpRequest, HttpResponse
 
+from . import metrics
+from .metrics_views import metrics_view
 from .requestid import HEADER, request_id_from
 
 log = structlog.get_logger("controlplane.request")
@@ -31,10 +34,11 @@ class SyncChainMiddleware:
 
 
 class HealthProbeMiddleware:
-    """Answers /healthz and /readyz before host validation and HTTPS redirects.
+    """Answers /healthz, /readyz and /metrics before host validation and HTTPS redirects.
 
-    Load balancers and Kubernetes probe pods by IP, with a Host header that is
-    not (and should not be) in ALLOWED_HOSTS; the probes reveal nothing secret.
+    Load balancers, Kubernetes and Prometheus reach pods by IP, with a Host header
+    that is not (and should not be) in ALLOWED_HOSTS; the probes reveal nothing
+    secret, and /metrics checks who asks itself (`core.metrics_views`).
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -47,6 +51,8 @@ class HealthProbeMiddleware:
             return health.healthz(request)
         if request.path_info == "/readyz":
             return health.readyz(request)
+        if request.path_info == "/metrics":
+            return metrics_view(request)
         return self.get_response(request)
 
 
@@ -68,6 +74,7 @@ class RequestIdMiddleware:
         started = time.perf_counter()
         response = self.get_response(request)
         response[HEADER] = request_id
+        _note_route(request)
         log.info(
             "http.request",
             method=request.method,
@@ -77,3 +84,16 @@ class RequestIdMiddleware:
         )
         structlog.contextvars.clear_contextvars()
         return response
+
+
+def _note_route(request: HttpRequest) -> None:
+    """Tell the ASGI layer, which counts every request (`core.asgi_limits`), the URL
+    pattern this one resolved to: a bounded label, where the path is not."""
+    scope = getattr(request, "scope", None)  # ASGIRequest only
+    if scope is None:
+        return
+    match = request.resolver_match
+    if match is not None and match.route:
+        scope[metrics.SCOPE_ROUTE] = match.route
+    else:
+        scope[metrics.SCOPE_ROUTE] = metrics.PROBE_ROUTES.get(request.path_info, metrics.UNMATCHED)

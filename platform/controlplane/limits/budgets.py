@@ -53,6 +53,7 @@ from django.db.models import Q
 from django.utils import timezone
 from rest_framework import status
 
+from controlplane.core import metrics
 from controlplane.core.errors import ApiError
 from controlplane.core.redis_clients import async_script, sync_client, sync_script
 from controlplane.core.ttlcache import TTLCache
@@ -416,6 +417,9 @@ def _outcome(
             api_key_id=reservation.api_key_id,
             budget_id=target.spec.id,
         )
+        metrics.BUDGET_REFUSALS.labels(
+            reason="key_budget" if target.spec.api_key_id else "organization_budget"
+        ).inc()
         raise _refusal(target, int(reply[2]), int(reply[3]))
     return None
 

@@ -33,6 +33,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import status
 
+from controlplane.core import metrics
 from controlplane.core.errors import ApiError
 from controlplane.core.redis_clients import async_script
 
@@ -251,6 +252,7 @@ class RateLimitExceeded(ApiError):
 def _too_large(windows: Sequence[Window], tokens: int) -> None:
     for window in windows:
         if window.unit == "tokens" and tokens > window.limit:
+            metrics.RATE_LIMIT_REFUSALS.labels(reason="request_too_large").inc()
             raise RateLimitExceeded(
                 f"Request too large: it may use {tokens} tokens (prompt + max_tokens), more "
                 f"than {window.label} allows in a whole minute. Lower max_tokens or shorten "
@@ -291,6 +293,9 @@ def _decide(
     if refused:
         window = windows[refused - 1]
         wait = wait_us / 1e6
+        metrics.RATE_LIMIT_REFUSALS.labels(
+            reason=f"{window.scope}_{window.unit}_per_{window.span}"
+        ).inc()
         raise RateLimitExceeded(
             f"Rate limit reached: {window.label} is used up. Retry in "
             f"{format_reset(wait)}, or ask an organization owner to raise the limit.",
