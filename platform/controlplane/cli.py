@@ -73,6 +73,14 @@ def web_argv() -> list[str]:
     ]
 
 
+def _quiet_celery_under_json_logs() -> None:
+    """No banner from a Celery worker or beat under JSON logs, so that every line it writes
+    is one JSON object (`celery --quiet`, read from the environment by Celery's CLI);
+    LOG_FORMAT=console (`make run`) keeps it."""
+    if os.environ.get("LOG_FORMAT", "json") != "console":
+        os.environ.setdefault("CELERY_QUIET", "1")
+
+
 def worker_argv(kind: str) -> list[str]:
     if kind == "control":
         return [
@@ -174,6 +182,9 @@ def run(port: str) -> int:
         # On a laptop the workers' metrics ports stay on loopback (containers: all interfaces).
         env.setdefault("CONTROL_METRICS_HOST", "127.0.0.1")
         env.setdefault("METRICS_HOST", "127.0.0.1")
+        # Human-readable log lines on a laptop, from every process (the GPU workers read it
+        # too: they have no Django settings); JSON everywhere else.
+        env.setdefault("LOG_FORMAT", "console")
         # The Procfile's `atelier ...` commands: this interpreter's bin/ first on PATH.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         manage = [sys.executable, "-m", "controlplane.cli", "manage"]
@@ -215,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         argv = worker_argv(rest[0])
         # Prefork children (control, gpu) count what their tasks did; the worker's port sums it.
         os.environ[MULTIPROC_ENV] = str(metrics_dir(f"worker-{rest[0]}"))
+        _quiet_celery_under_json_logs()
         _exec(argv)
     elif command == "beat":
+        _quiet_celery_under_json_logs()
         _exec(beat_argv())
     elif command == "run" and not rest:
         raise SystemExit(run(os.environ.get("PORT", "8000")))

@@ -13,9 +13,14 @@ import socket
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
-from gpuworkers import metrics
+from gpuworkers import logs, metrics
 from jobcontracts import queues
 from jobcontracts.broker import celery_config
 
@@ -69,6 +74,13 @@ def _accelerator() -> str:
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"
     return "cpu"
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """One JSON object a line (LOG_FORMAT), secrets removed: `gpuworkers.logs`. Connected,
+    this receiver also keeps Celery from installing its own plain-text handlers."""
+    logs.configure(loglevel or "INFO")
 
 
 @worker_ready.connect

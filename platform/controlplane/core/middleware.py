@@ -1,5 +1,6 @@
-"""Request id on every log line and response; one structured log line per request; the
-route template each request resolved to, for the HTTP metrics (`core.metrics`)."""
+"""Request id on every log line and response; one structured log line per request (with
+the caller's organization and key, the model a job is asked of, the ids in its route);
+the route template each request resolved to, for the HTTP metrics (`core.metrics`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 import structlog
 from django.http import HttpRequest, HttpResponse
 
-from . import metrics
+from . import logs, metrics
 from .metrics_views import metrics_view
 from .requestid import HEADER, request_id_from
 
@@ -71,6 +72,9 @@ class RequestIdMiddleware:
         request.request_id = request_id  # type: ignore[attr-defined]
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        model = _model_asked(request)
+        if model is not None:
+            structlog.contextvars.bind_contextvars(model=model)
         started = time.perf_counter()
         response = self.get_response(request)
         response[HEADER] = request_id
@@ -81,9 +85,43 @@ class RequestIdMiddleware:
             path=request.path,
             status=response.status_code,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            **_caller(request),
         )
         structlog.contextvars.clear_contextvars()
         return response
+
+
+def _model_asked(request: HttpRequest) -> str | None:
+    """The `model` a small JSON POST to the API names (a fine-tuning, compression or
+    evaluation job, a batch), bounded; read before the view, which leaves Django the body
+    to parse again. Uploads and other bodies are never read here."""
+    if request.method != "POST" or not request.path_info.startswith("/v1/"):
+        return None
+    if request.content_type != "application/json":
+        return None
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return None
+    if not 0 < length <= logs.MODEL_BODY_MAX_BYTES:
+        return None
+    return logs.model_in(request.body)
+
+
+def _caller(request: HttpRequest) -> dict[str, str]:
+    """Who called and which ids the route named, for the request's line: the organization
+    and key (an API key request binds them as it authenticates: `accounts.authentication`),
+    a session's user, and the route's `*_id` arguments (`job_id`, `file_id`), bounded."""
+    fields: dict[str, str] = {}
+    user = getattr(request, "user", None)
+    if getattr(request, "auth", None) is None and getattr(user, "is_authenticated", False):
+        fields["user_id"] = str(user.pk)  # type: ignore[union-attr]
+    match = request.resolver_match
+    if match is not None:
+        for name, value in match.kwargs.items():
+            if name.endswith("_id") and (text := logs.bounded(value)) is not None:
+                fields[name] = text
+    return fields
 
 
 def _note_route(request: HttpRequest) -> None:

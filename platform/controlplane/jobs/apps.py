@@ -11,5 +11,7 @@ class JobsConfig(AppConfig):
         from controlplane.modelregistry.cards import card_lineage_set
 
         from .cards import lineage
+        from .transitions import connect
 
         card_lineage_set(lineage)
+        connect()  # a `job.transition` log line for every status change

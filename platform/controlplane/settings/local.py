@@ -10,12 +10,13 @@ from jobcontracts.broker import data_dir
 
 for _name, _url in private_urls(data_dir()).items():
     os.environ.setdefault(_name, _url)
+# Human-readable lines on a laptop (settings/logging.py reads it); JSON everywhere else.
+os.environ.setdefault("LOG_FORMAT", "console")
 
 from .base import *  # noqa: E402, F403
 from .env import env  # noqa: E402
 
 DEBUG = env.bool("DEBUG", default=True)
-LOG_FORMAT = env.str("LOG_FORMAT", default="json")
 if DEBUG:
     # Serve static files straight from the apps: no collectstatic needed to develop.
     WHITENOISE_USE_FINDERS = True

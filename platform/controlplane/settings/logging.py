@@ -1,37 +1,18 @@
-"""Structured JSON logs (structlog); Django's and Celery's own loggers go through it too."""
+"""Structured logs (structlog), one JSON object a line; Django's, Celery's and uvicorn's
+own loggers go through it too, and every line has its secrets removed
+(`controlplane.core.logs`). LOG_FORMAT=console renders human lines (`make run`)."""
 
-from typing import Any
-
-import structlog
+from controlplane.core.logs import configure_structlog, formatter
 
 from .env import env
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOG_FORMAT = env.str("LOG_FORMAT", default="json")  # json | console
 
-_shared_processors: list[Any] = [
-    structlog.contextvars.merge_contextvars,
-    structlog.stdlib.add_log_level,
-    structlog.stdlib.add_logger_name,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
-]
-
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "structured": {
-            "()": structlog.stdlib.ProcessorFormatter,
-            "processors": [
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer()
-                if LOG_FORMAT == "json"
-                else structlog.dev.ConsoleRenderer(colors=False),
-            ],
-            "foreign_pre_chain": _shared_processors,
-        },
-    },
+    "formatters": {"structured": formatter(LOG_FORMAT)},
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "structured"},
     },
@@ -41,16 +22,10 @@ LOGGING = {
         "django.request": {"level": "ERROR", "propagate": True},
         "django.server": {"level": "WARNING", "propagate": True},
         "uvicorn.access": {"level": "WARNING", "propagate": True},
+        # uvicorn's own handlers print plain text: its lines go through ours instead (a
+        # supervisor of several workers logs a few plain lines before Django is loaded).
+        "uvicorn": {"handlers": [], "level": "INFO", "propagate": True},
     },
 }
 
-structlog.configure(
-    processors=[
-        *_shared_processors,
-        structlog.processors.StackInfoRenderer(),
-        structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-    ],
-    logger_factory=structlog.stdlib.LoggerFactory(),
-    wrapper_class=structlog.stdlib.BoundLogger,
-    cache_logger_on_first_use=True,
-)
+configure_structlog()

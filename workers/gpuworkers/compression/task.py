@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from gpuworkers import logs
 from gpuworkers.celery import app
 from gpuworkers.reporting import celery_reporter
 from gpuworkers.training.control import Reporter, SignalReader
@@ -57,4 +58,5 @@ def handle(
     time_limit=_limit("GPU_COMPRESSION_TIME_LIMIT_SECONDS"),
 )
 def run(spec_json: dict[str, Any]) -> dict[str, Any]:
-    return handle(spec_json, celery_reporter(app))
+    with logs.bound_job(spec_json):  # every line of the attempt carries its job id
+        return handle(spec_json, celery_reporter(app))

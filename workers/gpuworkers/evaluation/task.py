@@ -9,6 +9,7 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
+from gpuworkers import logs
 from gpuworkers.celery import app
 from gpuworkers.reporting import celery_reporter
 from gpuworkers.training.control import Reporter, SignalReader
@@ -43,4 +44,5 @@ def handle(
     ignore_result=True,
 )
 def run(spec_json: dict[str, Any]) -> dict[str, Any]:
-    return handle(spec_json, celery_reporter(app))
+    with logs.bound_job(spec_json):  # every line of the attempt carries its job id
+        return handle(spec_json, celery_reporter(app))

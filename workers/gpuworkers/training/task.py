@@ -17,6 +17,7 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
+from gpuworkers import logs
 from gpuworkers.celery import app
 from gpuworkers.reporting import celery_reporter
 from gpuworkers.training.control import Outcome, Reporter, SignalReader
@@ -75,14 +76,17 @@ def _release_memory() -> None:
     time_limit=_limit("GPU_TRAINING_TIME_LIMIT_SECONDS"),
 )
 def run(spec_json: dict[str, Any]) -> dict[str, Any]:
-    reporter = celery_reporter(app)
-    try:
-        spec = TrainingSpec.from_json(spec_json)
-    except (KeyError, TypeError, ValueError) as error:
-        report_invalid_spec(spec_json, error, reporter)
-        return {"status": "failed", "error_code": "invalid_spec"}
-    log.info("training.attempt_received", extra={"job_id": spec.job_id, "attempt": spec.attempt})
-    return asdict(execute(spec, reporter))
+    with logs.bound_job(spec_json):  # every line of the attempt carries its job id
+        reporter = celery_reporter(app)
+        try:
+            spec = TrainingSpec.from_json(spec_json)
+        except (KeyError, TypeError, ValueError) as error:
+            report_invalid_spec(spec_json, error, reporter)
+            return {"status": "failed", "error_code": "invalid_spec"}
+        log.info(
+            "training.attempt_received", extra={"job_id": spec.job_id, "attempt": spec.attempt}
+        )
+        return asdict(execute(spec, reporter))
 
 
 def report_invalid_spec(
