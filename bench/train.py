@@ -3,6 +3,8 @@
     .venv/bin/python bench/train.py             # ~2.5 min on 2 cores: 3 rounds of each
     .venv/bin/python bench/train.py --quick     # ~45 s: one round of a 6-step job
     .venv/bin/python bench/train.py --help      # model size, rows, batch, adapter, threads…
+    .venv/bin/python bench/train.py --peer trl  # ~2.5 min: against TRL's SFTTrainer instead
+                                                # (pip install -e '.[bench]' -c constraints-cpu.txt)
 
 The same model, rows and hyperparameters are trained both ways, in one run:
 
@@ -17,16 +19,24 @@ The same model, rows and hyperparameters are trained both ways, in one run:
   with the engine, reports progress back through the control queue, and writes the
   artifact to storage (local files here).
 
-Both do the same work: the same token ids (the chat template rendered, assistant
-turns learned, truncated as the engine truncates), the same batches in the same
-order, the same LoRA config, optimizer and steps, on the same number of CPU
-threads; the bench checks that both trained the same tokens and ended at the same
-loss. Tokens/s counts non-padding tokens per second of training loop, from the end
-of step 1 to the end of the last step; for the platform, from the worker's own
-progress reports. Submit-to-first-step runs from the moment the POST returns to the
-end of step 1 on the worker (the job's `first_step_at`), after a warm-up job (the
-GPU worker imports torch when its pool process starts and a running worker has done
-its first job long ago: neither is counted).
+Both do the same work: the same token ids (the chat template rendered, assistant turns
+learned, truncated as the engine truncates), the same batches in the same order (the
+engine's default, length-grouped: `grouped_batches`), the same LoRA config, optimizer
+and steps, on the same number of CPU threads; the bench checks that both trained the
+same tokens and ended at the same loss. Tokens/s counts non-padding tokens per second of
+training loop, from the end of step 1 to the end of the last step; for the platform,
+from the worker's own progress reports. Submit-to-first-step runs from the moment the
+POST returns to the end of step 1 on the worker (the job's `first_step_at`), after a
+warm-up job (the GPU worker imports torch when its pool process starts and a running
+worker has done its first job long ago: neither is counted).
+
+With `--peer trl` the bare loop's place is taken by TRL's `SFTTrainer` (`train.py --trl`,
+a process of its own, warmed up the same way): the same model and LoRA init, the
+engine's token ids and labels as a pre-tokenized dataset, the same batch size,
+learning rate, schedule, clipping, optimizer, steps and max length, and TRL's own
+length-grouped sampler (`train_sampling_strategy="group_by_length"`); both sides get
+validation rows, evaluated at each epoch's end, and the table shows non-padding
+tokens/s and the final validation loss (bench/results/train_peers.json).
 
 Rounds alternate which side goes first (bare, platform, platform, bare, bare,
 platform) and each side counts its best round (on a shared machine interference only
@@ -161,8 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--output",
         type=Path,
-        default=REPO / "bench" / "results" / "train.json",
-        help="JSON results file (default bench/results/train.json)",
+        default=None,
+        help="JSON results file (default bench/results/train.json; with --peer "
+        "bench/results/train_peers.json)",
     )
     p.add_argument(
         "--settings",
@@ -178,7 +189,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "JOBS_CHECKPOINT_EVERY_STEPS=10 (repeatable)",
     )
     p.add_argument("--check", action="store_true", help="exit 1 unless every target is met")
+    peer = p.add_argument_group("against a peer (instead of the bare loop)")
+    peer.add_argument(
+        "--peer",
+        choices=("trl",),
+        default=None,
+        help="trl: the same job through TRL's SFTTrainer (the `bench` extra) and through the "
+        "platform, both evaluated on validation rows; writes bench/results/train_peers.json",
+    )
+    peer.add_argument(
+        "--valid-rows", type=int, default=32, help="validation rows with --peer (default 32)"
+    )
+    peer.add_argument(
+        "--trl-logging-steps",
+        type=int,
+        default=10,
+        help="TRL's logging_steps (default 10, SFTConfig's own default)",
+    )
     args = p.parse_args(argv)
+    if args.output is None:
+        name = "train_peers.json" if args.peer else "train.json"
+        args.output = REPO / "bench" / "results" / name
     args.rows = args.rows or (48 if args.quick else 160)
     args.epochs = args.epochs or (1 if args.quick else 2)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -388,11 +419,10 @@ def bare_run(cfg: dict[str, Any], data_path: str, n_epochs: int) -> dict[str, An
     trained = padded = 0
     cpu0 = time.process_time()
     start = time.perf_counter()
+    row_lengths = [len(ids) for ids, _ in sequences]
     for epoch in range(n_epochs):
-        generator = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
-        order = torch.randperm(len(sequences), generator=generator).tolist()
-        for first in range(0, len(order), cfg["batch_size"]):
-            rows_now = [sequences[i] for i in order[first : first + cfg["batch_size"]]]
+        for batch_rows in grouped_batches(row_lengths, cfg["batch_size"], cfg["seed"], epoch):
+            rows_now = [sequences[i] for i in batch_rows]
             batch = {k: v.to(device) for k, v in collate(rows_now, pad_id).items()}
             with autocast:
                 loss = model(**batch, use_cache=False).loss
@@ -431,6 +461,251 @@ def bare_run(cfg: dict[str, Any], data_path: str, n_epochs: int) -> dict[str, An
         "step_cpu_s": cpus,
         "step_machine_busy_s": busy,
     }
+
+
+#: Batches in a mega-batch, at most (the engine's MEGA_BATCH_FACTOR, as HF's sampler).
+MEGA_BATCH_FACTOR = 50
+
+
+def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The engine's default batch order, written plainly: the epoch's seeded permutation
+    cut into mega-batches (MEGA_BATCH_FACTOR batches, or fewer so that an epoch has 4),
+    each sorted longest first and cut into batches, then the batches shuffled with the
+    same generator."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    mega = max(1, min(len(lengths) // (4 * batch_size), MEGA_BATCH_FACTOR)) * batch_size
+    batches = []
+    for first in range(0, len(order), mega):
+        chunk = sorted(order[first : first + mega], key=lambda row: -lengths[row])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+# ---------------------------------------------------------------- TRL's SFTTrainer (child)
+
+
+def trl_child(config_path: str) -> int:
+    """The peer: TRL's `SFTTrainer` in a process of its own, started like the bare loop
+    (imports once, warms up on a small run, one whole run per `run` line on stdin)."""
+    out = sys.stdout
+    sys.stdout = sys.stderr
+    cfg = json.loads(Path(config_path).read_text())
+    begun = time.perf_counter()
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    imported = time.perf_counter() - begun
+    warmup = trl_run(cfg, cfg["warmup_path"], 1)
+    print(json.dumps({"ready": True, "import_s": imported, "warmup": warmup}), file=out, flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(json.dumps(trl_run(cfg, cfg["data_path"], cfg["n_epochs"])), file=out, flush=True)
+    return 0
+
+
+def trl_run(cfg: dict[str, Any], data_path: str, n_epochs: int) -> dict[str, Any]:
+    """The same model, token ids, learned-token mask, LoRA config and hyperparameters
+    through `trl.SFTTrainer`, with its own length-grouped sampler; evaluated on the
+    validation rows at each epoch's end as the engine is, and finally scored on them as
+    the engine scores (summed loss over the learned tokens / their count)."""
+    import datasets
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.utils import logging as transformers_logging
+    from trl import SFTConfig, SFTTrainer
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    begun = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    if not cuda:
+        torch.set_num_threads(cfg["threads"])
+    lora = cfg["adapter"]["type"] == "lora"
+    torch.manual_seed(cfg["seed"])  # the LoRA matrices start as the engine's do
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg["model_dir"], dtype=torch.bfloat16 if (lora and bf16) else torch.float32
+    )
+    if lora:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg["adapter"]["r"],
+                lora_alpha=cfg["adapter"]["alpha"],
+                lora_dropout=0.0,
+                target_modules=cfg["adapter"]["target_modules"],
+                task_type=TaskType.CAUSAL_LM,
+            ),
+        )
+    loaded = time.perf_counter()
+    max_len = min(cfg["max_seq_len"], model.config.max_position_embeddings)
+    if 0 < tokenizer.model_max_length < 1_000_000:
+        max_len = min(max_len, tokenizer.model_max_length)
+
+    def tokenized(path: str) -> Any:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        encoded = [encode_chat(tokenizer, row["messages"], max_len) for row in rows]
+        return datasets.Dataset.from_dict(
+            {
+                "input_ids": [ids for ids, _, _ in encoded],
+                "labels": [
+                    [t if m else -100 for t, m in zip(ids, learn, strict=True)]
+                    for ids, learn, _ in encoded
+                ],
+            }
+        )
+
+    train_set, valid_set = tokenized(data_path), tokenized(cfg["valid_path"])
+    tokenized_at = time.perf_counter()
+
+    counts: list[tuple[Any, int]] = []  # (non-padding, all) tokens of each training batch
+    ends: list[float] = []
+    cpus: list[float] = []  # this process's CPU seconds (all threads) at each step's end
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+            cpus.append(time.process_time())
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    config = SFTConfig(
+        output_dir=str(Path(cfg["work_dir"]) / "trl-out"),
+        per_device_train_batch_size=cfg["batch_size"],
+        per_device_eval_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=1,
+        num_train_epochs=n_epochs,
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        max_length=max_len,
+        packing=False,
+        padding_free=False,
+        gradient_checkpointing=False,
+        train_sampling_strategy="group_by_length",
+        eval_strategy="epoch" if cfg["eval_each_epoch"] else "no",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=cfg["trl_logging_steps"],
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        bf16=bf16 and not lora,
+    )
+
+    class CountingTrainer(SFTTrainer):  # type: ignore[misc]
+        """Counts each training batch's tokens (as tensors: no extra device sync)."""
+
+        def training_step(self, model: Any, inputs: Any, *args: Any, **kw: Any) -> Any:
+            mask = inputs["attention_mask"]
+            counts.append((mask.sum(), mask.numel()))
+            return super().training_step(model, inputs, *args, **kw)
+
+    trainer = CountingTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_set,
+        eval_dataset=valid_set,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    trained_at = time.perf_counter()
+    valid_loss = engine_style_loss(model, tokenizer, valid_set, cfg["batch_size"])
+    steps = len(ends)
+    if len(counts) != steps:
+        raise SystemExit(f"TRL trained {len(counts)} batches in {steps} steps")
+    cumulative = list(itertools.accumulate(int(c[0]) for c in counts))
+    real = cumulative[-1]
+    padded = sum(c[1] for c in counts)
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "load_s": loaded - begun,
+        "tokenize_s": tokenized_at - loaded,
+        "rows": len(train_set),
+        "max_len": max_len,
+        "padding_share": round(1 - real / padded, 4) if padded else 0.0,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_steps": steps,
+        "step_ends_s": [t - start for t in ends],
+        "step_cpu_s": cpus,
+        "cumulative_tokens": cumulative,
+        "losses": losses,
+        "train_call_s": trained_at - start,
+        "valid_loss": valid_loss,
+        "trl_eval_loss": next(
+            (
+                float(h["eval_loss"])
+                for h in reversed(trainer.state.log_history)
+                if "eval_loss" in h
+            ),
+            None,
+        ),
+        "trl_version": importlib.metadata.version("trl"),
+    }
+
+
+def engine_style_loss(model: Any, tokenizer: Any, rows: Any, batch_size: int) -> float:
+    """Validation loss as the engine computes it: the cross-entropy summed over every
+    learned token of the validation rows, divided by their count."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        for first in range(0, len(rows), batch_size):
+            part = rows[first : first + batch_size]
+            sequences = [
+                (ids, [int(label != -100) for label in labels])
+                for ids, labels in zip(part["input_ids"], part["labels"], strict=True)
+            ]
+            batch = {k: v.to(device) for k, v in collate(sequences, pad_id).items()}
+            logits = (
+                model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    use_cache=False,
+                )
+                .logits[:, :-1]
+                .float()
+            )
+            labels = batch["labels"][:, 1:]
+            total += float(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum"
+                )
+            )
+            count += int((labels != -100).sum())
+    model.train()
+    return total / max(count, 1)
 
 
 def encode_chat(
@@ -482,14 +757,16 @@ class BareLoop:
     """The bare loop's process (`train.py --bare CONFIG`): started once, warmed up, then
     asked for one run per round; stopped by its pid."""
 
+    mode = "bare"
+
     def __init__(self, config: dict[str, Any], folder: Path, database: str) -> None:
         self.database = database
-        path = folder / "bare.json"
+        path = folder / f"{self.mode}.json"
         path.write_text(json.dumps(config))
-        self.log_path = folder / "bare.log"
+        self.log_path = folder / f"{self.mode}.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--bare", str(path)],
+                [sys.executable, str(Path(__file__).resolve()), f"--{self.mode}", str(path)],
                 cwd=REPO,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -508,7 +785,8 @@ class BareLoop:
         if not line:
             self.process.wait(timeout=30)
             raise SystemExit(
-                f"the bare loop exited with {self.process.returncode}:\n{tail(self.log_path)}"
+                f"the {self.mode} process exited with {self.process.returncode}:\n"
+                f"{tail(self.log_path)}"
             )
         return dict(json.loads(line))
 
@@ -581,6 +859,53 @@ class BareLoop:
             except subprocess.TimeoutExpired:
                 self.process.kill()  # our own child, by its pid
                 self.process.wait(timeout=10)
+
+
+class TrlLoop(BareLoop):
+    """TRL's process (`train.py --trl CONFIG`), asked for one run per round."""
+
+    mode = "trl"
+
+    def run(self, stack: Stack) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        started = time.perf_counter()
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        raw = self._answer()
+        wall = time.perf_counter() - started
+        ends, cum = raw["step_ends_s"], raw["cumulative_tokens"]
+        train_s = ends[-1] - ends[0]
+        train_cpu_s = raw["step_cpu_s"][-1] - raw["step_cpu_s"][0]
+        result = {
+            "tokens_per_s": (cum[-1] - cum[0]) / train_s if train_s > 0 else 0.0,
+            "tokens_per_cpu_s": (cum[-1] - cum[0]) / train_cpu_s if train_cpu_s > 0 else 0.0,
+            "cores_used": train_cpu_s / train_s if train_s > 0 else 0.0,
+            "tokens_per_s_incl_step1": cum[-1] / ends[-1],
+            "train_s": train_s,
+            "step1_s": ends[0],
+            "trained_tokens": cum[-1],
+            "steps": len(ends),
+            "valid_loss": raw["valid_loss"],
+            "trl_eval_loss": raw["trl_eval_loss"],
+            "padding_share": raw["padding_share"],
+            "last_logged_loss": raw["losses"][-1] if raw["losses"] else None,
+            "run_wall_s": wall,
+            "load_s": raw["load_s"],
+            "tokenize_s": raw["tokenize_s"],
+            "train_call_s": raw["train_call_s"],
+            "threads": raw["threads"],
+            "device": raw["device"],
+            "max_len": raw["max_len"],
+            "trainable_parameters": raw["trainable_parameters"],
+            "trl_version": raw["trl_version"],
+        }
+        print(
+            f"  trl       {result['tokens_per_s']:8.1f} tokens/s  ({result['steps']} steps, "
+            f"{train_s:.1f} s from step 1 to the last; padding {result['padding_share']:.1%}; "
+            f"validation loss {result['valid_loss']:.4f})",
+            flush=True,
+        )
+        return result
 
 
 # ---------------------------------------------------------------- the platform
@@ -699,7 +1024,9 @@ def upload_file(client: httpx.Client, path: Path) -> str:
     return str(file["id"])
 
 
-def job_body(args: argparse.Namespace, file_id: str, n_epochs: int) -> dict[str, Any]:
+def job_body(
+    args: argparse.Namespace, file_id: str, n_epochs: int, validation_file: str | None = None
+) -> dict[str, Any]:
     adapter: dict[str, Any] = {"type": "full"}
     if args.adapter == "lora":
         adapter = {
@@ -725,6 +1052,7 @@ def job_body(args: argparse.Namespace, file_id: str, n_epochs: int) -> dict[str,
             },
         },
         "adapter": adapter,
+        **({"validation_file": validation_file} if validation_file else {}),
     }
 
 
@@ -814,6 +1142,7 @@ def run_platform_job(
     file_id: str,
     n_epochs: int,
     label: str,
+    validation_file: str | None = None,
 ) -> dict[str, Any]:
     """Submit one job, follow it to the end, and measure it from its own reports."""
     assert stack.gpu is not None
@@ -822,7 +1151,12 @@ def run_platform_job(
     steal0, services0 = steal_seconds(), services_cpu(args.database)
     with CpuTrace(stack) as trace:
         sent = time.time()
-        job = api(client, "POST", "/v1/fine_tuning/jobs", json=job_body(args, file_id, n_epochs))
+        job = api(
+            client,
+            "POST",
+            "/v1/fine_tuning/jobs",
+            json=job_body(args, file_id, n_epochs, validation_file),
+        )
         posted = time.time()
         job_id = job["id"]
         polls = 0
@@ -953,6 +1287,15 @@ def run_platform_job(
         "artifact_files": done["data"].get("artifact_files"),
         "fine_tuned_model": job.get("fine_tuned_model"),
         "checkpoints": sum(1 for e in events if e["message"].startswith("Checkpoint created")),
+        # The last evaluation on the validation rows (after the last step), when there are any.
+        "valid_loss": next(
+            (
+                float(e["data"]["valid_loss"])
+                for e in reversed(events)
+                if e["type"] == "metrics" and "valid_loss" in (e["data"] or {})
+            ),
+            None,
+        ),
     }
     if label != "warm-up":
         print(
@@ -1162,6 +1505,7 @@ class Prepared:
     warmup_path: Path
     rows: int
     bytes: int
+    valid_path: Path | None = None
 
 
 def prepare(args: argparse.Namespace, folder: Path) -> Prepared:
@@ -1175,7 +1519,18 @@ def prepare(args: argparse.Namespace, folder: Path) -> Prepared:
     rows = chat_rows(args.rows)
     train_path = write_rows(folder / "data" / "train.jsonl", rows)
     warmup_path = write_rows(folder / "data" / "warmup.jsonl", rows[: args.warmup_rows])
-    return Prepared(model_dir, model, train_path, warmup_path, len(rows), train_path.stat().st_size)
+    valid_path = None
+    if args.peer:
+        valid_path = write_rows(folder / "data" / "valid.jsonl", chat_rows(args.valid_rows, seed=8))
+    return Prepared(
+        model_dir,
+        model,
+        train_path,
+        warmup_path,
+        len(rows),
+        train_path.stat().st_size,
+        valid_path,
+    )
 
 
 def threads(args: argparse.Namespace) -> int:
@@ -1254,10 +1609,321 @@ def measure(args: argparse.Namespace, prep: Prepared, folder: Path, stack: Stack
     }
 
 
+def measure_peer(
+    args: argparse.Namespace, prep: Prepared, folder: Path, stack: Stack
+) -> dict[str, Any]:
+    """A warm-up job, then the rounds: TRL and the platform, alternating which goes first,
+    both with the validation rows."""
+    assert prep.valid_path is not None
+    key = sign_up(stack.port)
+    peer_runs: list[dict[str, Any]] = []
+    platform_runs: list[dict[str, Any]] = []
+    with httpx.Client(
+        base_url=f"http://{HOST}:{stack.port}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as client:
+        train_file = upload_file(client, prep.train_path)
+        valid_file = upload_file(client, prep.valid_path)
+        warmup_file = upload_file(client, prep.warmup_path)
+        print("warm-up job (the workers' first job: imports, model code, kernels)", flush=True)
+        warmup = run_platform_job(args, stack, client, warmup_file, 1, "warm-up")
+        lr = BASE_LEARNING_RATE[args.adapter] * args.lr_multiplier
+        if not math.isclose(float(warmup["learning_rate"]), lr, rel_tol=1e-9):
+            raise SystemExit(
+                f"the platform trains at learning rate {warmup['learning_rate']}, the bench "
+                f"assumed {lr}: update BASE_LEARNING_RATE"
+            )
+        config = {
+            **bare_config(args, prep, lr),
+            "valid_path": str(prep.valid_path),
+            "work_dir": str(folder),
+            "eval_each_epoch": True,
+            "trl_logging_steps": args.trl_logging_steps,
+        }
+        print("TRL process: imports and a warm-up run", flush=True)
+        peer = TrlLoop(config, folder, args.database)
+        try:
+            for number in range(1, args.rounds + 1):
+                print(f"round {number}:", flush=True)
+                order = ("trl", "platform") if number % 2 else ("platform", "trl")
+                for side in order:
+                    if side == "trl":
+                        peer_runs.append(peer.run(stack))
+                    else:
+                        platform_runs.append(
+                            run_platform_job(
+                                args, stack, client, train_file, args.epochs, "measured", valid_file
+                            )
+                        )
+        finally:
+            peer.close()
+    return {
+        "config": config,
+        "warmup": warmup,
+        "peer_process": {"import_s": round(peer.import_s, 2), "start_s": round(peer.start_s, 2)},
+        "trl": peer_runs,
+        "platform": platform_runs,
+    }
+
+
+TARGET_PEER_RATIO = 1.2  # platform tokens/s >= 1.2 x TRL's, at equal or better validation loss
+#: "Equal" validation loss: within this much (relative) of the peer's.
+VALID_LOSS_TOLERANCE = 0.005
+
+
+def summarize_peer(trl: list[dict[str, Any]], platform: list[dict[str, Any]]) -> dict[str, Any]:
+    trl_best, platform_best = best(trl, "tokens_per_s"), best(platform, "tokens_per_s")
+    trl_loss = statistics.median(r["valid_loss"] for r in trl)
+    platform_loss = statistics.median(r["valid_loss"] for r in platform)
+    return {
+        "trl_tokens_per_s": round(trl_best, 1),
+        "platform_tokens_per_s": round(platform_best, 1),
+        "ratio": round(platform_best / trl_best, 3) if trl_best else 0.0,
+        "ratio_by_round": [
+            round(p["tokens_per_s"] / t["tokens_per_s"], 3)
+            for t, p in zip(trl, platform, strict=True)
+        ],
+        "ratio_per_cpu_s": round(
+            best(platform, "tokens_per_cpu_s") / best(trl, "tokens_per_cpu_s"), 3
+        ),
+        "trl_tokens_per_cpu_s": round(best(trl, "tokens_per_cpu_s"), 1),
+        "platform_tokens_per_cpu_s": round(best(platform, "tokens_per_cpu_s"), 1),
+        "cores_used": {
+            "trl": [round(r["cores_used"], 2) for r in trl],
+            "platform": [round(r["cores_used"], 2) for r in platform],
+        },
+        "trl_tokens_per_s_by_round": [round(r["tokens_per_s"], 1) for r in trl],
+        "platform_tokens_per_s_by_round": [round(r["tokens_per_s"], 1) for r in platform],
+        "trl_valid_loss": round(trl_loss, 5),
+        "platform_valid_loss": round(platform_loss, 5),
+        "trl_eval_loss_own_average": trl[0]["trl_eval_loss"],
+        "trl_padding_share": trl[0]["padding_share"],
+        "same_tokens": all(p["trained_tokens"] == trl[0]["trained_tokens"] for p in platform),
+        "trained_tokens": {
+            "trl": trl[0]["trained_tokens"],
+            "platform": platform[0]["trained_tokens"],
+        },
+        "steps": {"trl": trl[0]["steps"], "platform": platform[0]["steps"]},
+    }
+
+
+def peer_targets(s: dict[str, Any]) -> list[dict[str, Any]]:
+    rounds = ", ".join(f"{r:.3f}" for r in s["ratio_by_round"])
+    loss_ok = s["platform_valid_loss"] <= s["trl_valid_loss"] * (1 + VALID_LOSS_TOLERANCE)
+    return [
+        {
+            "name": "platform/TRL tokens/s",
+            "value": f"{s['ratio']:.3f} (rounds: {rounds})",
+            "target": f">= {TARGET_PEER_RATIO}",
+            "met": s["ratio"] >= TARGET_PEER_RATIO,
+        },
+        {
+            "name": "platform validation loss vs TRL's",
+            "value": f"{s['platform_valid_loss']:.4f} vs {s['trl_valid_loss']:.4f}",
+            "target": f"<= TRL's (+{VALID_LOSS_TOLERANCE:.1%})",
+            "met": loss_ok,
+        },
+    ]
+
+
+def print_peer_table(results: dict[str, Any]) -> None:
+    s, trl, platform = results["summary"], results["trl"], results["platform"]
+    header = (
+        "run",
+        "tokens/s",
+        "by round",
+        "tokens/CPU s",
+        "padding",
+        "steps",
+        "tokens",
+        "valid loss",
+    )
+    rows = [
+        (
+            f"TRL {trl[0]['trl_version']} SFTTrainer (group_by_length)",
+            f"{s['trl_tokens_per_s']:.1f}",
+            ", ".join(f"{x:.0f}" for x in s["trl_tokens_per_s_by_round"]),
+            f"{s['trl_tokens_per_cpu_s']:.1f}",
+            f"{trl[0]['padding_share']:.1%}",
+            str(trl[0]["steps"]),
+            f"{trl[0]['trained_tokens']:,}",
+            f"{s['trl_valid_loss']:.4f}",
+        ),
+        (
+            "platform (API -> Celery -> GPU worker)",
+            f"{s['platform_tokens_per_s']:.1f}",
+            ", ".join(f"{x:.0f}" for x in s["platform_tokens_per_s_by_round"]),
+            f"{s['platform_tokens_per_cpu_s']:.1f}",
+            f"{results['data']['platform_padding_share']:.1%}",
+            str(platform[0]["steps"]),
+            f"{platform[0]['trained_tokens']:,}",
+            f"{s['platform_valid_loss']:.4f}",
+        ),
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(header)]
+    line = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    print()
+    print(line.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+    print()
+    st = results["settings"]
+    print(
+        f"{results['data']['rows']} chat rows x {st['n_epochs']} epoch(s), batch "
+        f"{st['batch_size']}, "
+        f"lr {st['learning_rate']:g}, {st['adapter_description']}, max length "
+        f"{st['max_seq_len']}, {st['threads']} CPU thread(s) each; "
+        f"{results['data']['valid_rows']} validation rows, evaluated at each epoch's end on "
+        "both sides"
+    )
+    print(
+        "tokens/s: non-padding tokens, end of step 1 to the end of the last step (best round); "
+        "valid loss: summed over the validation rows' learned tokens / their count"
+    )
+    cores = s["cores_used"]
+    print(
+        f"platform/TRL tokens per CPU second: {s['ratio_per_cpu_s']:.3f} (each side's training "
+        "process; less sensitive to the neighbours' load); cores the training processes got: "
+        f"TRL {', '.join(f'{c:.2f}' for c in cores['trl'])}, platform "
+        f"{', '.join(f'{c:.2f}' for c in cores['platform'])}"
+    )
+    print()
+    for t in results["targets"]:
+        print(
+            f"{t['name']}: {t['value']}   target {t['target']}: {'MET' if t['met'] else 'NOT MET'}"
+        )
+
+
+def platform_padding_share(prep: Prepared, args: argparse.Namespace) -> float:
+    """The padding of the engine's default batches of the bench's rows (computed with
+    the engine's own code: the same tokens and order the GPU worker trains on)."""
+    from transformers import AutoTokenizer
+
+    from gpuworkers.training import data as engine_data
+
+    tokenizer = AutoTokenizer.from_pretrained(prep.model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = engine_data.load(
+        prep.train_path,
+        fmt="chat",
+        tokenizer=tokenizer,
+        labels=(),
+        max_len=min(args.context, PLATFORM_MAX_SEQ_LEN),
+    )
+    order = engine_data.BatchOrder(len(dataset), args.batch_size, args.seed, dataset.row_lengths())
+    batches = [order.rows(step) for step in range(1, order.per_epoch * args.epochs + 1)]
+    return round(engine_data.padding_share(dataset, batches), 4)
+
+
+def main_peer(args: argparse.Namespace, info: dict[str, Any]) -> int:
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    info["versions"]["trl"] = importlib.metadata.version("trl")
+    print(
+        f"atelier train bench vs TRL: {args.rows} rows x {args.epochs} epoch(s), batch "
+        f"{args.batch_size}, {args.adapter}, {threads(args)} training thread(s), {args.rounds} "
+        "round(s), alternating which side goes first",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="atelier-bench-train-", dir=args.tmpdir) as tmp:
+        folder = Path(tmp)
+        prep = prepare(args, folder)
+        padding = platform_padding_share(prep, args)
+        data_dir = folder / "server"
+        with platform_database(args, data_dir, name="train") as env:
+            manage(env, "import_base_model", str(prep.model_dir), "--name", MODEL_NAME)
+            gpu_env = {"TORCH_NUM_THREADS": str(args.threads)} if args.threads else {}
+            with started_stack(env, data_dir / "logs", gpu=True, gpu_env=gpu_env) as stack:
+                try:
+                    measured = measure_peer(args, prep, folder, stack)
+                except (Exception, SystemExit):
+                    for name in ("web", "worker", "gpu"):
+                        print(f"{name} log (tail):\n{tail(stack.log_dir / f'{name}.log')}")
+                    print(f"TRL log (tail):\n{tail(folder / 'trl.log')}")
+                    raise
+                finally:
+                    if args.keep_logs is not None:
+                        shutil.copytree(stack.log_dir, args.keep_logs, dirs_exist_ok=True)
+    trl_runs, platform_runs, config = measured["trl"], measured["platform"], measured["config"]
+    summary = summarize_peer(trl_runs, platform_runs)
+    lora = f"LoRA r={args.lora_r} alpha={args.lora_alpha} on {', '.join(LORA_TARGETS)}"
+    results: dict[str, Any] = {
+        "benchmark": "train_peers",
+        "date": started.isoformat(timespec="seconds"),
+        "git": git_commit(),
+        "machine": info,
+        "settings": {
+            "rounds": args.rounds,
+            "round_order": "TRL first in odd rounds, the platform first in even ones; each "
+            "side's best round counts for tokens/s, the median for validation loss",
+            "n_epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": config["learning_rate"],
+            "max_seq_len": config["max_seq_len"],
+            "seed": args.seed,
+            "adapter": args.adapter,
+            "adapter_description": lora if args.adapter == "lora" else "full fine-tune",
+            "threads": config["threads"],
+            "trl": {
+                "SFTConfig": "per_device_train_batch_size=batch, learning_rate=lr, "
+                "lr_scheduler_type=linear, warmup_steps=0, weight_decay=0, max_grad_norm=1, "
+                "optim=adamw_torch_fused, seed=data_seed=seed, max_length, packing=False, "
+                "padding_free=False, gradient_checkpointing=False, "
+                "train_sampling_strategy=group_by_length, eval_strategy=epoch, "
+                f"logging_steps={args.trl_logging_steps}, save_strategy=no, "
+                "dataloader_num_workers=0, use_cpu on CPU",
+                "model": "the same LoRA model (get_peft_model after torch.manual_seed(seed), as "
+                "the engine), passed in; the dataset pre-tokenized with the engine's token ids and "
+                "labels (-100 off the assistant turns)",
+            },
+            "platform": "POST /v1/fine_tuning/jobs with a validation_file; the engine's defaults "
+            "(length-grouped batches, no packing: the API does not expose packing)",
+            "tokens_per_s": "non-padding tokens per second of training, end of step 1 to the "
+            "end of the last step (TRL: a callback's on_step_end; platform: progress reports)",
+            "valid_loss": "after the last step: cross-entropy summed over the validation rows' "
+            "learned tokens / their count (the engine's valid_loss; for TRL computed the same way "
+            "on its trained model; TRL's own eval_loss, a mean of batch means, is in trl[]). "
+            "Equal: within 0.5%",
+        },
+        "model": prep.model,
+        "data": {
+            "rows": prep.rows,
+            "valid_rows": args.valid_rows,
+            "bytes": prep.bytes,
+            "platform_padding_share": padding,
+            "generator": "chat_rows(seed=7) for training, chat_rows(seed=8) for validation",
+        },
+        "summary": summary,
+        "targets": peer_targets(summary),
+        "trl": trl_runs,
+        "platform": platform_runs,
+        "warmup": measured["warmup"],
+        "peer_process": measured["peer_process"],
+    }
+    results["all_targets_met"] = all(t["met"] for t in results["targets"])
+    results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print_peer_table(results)
+    shown = args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output
+    print(f"wrote {shown} ({results['total_seconds']:.0f} s)")
+    if not summary["same_tokens"]:
+        print("FAILED: the two sides did not train the same tokens", file=sys.stderr)
+        return 1
+    if args.check and not results["all_targets_met"]:
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--bare"]:
         return bare_child(argv[1])
+    if argv[:1] == ["--trl"]:
+        return trl_child(argv[1])
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the server, the workers, the database and the files go.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -1265,6 +1931,8 @@ def main(argv: list[str] | None = None) -> int:
     for dist in ("torch", "transformers", "peft", "tokenizers", "celery", "redis"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info["versions"][dist] = importlib.metadata.version(dist)
+    if args.peer:
+        return main_peer(args, info)
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     print(

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from gpuworkers.training import data
+from gpuworkers.training.engine import run_training
 from gpuworkers.training.errors import TrainingError
-from tests.gpuworkers.helpers import PREFERENCE_ROWS
+from jobcontracts.training import Hyperparameters, Signal
+from tests.gpuworkers.helpers import PREFERENCE_ROWS, Reports, ScriptedSignals, final_dir, make_spec
 from tests.support.models import tiny_model_dir
 
 
@@ -139,3 +145,122 @@ def test_batch_order_is_a_seeded_permutation_per_epoch() -> None:
     # A fresh order (a resumed attempt) gives step 6 the same rows.
     assert data.BatchOrder(10, 3, 5).rows(6) == order.rows(6)
     assert data.BatchOrder(10, 3, 6).rows(6) != order.rows(6)
+
+
+def _mixed_lengths(n: int = 200, seed: int = 3) -> list[int]:
+    r = random.Random(seed)
+    return [r.choice((r.randint(4, 30), r.randint(30, 120), r.randint(120, 256))) for _ in range(n)]
+
+
+def test_length_grouped_order_is_the_same_after_a_restart_at_any_step() -> None:
+    lengths = _mixed_lengths()
+    uninterrupted = data.BatchOrder(200, 8, seed=11, lengths=lengths, mega_batch_factor=5)
+    steps = uninterrupted.per_epoch * 3
+    expected = [uninterrupted.rows(step) for step in range(1, steps + 1)]
+
+    for k in (1, 7, uninterrupted.per_epoch, uninterrupted.per_epoch + 1, steps - 2):
+        resumed = data.BatchOrder(200, 8, seed=11, lengths=lengths, mega_batch_factor=5)
+        assert [resumed.rows(step) for step in range(k, steps + 1)] == expected[k - 1 :]
+    # The epochs differ, and another seed gives other batches.
+    per = uninterrupted.per_epoch
+    assert expected[:per] != expected[per : 2 * per]
+    other = data.BatchOrder(200, 8, seed=12, lengths=lengths, mega_batch_factor=5)
+    assert [other.rows(step) for step in range(1, per + 1)] != expected[:per]
+
+
+def test_length_grouped_order_sees_every_row_once_per_epoch() -> None:
+    lengths = _mixed_lengths(n=203)
+    order = data.BatchOrder(203, 8, seed=5, lengths=lengths, mega_batch_factor=4)
+
+    assert order.per_epoch == 26
+    for epoch in range(3):
+        steps = range(epoch * order.per_epoch + 1, (epoch + 1) * order.per_epoch + 1)
+        batches = [order.rows(step) for step in steps]
+        assert sorted(row for rows in batches for row in rows) == list(range(203))
+        assert sorted(len(rows) for rows in batches) == [3] + [8] * 25
+
+
+def test_length_grouping_lowers_the_padding_of_a_mixed_length_set(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    r = random.Random(9)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "ran", "to", "the", "door"]
+    rows = [" ".join(r.choice(words) for _ in range(r.choice((3, 12, 40, 90)))) for _ in range(160)]
+    dataset = _load(tmp_path, tokenizer, "text", rows)
+    lengths = dataset.row_lengths()
+    assert len(set(lengths)) > 4
+
+    def share(order: data.BatchOrder) -> float:
+        return data.padding_share(dataset, [order.rows(s) for s in range(1, order.per_epoch + 1)])
+
+    plain = share(data.BatchOrder(len(dataset), 8, seed=1))
+    grouped = share(data.BatchOrder(len(dataset), 8, seed=1, lengths=lengths))
+    assert plain > 0.3
+    assert grouped < plain / 4
+    # What the engine trains on by default.
+    assert Hyperparameters(1, 8, 1e-3, 64, 1).group_by_length is True
+
+
+def _varied_rows(count: int) -> list[dict[str, str]]:
+    r = random.Random(2)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "ran", "to", "the", "door"]
+    return [
+        {
+            "prompt": " ".join(r.choice(words) for _ in range(r.choice((1, 4, 12)))),
+            "completion": " " + " ".join(r.choice(words) for _ in range(r.choice((2, 9, 30)))),
+        }
+        for _ in range(count)
+    ]
+
+
+PAUSE_1 = Signal(1, "pause")
+
+
+def _adapter(spec: Any) -> dict[str, Any]:
+    return load_file(final_dir(spec) / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("old_order", [False, True])
+def test_a_resumed_job_trains_on_the_batches_of_an_uninterrupted_one(
+    tmp_path: Path, old_order: bool
+) -> None:
+    """Grouped by length (the default), or, from a checkpoint made before grouping was
+    the default, in the order that checkpoint's job began with."""
+    rows = _varied_rows(24)
+    kwargs: dict[str, Any] = dict(rows=rows, fmt="prompt_completion", n_epochs=2, batch_size=2)
+    straight = make_spec(tmp_path / "straight", **kwargs)
+    if old_order:
+        hp = dataclasses.replace(straight.hyperparameters, group_by_length=False)
+        straight = dataclasses.replace(straight, hyperparameters=hp)
+    whole = run_training(straight, Reports(), signal_reader=lambda: None)
+    assert whole.status == "succeeded"
+    assert whole.step == 24
+
+    spec = make_spec(tmp_path / "paused", **kwargs)
+    if old_order:
+        spec = dataclasses.replace(spec, hyperparameters=straight.hyperparameters)
+    paused = run_training(spec, Reports(), signal_reader=ScriptedSignals(*[None] * 8, PAUSE_1))
+    assert paused.status == "paused"
+    assert paused.checkpoint_uri is not None
+    checkpoint = Path(paused.checkpoint_uri.removeprefix("file://"))
+    if old_order:  # as the engine wrote it before length grouping
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert "grouped" not in state["rng"]
+        state["rng"] = (
+            "data order: randperm(seed*1000003+epoch); step n: manual_seed(seed*1000003+n)"
+        )
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    # Attempt 2 runs the new default, whatever order the checkpoint's job began with.
+    resumed_spec = dataclasses.replace(
+        spec,
+        attempt=2,
+        resume_from=paused.checkpoint_uri,
+        hyperparameters=make_spec(tmp_path / "x", **kwargs).hyperparameters,
+    )
+    resumed = run_training(resumed_spec, Reports(), signal_reader=lambda: Signal(2, "run"))
+
+    assert resumed.status == "succeeded"
+    assert resumed.trained_tokens == whole.trained_tokens
+    expected, got = _adapter(straight), _adapter(resumed_spec)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)

@@ -89,6 +89,10 @@ class Hyperparameters:
     beta: float = 0.1
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
+    #: Batches of rows of similar length (seeded; a resumed job sees the same batches).
+    group_by_length: bool = True
+    #: Causal LM: pack each batch's rows into few sequences, no attention across rows.
+    packing: bool = False
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,80 @@ class TokenizedSet:
             batch["labels"] = labels
         return batch
 
+    def row_lengths(self) -> list[int]:
+        """Tokens of each row (preference: its longer sequence, which sets the padding)."""
+        starts, k = self.starts, self.per_row
+        return [
+            max(starts[s + 1] - starts[s] for s in range(row * k, (row + 1) * k))
+            for row in range(len(self))
+        ]
+
+    def sequence_lengths(self, rows: Sequence[int]) -> list[int]:
+        starts, k = self.starts, self.per_row
+        return [starts[s + 1] - starts[s] for row in rows for s in range(row * k, (row + 1) * k)]
+
+    def collate_packed(
+        self, rows: Sequence[int], pad_id: int, capacity: int | None
+    ) -> dict[str, torch.Tensor]:
+        """Causal-LM rows packed into few sequences, no attention across row boundaries.
+
+        Rows are placed first-fit, longest first, into sequences of at most `capacity`
+        tokens (at least the longest row's: 0 means that); `capacity=None` puts them all
+        in one sequence, for the flash-attention varlen path (transformers reads the row
+        boundaries from `position_ids` there, with batch size 1 only). `position_ids`
+        restart at 0 with each row, and there is no `attention_mask` for the model: from
+        restarting positions transformers builds a block-diagonal causal mask (eager,
+        SDPA) or cumulative sequence lengths (flash attention). The padding at the end of
+        a sequence is a block of its own, learned by nothing. A row's first token is no
+        target (it would be predicted from the previous row), as unpacked; so the loss
+        summed over a packed batch is the loss of its rows run one by one.
+        """
+        if self.kind != "lm":
+            raise ValueError(f"only causal-LM rows are packed, not {self.kind}")
+        lengths = self.sequence_lengths(rows)
+        bins: list[list[int]] = []
+        if capacity is None:
+            bins = [list(range(len(rows)))]
+        else:
+            room: list[int] = []
+            limit = max(capacity, max(lengths))
+            for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+                for b, free in enumerate(room):
+                    if lengths[i] <= free:
+                        bins[b].append(i)
+                        room[b] -= lengths[i]
+                        break
+                else:
+                    bins.append([i])
+                    room.append(limit - lengths[i])
+        width = max(sum(lengths[i] for i in members) for members in bins)
+        shape = (len(bins), width)
+        input_ids = torch.full(shape, pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE, dtype=torch.long)
+        real = torch.zeros(shape, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.long)
+        for b, members in enumerate(bins):
+            at = 0
+            for i in members:
+                a, z = self.starts[rows[i]], self.starts[rows[i] + 1]
+                n = z - a
+                ids = torch.tensor(self.ids[a:z], dtype=torch.long)
+                learn = torch.tensor(self.learn[a:z], dtype=torch.bool)
+                input_ids[b, at : at + n] = ids
+                labels[b, at : at + n] = torch.where(learn, ids, IGNORE)
+                labels[b, at] = IGNORE
+                real[b, at : at + n] = 1
+                positions[b, at : at + n] = torch.arange(n)
+                at += n
+            positions[b, at:] = torch.arange(width - at)
+        return {
+            "input_ids": input_ids,
+            # Counts the real tokens; never given to the model with `position_ids`.
+            "attention_mask": real,
+            "position_ids": positions,
+            "labels": labels,
+        }
+
 
 def load(
     path: Path,
@@ -167,17 +241,50 @@ def _fit(ids: list[int], learn: list[int], max_len: int) -> tuple[list[int], lis
     return ids[start : start + max_len], learn[start : start + max_len]
 
 
-class BatchOrder:
-    """Rows of each global step: a seeded permutation per epoch, so a resumed
-    attempt sees exactly the batches an uninterrupted one would."""
+#: Batches in a mega-batch, at most: as Hugging Face's `LengthGroupedSampler`, 50 or
+#: what makes 4 mega-batches an epoch, whichever is smaller (at least 1).
+MEGA_BATCH_FACTOR = 50
 
-    def __init__(self, n_rows: int, batch_size: int, seed: int) -> None:
+
+def default_mega_batch_factor(n_rows: int, batch_size: int) -> int:
+    return max(1, min(n_rows // (4 * batch_size), MEGA_BATCH_FACTOR))
+
+
+class BatchOrder:
+    """Rows of each global step, a pure function of (seed, epoch, row lengths), so a
+    resumed attempt sees exactly the batches an uninterrupted one would.
+
+    Without `lengths`: a seeded permutation per epoch, cut into batches. With them
+    (length grouping, the default): the same permutation cut into mega-batches of
+    `mega_batch_factor` batches (by default `default_mega_batch_factor(n_rows, batch_size)`, as
+    Hugging Face's sampler), each sorted by length (longest first) and cut into batches
+    of similar length, then the batches shuffled with the same seeded generator, so a
+    batch carries little padding and which rows share a batch, and when, stays random.
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        batch_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        mega_batch_factor: int | None = None,
+    ) -> None:
+        if lengths is not None and len(lengths) != n_rows:
+            raise ValueError(f"{len(lengths)} lengths for {n_rows} rows")
         self.n_rows = n_rows
         self.batch_size = batch_size
         self.seed = seed
+        self.lengths = list(lengths) if lengths is not None else None
+        factor = mega_batch_factor or default_mega_batch_factor(n_rows, batch_size)
+        self.mega = max(1, factor) * batch_size
         self.per_epoch = steps_per_epoch(n_rows, batch_size)
         self._epoch = -1
-        self._order: list[int] = []
+        self._batches: list[list[int]] = []
+
+    @property
+    def grouped(self) -> bool:
+        return self.lengths is not None
 
     def epoch(self, step: int) -> int:
         """0-based epoch of a 1-based step."""
@@ -186,10 +293,36 @@ class BatchOrder:
     def rows(self, step: int) -> list[int]:
         epoch, index = divmod(step - 1, self.per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(self.n_rows, generator=generator).tolist()
+            self._batches = self.batches(epoch)
             self._epoch = epoch
-        return self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return list(self._batches[index])
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of a 0-based epoch, in the order they are trained."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_rows, generator=generator).tolist()
+        size = self.batch_size
+        if self.lengths is None:
+            return [order[i : i + size] for i in range(0, self.n_rows, size)]
+        lengths = self.lengths
+        batches: list[list[int]] = []
+        for first in range(0, self.n_rows, self.mega):
+            # Stable sort: rows of equal length keep their shuffled order.
+            mega = sorted(order[first : first + self.mega], key=lambda row: -lengths[row])
+            batches += [mega[i : i + size] for i in range(0, len(mega), size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffled]
+
+
+def padding_share(dataset: TokenizedSet, batches: Sequence[Sequence[int]]) -> float:
+    """The share of padding in right-padded batches of `dataset` (what `collate` builds)."""
+    real = padded = 0
+    lengths = dataset.row_lengths()
+    for rows in batches:
+        if rows:
+            real += sum(dataset.sequence_lengths(rows))
+            padded += max(lengths[row] for row in rows) * len(rows) * dataset.per_row
+    return 1 - real / padded if padded else 0.0
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:

@@ -1,8 +1,10 @@
 """The training loop's state and steps: optimizer, batches, evaluation, checkpoints.
 
-Step `n` (1-based) trains on the rows `BatchOrder.rows(n)`, split across ranks;
-before it, the global RNG is seeded from (seed, n), so dropout and the data a step
-sees are the same whether the run was resumed or not.
+Step `n` (1-based) trains on the rows `BatchOrder.rows(n)` (grouped by length unless
+`group_by_length` is off), split across ranks; before it, the global RNG is seeded from
+(seed, n), so dropout and the data a step sees are the same whether the run was resumed
+or not. With `packing` (causal LM), a step's rows are packed into few sequences
+(`TokenizedSet.collate_packed`): the same loss and gradients, less padding.
 """
 
 from __future__ import annotations
@@ -47,7 +49,15 @@ class Trainer:
         self.test_metrics: dict[str, float] | None = None
         self.world, self.workdir, self.heartbeat, self.sender = world, workdir, heartbeat, sender
         hp = spec.hyperparameters
-        self.order = BatchOrder(len(train), hp.batch_size, hp.seed)
+        lengths = train.row_lengths() if hp.group_by_length else None
+        self.order = BatchOrder(len(train), hp.batch_size, hp.seed, lengths)
+        self.packing = hp.packing and train.kind == "lm"
+        # Flash attention takes packed rows flat, as one sequence (its varlen path).
+        # Eager and SDPA attend over the whole packed length under a block-diagonal
+        # mask, so their sequences are only as long as the batch's longest row: on CPU
+        # (bench rows, one thread) that packed 3% faster than sequences of max_len.
+        attention = str(getattr(loaded.model.config, "_attn_implementation", "") or "")
+        self.pack_capacity = None if attention.startswith("flash") else 0
         self.total_steps = self.order.per_epoch * hp.n_epochs
         self.step = 0
         self.resumed_from = 0
@@ -94,6 +104,13 @@ class Trainer:
             directory / checkpoint.OPTIMIZER_FILE, self.optimizer, self.scheduler
         )
         self.step = self.resumed_from = int(state["step"])
+        rng = state.get("rng")
+        if isinstance(rng, str) and ("grouped by length" in rng) != self.order.grouped:
+            # Made with the other batch order (before length grouping was the default):
+            # keep it, so the resumed job still sees the batches it would have.
+            hp = self.spec.hyperparameters
+            lengths = None if self.order.grouped else self.train.row_lengths()
+            self.order = BatchOrder(len(self.train), hp.batch_size, hp.seed, lengths)
         if self.spec.resume_from:  # pausing again before a step: that checkpoint still holds
             self._last_checkpoint = (self.step, self.spec.resume_from)
         self.trained_tokens = int(state.get("trained_tokens", 0))
@@ -108,7 +125,9 @@ class Trainer:
             "trained_tokens": self.trained_tokens,
             "metrics": self.metrics,
             "seed": hp.seed,
-            "rng": "data order: randperm(seed*1000003+epoch); step n: manual_seed(seed*1000003+n)",
+            "rng": "data order: randperm(seed*1000003+epoch)"
+            + (", grouped by length" if self.order.grouped else "")
+            + "; step n: manual_seed(seed*1000003+n)",
             "world_size": self.world.size,
             "job_id": self.spec.job_id,
             "attempt": self.spec.attempt,
@@ -142,8 +161,13 @@ class Trainer:
         # A rank with no rows (the last, short batch) still runs a step so DDP's
         # gradient sync lines up; its contribution is multiplied by zero.
         weight = 1.0 if mine else 0.0
-        batch = self.train.collate(mine or rows[:1], self.pad_id)
+        batch = self._collate(self.train, mine or rows[:1])
         return {k: v.to(self.world.device) for k, v in batch.items()}, weight
+
+    def _collate(self, dataset: TokenizedSet, rows: list[int]) -> dict[str, torch.Tensor]:
+        if self.packing and dataset.kind == "lm":
+            return dataset.collate_packed(rows, self.pad_id, self.pack_capacity)
+        return dataset.collate(rows, self.pad_id)
 
     def train_step(self) -> None:
         step = self.step + 1
@@ -234,11 +258,15 @@ class Trainer:
         model.eval()
         classes = len(self.spec.labels) if dataset.kind == "classification" else 0
         totals = [0.0, 0.0, 0.0] + [0.0] * (3 * classes)
-        rows = list(range(self.world.rank, len(dataset), self.world.size))
+        # Longest first: batches of similar length pad little (the sums ignore the order).
+        lengths = dataset.row_lengths()
+        rows = sorted(
+            range(self.world.rank, len(dataset), self.world.size), key=lambda r: -lengths[r]
+        )
         size = self.spec.hyperparameters.batch_size
         with torch.no_grad():
             for start in range(0, len(rows), size):
-                batch = dataset.collate(rows[start : start + size], self.pad_id)
+                batch = self._collate(dataset, rows[start : start + size])
                 batch = {k: v.to(self.world.device) for k, v in batch.items()}
                 with self._autocast():
                     sums = objectives.compute(

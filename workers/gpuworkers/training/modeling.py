@@ -20,8 +20,10 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as transformers_logging
+from transformers.utils.import_utils import is_flash_attn_2_available
 
 from gpuworkers import safeload, storage
+from gpuworkers.training import objectives
 from gpuworkers.training.errors import TrainingError
 from jobcontracts.training import TrainingSpec
 
@@ -121,9 +123,14 @@ def load(
         )
     else:
         model_class = AutoModelForCausalLM
+        if spec.hyperparameters.packing and device.type == "cuda" and is_flash_attn_2_available():
+            # Packed rows go through flash attention's varlen path (no mask, no padding).
+            kwargs["attn_implementation"] = "flash_attention_2"
     source = resume_dir if resume_dir is not None and not lora else base_dir
     model = model_class.from_pretrained(str(source), **kwargs)
     family = str(getattr(model.config, "model_type", "") or spec.base_model.family)
+    if spec.task != "classification":
+        objectives.select_logits(model)  # before PEFT wraps it
     if spec.adapter is not None:
         if resume_dir is not None:
             model = PeftModel.from_pretrained(model, str(resume_dir), is_trainable=True)
