@@ -12,20 +12,20 @@ export PORT
 # gets controlplane.settings.production, which refuses to start unconfigured.
 run superuser: export DJANGO_SETTINGS_MODULE ?= controlplane.settings.local
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml deploy/constraints-cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU install path: pin the CPU wheel of torch first, so `.[gpu]` (torch>=2.4) adds nothing
 	# and never pulls a multi-GB CUDA build. A GPU host installs `.[gpu]` with its own index.
 	$(BIN)/python -m pip install -q 'torch==2.13.0'
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev,gpu,run]'
+	$(BIN)/python -m pip install -q -c deploy/constraints-cpu.txt -e '.[dev,gpu,run]'
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-## make lock: rewrite constraints-cpu.txt from the installed environment (after a green make test)
+## make lock: rewrite deploy/constraints-cpu.txt from the installed environment (after a green make test)
 lock: install
-	{ sed -n '1,3p' constraints-cpu.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints-cpu.txt.new && mv constraints-cpu.txt.new constraints-cpu.txt
+	{ sed -n "1,3p" deploy/constraints-cpu.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > deploy/constraints-cpu.txt.new && mv deploy/constraints-cpu.txt.new deploy/constraints-cpu.txt
 
 ## make run: a private PostgreSQL and Redis under .data/ (unless DATABASE_URL / REDIS_URL are set), migrate, install the demo base models, then every deploy/Procfile process in the foreground (Ctrl-C stops all)
 run: install
@@ -47,7 +47,7 @@ test: install
 ## make browser-test: Playwright drives Debian's headless chromium through the admin, on real processes (kept out of `make test` for time); screenshots in tests/browser/artifacts/
 browser-test: install
 	@test -x /usr/bin/chromium || { echo "make browser-test: /usr/bin/chromium is missing; install Debian's: apt-get install -y chromium" >&2; exit 1; }
-	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[browser]'
+	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install -q -c deploy/constraints-cpu.txt -e '.[browser]'
 	@$(BIN)/python tests/preflight.py
 	$(BIN)/pytest tests/browser
 

@@ -4,7 +4,7 @@
     .venv/bin/python bench/train.py --quick     # ~45 s: one round of a 6-step job
     .venv/bin/python bench/train.py --help      # model size, rows, batch, adapter, threads…
     .venv/bin/python bench/train.py --peer trl  # ~2.5 min: against TRL's SFTTrainer instead
-                                                # (pip install -e '.[bench]' -c constraints-cpu.txt)
+                                                # (pip install -e '.[bench]' -c deploy/constraints-cpu.txt)
 
 The same model, rows and hyperparameters are trained both ways, in one run:
 
