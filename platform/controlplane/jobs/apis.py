@@ -26,6 +26,9 @@ def job_out(job: Job) -> dict[str, Any]:
         hp["beta"] = job.hyperparameters.get("beta")
     if job.hyperparameters.get("test_fraction") is not None:
         hp["test_fraction"] = job.hyperparameters["test_fraction"]
+    if job.kind == JobKind.FINE_TUNING:
+        hp["group_by_length"] = bool(job.hyperparameters.get("group_by_length", True))
+        hp["packing"] = bool(job.hyperparameters.get("packing", False))
     estimate = None
     if job.estimated_tokens is not None:
         estimate = {

@@ -130,6 +130,8 @@ def build_spec(job: Job) -> TrainingSpec:
             max_seq_len=min(base.context_length, MAX_SEQ_LEN),
             seed=int(job.seed),
             beta=float(hp.get("beta") or 0.1),
+            group_by_length=bool(hp.get("group_by_length", True)),
+            packing=bool(hp.get("packing", False)),
         ),
         output_uri=object_uri(prefix),
         control_uri=object_uri(signal_name(job)),

@@ -90,6 +90,21 @@ class SupervisedHyperparameters(StrictInputSerializer):
         ),
     )
 
+    group_by_length = serializers.BooleanField(
+        required=False,
+        help_text=(
+            "Our extension: batch rows of similar length together (default true): less "
+            "padding, the same rows each epoch; seeded, so a resumed job sees the same batches."
+        ),
+    )
+    packing = serializers.BooleanField(
+        required=False,
+        help_text=(
+            "Our extension, supervised causal-LM jobs only: pack short rows into full "
+            "sequences, with no attention across rows (default false)."
+        ),
+    )
+
     def validate_test_fraction(self, value: float) -> float:
         if not 0.0 < value <= MAX_TEST_FRACTION:
             raise serializers.ValidationError(

@@ -180,6 +180,13 @@ def job_create(
             )
     else:
         labels = []
+    if requested.get("packing") and (task != "causal_lm" or method != "supervised"):
+        raise ApiError(
+            f"Packing joins causal-LM rows for supervised training; this job is {method} {task}.",
+            param="hyperparameters.packing",
+            code="invalid_hyperparameter",
+        )
+    batching = {k: bool(requested[k]) for k in ("group_by_length", "packing") if k in requested}
     resolved = params.resolve(requested, rows=rows, adapter=adapter_kind)
 
     job = Job.objects.create(
@@ -199,6 +206,7 @@ def job_create(
             **resolved.openai_shape(),
             "learning_rate": resolved.learning_rate,
             **({} if test_fraction is None else {"test_fraction": float(test_fraction)}),
+            **batching,
         },
         requested_hyperparameters=requested,
         adapter=None if adapter_kind == "full" else {k: v for k, v in adapter_in.items()},

@@ -66,6 +66,8 @@ def test_a_job_is_priced_before_it_starts_and_sent_to_a_gpu_worker(
         "n_epochs": 2,
         "batch_size": 1,  # auto: 0.2% of 40 rows, at least 1
         "learning_rate_multiplier": 1.0,
+        "group_by_length": True,
+        "packing": False,
     }
     estimate = job["estimate"]
     assert estimate["training_tokens_per_epoch"] > 40 * 10
