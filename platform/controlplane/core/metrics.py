@@ -83,6 +83,23 @@ BUDGET_REFUSALS = Counter(
     "Requests refused with 429 insufficient_quota (a hard budget is spent), by whose.",
     ["reason"],
 )
+#: Stripe webhook events applied, by type (the types the platform handles, else
+#: "other": Stripe has hundreds) and outcome (`processed`, `duplicate`, `failed`: recorded
+#: and never retried, `ignored_type`, `ignored_unknown_customer`, `retry`: a transient
+#: error, answered 500 so that Stripe sends it again).
+WEBHOOK_OUTCOMES = (
+    "processed",
+    "duplicate",
+    "failed",
+    "ignored_type",
+    "ignored_unknown_customer",
+    "retry",
+)
+WEBHOOK_EVENTS = Counter(
+    "atelier_webhook_events_total",
+    "Stripe webhook events received with a valid signature, by event type and outcome.",
+    ["type", "outcome"],
+)
 for _reason in RATE_LIMIT_REASONS:  # every series exists (at 0) from the start
     RATE_LIMIT_REFUSALS.labels(reason=_reason)
 for _reason in BUDGET_REASONS:

@@ -30,6 +30,7 @@ from django.db import IntegrityError, transaction
 from controlplane.billing.credits import credit_grant
 from controlplane.billing.invoicing import invoice_status_advance
 from controlplane.billing.models import CreditSource, Invoice, InvoiceStatus
+from controlplane.core import metrics
 from controlplane.core.errors import ApiError
 from controlplane.tenancy.models import Organization
 
@@ -175,8 +176,21 @@ def event_process(event: dict[str, Any]) -> tuple[str, bool]:
     """Apply one verified event once. Returns (outcome, whether this call applied it).
 
     Outcome `failed` (not applied, recorded with the reason) for a permanent
-    failure; a transient one is raised, with nothing recorded.
+    failure; a transient one is raised, with nothing recorded. Each call is counted in
+    `atelier_webhook_events_total` (a handler's own outcome counts as `processed`).
     """
+    kind = event["type"] if event["type"] in HANDLERS else "other"
+    try:
+        outcome, applied = _event_process(event)
+    except Exception:
+        metrics.WEBHOOK_EVENTS.labels(type=kind, outcome="retry").inc()
+        raise
+    counted = outcome if outcome in metrics.WEBHOOK_OUTCOMES else "processed"
+    metrics.WEBHOOK_EVENTS.labels(type=kind, outcome=counted).inc()
+    return outcome, applied
+
+
+def _event_process(event: dict[str, Any]) -> tuple[str, bool]:
     if StripeEvent.objects.filter(pk=event["id"]).exists():
         return "duplicate", False
     obj = event["data"]["object"]

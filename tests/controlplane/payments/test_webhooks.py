@@ -436,3 +436,29 @@ def test_an_outsiders_customer_id_only_touches_the_outsider(
     deliver(events.event("customer.subscription.created", stripe_subscription(charlie, outsider)))
     assert plan_of(charlie) == "pro"
     assert plan_of(alice) == "free"
+
+
+def _webhook_count(kind: str, outcome: str) -> float:
+    from controlplane.core import metrics
+
+    return metrics.WEBHOOK_EVENTS.labels(type=kind, outcome=outcome)._value.get()
+
+
+def test_events_are_counted_by_type_and_outcome(alice: Person, customer: str) -> None:
+    before = {
+        key: _webhook_count(*key)
+        for key in (
+            ("other", "ignored_type"),
+            ("other", "duplicate"),
+            ("customer.subscription.created", "ignored_unknown_customer"),
+            ("invoice.payment_failed", "processed"),
+        )
+    }
+    unhandled = events.event("customer.created", {"id": customer, "object": "customer"})
+    deliver(unhandled)
+    deliver(unhandled)
+    deliver(events.event("customer.subscription.created", events.subscription("s", "cus_x")))
+    invoice = events.invoice(f"in_{uuid.uuid4().hex[:8]}", customer)
+    assert deliver(events.event("invoice.payment_failed", invoice)).json()["applied"] is True
+    after = {key: _webhook_count(*key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == dict.fromkeys(before, 1.0)
