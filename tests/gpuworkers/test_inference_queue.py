@@ -3,9 +3,11 @@ unanswered and unbilled, bad input and missing models get clean errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-from jobcontracts.inference import ModelRef
+from gpuworkers.replies import MemoryChannel
+from jobcontracts.inference import BATCH_REQUEST_PREFIX, InferenceRequest, ModelRef
 from tests.gpuworkers.inference_support import (
     model_ref,
     request,
@@ -134,3 +136,51 @@ def test_a_long_silent_request_gets_heartbeats_until_it_is_done() -> None:
     assert kinds[-1] == "done"
     assert "heartbeat" in kinds
     assert set(kinds[1:-1]) == {"heartbeat"}
+
+
+def _batch_line(req: InferenceRequest) -> InferenceRequest:
+    """The same request as a Batch API line (what the batch runner sends)."""
+    return dataclasses.replace(req, request_id=f"{BATCH_REQUEST_PREFIX}{req.request_id}")
+
+
+def _started(channel: MemoryChannel, requests: list[InferenceRequest], count: int) -> None:
+    deadline = time.monotonic() + 60
+    while sum(bool(channel.replies[r.request_id]) for r in requests) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_live_request_overtakes_a_full_batch_lane_and_its_waiting_lines() -> None:
+    ref = model_ref(varied_model_dir())
+    with running_engine(max_batch=4) as (engine, channel):
+        lines = [
+            _batch_line(request(ref, prompt=f"the cat sat on {i}", max_tokens=200))
+            for i in range(6)
+        ]
+        tickets = [engine.submit(line) for line in lines]
+        _started(channel, lines, 4)  # the engine's 4 rows decode batch lines, 2 wait
+        live = request(ref, max_tokens=8)
+        assert engine.submit(live).wait(60) is not None
+        # It did not wait for rows to free up, nor behind the lines already waiting.
+        assert not any(ticket.done for ticket in tickets)
+        assert channel.wait_final(live.request_id).type == "done"
+        for ticket in tickets:
+            assert ticket.wait(120) is not None
+    assert all(channel.wait_final(line.request_id).type == "done" for line in lines)
+
+
+def test_batch_lines_never_decode_in_the_same_forward_as_live_requests() -> None:
+    ref = model_ref(varied_model_dir())
+    with running_engine() as (engine, channel):
+        lines = [
+            _batch_line(request(ref, prompt=f"the cat sat on {i}", max_tokens=64)) for i in range(6)
+        ]
+        tickets = [engine.submit(line) for line in lines]
+        _started(channel, lines, 6)
+        live = [request(ref, prompt=f"a dog {i}", max_tokens=16) for i in range(3)]
+        replies = run(engine, channel, *live)
+        for ticket in tickets:
+            assert ticket.wait(120) is not None
+    assert [reply.type for reply in replies] == ["done"] * 3
+    # 6 batch rows, then 3 live ones: never the 9 together (a row more slows every step).
+    assert engine.stats.peak_rows == 6

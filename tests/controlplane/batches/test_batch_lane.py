@@ -111,3 +111,24 @@ def test_live_requests_go_first_and_batch_ones_fill_only_the_spare_room(
     _wait(lambda: "live-late" in engine.taken)
     assert engine.taken[-1] == "live-late"
     assert client.llen(batch_queue(queue)) == 4
+
+
+def test_an_idle_worker_holds_the_next_cohort_of_batch_requests_too(settings: Any) -> None:
+    # Unset, the batch room is three quarters of the capacity: the engine's rows and the
+    # requests to start the moment they end, with a quarter kept for live requests.
+    url = str(settings.REDIS_URL)
+    queue = f"test.lane.{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(url)
+    engine = Engine()
+    intake = Intake(url=url, queue=queue, capacity=16, engine=lambda: engine)
+    try:
+        client.lpush(batch_queue(queue), *[_request(f"batch-{i}") for i in range(20)])
+        intake.start()
+        _wait(lambda: len(engine.taken) >= 12)
+        time.sleep(0.3)
+        assert len(engine.taken) == 12
+        client.lpush(request_queue(queue), _request("live-0"))
+        _wait(lambda: "live-0" in engine.taken)
+    finally:
+        intake.stop()
+        client.delete(request_queue(queue), batch_queue(queue))

@@ -11,7 +11,10 @@ reads the live list first, so a batch request is taken only when no live one
 waits. At most `batch_capacity` of them are held at once while the worker has
 no live request (for BATCH_QUIET_SECONDS), and `batch_capacity_busy` while it
 has: a batch fills an idle engine, and steps aside (its requests are short)
-once live traffic comes, leaving the engine's rows and steps to it. A request taken by
+once live traffic comes, leaving the engine's rows and steps to it. The engine
+keeps them apart too (`scheduler.Engine._serve`): batch rows decode in their own
+lane, stepped only while no live generation runs or waits, and the batch requests
+held beyond its rows wait in the engine, tokenized, to start as rows end. A request taken by
 a worker that then dies is not redelivered: its caller's gateway sees the reply
 channel go silent and answers a clean 503 (`worker_lost`), billed for nothing
 it did not report.
@@ -88,7 +91,10 @@ class Intake:
         self.batch_key = batch_queue(queue).encode()
         self.capacity = max(1, capacity)
         #: Batch requests held at once (never more than the capacity).
-        idle = self.capacity // 2 if batch_capacity is None else batch_capacity
+        # Unset: three quarters of the capacity (48 of 64: the engine's 32 rows and the
+        # next cohort, tokenized and waiting in the engine to start the moment rows end),
+        # leaving the rest for live requests.
+        idle = self.capacity - self.capacity // 4 if batch_capacity is None else batch_capacity
         self._batch_room = _BatchRoom(min(self.capacity, max(0, idle)), max(0, batch_capacity_busy))
         self._engine = engine
         self._before_first = before_first

@@ -50,9 +50,17 @@ from gpuworkers.inference.prepare import Tokenizers, prepare
 from gpuworkers.outbox_process import ProcessOutbox
 from gpuworkers.replies import Outbox, OutboxOptions, RedisChannel, ReplyChannel
 from gpuworkers.usage_spool import UsageSpool
-from jobcontracts.inference import DONE, ERROR, START, InferenceRequest
+from jobcontracts.inference import BATCH_REQUEST_PREFIX, DONE, ERROR, START, InferenceRequest
 
 log = logging.getLogger(__name__)
+
+#: How long after its last live (not Batch API) generation the engine counts as busy.
+BATCH_QUIET_SECONDS = 0.5
+#: Batch API rows decoding at once while busy. They never share a forward with live
+#: rows (one more row makes every step of a small model a fifth slower): they step
+#: only when no live generation runs or waits, so this bounds how long a live
+#: request arriving then can wait (one step or prefill of these few rows).
+BATCH_ROWS_BUSY = 4
 
 NEW, FETCHING, FETCHED, LOADING, READY, FAILED_LOAD = (
     "new",
@@ -80,6 +88,8 @@ class Slot:
     estimate: int = 0
     loaded: models.Loaded | None = None
     batch: DecodeBatch | None = None
+    #: Batch API rows (`_is_batch`), decoded apart from the live ones in `batch`.
+    lane: DecodeBatch | None = None
     pending: deque[Job] = field(default_factory=deque)
     #: Jobs that started (replied `start`) and have not ended.
     active: set[Job] = field(default_factory=set)
@@ -119,6 +129,10 @@ def outbox_for(channel: ReplyChannel, settings: Settings) -> Outbox | ProcessOut
 class Engine:
     def __init__(self, settings: Settings, channel: ReplyChannel, *, start: bool = True) -> None:
         self.settings = settings
+        #: When a live generation was last waiting or running, and whether one is now
+        #: (on any model): the batch lane steps only when none is (see `_serve`).
+        self._live_at = 0.0
+        self._live_now = False
         self.outbox = outbox_for(channel, settings)
         self.tokenizers = Tokenizers(settings)
         self.device = models.pick_device(settings)
@@ -272,6 +286,14 @@ class Engine:
         worked = False
         wake_in: float | None = None
         now = time.time()
+        self._live_now = any(
+            (slot.batch is not None and len(slot.batch) > 0)
+            or any(j.generating and not _is_batch(j) and self._ready(slot, j) for j in slot.pending)
+            for slot in self._slots.values()
+            if slot.state == READY
+        )
+        if self._live_now:
+            self._live_at = time.monotonic()
         for slot in list(self._slots.values()):
             self._expire(slot, now)
             if slot.state != READY:
@@ -367,7 +389,9 @@ class Engine:
                     self._load_failed(slot, error)
                     continue
                 slot.loaded, slot.state, slot.future = loaded, READY, None
-                slot.batch = DecodeBatch(loaded, self.outbox) if slot.key.kind == "causal" else None
+                causal = slot.key.kind == "causal"
+                slot.batch = DecodeBatch(loaded, self.outbox) if causal else None
+                slot.lane = DecodeBatch(loaded, self.outbox) if causal else None
                 self.stats.loads[slot.key.uri] += 1
                 for job in slot.pending:
                     job.load_ms += loaded.load_ms
@@ -403,7 +427,7 @@ class Engine:
         self.stats.evictions.append(slot.key.uri)
         del self._slots[slot.key]
         slot.loaded = None
-        slot.batch = None
+        slot.batch = slot.lane = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -486,37 +510,62 @@ class Engine:
         wake_in: float | None = None
         if any(not j.generating for j in slot.pending):
             worked = self._encode(slot)
-        batch = slot.batch
-        if batch is None:
+        batch, lane = slot.batch, slot.lane
+        if batch is None or lane is None:
             return worked, wake_in
-        settings = self.settings
         ready = [j for j in slot.pending if j.generating and self._ready(slot, j)]
-        room = settings.max_batch - len(batch)
-        if ready and room > 0 and (batch.joinable or not len(batch)):
-            rows = sum(j.rows_left for j in ready)
-            age = time.monotonic() - min(j.received for j in ready)
-            if not len(batch):
-                wait_s = settings.batch_wait_ms / 1000
-                if incoming > 0 and rows < settings.max_batch and age < wait_s:
-                    wake_in = wait_s - age  # more are being tokenized: start them together
-                else:
-                    self._admit(slot, batch, ready, room)
-                    worked = True
-            elif (
-                # Joining a running batch costs a prefill forward (and a copy of the
-                # cache): gather arrivals for a few ms, unless enough are waiting.
-                age >= settings.join_wait_ms / 1000
-                or rows >= room
-                or rows >= max(1, len(batch) // 4)
-            ):
-                self._admit(slot, batch, ready, room)
-                worked = True
+        live = [j for j in ready if not _is_batch(j)]
+        did, wait = self._join(slot, batch, live, self.settings.max_batch - len(batch), incoming)
+        worked = worked or did
         if len(batch):
-            self.stats.steps += 1
-            self.stats.peak_rows = max(self.stats.peak_rows, len(batch))
-            self._finished(slot, batch, batch.step())
+            self._step(slot, batch)
+            return True, wait
+        if live or self._live_now:  # live work waits here or runs on another model
+            return worked, wait
+        now = time.monotonic()
+        # No live generation runs or waits: the batch lane's turn, a step at a time (the
+        # next iteration looks for live arrivals first). While live traffic ran in the
+        # last BATCH_QUIET_SECONDS, only a few lane rows: their forwards are short.
+        quiet_in = self._live_at + BATCH_QUIET_SECONDS - now
+        limit = self.settings.max_batch if quiet_in <= 0 else BATCH_ROWS_BUSY
+        queued = [j for j in ready if _is_batch(j)]
+        did, lane_wait = self._join(slot, lane, queued, limit - len(lane), incoming)
+        worked = worked or did
+        if queued and quiet_in > 0:  # held back: look again once quiet
+            lane_wait = quiet_in if lane_wait is None else min(lane_wait, quiet_in)
+        if len(lane):
+            self._step(slot, lane)
             worked = True
-        return worked, wake_in
+        waits = [w for w in (wait, lane_wait) if w is not None]
+        return worked, min(waits) if waits else None
+
+    def _join(
+        self, slot: Slot, batch: DecodeBatch, ready: list[Job], room: int, incoming: int
+    ) -> tuple[bool, float | None]:
+        """Admit `ready` jobs into `batch` (a prefill) if it is time; whether it did, and
+        when to look again if it waits for more."""
+        settings = self.settings
+        if not ready or room <= 0 or not (batch.joinable or not len(batch)):
+            return False, None
+        rows = sum(j.rows_left for j in ready)
+        age = time.monotonic() - min(j.received for j in ready)
+        if not len(batch):
+            wait_s = settings.batch_wait_ms / 1000
+            if incoming > 0 and rows < settings.max_batch and age < wait_s:
+                return False, wait_s - age  # more are being tokenized: start them together
+        elif not (
+            # Joining a running batch costs a prefill forward (and a copy of the
+            # cache): gather arrivals for a few ms, unless enough are waiting.
+            age >= settings.join_wait_ms / 1000 or rows >= room or rows >= max(1, len(batch) // 4)
+        ):
+            return False, None
+        self._admit(slot, batch, ready, room)
+        return True, None
+
+    def _step(self, slot: Slot, batch: DecodeBatch) -> None:
+        self.stats.steps += 1
+        self.stats.peak_rows = max(self.stats.peak_rows, len(batch))
+        self._finished(slot, batch, batch.step())
 
     def _admit(self, slot: Slot, batch: DecodeBatch, ready: list[Job], room: int) -> None:
         chosen: list[Job] = []
@@ -638,9 +687,10 @@ class Engine:
     def _crash(self, slot: Slot, error: BaseException) -> None:
         """A forward failed: every request running on this model fails, billed for what
         it produced; the model stays loaded for the next ones."""
-        if slot.batch is not None:
-            for row in slot.batch.fail_all():
-                row.job.completion_tokens += len(row.tokens)
+        for decoding in (slot.batch, slot.lane):
+            if decoding is not None:
+                for row in decoding.fail_all():
+                    row.job.completion_tokens += len(row.tokens)
         oom = isinstance(error, torch.OutOfMemoryError)
         failure = (
             ModelError(503, "out_of_memory", "the worker ran out of memory: retry with less")
@@ -657,15 +707,20 @@ class Engine:
     def _fail_everything(self) -> None:
         failure = ModelError(500, "inference_failed", "the inference engine failed")
         for slot in list(self._slots.values()):
-            if slot.batch is not None:
-                for row in slot.batch.fail_all():
-                    row.job.completion_tokens += len(row.tokens)
+            for decoding in (slot.batch, slot.lane):
+                if decoding is not None:
+                    for row in decoding.fail_all():
+                        row.job.completion_tokens += len(row.tokens)
             for job in list(slot.active):
                 self._fail_started(slot, job, failure)
             for job in [j for j in slot.pending if j.started is None]:
                 self._error(job.request_id, failure)
                 self._end(slot, job, REFUSED, None, started=False)
             slot.pending.clear()
+
+
+def _is_batch(job: Job) -> bool:
+    return job.request_id.startswith(BATCH_REQUEST_PREFIX)
 
 
 __all__ = ["BASE", "Engine", "Settings", "Stats"]
