@@ -4,7 +4,8 @@
     .venv/bin/python bench/train.py --quick     # ~45 s: one round of a 6-step job
     .venv/bin/python bench/train.py --help      # model size, rows, batch, adapter, threads…
     .venv/bin/python bench/train.py --peer trl  # ~2.5 min: against TRL's SFTTrainer instead
-                                                # (pip install -e '.[bench]' -c deploy/constraints-cpu.txt)
+                                                # (pip install -e '.[bench]'
+                                                #  -c deploy/constraints-cpu.txt)
 
 The same model, rows and hyperparameters are trained both ways, in one run:
 
@@ -331,22 +332,27 @@ def bare_child(config_path: str) -> int:
     """The bare baseline: a process of its own that, like a running GPU worker, imports
     once, warms up on a small run, then does one whole run (load, tokenize, train) each
     time it reads `run` on stdin, answering one JSON line on stdout."""
+    return child(config_path, bare_run, ("peft", "torch", "transformers"))
+
+
+def child(config_path: str, run: Any, modules: tuple[str, ...]) -> int:
+    """A side's process: imports `modules` (timed), warms up with `run` on the small
+    file, then one whole `run` per `run` line on stdin, one JSON line each on stdout."""
+    import importlib
+
     out = sys.stdout
     sys.stdout = sys.stderr  # whatever the libraries print stays off the answers
     cfg = json.loads(Path(config_path).read_text())
     begun = time.perf_counter()
-    # Imported here to time them; bare_run imports what it uses by name.
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
+    for name in modules:  # imported here to time them; `run` imports what it uses by name
+        importlib.import_module(name)
     imported = time.perf_counter() - begun
-    warmup = bare_run(cfg, cfg["warmup_path"], 1)
+    warmup = run(cfg, cfg["warmup_path"], 1)
     print(json.dumps({"ready": True, "import_s": imported, "warmup": warmup}), file=out, flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        print(json.dumps(bare_run(cfg, cfg["data_path"], cfg["n_epochs"])), file=out, flush=True)
+        print(json.dumps(run(cfg, cfg["data_path"], cfg["n_epochs"])), file=out, flush=True)
     return 0
 
 
@@ -491,23 +497,7 @@ def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) 
 def trl_child(config_path: str) -> int:
     """The peer: TRL's `SFTTrainer` in a process of its own, started like the bare loop
     (imports once, warms up on a small run, one whole run per `run` line on stdin)."""
-    out = sys.stdout
-    sys.stdout = sys.stderr
-    cfg = json.loads(Path(config_path).read_text())
-    begun = time.perf_counter()
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
-
-    imported = time.perf_counter() - begun
-    warmup = trl_run(cfg, cfg["warmup_path"], 1)
-    print(json.dumps({"ready": True, "import_s": imported, "warmup": warmup}), file=out, flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        print(json.dumps(trl_run(cfg, cfg["data_path"], cfg["n_epochs"])), file=out, flush=True)
-    return 0
+    return child(config_path, trl_run, ("peft", "torch", "transformers", "trl"))
 
 
 def trl_run(cfg: dict[str, Any], data_path: str, n_epochs: int) -> dict[str, Any]:
