@@ -3,6 +3,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# axe-core for the browser tests' accessibility checks: from the npm registry, pinned and
+# checked, kept out of git (tests/browser/.axe/ is ignored).
+AXE_VERSION := 4.14.1
+AXE_SHA256  := 29348999450cdf2849a8e70b7912fc2da85a849da39c0d0d5394f51d4a9ed95c
+AXE         := tests/browser/.axe/axe.min.js
 PORT   ?= 8000
 export PORT
 
@@ -44,8 +49,11 @@ test: install
 	@$(BIN)/python tests/preflight.py
 	$(BIN)/pytest
 
+$(AXE):
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent axe-core@$(AXE_VERSION) >/dev/null && tar xzf axe-core-$(AXE_VERSION).tgz package/axe.min.js package/LICENSE && echo "$(AXE_SHA256)  package/axe.min.js" | sha256sum -c --quiet && cd $(CURDIR) && mkdir -p $(dir $(AXE)) && cp $$tmp/package/LICENSE $(dir $(AXE))LICENSE && mv $$tmp/package/axe.min.js $(AXE) && rm -rf $$tmp
+
 ## make browser-test: Playwright drives Debian's headless chromium through the admin, on real processes (kept out of `make test` for time); screenshots in tests/browser/artifacts/
-browser-test: install
+browser-test: install $(AXE)
 	@test -x /usr/bin/chromium || { echo "make browser-test: /usr/bin/chromium is missing; install Debian's: apt-get install -y chromium" >&2; exit 1; }
 	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install -q -c deploy/constraints-cpu.txt -e '.[browser]'
 	@$(BIN)/python tests/preflight.py

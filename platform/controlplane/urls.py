@@ -14,6 +14,7 @@ from controlplane.engagements import apis as engagements
 from controlplane.inference import deployment_apis as deployments
 from controlplane.jobs import apis as jobs
 from controlplane.modelregistry import apis as models
+from controlplane.notifications import apis as webhooks
 from controlplane.serving import schema as inference
 from controlplane.tenancy import apis as tenancy
 
@@ -61,6 +62,20 @@ v1 = [
     path("v1/batches", batches.BatchListCreateApi.as_view(), name="batches"),
     path("v1/batches/<str:batch_id>", batches.BatchDetailApi.as_view(), name="batch-detail"),
     path("v1/batches/<str:batch_id>/cancel", batches.BatchCancelApi.as_view(), name="batch-cancel"),
+    path("v1/webhooks", webhooks.WebhookListCreateApi.as_view(), name="webhooks"),
+    path(
+        "v1/webhooks/<str:webhook_id>", webhooks.WebhookDetailApi.as_view(), name="webhook-detail"
+    ),
+    path(
+        "v1/webhooks/<str:webhook_id>/rotate_secret",
+        webhooks.WebhookRotateSecretApi.as_view(),
+        name="webhook-rotate-secret",
+    ),
+    path(
+        "v1/webhooks/<str:webhook_id>/deliveries",
+        webhooks.WebhookDeliveryListApi.as_view(),
+        name="webhook-deliveries",
+    ),
     path("v1/files", datasets.FileListCreateApi.as_view(), name="files"),
     path("v1/files/<str:file_id>", datasets.FileDetailApi.as_view(), name="file-detail"),
     path("v1/files/<str:file_id>/content", datasets.FileContentApi.as_view(), name="file-content"),
@@ -219,5 +234,6 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("admin/", admin.site.urls),
+    path("console/", include("controlplane.console.urls")),
     *v1,
 ]

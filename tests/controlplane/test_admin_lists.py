@@ -456,6 +456,11 @@ def _batch(w: World, i: int) -> None:
     _auto(_get_model("batches.Batch"), w, organization=w.org, total=i, completed=i)
 
 
+def _webhook_delivery(w: World, i: int) -> None:
+    # Each row with its own webhook and event: the list shows both.
+    _auto(_get_model("notifications.WebhookDelivery"), w, organization=w.org, attempt=1)
+
+
 def _engagement(w: World, i: int) -> None:
     _auto(_get_model("engagements.Engagement"), w, organization=w.org, owner=w.staff)
 
@@ -506,6 +511,13 @@ FACTORIES: dict[str, Callable[[World, int], Any]] = {
     "limits.BudgetAlert": _budget_alert,
     "jobs.Job": _job,
     "batches.Batch": _batch,
+    "notifications.Webhook": lambda w, i: _auto(
+        _get_model("notifications.Webhook"), w, organization=w.org
+    ),
+    "notifications.WebhookEvent": lambda w, i: _auto(
+        _get_model("notifications.WebhookEvent"), w, organization=w.org
+    ),
+    "notifications.WebhookDelivery": _webhook_delivery,
     "engagements.Engagement": _engagement,
     "engagements.Milestone": _engagement_child("engagements.Milestone"),
     "engagements.EngagementEvent": _engagement_child("engagements.EngagementEvent"),

@@ -124,6 +124,17 @@ def make_batch(person: Person) -> str:
     ).pk
 
 
+def make_webhook(person: Person) -> str:
+    from controlplane.notifications.services import webhook_create
+
+    return webhook_create(
+        organization=person.organization,
+        url="https://93.184.216.34/hook",
+        events=["*"],
+        actor=SYSTEM,
+    ).pk
+
+
 def make_upload(person: Person) -> str:
     from controlplane.datasets import services as dataset_services
 
@@ -332,6 +343,11 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/v1/files/{id}/validate", make_processed_file, ("POST",), {"model": "test-base"}),
     Endpoint("/v1/batches/{id}", make_batch, ("GET",)),
     Endpoint("/v1/batches/{id}/cancel", make_batch, ("POST",)),
+    Endpoint(
+        "/v1/webhooks/{id}", make_webhook, ("GET", "POST", "PATCH", "DELETE"), {"enabled": False}
+    ),
+    Endpoint("/v1/webhooks/{id}/rotate_secret", make_webhook, ("POST",)),
+    Endpoint("/v1/webhooks/{id}/deliveries", make_webhook, ("GET",)),
     Endpoint("/v1/uploads/{id}", make_upload, ("GET",)),
     Endpoint("/v1/uploads/{id}/parts", make_upload, ("POST",)),
     Endpoint("/v1/uploads/{id}/complete", make_upload, ("POST",), {"part_ids": ["part_x"]}),

@@ -18,11 +18,18 @@ from controlplane.datasets.requests_format import BATCH_URLS
 from controlplane.tenancy.models import Organization
 
 from .models import COMPLETION_WINDOWS, FINISHED, Batch, BatchLine, BatchStatus, LineStatus
+from .signals import batch_finished
 
 log = structlog.get_logger(__name__)
 
 #: OpenAI's purpose for the files a batch writes.
 OUTPUT_PURPOSE = "batch_output"
+
+
+def _finished(batch_id: str, organization_id: str, status: str) -> None:
+    batch_finished.send(
+        sender=Batch, batch_id=batch_id, organization_id=organization_id, status=status
+    )
 
 
 def _schedule(batch: Batch) -> None:
@@ -103,17 +110,21 @@ def batch_cancel(*, batch: Batch) -> Batch:
 
 
 def batch_fail(*, batch: Batch, code: str, message: str, line: int | None = None) -> None:
-    Batch.objects.for_organization(batch.organization_id).filter(
-        pk=batch.pk, status=BatchStatus.VALIDATING
-    ).update(
-        status=BatchStatus.FAILED,
-        failed_at=timezone.now(),
-        errors={
-            "object": "list",
-            "data": [{"code": code, "message": message, "param": None, "line": line}],
-        },
+    failed = (
+        Batch.objects.for_organization(batch.organization_id)
+        .filter(pk=batch.pk, status=BatchStatus.VALIDATING)
+        .update(
+            status=BatchStatus.FAILED,
+            failed_at=timezone.now(),
+            errors={
+                "object": "list",
+                "data": [{"code": code, "message": message, "param": None, "line": line}],
+            },
+        )
     )
     log.info("batches.failed", batch_id=batch.pk, code=code)
+    if failed:
+        _finished(batch.pk, batch.organization_id, BatchStatus.FAILED)
 
 
 def batch_expire_unstarted(*, batch_id: str, organization_id: str) -> bool:
@@ -128,6 +139,7 @@ def batch_expire_unstarted(*, batch_id: str, organization_id: str) -> bool:
     )
     if expired:
         log.info("batches.expired_unstarted", batch_id=batch_id)
+        _finished(batch_id, organization_id, BatchStatus.EXPIRED)
     return bool(expired)
 
 
@@ -285,6 +297,7 @@ def batch_finalize(*, batch: Batch, ending: str) -> None:
         locked.completed = lines.filter(status=LineStatus.SUCCEEDED).count()
         locked.failed = lines.filter(status=LineStatus.FAILED).count()
         locked.save()
+        _finished(locked.pk, locked.organization_id, ending)
     log.info(
         "batches.finished",
         batch_id=batch.pk,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 from django.db import transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -26,6 +26,7 @@ from controlplane.tenancy.models import Organization
 from .credits import credit_balance
 from .models import Invoice, InvoiceLine, InvoiceStatus, Plan, PlanAssignment
 from .rating import Line, month_bounds, rate_period, usage_lines_all
+from .signals import invoice_status_changed
 
 log = structlog.get_logger(__name__)
 
@@ -103,23 +104,29 @@ def invoice_status_advance(
 
     Why: the push (payments.services.invoice_push, then this module's wrapper)
     and Stripe's `invoice.paid` webhook write the same row from different
-    processes, in no fixed order. Each write is one conditional UPDATE (`status
-    = CASE WHEN status IN (<earlier>) THEN <new> ELSE status END`), so they
-    serialise on the row and a late `open` cannot undo a `paid`. Also stores
-    the Stripe invoice id (when given) and `pushed_at` (when `pushed`, only if
-    unset). Returns the status stored afterwards ('' if there is no such
-    invoice in the organization). Blocking (one UPDATE, one SELECT).
+    processes, in no fixed order. Each move is one conditional UPDATE (`WHERE
+    status IN (<earlier>)`), so they serialise on the row, a late `open` cannot
+    undo a `paid`, and the one write that moved it sends `invoice_status_changed`.
+    Also stores the Stripe invoice id (when given) and `pushed_at` (when `pushed`,
+    only if unset). Returns the status stored afterwards ('' if there is no such
+    invoice in the organization). Blocking (one or two UPDATEs, one SELECT).
     """
     earlier = [s for s, rank in _STATUS_RANK.items() if rank < _STATUS_RANK[InvoiceStatus(status)]]
-    updates: dict[str, Any] = {
-        "status": Case(When(status__in=earlier, then=Value(status)), default=F("status"))
-    }
+    updates: dict[str, Any] = {}
     if stripe_invoice_id:
         updates["stripe_invoice_id"] = stripe_invoice_id
     if pushed:
         updates["pushed_at"] = Coalesce(F("pushed_at"), Value(timezone.now()))
     rows = Invoice.objects.for_organization(organization).filter(pk=invoice_id)
-    rows.update(**updates)
+    # The status moves only where it is still earlier (re-checked on the locked row, so of
+    # two racing writers one moves it and announces it); the other fields in any case.
+    if rows.filter(status__in=earlier).update(status=status, **updates):
+        org_id = organization if isinstance(organization, str) else organization.pk
+        invoice_status_changed.send(
+            sender=Invoice, organization_id=org_id, invoice_id=invoice_id, status=status
+        )
+    elif updates:
+        rows.update(**updates)
     return rows.values_list("status", flat=True).first() or ""
 
 

@@ -11,3 +11,8 @@ from django.dispatch import Signal
 #: it (a report applied twice sends it twice); sent with `job` and `model`. Inference
 #: makes the model callable, as a fine-tuned model answers as soon as its job is done.
 job_succeeded = Signal()
+
+#: A job's status changed (any writer that saves the job: services, reports, the reaper,
+#: the admin), inside the saving transaction; sent with `job`, `before` (None when it was
+#: created) and `after`. Notifications send webhooks for the terminal ones after commit.
+job_transitioned = Signal()

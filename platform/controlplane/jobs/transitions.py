@@ -12,6 +12,7 @@ from django.db import transaction
 from django.db.models.signals import post_init, post_save
 
 from .models import Job
+from .signals import job_transitioned
 
 log = structlog.get_logger("controlplane.jobs")
 
@@ -39,6 +40,7 @@ def _saved(sender: type[Job], instance: Job, created: bool, **_: Any) -> None:
         "attempt": instance.__dict__.get("attempt"),
     }
     transaction.on_commit(lambda: log.info("job.transition", **fields))
+    job_transitioned.send(sender=Job, job=instance, before=fields["from"], after=after)
 
 
 def connect() -> None:

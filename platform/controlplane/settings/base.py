@@ -11,6 +11,7 @@ from .inference import *  # noqa: F403
 from .jobs import *  # noqa: F403
 from .limits import *  # noqa: F403
 from .logging import *  # noqa: F403
+from .notifications import *  # noqa: F403
 from .observability import *  # noqa: F403
 from .payments import *  # noqa: F403
 from .security import *  # noqa: F403

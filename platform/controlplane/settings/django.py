@@ -39,6 +39,8 @@ INSTALLED_APPS = [
     "controlplane.engagements",
     "controlplane.batches",
     "controlplane.staff",
+    "controlplane.console",
+    "controlplane.notifications",
 ]
 
 MIDDLEWARE = [

@@ -23,3 +23,5 @@ if DEBUG:
     STORAGES["staticfiles"] = {  # noqa: F405
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
     }
+# Webhooks may reach receivers on this machine (http://127.0.0.1:…) while developing.
+WEBHOOK_ALLOW_PRIVATE_URLS = env.bool("WEBHOOK_ALLOW_PRIVATE_URLS", default=True)

@@ -29,6 +29,9 @@ from .base import *  # noqa: E402, F403
 DEBUG = False
 SECRET_KEY = _SECRET_KEY
 ALLOWED_HOSTS = _ALLOWED_HOSTS
+# Webhooks go to public https URLs only (SSRF guard; an operator with internal receivers
+# opts in by setting it).
+WEBHOOK_ALLOW_PRIVATE_URLS = env.bool("WEBHOOK_ALLOW_PRIVATE_URLS", default=False)
 
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
 SESSION_COOKIE_SECURE = True

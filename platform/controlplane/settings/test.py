@@ -27,3 +27,5 @@ EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 # workers send by task name, which always goes through the broker.
 CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_EAGER_PROPAGATES = True
+# The webhook tests' receivers listen on 127.0.0.1 (the SSRF tests switch this off).
+WEBHOOK_ALLOW_PRIVATE_URLS = True
