@@ -103,7 +103,7 @@ class WebhookDetailApi(WebhooksApi):
     def get(self, request: Request, webhook_id: str) -> Response:
         return Response(webhook_out(self._webhook(webhook_id)))
 
-    @extend_schema(request=InputSerializer, responses={200: dict})
+    @extend_schema(request=InputSerializer, responses={200: dict}, operation_id="update_webhook")
     def post(self, request: Request, webhook_id: str) -> Response:
         webhook = self._webhook(webhook_id)
         data = validated(self.InputSerializer, request.data)
@@ -112,7 +112,9 @@ class WebhookDetailApi(WebhooksApi):
         )
         return Response(webhook_out(webhook))
 
-    patch = post
+    @extend_schema(request=InputSerializer, responses={200: dict}, operation_id="patch_webhook")
+    def patch(self, request: Request, webhook_id: str) -> Response:
+        return self.post(request, webhook_id)
 
     @extend_schema(responses={200: dict})
     def delete(self, request: Request, webhook_id: str) -> Response:
