@@ -454,3 +454,64 @@ def test_the_asgi_layer_counts_a_hang_up_and_nothing_with_metrics_off(settings: 
     settings.METRICS_ENABLED = False  # what the benchmarks compare against
     _asgi_call(BodySizeLimit(_ok, default_limit=100), "/v1/status", body)
     assert local("atelier_http_requests_total", **status) == before + 1
+
+
+# --- the request id, followed into the worker's request and the usage record ---------
+
+
+@pytest.mark.django_db
+def test_the_callers_request_id_goes_to_the_worker_and_into_the_usage_record(
+    alice: Person,
+) -> None:
+    import dataclasses
+
+    from controlplane.core.serializers import validated_reusing
+    from controlplane.inference.models import UsageRecord
+    from controlplane.inference.usage import usage_record_batch
+    from controlplane.serving.endpoints import ENDPOINTS
+    from jobcontracts.inference import InferenceRequest, ModelRef
+    from tests.support.usage import usage_report
+
+    model = ModelRef(
+        id="atelier-tiny-llama",
+        base_name="atelier-tiny-llama",
+        base_uri="file:///models/tiny",
+        family="llama",
+        task="causal_lm",
+        context_length=256,
+    )
+    endpoint = ENDPOINTS["/v1/completions"]
+    request = endpoint.prepare(
+        validated_reusing(
+            endpoint.input_serializer, {"model": model.id, "prompt": "hi", "max_tokens": 4}
+        ),
+        organization_id=alice.organization.pk,
+        api_key_id=None,
+        model=model,
+        timeout=30,
+        trace_id="caller-id-123",
+    )
+    assert request.trace_id == "caller-id-123"
+    # What the worker reads off the list, and what an older gateway's payload gives.
+    assert InferenceRequest.from_json(request.to_json()).trace_id == "caller-id-123"
+    legacy = request.to_json()
+    del legacy["trace_id"]
+    assert InferenceRequest.from_json(legacy) == dataclasses.replace(request, trace_id="")
+
+    result = usage_record_batch(
+        [
+            usage_report(
+                request_id="cmpl-traced",
+                organization_id=alice.organization.pk,
+                trace_id="caller-id-123",
+            ),
+            usage_report(request_id="cmpl-older-worker", organization_id=alice.organization.pk),
+        ]
+    )
+    assert result.counts["applied"] == 2
+    rows = UsageRecord.objects.for_organization(alice.organization)
+    assert rows.get(request_id="cmpl-traced").trace_id == "caller-id-123"
+    assert rows.get(request_id="cmpl-older-worker").trace_id == ""
+    assert list(rows.filter(trace_id="caller-id-123").values_list("request_id", flat=True)) == [
+        "cmpl-traced"
+    ]

@@ -9,13 +9,22 @@ The metrics are defined here and incremented where the engine and the training l
 do the thing (their call sites are listed in the report of issue 15). Labels are
 bounded: `kind` is one of jobcontracts.inference.KINDS (or a job kind), `reason` one
 of REFUSAL_REASONS or `other`, `lane` live or batch; never a request, model,
-organization or job id (the usage records hold those, exactly).
+organization or job id (the usage records hold those, exactly). No metric is ever
+labelled by model: a customer's fine-tune id is theirs, and even base-model names are
+an operator's free choice; per-model numbers come from the usage records.
+
+Cheap on the hot path: nothing is counted per token. A request is counted once when
+it ends (`request_ended`), its queue wait and first token once each, a decoding step
+is one histogram observation, and the KV-cache gauge moves only when rows join or
+leave a batch. METRICS_ENABLED=0 (as the web's setting) turns all of it off and
+serves no port: what the benchmarks compare against.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Final
 
 from prometheus_client import (
@@ -32,6 +41,16 @@ from jobcontracts import queues
 from jobcontracts.inference import KINDS
 
 log = logging.getLogger(__name__)
+
+
+def _enabled(environ: Mapping[str, str]) -> bool:
+    # django-environ's reading of a bool, as the web's METRICS_ENABLED is read.
+    value = environ.get("METRICS_ENABLED", "1").strip().lower()
+    return value not in ("0", "false", "no", "off", "n", "f", "")
+
+
+#: Whether this process counts anything (METRICS_ENABLED; read once, at import).
+ENABLED: Final = _enabled(os.environ)
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 #: Default ports: a `gpu` worker's and an `inference` worker's (both may run on one host,
@@ -136,7 +155,7 @@ JOB_TOKENS_PER_SECOND = Gauge(
 JOB_ATTEMPTS = Counter(
     "atelier_job_attempts_total",
     "Job attempts that ended in this worker, by kind and outcome (succeeded, failed, "
-    "cancelled, requeued, superseded).",
+    "cancelled, paused, superseded).",
     ["kind", "outcome"],
 )
 JOB_LEASE_EXPIRIES = Counter(
@@ -162,8 +181,79 @@ def kind_label(kind: str) -> str:
     return kind if kind in KINDS else "other"
 
 
+#: Attempt outcomes (`training.control.Outcome.status`) as JOB_ATTEMPTS counts them.
+ATTEMPT_OUTCOMES: Final = {
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "paused": "paused",
+    "stale": "superseded",
+}
+
+
+def attempt_ended(kind: str, status: str) -> None:
+    if ENABLED:
+        outcome = ATTEMPT_OUTCOMES.get(status, "failed")
+        JOB_ATTEMPTS.labels(kind=kind if kind in JOB_KINDS else "other", outcome=outcome).inc()
+
+
+def lease_expired(kind: str) -> None:
+    """An attempt found the job given to a newer attempt (its lease had expired)."""
+    if ENABLED:
+        JOB_LEASE_EXPIRIES.labels(kind=kind if kind in JOB_KINDS else "other").inc()
+
+
+# The children the engine moves, looked up once (`labels()` costs a lock and a dict).
+_ENDED: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+_QUEUE_WAIT = {lane: QUEUE_WAIT.labels(lane=lane) for lane in LANES}
+_FIRST_TOKEN = {kind: TIME_TO_FIRST_TOKEN.labels(kind=kind) for kind in KINDS}
+_COLD = {kind: COLD_STARTS.labels(kind=kind) for kind in KINDS}
+KV_CACHE_BYTES = MEMORY_USED.labels(use="kv_cache")
+WEIGHTS_BYTES = MEMORY_USED.labels(use="weights")
+
+
+def request_ended(kind: str, status: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """A request that ran has ended (`status`: its usage report's): once per request."""
+    key = (kind, status)
+    children = _ENDED.get(key)
+    if children is None:
+        label = kind_label(kind)
+        outcome = status if status in OUTCOMES else "failed"
+        children = _ENDED[key] = (
+            INFERENCE_REQUESTS.labels(kind=label, outcome=outcome),
+            INFERENCE_TOKENS_IN.labels(kind=label),
+            INFERENCE_TOKENS_OUT.labels(kind=label),
+        )
+    requests, tokens_in, tokens_out = children
+    requests.inc()
+    if prompt_tokens:
+        tokens_in.inc(prompt_tokens)
+    if completion_tokens:
+        tokens_out.inc(completion_tokens)
+
+
+def queue_waited(batch: bool, seconds: float) -> None:
+    _QUEUE_WAIT["batch" if batch else "live"].observe(max(0.0, seconds))
+
+
+def first_token(kind: str, seconds: float) -> None:
+    child = _FIRST_TOKEN.get(kind)
+    if child is None:
+        child = TIME_TO_FIRST_TOKEN.labels(kind="other")
+    child.observe(max(0.0, seconds))
+
+
+def cold_start(kind: str) -> None:
+    child = _COLD.get(kind)
+    if child is None:
+        child = COLD_STARTS.labels(kind="other")
+    child.inc()
+
+
 def refusal(status: int, code: str) -> None:
     """Count one refused request: `code` is its error code (a ModelError's)."""
+    if not ENABLED:
+        return
     reason = code if code in REFUSAL_REASONS else "other"
     REFUSALS.labels(status=str(status), reason=reason).inc()
 
@@ -204,6 +294,9 @@ def serve_port(port: int, host: str | None = None) -> bool:
     never fatal: the worker works on, and Prometheus shows its target down."""
     global _server
     if not port or _server is not None:
+        return False
+    if not ENABLED:
+        log.info("metrics off (METRICS_ENABLED=0): no port served")
         return False
     addr = host or os.environ.get("METRICS_HOST", "0.0.0.0")  # noqa: S104 - scraped by IP
     try:

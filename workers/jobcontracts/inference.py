@@ -148,6 +148,10 @@ class InferenceRequest:
     sent_at: float = 0.0
     #: The gateway process's reply channel (`process_channel`); None: `reply_channel(id)`.
     reply_to: str | None = None
+    #: The caller's `x-request-id` (or the one the gateway made): it follows the request
+    #: into the worker's log line and the usage record. A Batch API line: its batch's id
+    #: and custom_id. Empty from callers that send none (older gateways, tests).
+    trace_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,6 +221,8 @@ class UsageReport:
     status: str
     latency_ms: float
     at: float
+    #: The request's `trace_id` (the caller's x-request-id); "" from older workers.
+    trace_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

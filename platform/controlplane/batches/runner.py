@@ -82,6 +82,20 @@ class _Result:
         return self.response is not None and self.response.get("status_code") == 200
 
 
+def _trace_id(batch: Batch, line: BatchLine) -> str:
+    """A line's trace id, as the worker logs it: `<batch id>:<custom_id>`, what its caller
+    knows the line by (the request id names only the line's row and attempt). A custom_id
+    a log line should not carry (free text, past 128 characters) leaves the batch's id."""
+    custom = line.custom_id
+    if (
+        custom
+        and len(custom) <= 128
+        and all(c.isascii() and (c.isalnum() or c in "._:-") for c in custom)
+    ):
+        return f"{batch.pk}:{custom}"
+    return str(batch.pk)
+
+
 def _advisory_key(batch_id: str) -> int:
     return int.from_bytes(batch_id.encode()[-8:].rjust(8, b"\0"), "big") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -154,7 +168,7 @@ class Runner:
             return _Result(
                 line.pk, rid, {"status_code": status, "request_id": rid, "body": body}, None
             )
-        request = dataclasses.replace(request, request_id=rid)
+        request = dataclasses.replace(request, request_id=rid, trace_id=_trace_id(self.batch, line))
         return _Sent(line.pk, endpoint, request, data, request.deadline + 5)
 
     # --- the loop ------------------------------------------------------------------

@@ -98,6 +98,9 @@ class UsageRecord(OrganizationOwned):
     )
     #: The gateway's id of the request: the idempotency key of its usage report.
     request_id = models.CharField(max_length=200, unique=True)
+    #: The caller's `x-request-id` (the web's log lines carry it as `request_id`; the
+    #: worker's `inference.request` line as `trace_id`): "" from older workers.
+    trace_id = models.CharField(max_length=200, blank=True, default="", db_index=True)
     #: None when no API key made the request (as reported): not the same as an empty id.
     api_key_id = models.CharField(max_length=40, null=True, blank=True)  # noqa: DJ001
     model = models.CharField(max_length=300)

@@ -139,6 +139,7 @@ def _row(report: UsageReport) -> UsageRecord:
     return UsageRecord(
         organization_id=report.organization_id,
         request_id=report.request_id,
+        trace_id=report.trace_id[:200] if isinstance(report.trace_id, str) else "",
         api_key_id=report.api_key_id or None,
         model=report.model,
         kind=report.kind,

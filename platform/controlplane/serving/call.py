@@ -131,7 +131,10 @@ class Call:
             model=model,
             timeout=timeout,
             reply_to=(await hub()).channel,
+            trace_id=self.request_id,
         )
+        # The web's line names the worker's id too (the usage record's `request_id`).
+        structlog.contextvars.bind_contextvars(inference_request_id=inference.request_id)
         admitted = await admission.aadmit(inference, principal.organization)
         self.extra_headers = admitted.headers()
         subscription = Subscription(

@@ -123,7 +123,10 @@ class Endpoint:
         model: ModelRef,
         timeout: float,
         reply_to: str | None = None,
+        trace_id: str = "",
     ) -> InferenceRequest:
+        """The worker's request. `trace_id`: the caller's x-request-id, which follows
+        it into the worker's log line and its usage record."""
         extra = cls.fields(data)
         if cls.sampled:
             extra["params"] = inputs.params_from(data, context_length=model.context_length)
@@ -135,6 +138,7 @@ class Endpoint:
             model=model,
             timeout=timeout,
             reply_to=reply_to,
+            trace_id=trace_id,
             **extra,
         )
 

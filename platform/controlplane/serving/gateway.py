@@ -173,6 +173,7 @@ def build(
     stream: bool = False,
     timeout: float,
     reply_to: str | None = None,
+    trace_id: str = "",
 ) -> InferenceRequest:
     if params.max_tokens >= model.context_length and kind in ("chat", "completion"):
         raise ApiError(
@@ -195,6 +196,7 @@ def build(
         deadline=now + timeout,
         sent_at=now,
         reply_to=reply_to,
+        trace_id=trace_id,
     )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from gpuworkers import safeload, storage
+from gpuworkers import metrics, safeload, storage
 from gpuworkers.compression import measure
 from gpuworkers.compression.context import Cancelled, CompressionError, Work
 from gpuworkers.training import formats
@@ -165,6 +165,7 @@ def run_compression(
         return Outcome("cancelled", progress.step)
     except StaleAttempt:
         sender.close()
+        metrics.lease_expired("compression")
         log.info("compression.stale_attempt", extra={"job_id": spec.job_id})
         return Outcome("stale", progress.step)
     except CompressionError as error:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from gpuworkers import retrieval, safeload, storage
 from gpuworkers.compression import measure, quantized
+from gpuworkers.metrics import lease_expired
 from gpuworkers.training import data, modeling, objectives
 from gpuworkers.training.control import (
     Heartbeat,
@@ -162,6 +163,7 @@ def run_evaluation(
         return Outcome("cancelled", step)
     except StaleAttempt:
         sender.close()
+        lease_expired("evaluation")
         return Outcome("stale", step)
     except TrainingError as error:
         sender.send(

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gpuworkers import metrics
 from gpuworkers.inference.jobs import Job
 from gpuworkers.inference.models import Loaded
 from gpuworkers.inference.sampling import Logprobs, Plan, Random, choose, plan, row_seed
@@ -87,6 +88,10 @@ class DecodeBatch:
         #: Whether a prefilled cache can join the running one (full-attention layers).
         self.joinable = True
         self._token_text: dict[int, str] = {}
+        #: What this batch's cache adds to the KV-cache gauge, and the bytes one row's
+        #: column takes in it (every layer's keys and values), read from the first cache.
+        self._kv_bytes = 0
+        self._column_bytes = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -284,6 +289,7 @@ class DecodeBatch:
         if not self.rows:
             self.rows, self.cache, self.mask = rows, cache, mask
             self.positions, self.next_tokens = positions, tokens
+            self._account()
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
@@ -295,6 +301,7 @@ class DecodeBatch:
         self.positions = torch.cat([self.positions, positions])
         self.next_tokens = torch.cat([self.next_tokens, tokens])
         self.rows = self.rows + rows
+        self._account()
 
     def _remove(self, indices: list[int]) -> None:
         self._plan = None
@@ -318,6 +325,7 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys = layer.keys[..., first:, :]
                 layer.values = layer.values[..., first:, :]
+        self._account()
 
     def _reset(self) -> None:
         self.cache = None
@@ -325,6 +333,25 @@ class DecodeBatch:
         self.mask = self.mask[:0, :0]
         self.positions = self.positions[:0]
         self.next_tokens = self.next_tokens[:0]
+        self._account()
+
+    def _account(self) -> None:
+        """Move the KV-cache gauge to what this batch's cache holds now: rows x columns
+        x a column's bytes. Called when rows join or leave (never per step: the columns
+        a step adds show at the next change)."""
+        if not metrics.ENABLED:
+            return
+        if not self._column_bytes and self.cache is not None:
+            self._column_bytes = sum(
+                (layer.keys[0, ..., :1, :].numel() + layer.values[0, ..., :1, :].numel())
+                * layer.keys.element_size()
+                for layer in self.cache.layers
+                if getattr(layer, "keys", None) is not None and layer.keys.numel()
+            )
+        held = len(self.rows) * int(self.mask.shape[1]) * self._column_bytes if self.rows else 0
+        if held != self._kv_bytes:
+            metrics.KV_CACHE_BYTES.inc(held - self._kv_bytes)
+            self._kv_bytes = held
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -7,9 +7,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gpuworkers import metrics
 from gpuworkers.inference.models import ModelKey, adapter_name
 from gpuworkers.inference.prepare import Prepared
-from jobcontracts.inference import CANCELLED, InferenceRequest, UsageReport
+from jobcontracts.inference import (
+    BATCH_REQUEST_PREFIX,
+    CANCELLED,
+    InferenceRequest,
+    UsageReport,
+)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -78,7 +84,11 @@ class Job:
         self.received = time.monotonic()
         self.received_at = time.time()
         self.started: float | None = None
+        #: When its first token (or its result) was ready (monotonic), for its log line.
+        self.first_at: float | None = None
         self.load_ms = 0.0
+        #: Counted as a cold start already (its model, or its adapter, had to load).
+        self.cold = False
         params = request.params
         self.n = max(1, params.n) if request.kind in ("chat", "completion") else 1
         self.rows_left = len(prepared.prompts) * self.n
@@ -100,14 +110,36 @@ class Job:
     def start_data(self) -> dict[str, Any]:
         now = time.monotonic()
         self.started = now
+        queue_ms = (now - self.received) * 1000 - self.load_ms
         data: dict[str, Any] = {
-            "queue_ms": round((now - self.received) * 1000 - self.load_ms, 3),
+            "queue_ms": round(queue_ms, 3),
             "load_ms": round(self.load_ms, 3),
         }
+        broker_ms = 0.0
         if self.request.sent_at:
             # Across hosts this includes clock skew; on one host it is the broker's delay.
-            data["broker_ms"] = round((self.received_at - self.request.sent_at) * 1000, 3)
+            broker_ms = (self.received_at - self.request.sent_at) * 1000
+            data["broker_ms"] = round(broker_ms, 3)
+        if metrics.ENABLED:
+            # From the gateway's send to the start here, the model's loading left out (as
+            # the gateway's x-atelier-queue-ms): the lane says whose wait it was.
+            batch = self.request_id.startswith(BATCH_REQUEST_PREFIX)
+            metrics.queue_waited(batch, (max(0.0, broker_ms) + queue_ms) / 1000)
         return data
+
+    def first(self, now: float) -> None:
+        """Its first token (or its result) is ready: time to first token, once."""
+        if self.first_at is None:
+            self.first_at = now
+            if metrics.ENABLED:
+                metrics.first_token(self.request.kind, now - self.received)
+
+    def cold_start(self) -> None:
+        """It waits for its model or adapter to load: counted once, whichever it was."""
+        if not self.cold:
+            self.cold = True
+            if metrics.ENABLED:
+                metrics.cold_start(self.request.kind)
 
     def usage(self, status: str) -> UsageReport:
         request = self.request
@@ -123,6 +155,7 @@ class Job:
             status=status,
             latency_ms=round(max(0.0, time.time() - since) * 1000, 3),
             at=time.time(),
+            trace_id=request.trace_id,
         )
 
     def usage_data(self) -> dict[str, int]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from gpuworkers import metrics
 from gpuworkers.inference import models
 from gpuworkers.inference.config import Settings
 from gpuworkers.inference.decode import DecodeBatch, Row
@@ -138,6 +139,8 @@ class Engine:
         self.device = models.pick_device(settings)
         self.dtype = models.pick_dtype(settings, self.device)
         self.budget = models.memory_budget(settings, self.device)
+        if metrics.ENABLED:
+            metrics.MEMORY_BUDGET.set(self.budget)
         self.stats = Stats()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -195,6 +198,8 @@ class Engine:
                 for job in overloaded:
                     self.outbox.unwatch(job.request_id)
                     self._error(job.request_id, error)
+                    metrics.refusal(error.status, error.code)
+                    _log_request(job.request, OVERLOADED, None, job)
                     job.ticket.resolve(OVERLOADED)
         return [ticket for ticket, _ in taken]
 
@@ -214,6 +219,9 @@ class Engine:
                 log.exception("inference.prepare_failed", extra={"request_id": request.request_id})
                 error = ModelError(500, "inference_failed", f"inference failed: {error}")
             self._error(request.request_id, error)
+            if error.status in (429, 503):  # a missing model; bad input is no refusal
+                metrics.refusal(error.status, error.code)
+            _log_request(request, REFUSED, None, code=error.code)
             ticket.resolve(REFUSED)
             return ticket, None
         self.outbox.watch(request.request_id)
@@ -395,10 +403,24 @@ class Engine:
                 self.stats.loads[slot.key.uri] += 1
                 for job in slot.pending:
                     job.load_ms += loaded.load_ms
+                    job.cold_start()
+                if metrics.ENABLED:
+                    metrics.MODEL_LOADS.labels(outcome="ok").inc()
+                    metrics.MODEL_LOAD_SECONDS.observe(loaded.load_ms / 1000)
+                self._gauge_models()
                 log.info(
                     "inference.model_loaded",
                     extra={"model": slot.key.uri, "ms": round(loaded.load_ms, 1)},
                 )
+
+    def _gauge_models(self) -> None:
+        """Models loaded, and the memory their weights (and adapters) hold: set when a
+        model or adapter comes or goes, never per request."""
+        if not metrics.ENABLED:
+            return
+        held = [slot.loaded for slot in self._slots.values() if slot.loaded is not None]
+        metrics.MODELS_LOADED.set(len(held))
+        metrics.WEIGHTS_BYTES.set(sum(loaded.total_bytes for loaded in held))
 
     def _used(self) -> int:
         total = 0
@@ -427,7 +449,13 @@ class Engine:
         self.stats.evictions.append(slot.key.uri)
         del self._slots[slot.key]
         slot.loaded = None
+        for decoding in (slot.batch, slot.lane):
+            if decoding is not None:
+                decoding.fail_all()  # idle: empty already; its cache's bytes leave the gauge
         slot.batch = slot.lane = None
+        if metrics.ENABLED:
+            metrics.MODEL_EVICTIONS.inc()
+        self._gauge_models()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -437,8 +465,12 @@ class Engine:
         if not isinstance(error, ModelError):
             error = ModelError(500, "model_load_failed", f"the model could not be loaded: {error}")
         slot.state = FAILED_LOAD
+        if metrics.ENABLED:
+            metrics.MODEL_LOADS.labels(outcome="failed").inc()
         for job in list(slot.pending):
             self._error(job.request_id, error)
+            if error.status in (429, 503):
+                metrics.refusal(error.status, error.code)
             self._end(slot, job, REFUSED, None, started=False)
         slot.pending.clear()
         if slot.refs == 0:
@@ -448,12 +480,14 @@ class Engine:
         """Attach fetched adapters to the loaded base; fail the jobs of broken ones."""
         loaded = slot.loaded
         assert loaded is not None
+        attached = False
         for uri, adapter in slot.adapters.items():
             if adapter.state != FETCHING or adapter.future is None or not adapter.future.done():
                 continue
             started = time.perf_counter()
             try:
                 models.attach_adapter(loaded, uri, adapter.future.result())
+                attached = True
                 adapter.state = READY
                 self.stats.adapter_loads[uri] += 1
             except Exception as error:
@@ -464,20 +498,26 @@ class Engine:
             for job in slot.pending:
                 if job.adapter_uri == uri:
                     job.load_ms += took
+                    job.cold_start()
         for uri, adapter in list(slot.adapters.items()):
             if adapter.state == FAILED_LOAD and adapter.error is not None:
                 for job in [j for j in slot.pending if j.adapter_uri == uri]:
                     slot.pending.remove(job)
                     self._error(job.request_id, adapter.error)
+                    if adapter.error.status in (429, 503):
+                        metrics.refusal(adapter.error.status, adapter.error.code)
                     self._end(slot, job, REFUSED, None, started=False)
                 if slot.adapter_refs[uri] == 0:
                     del slot.adapters[uri]
-        self._trim_adapters(slot)
+        if self._trim_adapters(slot) or attached:
+            self._gauge_models()
 
-    def _trim_adapters(self, slot: Slot) -> None:
+    def _trim_adapters(self, slot: Slot) -> bool:
+        """Detach idle adapters past `max_adapters`; whether any was."""
         loaded = slot.loaded
         assert loaded is not None
         excess = len(loaded.adapters) - self.settings.max_adapters
+        detached = False
         for uri in list(loaded.adapters):  # least recently used first
             if excess <= 0:
                 break
@@ -485,6 +525,8 @@ class Engine:
                 models.detach_adapter(loaded, uri)
                 slot.adapters.pop(uri, None)
                 excess -= 1
+                detached = True
+        return detached
 
     # -- serving ----------------------------------------------------------------------
 
@@ -565,6 +607,8 @@ class Engine:
     def _step(self, slot: Slot, batch: DecodeBatch) -> None:
         self.stats.steps += 1
         self.stats.peak_rows = max(self.stats.peak_rows, len(batch))
+        if metrics.ENABLED:  # the one metric a step moves
+            metrics.BATCH_SIZE.observe(len(batch))
         self._finished(slot, batch, batch.step())
 
     def _admit(self, slot: Slot, batch: DecodeBatch, ready: list[Job], room: int) -> None:
@@ -588,7 +632,11 @@ class Engine:
             self._begin(slot, job)
         items = [(job, i) for job in chosen for i in range(len(job.prepared.prompts))]
         self.stats.prefills += 1
-        self._finished(slot, batch, batch.prefill(items))
+        finished = batch.prefill(items)
+        now = time.monotonic()
+        for job in chosen:  # every prompt of a chosen job was prefilled: its first tokens
+            job.first(now)
+        self._finished(slot, batch, finished)
         # The first tokens (time to first token) go now, not after this iteration's step.
         self.outbox.flush()
 
@@ -648,6 +696,7 @@ class Engine:
     def _encoded(self, slot: Slot, job: Job) -> None:
         loaded = slot.loaded
         assert loaded is not None
+        job.first(time.monotonic())
         stacked = torch.stack(job.outputs)
         usage = job.usage_data()
         if job.request.kind == "embedding":
@@ -674,6 +723,11 @@ class Engine:
     # -- endings ----------------------------------------------------------------------
 
     def _end(self, slot: Slot, job: Job, outcome: str, usage: Any, *, started: bool) -> None:
+        if usage is not None and metrics.ENABLED:  # ran: counted as its usage is reported
+            metrics.request_ended(
+                job.request.kind, usage.status, usage.prompt_tokens, usage.completion_tokens
+            )
+        _log_request(job.request, outcome, usage, job)
         self.outbox.unwatch(job.request_id)
         slot.active.discard(job)
         slot.refs -= 1
@@ -700,6 +754,8 @@ class Engine:
         for job in list(slot.active):
             if job in slot.pending:  # an encoding job with inputs still to go
                 slot.pending.remove(job)
+            if oom:
+                metrics.refusal(failure.status, failure.code)
             self._fail_started(slot, job, failure)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -721,6 +777,46 @@ class Engine:
 
 def _is_batch(job: Job) -> bool:
     return job.request_id.startswith(BATCH_REQUEST_PREFIX)
+
+
+def _log_request(
+    request: InferenceRequest,
+    outcome: str,
+    usage: Any,
+    job: Job | None = None,
+    *,
+    code: str | None = None,
+) -> None:
+    """The request's one line (`inference.request`): who, which model, how it ended and
+    how long it waited, never its text. Through `extra=`: the engine's thread serves
+    many requests at once, so nothing is bound to it."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {
+        "request_id": request.request_id,
+        "trace_id": request.trace_id,
+        "organization_id": request.organization_id,
+        "api_key_id": request.api_key_id,
+        "model": request.model.id,
+        "kind": request.kind,
+        "outcome": usage.status if usage is not None else outcome,
+    }
+    if code is not None:
+        fields["error_code"] = code
+    if job is None:
+        log.info("inference.request", extra=fields)
+        return
+    fields["prompt_tokens"] = job.prepared.prompt_tokens
+    fields["completion_tokens"] = job.completion_tokens
+    if job.started is not None:
+        fields["queue_ms"] = round((job.started - job.received) * 1000 - job.load_ms, 1)
+        if job.load_ms:
+            fields["load_ms"] = round(job.load_ms, 1)
+    if job.first_at is not None:
+        fields["ttft_ms"] = round((job.first_at - job.received) * 1000, 1)
+    if usage is not None:
+        fields["latency_ms"] = usage.latency_ms
+    log.info("inference.request", extra=fields)
 
 
 __all__ = ["BASE", "Engine", "Settings", "Stats"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gpuworkers import storage
+from gpuworkers import metrics, storage
 from gpuworkers.training import data, formats, modeling
 from gpuworkers.training.control import (
     Heartbeat,
@@ -89,6 +89,8 @@ def run_training(
         return _train(spec, trainer, control, sender)
     except StaleAttempt:
         sender.close()
+        if world.is_main:
+            metrics.lease_expired("fine_tuning")
         log.info("training.stale_attempt", extra={"job_id": spec.job_id, "attempt": spec.attempt})
         return _outcome("stale", trainer)
     except TrainingError as error:
@@ -103,6 +105,8 @@ def run_training(
         raise
     finally:
         heartbeat.stop()
+        if metrics.ENABLED and world.is_main:  # no attempt runs here now: no throughput
+            metrics.JOB_TOKENS_PER_SECOND.labels(kind="fine_tuning").set(0)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

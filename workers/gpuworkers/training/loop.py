@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gpuworkers import storage
+from gpuworkers import metrics, storage
 from gpuworkers.training import checkpoint, modeling, objectives
 from gpuworkers.training.control import Heartbeat, ReportSender
 from gpuworkers.training.data import BatchOrder, TokenizedSet
@@ -28,6 +28,8 @@ from jobcontracts.training import CHECKPOINT, METRICS, PROGRESS, STARTED, SUCCEE
 
 MAX_GRAD_NORM = 1.0
 PROGRESS_EVERY_SECONDS = 1.0
+#: The job kind this loop's metrics are counted under.
+JOB_KIND = "fine_tuning"
 
 
 class Trainer:
@@ -196,6 +198,8 @@ class Trainer:
             )
         self.step = step
         self.trained_tokens += int(tokens)
+        if metrics.ENABLED and self.world.is_main:  # `tokens` is every rank's: counted once
+            metrics.JOB_TOKENS.labels(kind=JOB_KIND).inc(int(tokens))
         self.metrics["train_loss"] = train_loss
         self._progress(step, train_loss, lr)
         self._after_step(step)
@@ -209,6 +213,8 @@ class Trainer:
         elapsed = max(now - self._clock, 1e-9)
         done = step - self.resumed_from
         tokens_now = self.trained_tokens - self._tokens_at_start
+        if metrics.ENABLED and self.world.is_main:
+            metrics.JOB_TOKENS_PER_SECOND.labels(kind=JOB_KIND).set(tokens_now / elapsed)
         self.sender.send(
             PROGRESS,
             {

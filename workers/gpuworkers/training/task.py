@@ -17,7 +17,7 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
-from gpuworkers import logs
+from gpuworkers import logs, metrics
 from gpuworkers.celery import app
 from gpuworkers.reporting import celery_reporter
 from gpuworkers.training.control import Outcome, Reporter, SignalReader
@@ -86,7 +86,13 @@ def run(spec_json: dict[str, Any]) -> dict[str, Any]:
         log.info(
             "training.attempt_received", extra={"job_id": spec.job_id, "attempt": spec.attempt}
         )
-        return asdict(execute(spec, reporter))
+        try:
+            outcome = execute(spec, reporter)
+        except BaseException:
+            metrics.attempt_ended("fine_tuning", "failed")
+            raise
+        metrics.attempt_ended("fine_tuning", outcome.status)
+        return asdict(outcome)
 
 
 def report_invalid_spec(
