@@ -36,7 +36,7 @@ killed between commit and acknowledgement) counts once.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final
 
 KINDS: Final = ("chat", "completion", "embedding", "classification")
@@ -99,6 +99,14 @@ def cancel_key(request_id: str) -> str:
     return f"atelier:inference:{request_id}:cancel"
 
 
+def known_fields(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the keys `cls` (a dataclass) does not have: a payload from a newer
+    gateway or worker, with a field added since, is still read by an older one (which
+    ignores what it does not know), so either side can be upgraded first."""
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
 @dataclass(frozen=True)
 class ModelRef:
     #: The public id the caller used (a base model name or `ft:…`).
@@ -158,11 +166,11 @@ class InferenceRequest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> InferenceRequest:
-        data = dict(data)
-        model = dict(data["model"])
+        data = known_fields(cls, data)
+        model = known_fields(ModelRef, data["model"])
         model["labels"] = tuple(model.get("labels") or ())
         data["model"] = ModelRef(**model)
-        params = dict(data.get("params") or {})
+        params = known_fields(Params, data.get("params") or {})
         params["stop"] = tuple(params.get("stop") or ())
         data["params"] = Params(**params)
         if data.get("messages") is not None:
@@ -229,4 +237,4 @@ class UsageReport:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UsageReport:
-        return cls(**data)
+        return cls(**known_fields(cls, data))

@@ -33,7 +33,7 @@ log = structlog.get_logger(__name__)
 def runner_lock(batch_id: str) -> Iterator[bool]:
     """Takes the batch's runner lock if it is free, for the block; yields whether it did
     (False: a runner holds the batch)."""
-    key = runner._advisory_key(batch_id)  # the runner's own key, so both always agree
+    key = runner.advisory_key(batch_id)  # the runner's own key, so both always agree
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
         taken = bool(cursor.fetchone()[0])

@@ -96,7 +96,7 @@ def _trace_id(batch: Batch, line: BatchLine) -> str:
     return str(batch.pk)
 
 
-def _advisory_key(batch_id: str) -> int:
+def advisory_key(batch_id: str) -> int:
     return int.from_bytes(batch_id.encode()[-8:].rjust(8, b"\0"), "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -439,7 +439,7 @@ def _record(results: list[_Result], now: Any) -> list[int]:
 def batch_run(*, batch_id: str, organization_id: str) -> str:
     """Run a batch to its end; safe to run twice (a second runner waits its turn)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [_advisory_key(batch_id)])
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [advisory_key(batch_id)])
         if not cursor.fetchone()[0]:
             return "busy"
     try:
@@ -475,4 +475,4 @@ def batch_run(*, batch_id: str, organization_id: str) -> str:
         return str(batch.status)
     finally:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s)", [_advisory_key(batch_id)])
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [advisory_key(batch_id)])

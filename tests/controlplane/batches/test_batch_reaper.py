@@ -63,7 +63,7 @@ def runner_elsewhere(batch_id: str) -> Iterator[None]:
     with psycopg.connect(
         host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"], autocommit=True
     ) as other:
-        other.execute("SELECT pg_advisory_lock(%s)", [runner._advisory_key(batch_id)])
+        other.execute("SELECT pg_advisory_lock(%s)", [runner.advisory_key(batch_id)])
         yield
 
 

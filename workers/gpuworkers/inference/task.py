@@ -150,7 +150,7 @@ def _preload(sender: Any = None, **_: Any) -> None:
         engine=engine,
         before_first=start,
         # Batch API requests held at once (the low-priority lane) while no live request
-        # is (unset: half the capacity), and while one is.
+        # is (unset: three quarters of the capacity, see intake.Intake), and while one is.
         batch_capacity=(
             int(os.environ["INFERENCE_BATCH_CONCURRENCY"])
             if os.environ.get("INFERENCE_BATCH_CONCURRENCY")
