@@ -30,6 +30,7 @@ from controlplane.inference.models import Deployment, UsageRecord
 from controlplane.jobs.models import Job, JobCheckpoint, JobEvent
 from controlplane.limits.models import Budget, BudgetAlert, KeyLimits
 from controlplane.modelregistry.models import CustomerModel, FileEstimate
+from controlplane.notifications.models import Webhook, WebhookDelivery, WebhookEvent
 from controlplane.payments.models import Dunning, StripeCustomer, StripeInvoice, Subscription
 from controlplane.tenancy.models import Invitation, Membership
 from tests.support.people import Person
@@ -72,6 +73,9 @@ OWNED = [
     Milestone,
     EngagementEvent,
     Batch,
+    Webhook,
+    WebhookEvent,
+    WebhookDelivery,
 ]
 
 

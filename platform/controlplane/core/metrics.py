@@ -100,6 +100,19 @@ WEBHOOK_EVENTS = Counter(
     "Stripe webhook events received with a valid signature, by event type and outcome.",
     ["type", "outcome"],
 )
+#: Outbound webhooks (controlplane.notifications), sent by the control worker: each
+#: attempt by event type (the fixed list of notifications.events) and outcome
+#: (succeeded, retrying: failed and sent again later, failed: for good).
+WEBHOOK_DELIVERIES = Counter(
+    "atelier_webhook_deliveries_total",
+    "Webhook delivery attempts to customers' endpoints, by event type and outcome.",
+    ["type", "outcome"],
+)
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "atelier_webhook_delivery_duration_seconds",
+    "Time of one webhook delivery attempt, connection and response status included.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 for _reason in RATE_LIMIT_REASONS:  # every series exists (at 0) from the start
     RATE_LIMIT_REFUSALS.labels(reason=_reason)
 for _reason in BUDGET_REASONS:

@@ -14,6 +14,8 @@ import structlog
 from django.conf import settings
 from django.utils import timezone
 
+from controlplane.core import metrics
+
 from .models import DeliveryOutcome, Webhook, WebhookDelivery, WebhookEvent
 from .urlcheck import UrlRefused, url_check
 
@@ -119,6 +121,8 @@ def attempt_deliver(*, webhook: Webhook, event: WebhookEvent, attempt: int) -> A
             ),
         },
     )
+    metrics.WEBHOOK_DELIVERIES.labels(type=event.type, outcome=str(outcome)).inc()
+    metrics.WEBHOOK_DELIVERY_SECONDS.observe(duration_ms / 1000)
     log.info(
         "notifications.delivery",
         webhook_id=webhook.pk,

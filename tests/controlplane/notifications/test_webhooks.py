@@ -234,17 +234,29 @@ def test_a_batch_that_fails_sends_batch_failed(
     assert event["data"]["object"]["status"] == "failed"
 
 
+def _delivered(kind: str, outcome: str) -> float:
+    from controlplane.core import metrics
+
+    return float(metrics.WEBHOOK_DELIVERIES.labels(type=kind, outcome=outcome)._value.get())
+
+
 def test_a_500_is_retried_and_the_log_shows_both_attempts(
     alice: Person, receiver: Receiver, django_capture_on_commit_callbacks: Any
 ) -> None:
     receiver.statuses = [500]
     hook = _create(alice, url=receiver.url, events=["fine_tuning.job.cancelled"]).json()
     job_id = make_job(alice)
+    before = {o: _delivered("fine_tuning.job.cancelled", o) for o in ("retrying", "succeeded")}
 
     with django_capture_on_commit_callbacks(execute=True):
         alice.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
 
     assert len(receiver.received) == 2
+    # Each attempt is counted for the metrics: one retrying, one succeeded.
+    assert {o: _delivered("fine_tuning.job.cancelled", o) - n for o, n in before.items()} == {
+        "retrying": 1.0,
+        "succeeded": 1.0,
+    }
     first, second = (json.loads(body) for _, body in receiver.received)
     assert first["id"] == second["id"]  # the same event, sent again
     for headers, body in receiver.received:
