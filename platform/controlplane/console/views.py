@@ -255,14 +255,23 @@ def _owned_key(console: Console, key_id: str) -> APIKey | None:
     )
 
 
-@member_required
-@require_POST
-def key_revoke_view(request: HttpRequest, console: Console, key_id: str) -> HttpResponse:
+def _writable_key(request: HttpRequest, console: Console, key_id: str) -> APIKey | HttpResponse:
+    """The organization's key `key_id` if the member may change keys; else the page to
+    answer (404 for a key of another organization, 403 for a role without the scope)."""
     api_key = _owned_key(console, key_id)
     if api_key is None:
         return not_found(request, "API key")
     if (refused := _write_refused(request, console)) is not None:
         return refused
+    return api_key
+
+
+@member_required
+@require_POST
+def key_revoke_view(request: HttpRequest, console: Console, key_id: str) -> HttpResponse:
+    api_key = _writable_key(request, console, key_id)
+    if isinstance(api_key, HttpResponse):
+        return api_key
     try:
         api_key = account_services.api_key_revoke(
             api_key=api_key,
@@ -282,11 +291,9 @@ def key_revoke_view(request: HttpRequest, console: Console, key_id: str) -> Http
 @member_required
 @require_POST
 def key_rotate_view(request: HttpRequest, console: Console, key_id: str) -> HttpResponse:
-    api_key = _owned_key(console, key_id)
-    if api_key is None:
-        return not_found(request, "API key")
-    if (refused := _write_refused(request, console)) is not None:
-        return refused
+    api_key = _writable_key(request, console, key_id)
+    if isinstance(api_key, HttpResponse):
+        return api_key
     try:
         issued = account_services.api_key_rotate(
             api_key=api_key,
