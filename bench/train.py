@@ -1548,6 +1548,22 @@ def bare_config(args: argparse.Namespace, prep: Prepared, learning_rate: float) 
     }
 
 
+def warm_up(
+    args: argparse.Namespace, stack: Stack, client: httpx.Client, warmup_file: str
+) -> tuple[dict[str, Any], float]:
+    """The workers' first job (imports, model code, kernels), and the learning rate it
+    trained at, which must be the one the bench gives the other side."""
+    print("warm-up job (the workers' first job: imports, model code, kernels)", flush=True)
+    warmup = run_platform_job(args, stack, client, warmup_file, 1, "warm-up")
+    lr = BASE_LEARNING_RATE[args.adapter] * args.lr_multiplier
+    if not math.isclose(float(warmup["learning_rate"]), lr, rel_tol=1e-9):
+        raise SystemExit(
+            f"the platform trains at learning rate {warmup['learning_rate']}, the bench "
+            f"assumed {lr}: update BASE_LEARNING_RATE"
+        )
+    return warmup, lr
+
+
 def measure(args: argparse.Namespace, prep: Prepared, folder: Path, stack: Stack) -> dict[str, Any]:
     """The warm-ups, then the rounds: bare and platform, alternating which goes first."""
     key = sign_up(stack.port)
@@ -1560,14 +1576,7 @@ def measure(args: argparse.Namespace, prep: Prepared, folder: Path, stack: Stack
     ) as client:
         train_file = upload_file(client, prep.train_path)
         warmup_file = upload_file(client, prep.warmup_path)
-        print("warm-up job (the workers' first job: imports, model code, kernels)", flush=True)
-        warmup = run_platform_job(args, stack, client, warmup_file, 1, "warm-up")
-        lr = BASE_LEARNING_RATE[args.adapter] * args.lr_multiplier
-        if not math.isclose(float(warmup["learning_rate"]), lr, rel_tol=1e-9):
-            raise SystemExit(
-                f"the platform trains at learning rate {warmup['learning_rate']}, the bench "
-                f"assumed {lr}: update BASE_LEARNING_RATE"
-            )
+        warmup, lr = warm_up(args, stack, client, warmup_file)
         config = bare_config(args, prep, lr)
         print("bare loop process: imports and a warm-up run", flush=True)
         bare = BareLoop(config, folder, args.database)
@@ -1616,14 +1625,7 @@ def measure_peer(
         train_file = upload_file(client, prep.train_path)
         valid_file = upload_file(client, prep.valid_path)
         warmup_file = upload_file(client, prep.warmup_path)
-        print("warm-up job (the workers' first job: imports, model code, kernels)", flush=True)
-        warmup = run_platform_job(args, stack, client, warmup_file, 1, "warm-up")
-        lr = BASE_LEARNING_RATE[args.adapter] * args.lr_multiplier
-        if not math.isclose(float(warmup["learning_rate"]), lr, rel_tol=1e-9):
-            raise SystemExit(
-                f"the platform trains at learning rate {warmup['learning_rate']}, the bench "
-                f"assumed {lr}: update BASE_LEARNING_RATE"
-            )
+        warmup, lr = warm_up(args, stack, client, warmup_file)
         config = {
             **bare_config(args, prep, lr),
             "valid_path": str(prep.valid_path),
